@@ -1,0 +1,94 @@
+"""make_app(settings) -> the tornado Application: routes, static files and server state.
+
+The Application owns everything that lives as long as the server: the settings, the hub,
+the metrics registry and the set of open connections. Handlers reach it through
+self.application; nothing is kept in module or class attributes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import tornado.web
+
+from echoserver import handlers
+from echoserver.brokers import Broker, MemoryBroker
+from echoserver.config import Settings
+from echoserver.hub import Hub
+from echoserver.metrics import Metrics
+
+CHANNEL_PATTERN = r"[A-Za-z0-9_.-]{1,64}"
+
+_SOCKETS: dict[str, type[handlers.BaseSocket]] = {
+    "echo": handlers.EchoSocket,
+    "broadcast": handlers.BroadcastSocket,
+    "mixed": handlers.MixedSocket,
+}
+
+
+def static_dir(settings: Settings) -> Path:
+    """The page's directory: the configured one, else the one shipped with the package."""
+    if settings.static_dir:
+        return Path(settings.static_dir)
+    installed = Path(__file__).parent / "static"  # a wheel install puts the page here
+    if installed.is_dir():
+        return installed
+    return Path(__file__).parent.parent / "static"  # a source checkout or editable install
+
+
+class EchoServerApp(tornado.web.Application):
+    def __init__(self, config: Settings, hub: Hub) -> None:
+        self.config = config
+        self.hub = hub
+        self.metrics = Metrics()
+        self.connections: set[handlers.BaseSocket] = set()
+        self.allowed_origins = frozenset(
+            origin.rstrip("/").lower() for origin in config.websocket.allowed_origins
+        )
+        self.draining = False
+        self.started = time.monotonic()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        page = static_dir(config)
+        ws_path = re.escape(config.websocket.path)
+        socket = _SOCKETS[config.mode]
+        routes: list[Any] = [
+            (r"/()", handlers.PageHandler, {"path": str(page), "default_filename": "index.html"}),
+            (r"/healthz", handlers.HealthHandler),
+            (r"/metrics", handlers.MetricsHandler),
+            (rf"/api/channels/({CHANNEL_PATTERN})", handlers.ChannelHandler),
+            (rf"{ws_path}", socket),
+        ]
+        if config.mode != "echo":
+            routes.append((rf"{ws_path}/({CHANNEL_PATTERN})", socket))
+        ws = config.websocket
+        ping_interval = ws.ping_interval or None
+        super().__init__(
+            routes,
+            static_path=str(page),
+            static_handler_class=handlers.PageHandler,
+            websocket_max_message_size=ws.max_message_size,
+            websocket_ping_interval=ping_interval,
+            # Tornado refuses a ping timeout longer than the interval.
+            websocket_ping_timeout=min(ws.ping_timeout, ping_interval) if ping_interval else None,
+        )
+
+    def spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        """Run a coroutine in the background, keeping a reference until it ends."""
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def make_app(settings: Settings, broker: Broker | None = None) -> EchoServerApp:
+    """The Application for these settings; the memory broker unless one is given."""
+    hub = Hub(
+        broker or MemoryBroker(),
+        include_sender=settings.broadcast.include_sender,
+        history=settings.broadcast.history,
+    )
+    return EchoServerApp(settings, hub)

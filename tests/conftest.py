@@ -1,0 +1,139 @@
+"""Shared fixtures: the pytest-tornado `app`, settings builders and real server processes."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from echoserver.app import make_app
+from echoserver.config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+READY = re.compile(r"page (https?)://([\d.]+):(\d+)/")
+
+
+def make_settings(**changes: Any) -> Settings:
+    """Settings with dotted overrides: make_settings(mode="mixed", **{"broadcast.history": 3})."""
+    top: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in changes.items():
+        section, _, name = key.rpartition(".")
+        if section:
+            sections.setdefault(section, {})[name] = value
+        else:
+            top[key] = value
+    base = Settings()
+    for section, values in sections.items():
+        top[section] = dataclasses.replace(getattr(base, section), **values)
+    return dataclasses.replace(base, **top)
+
+
+@pytest.fixture
+def settings() -> Settings:
+    """The settings the `app` fixture is built from; override this fixture to change them."""
+    return make_settings()
+
+
+@pytest.fixture
+def app(settings: Settings):
+    return make_app(settings)
+
+
+class ServerProcess:
+    """`python -m echoserver` in a subprocess, with its log lines collected."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None, cwd: Path, python: str) -> None:
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("ECHOSERVER_")}
+        full_env.update(env or {})
+        full_env.setdefault("PYTHONUNBUFFERED", "1")
+        self.proc = subprocess.Popen(
+            [python, "-m", "echoserver", "--port", "0", *args],
+            cwd=cwd,
+            env=full_env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        self.scheme = "http"
+        self.port = 0
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            match = READY.search(line)
+            if match and not self._ready.is_set():
+                self.scheme, self.port = match.group(1), int(match.group(3))
+                self._ready.set()
+        self._ready.set()
+
+    def wait_ready(self, timeout: float = 15.0) -> ServerProcess:
+        if not self._ready.wait(timeout) or not self.port:
+            self.stop()
+            raise RuntimeError("server did not start:\n" + "\n".join(self.lines))
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"{'wss' if self.scheme == 'https' else 'ws'}://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def run_server() -> Iterator[Any]:
+    """Factory: run_server("--mode", "broadcast", env={...}) -> a started ServerProcess."""
+    started: list[ServerProcess] = []
+
+    def start(
+        *args: str,
+        env: dict[str, str] | None = None,
+        cwd: Path = ROOT,
+        python: str = sys.executable,
+    ) -> ServerProcess:
+        server = ServerProcess(list(args), env, cwd, python)
+        started.append(server)
+        return server.wait_ready()
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

@@ -1,0 +1,163 @@
+"""End to end: `python -m echoserver` as a real subprocess, real clients over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import urllib.request
+import venv
+from pathlib import Path
+
+import pytest
+from tornado.websocket import websocket_connect
+
+from tests.conftest import ROOT
+
+
+def fetch(url: str) -> tuple[int, dict[str, str], bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+def health(server) -> dict:
+    return json.loads(fetch(server.url + "/healthz")[2])
+
+
+def test_page_and_health_are_served(run_server):
+    server = run_server("--mode", "echo")
+    status, headers, body = fetch(server.url + "/")
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/html")
+    assert b"<html" in body.lower()
+    assert fetch(server.url + "/static/style.css")[0] == 200
+    assert health(server)["mode"] == "echo"
+    assert f"websocket {server.ws_url}/ws" in server.log()
+
+
+def test_echo_over_a_real_process(run_server):
+    server = run_server("--mode", "echo")
+
+    async def scenario():
+        connection = await websocket_connect(server.ws_url + "/ws")
+        replies = []
+        for message, binary in [("text", False), (b"\x00\xffbin", True), ("", False)]:
+            await connection.write_message(message, binary=binary)
+            replies.append(await connection.read_message())
+        big = bytes(range(256)) * 800  # 200 KB
+        await connection.write_message(big, binary=True)
+        replies.append(await connection.read_message())
+        connection.close()
+        return replies
+
+    replies = asyncio.run(scenario())
+    assert replies == ["text", b"\x00\xffbin", "", bytes(range(256)) * 800]
+
+
+def test_broadcast_reaches_the_channel_and_not_another(run_server):
+    server = run_server("--mode", "broadcast")
+
+    async def scenario():
+        room = [await websocket_connect(server.ws_url + "/ws/room") for _ in range(3)]
+        other = await websocket_connect(server.ws_url + "/ws/other")
+        for n in range(5):
+            await room[n % 3].write_message(f"{n}")
+        seen = [[await c.read_message() for _ in range(5)] for c in room]
+        await other.write_message("other's own")
+        other_first = await other.read_message()
+        for c in [*room, other]:
+            c.close()
+        return seen, other_first
+
+    seen, other_first = asyncio.run(scenario())
+    assert seen[0] == seen[1] == seen[2]
+    assert sorted(seen[0]) == ["0", "1", "2", "3", "4"]
+    assert other_first == "other's own"
+
+
+def test_precedence_file_env_flag(run_server, tmp_path):
+    config = tmp_path / "echoserver.toml"
+    config.write_text('mode = "mixed"\n[broadcast]\nhistory = 3\n')
+    assert health(run_server("--config", str(config)))["mode"] == "mixed"
+    env = {"ECHOSERVER_MODE": "broadcast", "ECHOSERVER_CONFIG": str(config)}
+    assert health(run_server(env=env))["mode"] == "broadcast"
+    assert health(run_server("--mode", "echo", env=env))["mode"] == "echo"
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "named"),
+    [
+        (["--port", "70000"], {}, "port"),
+        ([], {"ECHOSERVER_MODE": "loud"}, "mode"),
+        (["--config", "/nonexistent/echoserver.toml"], {}, "/nonexistent/echoserver.toml"),
+    ],
+)
+def test_bad_config_exits_2_with_one_line(args, env, named):
+    result = subprocess.run(
+        [sys.executable, "-m", "echoserver", *args],
+        env={"PATH": "/usr/bin:/bin", **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert named in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_sigterm_drains_and_exits_0(run_server):
+    server = run_server("--mode", "echo")
+
+    async def connect_and_wait_for_close():
+        connection = await websocket_connect(server.ws_url + "/ws")
+        server.proc.send_signal(15)
+        assert await connection.read_message() is None
+        return connection.close_code
+
+    assert asyncio.run(connect_and_wait_for_close()) == 1001
+    assert server.proc.wait(15) == 0
+
+
+def test_installed_wheel_finds_its_page_from_another_directory(tmp_path, run_server):
+    """A wheel built from this tree, installed into a fresh venv, started elsewhere."""
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(wheels), str(ROOT)],
+        check=True,
+        timeout=300,
+    )  # fmt: skip
+    (wheel,) = wheels.glob("echoserver-*.whl")
+    env_dir = tmp_path / "venv"
+    # System site-packages supply tornado & co. without a download; the venv's own
+    # site-packages come first, so the installed wheel shadows the source tree.
+    venv.create(env_dir, system_site_packages=True, with_pip=False)
+    python = env_dir / "bin" / "python"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q",
+         str(wheel)],
+        check=True,
+        timeout=300,
+    )  # fmt: skip
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    where = subprocess.run(
+        [str(python), "-c", "import echoserver, sys; print(echoserver.__file__)"],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert Path(where).resolve().is_relative_to(env_dir.resolve())
+    server = run_server("--mode", "echo", cwd=elsewhere, python=str(python))
+    status, _, body = fetch(server.url + "/")
+    assert status == 200
+    assert b"/static/app.js" in body
+    assert fetch(server.url + "/static/app.js")[0] == 200
