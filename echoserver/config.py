@@ -1,0 +1,757 @@
+"""Configuration: the typed, frozen settings and how they are loaded and checked.
+
+This module owns the ``Settings`` dataclasses, the ``KEYS`` table (one entry per key:
+type, default, doc, allowed values, env var, CLI flag), ``load()`` (built-in defaults <
+TOML file < ``ECHOSERVER_*`` environment < command-line flags, then validation) and
+``to_toml()``. Env names, flags, validation, ``to_toml`` and the documented example file
+all derive from ``KEYS``. It is a leaf: it imports nothing else from the package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+__all__ = [
+    "KEYS",
+    "SECTIONS",
+    "BroadcastSettings",
+    "ConfigError",
+    "Key",
+    "LogSettings",
+    "Rule",
+    "Settings",
+    "TLSSettings",
+    "WebSocketSettings",
+    "format_value",
+    "load",
+    "to_toml",
+]
+
+ENV_PREFIX = "ECHOSERVER_"
+CONFIG_ENV = "ECHOSERVER_CONFIG"
+
+
+@dataclass(frozen=True)
+class WebSocketSettings:
+    path: str = "/ws"
+    max_message_size: int = 1048576
+    ping_interval: float = 20.0
+    ping_timeout: float = 20.0
+    compression: bool = False
+    max_connections: int = 10000
+    allowed_origins: tuple[str, ...] = ()
+    auth_token: str = ""
+    rate_limit: float = 0.0
+
+
+@dataclass(frozen=True)
+class BroadcastSettings:
+    include_sender: bool = True
+    max_queue_bytes: int = 1048576
+    slow_client: str = "drop"
+    history: int = 0
+    broker: str = "memory"
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    certfile: str = ""
+    keyfile: str = ""
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: str = "info"
+    format: str = "text"
+    access: bool = True
+
+
+@dataclass(frozen=True)
+class Settings:
+    mode: str = "echo"
+    host: str = "127.0.0.1"
+    port: int = 8888
+    processes: int = 1
+    static_dir: str = ""
+    shutdown_timeout: float = 10.0
+    websocket: WebSocketSettings = field(default_factory=WebSocketSettings)
+    broadcast: BroadcastSettings = field(default_factory=BroadcastSettings)
+    tls: TLSSettings = field(default_factory=TLSSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+
+
+# Section name -> its dataclass; "" is the top level. Order is the order of to_toml().
+SECTIONS: dict[str, type] = {
+    "": Settings,
+    "websocket": WebSocketSettings,
+    "broadcast": BroadcastSettings,
+    "tls": TLSSettings,
+    "log": LogSettings,
+}
+# Sections whose flags carry no section prefix (--path, --broker rather than --websocket-path).
+_UNPREFIXED_FLAG_SECTIONS = ("", "websocket", "broadcast")
+
+
+class ConfigError(Exception):
+    """A configuration problem, described in one line.
+
+    The message names the key (dotted) or the file, the offending value, where it came
+    from (default / file PATH / env NAME / flag --x) and what is allowed. ``key`` and
+    ``source`` repeat the first two for callers that want them separately.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None, source: str | None = None):
+        super().__init__(" ".join(message.splitlines()))
+        self.key = key
+        self.source = source
+
+
+# ---------------------------------------------------------------------------------------
+# Rules: what a key allows. ``check`` returns None when the value is fine, otherwise a
+# detail to append to "must be <allowed>" ("" for no detail).
+
+
+@dataclass(frozen=True)
+class Rule:
+    allowed: str
+    check: Callable[[Any], str | None] = lambda value: None
+    choices: tuple[str, ...] = ()
+
+
+def _int_range(lo: int, hi: int | None = None) -> Rule:
+    allowed = f"an integer >= {lo}" if hi is None else f"an integer {lo}..{hi}"
+    return Rule(allowed, lambda v: None if lo <= v and (hi is None or v <= hi) else "")
+
+
+def _number(lo: float, *, exclusive: bool = False) -> Rule:
+    allowed = f"a number {'>' if exclusive else '>='} {lo:g}"
+
+    def check(v: float) -> str | None:
+        if not math.isfinite(v):
+            return ""
+        return None if (v > lo if exclusive else v >= lo) else ""
+
+    return Rule(allowed, check)
+
+
+def _choice(*options: str) -> Rule:
+    return Rule(
+        "one of " + ", ".join(f'"{o}"' for o in options),
+        lambda v: None if v in options else "",
+        choices=options,
+    )
+
+
+_BOOL = Rule("true or false")
+
+_HOST_RE = re.compile(r"[A-Za-z0-9._:%-]+")
+_HOST = Rule(
+    "a host name or IP address to listen on, e.g. 127.0.0.1, 0.0.0.0 or ::",
+    lambda v: None if _HOST_RE.fullmatch(v) else "",
+)
+
+_PATH_RE = re.compile(r"/[A-Za-z0-9_./-]*[A-Za-z0-9_.-]")
+# Routes the application serves itself; the WebSocket endpoint must not shadow them.
+_RESERVED_PATHS = ("/static", "/healthz", "/metrics")
+
+
+def _check_ws_path(v: str) -> str | None:
+    if not _PATH_RE.fullmatch(v) or "//" in v:
+        return ""
+    for reserved in _RESERVED_PATHS:
+        if v == reserved or v.startswith(reserved + "/"):
+            return f"{reserved} is served by the application itself"
+    return None
+
+
+_WS_PATH = Rule(
+    'a URL path like "/ws": starts with "/", no trailing "/", characters A-Z a-z 0-9 _ . - /',
+    _check_ws_path,
+)
+
+_ORIGIN_RE = re.compile(r"https?://(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(:[0-9]{1,5})?")
+
+
+def _check_origins(v: tuple[str, ...]) -> str | None:
+    if v == ("*",):
+        return None
+    for item in v:
+        if item == "*":
+            return '"*" must be the only item'
+        if not _ORIGIN_RE.fullmatch(item):
+            return f"bad item {format_value(item)}"
+    return None
+
+
+_ORIGINS = Rule(
+    'a list of exact origins in lower case like "https://app.example:8443" '
+    '(no path, no trailing "/"), or ["*"] for any origin, or [] for same host only',
+    _check_origins,
+)
+
+_TOKEN = Rule(
+    'a string of visible ASCII characters without spaces, or "" for no auth',
+    lambda v: None if all("!" <= ch <= "~" for ch in v) else "",
+)
+
+
+def _check_broker(v: str) -> str | None:
+    if v == "memory":
+        return None
+    if any(ch.isspace() for ch in v):
+        return ""
+    scheme, sep, rest = v.partition("://")
+    if not sep or scheme not in ("redis", "rediss", "unix"):
+        return ""
+    if scheme == "unix" and not rest.strip("/"):
+        return "a unix:// URL needs a socket path"
+    try:
+        urlsplit(v).port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+_BROKER = Rule(
+    '"memory" or a Redis URL starting with redis://, rediss:// or unix://',
+    _check_broker,
+)
+
+
+def _check_readable_file(v: str) -> str | None:
+    if v == "":
+        return None
+    if os.path.isdir(v):
+        return "it is a directory"
+    try:
+        with open(v, "rb"):
+            pass
+    except OSError as err:
+        return err.strerror or str(err)
+    return None
+
+
+_READABLE_FILE = Rule('"" or the path of a readable file', _check_readable_file)
+
+_STATIC_DIR = Rule(
+    '"" for the page shipped with the package, or an existing directory',
+    lambda v: None if v == "" or os.path.isdir(v) else "no such directory",
+)
+
+
+# ---------------------------------------------------------------------------------------
+# The KEYS table.
+
+
+@dataclass(frozen=True)
+class Key:
+    """One configuration key: everything env, flags, validation and docs derive from."""
+
+    name: str  # dotted: "port", "websocket.max_message_size"
+    type: type  # bool, int, float, str, or tuple (a list of strings)
+    default: Any
+    doc: str
+    rule: Rule
+    env: str
+    flag: str  # for booleans the CLI also offers --no-<flag>
+    secret: bool = False  # never shown in error messages
+
+    @property
+    def section(self) -> str:
+        return self.name.rpartition(".")[0]
+
+    @property
+    def field(self) -> str:
+        return self.name.rpartition(".")[2]
+
+    @property
+    def allowed(self) -> str:
+        return self.rule.allowed
+
+
+def _key(name: str, doc: str, rule: Rule, *, secret: bool = False) -> Key:
+    section, _, attr = name.rpartition(".")
+    fld = {f.name: f for f in dataclasses.fields(SECTIONS[section])}[attr]
+    missing = fld.default is dataclasses.MISSING
+    default = fld.default_factory() if missing else fld.default  # type: ignore[misc]
+    prefix = "" if section in _UNPREFIXED_FLAG_SECTIONS else section + "-"
+    return Key(
+        name=name,
+        type=type(default),
+        default=default,
+        doc=doc,
+        rule=rule,
+        env=ENV_PREFIX + name.replace(".", "_").upper(),
+        flag="--" + prefix + attr.replace("_", "-"),
+        secret=secret,
+    )
+
+
+KEYS: tuple[Key, ...] = (
+    _key(
+        "mode",
+        "echo: back to the sender; broadcast: to every client on its channel; "
+        "mixed: chosen per message by a JSON envelope.",
+        _choice("echo", "broadcast", "mixed"),
+    ),
+    _key("host", "Address to listen on; 0.0.0.0 or :: for every interface.", _HOST),
+    _key("port", "TCP port to listen on, 0..65535; 0 picks a free port.", _int_range(0, 65535)),
+    _key(
+        "processes",
+        "Worker processes sharing the port; 0 = one per CPU. Above 1, broadcast and mixed "
+        "modes need a Redis broker.",
+        _int_range(0),
+    ),
+    _key(
+        "static_dir",
+        'Directory holding index.html and its assets; "" = the page shipped with the package.',
+        _STATIC_DIR,
+    ),
+    _key(
+        "shutdown_timeout",
+        "Seconds to let clients finish after SIGTERM before closing them with 1001.",
+        _number(0),
+    ),
+    _key(
+        "websocket.path",
+        'URL path of the WebSocket endpoint, like "/ws" (no trailing "/"); '
+        "PATH/<channel> joins a channel.",
+        _WS_PATH,
+    ),
+    _key(
+        "websocket.max_message_size",
+        "Largest incoming message in bytes (1..2**31); bigger ones close the connection with 1009.",
+        _int_range(1, 2**31),
+    ),
+    _key(
+        "websocket.ping_interval",
+        "Seconds between server pings; 0 = no pings.",
+        _number(0),
+    ),
+    _key(
+        "websocket.ping_timeout",
+        "Seconds to wait for a pong before closing; > 0 and at most ping_interval "
+        "(the default follows a lower ping_interval).",
+        _number(0, exclusive=True),
+    ),
+    _key(
+        "websocket.compression",
+        "Offer permessage-deflate compression to clients.",
+        _BOOL,
+    ),
+    _key(
+        "websocket.max_connections",
+        "Most concurrent WebSocket clients per process; more are refused with 1013. 0 = unlimited.",
+        _int_range(0),
+    ),
+    _key(
+        "websocket.allowed_origins",
+        'Origins allowed to connect, exact and lower case like "https://app.example:8443"; '
+        '[] = same host only (and clients without Origin), ["*"] = any.',
+        _ORIGINS,
+    ),
+    _key(
+        "websocket.auth_token",
+        'Shared secret a client must present to connect; "" = no auth.',
+        _TOKEN,
+        secret=True,
+    ),
+    _key(
+        "websocket.rate_limit",
+        "Messages per second allowed per client; more close it with 1008. 0 = no limit.",
+        _number(0),
+    ),
+    _key(
+        "broadcast.include_sender",
+        "Deliver broadcast messages back to their sender too.",
+        _BOOL,
+    ),
+    _key(
+        "broadcast.max_queue_bytes",
+        "Unsent bytes allowed per client (>= 1024) before the slow_client policy applies.",
+        _int_range(1024),
+    ),
+    _key(
+        "broadcast.slow_client",
+        'What happens to a client over max_queue_bytes: "drop" its messages or '
+        '"disconnect" it with 1013.',
+        _choice("drop", "disconnect"),
+    ),
+    _key(
+        "broadcast.history",
+        "Recent messages per channel (0..10000) replayed to a client when it joins; 0 = none.",
+        _int_range(0, 10000),
+    ),
+    _key(
+        "broadcast.broker",
+        'Message broker: "memory" (one process) or redis://, rediss://, unix:// URL.',
+        _BROKER,
+    ),
+    _key(
+        "tls.certfile",
+        'PEM certificate chain for HTTPS/WSS; "" = plain HTTP. Set with keyfile.',
+        _READABLE_FILE,
+    ),
+    _key(
+        "tls.keyfile",
+        'PEM private key for certfile; "" = plain HTTP. Set with certfile.',
+        _READABLE_FILE,
+    ),
+    _key(
+        "log.level",
+        "Lowest level logged: debug, info, warning or error.",
+        _choice("debug", "info", "warning", "error"),
+    ),
+    _key(
+        "log.format",
+        "Log line format: text for people or json for log collectors.",
+        _choice("text", "json"),
+    ),
+    _key("log.access", "Log one access line per WebSocket handshake.", _BOOL),
+)
+
+_BY_NAME: dict[str, Key] = {k.name: k for k in KEYS}
+
+
+# ---------------------------------------------------------------------------------------
+# Showing values in TOML syntax (for to_toml and for error messages).
+
+_ESCAPES = {
+    '"': '\\"',
+    "\\": "\\\\",
+    "\b": "\\b",
+    "\t": "\\t",
+    "\n": "\\n",
+    "\f": "\\f",
+    "\r": "\\r",
+}
+
+
+def _toml_str(s: str) -> str:
+    out = []
+    for ch in s:
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04X}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def format_value(value: Any) -> str:
+    """A value in TOML syntax, as to_toml() and --help spell it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return _toml_str(value)
+    if isinstance(value, (int, float)):
+        return repr(value)  # repr of inf/nan is also TOML's spelling
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(format_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {format_value(v)}" for k, v in value.items()) + "}"
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return repr(value)
+
+
+_URL_PASSWORD_RE = re.compile(r"^([a-z]+://[^/@]*?:)[^/@]*@")
+
+
+def _show(key: Key | None, value: Any) -> str:
+    """A value as error messages show it: TOML syntax, secrets hidden."""
+    if key is not None and key.secret and value != "":
+        return "<hidden>"
+    if isinstance(value, str):
+        value = _URL_PASSWORD_RE.sub(r"\1***@", value)
+    return format_value(value)
+
+
+def _toml_type_name(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return "a date/time"
+
+
+# ---------------------------------------------------------------------------------------
+# Turning layer values into typed values.
+
+
+def _bad(key: Key, value: Any, source: str, detail: str = "") -> ConfigError:
+    msg = f"{key.name} = {_show(key, value)} (from {source}): must be {key.allowed}"
+    if detail:
+        msg += f"; {detail}"
+    return ConfigError(msg, key=key.name, source=source)
+
+
+def _from_toml(key: Key, value: Any, source: str) -> Any:
+    """Type-check a value that already has a type (TOML, or a typed flag)."""
+    if key.type is bool:
+        ok = isinstance(value, bool)
+    elif key.type is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif key.type is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok:
+            value = float(value)
+    elif key.type is str:
+        ok = isinstance(value, str)
+    else:
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+        if ok:
+            return tuple(value)
+        if isinstance(value, (list, tuple)):
+            raise _bad(key, value, source, "every item must be a string")
+    if not ok:
+        raise _bad(key, value, source, f"got {_toml_type_name(value)}")
+    return value
+
+
+_INT_RE = re.compile(r"[+-]?[0-9]+")
+_FLOAT_RE = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
+_TRUE = ("true", "1", "yes")
+_FALSE = ("false", "0", "no")
+
+
+def _from_text(key: Key, text: str, source: str) -> Any:
+    """Parse a string from the environment or the command line."""
+    # Outer whitespace is dropped for numbers and booleans (env files often carry it),
+    # never for strings, where it could be part of a path or token.
+    stripped = text.strip()
+    if key.type is bool:
+        if stripped.lower() in _TRUE:
+            return True
+        if stripped.lower() in _FALSE:
+            return False
+        raise _bad(key, text, source, "also accepted: 1/0, yes/no")
+    if key.type is int:
+        if _INT_RE.fullmatch(stripped):
+            return int(stripped)
+        raise _bad(key, text, source)
+    if key.type is float:
+        if _FLOAT_RE.fullmatch(stripped):
+            return float(stripped)
+        raise _bad(key, text, source)
+    if key.type is str:
+        return text
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+# ---------------------------------------------------------------------------------------
+# The layers.
+
+_Layer = dict[str, tuple[Any, str]]  # key name -> (typed value, source)
+
+
+def _read_file(path: str, via: str) -> dict[str, Any]:
+    where = f"config file {path}" + (f" (from {via})" if via else "")
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except OSError as err:
+        message = f"{where}: cannot read: {err.strerror or err}"
+        raise ConfigError(message, source=where) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{where}: invalid TOML: {err}", source=where) from None
+
+
+def _unknown(name: str, known: list[str], where: str, what: str = "key") -> ConfigError:
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return ConfigError(
+        f"unknown {what} {name} (in {where}); allowed: {', '.join(known)}{hint}",
+        key=name,
+        source=where,
+    )
+
+
+def _file_layer(data: Mapping[str, Any], path: str) -> _Layer:
+    source = f"file {path}"
+    layer: _Layer = {}
+    sections = [s for s in SECTIONS if s]
+    top = [k.name for k in KEYS if not k.section]
+    for name, value in data.items():
+        if name in sections:
+            if not isinstance(value, dict):
+                raise ConfigError(
+                    f"{name} = {_show(None, value)} (from {source}): must be the "
+                    f"table [{name}], got {_toml_type_name(value)}",
+                    key=name,
+                    source=source,
+                )
+            known = [k.name for k in KEYS if k.section == name]
+            for attr, sub in value.items():
+                dotted = f"{name}.{attr}"
+                if dotted not in _BY_NAME:
+                    raise _unknown(dotted, known, source)
+                layer[dotted] = (_from_toml(_BY_NAME[dotted], sub, source), source)
+        elif name in top:
+            layer[name] = (_from_toml(_BY_NAME[name], value, source), source)
+        elif isinstance(value, dict):
+            raise _unknown(f"[{name}]", [f"[{s}]" for s in sections], source, "section")
+        else:
+            raise _unknown(name, top, source)
+    return layer
+
+
+def _env_layer(env: Mapping[str, str]) -> _Layer:
+    # Unknown ECHOSERVER_* variables are ignored: other tools may share the prefix.
+    layer: _Layer = {}
+    for key in KEYS:
+        if key.env in env:
+            source = f"env {key.env}"
+            layer[key.name] = (_from_text(key, env[key.env], source), source)
+    return layer
+
+
+def _flag_layer(flags: Mapping[str, object]) -> _Layer:
+    layer: _Layer = {}
+    for name, value in flags.items():
+        if value is None:
+            continue
+        key = _BY_NAME.get(name)
+        if key is None:
+            raise _unknown(name, list(_BY_NAME), "flags")
+        source = f"flag {key.flag}"
+        if isinstance(value, str):
+            layer[name] = (_from_text(key, value, source), source)
+        else:
+            layer[name] = (_from_toml(key, value, source), source)
+    return layer
+
+
+# ---------------------------------------------------------------------------------------
+# Validation and assembly.
+
+
+def _validate(merged: _Layer) -> None:
+    """Check every key, then the cross-field rules; fills in defaults that follow others."""
+    for key in KEYS:
+        value, source = merged[key.name]
+        detail = key.rule.check(value)
+        if detail is not None:
+            raise _bad(key, value, source, detail)
+
+    def bad(name: str, message: str) -> ConfigError:
+        value, source = merged[name]
+        return ConfigError(
+            f"{name} = {_show(_BY_NAME[name], value)} (from {source}): {message}",
+            key=name,
+            source=source,
+        )
+
+    cert, cert_src = merged["tls.certfile"]
+    keyf, key_src = merged["tls.keyfile"]
+    if bool(cert) != bool(keyf):
+        empty, other, other_src = (
+            ("tls.keyfile", cert, cert_src) if cert else ("tls.certfile", keyf, key_src)
+        )
+        set_name = "tls.certfile" if cert else "tls.keyfile"
+        raise bad(
+            empty,
+            f"must be set too, because {set_name} = {_show(None, other)} "
+            f"(from {other_src}); set both or neither",
+        )
+
+    interval, interval_src = merged["websocket.ping_interval"]
+    timeout, timeout_src = merged["websocket.ping_timeout"]
+    if interval > 0 and timeout > interval and timeout_src == "default":
+        # Lowering only ping_interval should just work: the default timeout follows it.
+        merged["websocket.ping_timeout"] = (interval, interval_src)
+    elif interval > 0 and timeout > interval:
+        raise bad(
+            "websocket.ping_timeout",
+            f"must be a number > 0 and <= websocket.ping_interval "
+            f"({_show(None, interval)} from {interval_src})",
+        )
+
+    processes, _ = merged["processes"]
+    mode, mode_src = merged["mode"]
+    broker, _ = merged["broadcast.broker"]
+    if processes != 1 and mode in ("broadcast", "mixed") and broker == "memory":
+        raise bad(
+            "processes",
+            f'must be 1 with mode = "{mode}" (from {mode_src}) and the memory broker, '
+            "which cannot share messages between processes; configure a Redis broker "
+            '(broadcast.broker = "redis://...") or set processes = 1',
+        )
+
+
+def _build(merged: _Layer) -> Settings:
+    parts: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    for key in KEYS:
+        parts[key.section][key.field] = merged[key.name][0]
+    top = parts.pop("")
+    return Settings(**top, **{s: SECTIONS[s](**kw) for s, kw in parts.items()})
+
+
+def load(
+    config_path: str | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, object] | None = None,
+) -> Settings:
+    """Merge defaults < config file < environment < flags, validate, return Settings.
+
+    ``config_path`` None falls back to ``$ECHOSERVER_CONFIG``; "" (from either) means no
+    file. ``env`` None means ``os.environ``. ``flags`` maps dotted key names to typed
+    values or to strings (parsed like env values); None values are skipped.
+    Raises ConfigError (one line) on any problem.
+    """
+    if env is None:
+        env = os.environ
+    via = ""
+    if config_path is None:
+        config_path = env.get(CONFIG_ENV, "")
+        via = f"env {CONFIG_ENV}"
+    merged: _Layer = {k.name: (k.default, "default") for k in KEYS}
+    if config_path:
+        merged.update(_file_layer(_read_file(config_path, via), config_path))
+    merged.update(_env_layer(env))
+    merged.update(_flag_layer(flags or {}))
+    _validate(merged)
+    return _build(merged)
+
+
+def to_toml(settings: Settings, *, comments: bool = False) -> str:
+    """The settings as TOML that load() reads back to equal settings.
+
+    With ``comments``, each key gets a one-line comment above it: its doc, its env var
+    and its flag (this is how config/echoserver.toml is written).
+    """
+    lines: list[str] = []
+    for section in SECTIONS:
+        if section:
+            lines += ["", f"[{section}]"]
+        obj = getattr(settings, section) if section else settings
+        for key in KEYS:
+            if key.section != section:
+                continue
+            if comments:
+                lines.append(f"# {key.doc} Env {key.env}, flag {key.flag}.")
+            lines.append(f"{key.field} = {format_value(getattr(obj, key.field))}")
+    return "\n".join(lines) + "\n"
