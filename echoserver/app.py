@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections import Counter
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import tornado.web
 from echoserver import handlers
 from echoserver.brokers import Broker, MemoryBroker
 from echoserver.config import Settings
+from echoserver.connection import Flusher
 from echoserver.hub import Hub
 from echoserver.metrics import Metrics
 
@@ -45,8 +47,9 @@ class EchoServerApp(tornado.web.Application):
     def __init__(self, config: Settings, hub: Hub) -> None:
         self.config = config
         self.hub = hub
-        self.metrics = Metrics()
         self.connections: set[handlers.BaseSocket] = set()
+        self.metrics = Metrics(self._open_connections)
+        self.flusher = Flusher()
         self.allowed_origins = frozenset(
             origin.rstrip("/").lower() for origin in config.websocket.allowed_origins
         )
@@ -76,6 +79,9 @@ class EchoServerApp(tornado.web.Application):
             # Tornado refuses a ping timeout longer than the interval.
             websocket_ping_timeout=min(ws.ping_timeout, ping_interval) if ping_interval else None,
         )
+
+    def _open_connections(self) -> Counter[tuple[str, str]]:
+        return Counter((self.config.mode, c.channel) for c in self.connections)
 
     def spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
         """Run a coroutine in the background, keeping a reference until it ends."""

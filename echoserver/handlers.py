@@ -11,14 +11,17 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import tornado.web
 import tornado.websocket
+from tornado.websocket import _WebSocketParams
 
 from echoserver import __version__
 from echoserver.brokers.base import BrokerUnavailable, Envelope
+from echoserver.connection import WebSocketConnection
 from echoserver.metrics import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
@@ -36,6 +39,7 @@ class BaseSocket(tornado.websocket.WebSocketHandler):
     """What every WebSocket endpoint shares: handshake checks and connection bookkeeping."""
 
     application: EchoServerApp
+    ws_connection: WebSocketConnection | None
     channel = "default"
 
     def prepare(self) -> None:
@@ -55,7 +59,7 @@ class BaseSocket(tornado.websocket.WebSocketHandler):
         return hmac.compare_digest(given.encode(), expected.encode())
 
     def _refuse(self, status: int, reason: str, message: str) -> None:
-        self.application.metrics.handshakes_refused.labels(reason).inc()
+        self.application.metrics.handshakes_refused[reason] += 1
         log.info("refused %s from %s: %s", self.request.path, self.request.remote_ip, message)
         self.set_status(status)
         self.finish(message)
@@ -69,7 +73,7 @@ class BaseSocket(tornado.websocket.WebSocketHandler):
         else:
             ok = urlsplit(origin).netloc.lower() == self.request.host.lower()
         if not ok:
-            self.application.metrics.handshakes_refused.labels("origin").inc()
+            self.application.metrics.handshakes_refused["origin"] += 1
             log.info(
                 "refused %s from %s: origin %r", self.request.path, self.request.remote_ip, origin
             )
@@ -78,43 +82,54 @@ class BaseSocket(tornado.websocket.WebSocketHandler):
     def get_compression_options(self) -> dict[str, Any] | None:
         return {} if self.application.config.websocket.compression else None
 
+    def get_websocket_protocol(self) -> WebSocketConnection | None:
+        if self.request.headers.get("Sec-WebSocket-Version") not in ("7", "8", "13"):
+            return None
+        params = _WebSocketParams(
+            ping_interval=self.ping_interval,
+            ping_timeout=self.ping_timeout,
+            max_message_size=self.max_message_size,
+            compression_options=self.get_compression_options(),
+        )
+        return WebSocketConnection(self, params, self.application.flusher)
+
     def open(self, *args: str, **kwargs: str) -> None:
-        app = self.application
-        app.connections.add(self)
-        app.metrics.connections.labels(app.config.mode, self.channel).inc()
+        self.application.connections.add(self)
 
     def on_close(self) -> None:
         app = self.application
-        if self in app.connections:
-            app.connections.discard(self)
-            app.metrics.connections.labels(app.config.mode, self.channel).dec()
-        app.metrics.closes.labels(str(self.close_code or 1006)).inc()
+        app.connections.discard(self)
+        app.metrics.closes[self.close_code or 1006] += 1
 
-    def send(self, data: bytes | str, binary: bool) -> None:
-        """Queue one message to this client; a closed connection just drops it."""
-        if self.ws_connection is None or self.ws_connection.is_closing():
+    def send(self, data: bytes, binary: bool) -> None:
+        """Queue one message to this client (text as UTF-8); a closed connection drops it."""
+        connection = self.ws_connection
+        if connection is None or connection.is_closing():
             return
-        self.application.metrics.messages_out.inc()
-        self.application.metrics.bytes_out.inc(len(data))
-        self.write_message(data, binary=binary)
+        metrics = self.application.metrics
+        metrics.messages_out += 1
+        metrics.bytes_out += len(data)
+        connection.send(data, binary)
 
-    def count_in(self, message: str | bytes) -> None:
-        self.application.metrics.messages_in.inc()
-        self.application.metrics.bytes_in.inc(len(message))
+    def count_in(self, data: bytes) -> None:
+        metrics = self.application.metrics
+        metrics.messages_in += 1
+        metrics.bytes_in += len(data)
 
 
 class EchoSocket(BaseSocket):
     """Each message goes back to its sender, same bytes, same type."""
 
-    def on_message(self, message: str | bytes) -> None:
-        self.count_in(message)
-        self.send(message, isinstance(message, bytes))
+    def on_raw_message(self, payload: bytes, binary: bool) -> None:
+        self.count_in(payload)
+        self.send(payload, binary)
 
 
 class ChannelSocket(BaseSocket):
     """A member of one channel: what the hub delivers goes to this client."""
 
     sub_id = ""
+    _dropping = False
 
     async def open(self, channel: str | None = None) -> None:  # type: ignore[override]
         self.channel = channel or "default"
@@ -129,32 +144,54 @@ class ChannelSocket(BaseSocket):
             self.application.spawn(self.application.hub.leave(self.channel, self))
 
     def deliver(self, envelope: Envelope) -> None:
-        if self.ws_connection is None or self.ws_connection.is_closing():
+        connection = self.ws_connection
+        if connection is None or connection.is_closing():
             return
         app = self.application
-        stream = self.ws_connection.stream  # type: ignore[attr-defined]
-        unsent = stream._total_write_index - stream._total_write_done_index
-        if unsent + len(envelope.data) > app.config.broadcast.max_queue_bytes:
+        if connection.unsent_bytes() + len(envelope.data) > app.config.broadcast.max_queue_bytes:
             self._fall_behind()
             return
-        app.metrics.deliveries.labels(self.channel).inc()
-        self.send(envelope.data, envelope.binary)
+        if self._dropping:
+            self._dropping = False
+            log.info("client %s on %s caught up", self.request.remote_ip, self.channel)
+        metrics = app.metrics
+        metrics.deliveries[self.channel] += 1
+        metrics.messages_out += 1
+        metrics.bytes_out += len(envelope.data)
+        connection.send_envelope(envelope)
 
     def _fall_behind(self) -> None:
         app = self.application
         if app.config.broadcast.slow_client == "disconnect":
-            app.metrics.slow_disconnects.labels(self.channel).inc()
+            app.metrics.slow_disconnects[self.channel] += 1
             log.warning("closing slow client %s on %s (1013)", self.request.remote_ip, self.channel)
             self.close(CLOSE_TRY_AGAIN, "receiving too slowly")
-        else:
-            app.metrics.drops.labels(self.channel).inc()
+            return
+        app.metrics.drops[self.channel] += 1
+        if not self._dropping:
+            self._dropping = True
+            log.warning(
+                "client %s on %s is over its %d-byte queue: dropping messages for it",
+                self.request.remote_ip,
+                self.channel,
+                app.config.broadcast.max_queue_bytes,
+            )
 
-    async def publish(self, data: bytes, binary: bool) -> bool:
-        """Publish to this channel; tell the sender (and return False) if the broker is down."""
+    def publish(self, data: bytes, binary: bool) -> Awaitable[bool] | None:
+        """Publish to this channel: synchronously when the broker can, else a coroutine."""
+        hub = self.application.hub
+        if hub.publish_nowait(self.channel, data, binary, self.sub_id):
+            return None
+        return self._publish(data, binary)
+
+    async def _publish(self, data: bytes, binary: bool) -> bool:
+        """Publish through the broker; tell the sender (and return False) if it is down."""
         try:
             await self.application.hub.publish(self.channel, data, binary, self.sub_id)
         except BrokerUnavailable as exc:
-            self.send(json.dumps({"type": "error", "error": f"not delivered: {exc}"}), False)
+            self.send(
+                json.dumps({"type": "error", "error": f"not delivered: {exc}"}).encode(), False
+            )
             return False
         return True
 
@@ -162,42 +199,43 @@ class ChannelSocket(BaseSocket):
 class BroadcastSocket(ChannelSocket):
     """Each message goes to every member of the channel."""
 
-    async def on_message(self, message: str | bytes) -> None:
-        self.count_in(message)
-        if isinstance(message, str):
-            await self.publish(message.encode(), False)
-        else:
-            await self.publish(message, True)
+    def on_raw_message(self, payload: bytes, binary: bool) -> Awaitable[bool] | None:
+        self.count_in(payload)
+        return self.publish(payload, binary)
 
 
 class MixedSocket(ChannelSocket):
     """The websocket-shootout protocol: a JSON envelope chooses echo or broadcast."""
 
-    async def on_message(self, message: str | bytes) -> None:
-        self.count_in(message)
+    def on_raw_message(self, payload: bytes, binary: bool) -> Awaitable[None] | None:
+        self.count_in(payload)
+        if binary:
+            self._error("binary messages are not supported in mixed mode; send JSON text")
+            return None
         try:
-            request = json.loads(message)
+            request = json.loads(payload)
             kind = request["type"] if isinstance(request, dict) else None
         except (ValueError, KeyError):
             self._error("expected a JSON object with a type")
-            return
+            return None
         if kind == "echo":
-            self.send(message, False)  # the reply is the request, byte for byte
-        elif kind == "broadcast":
-            text = message if isinstance(message, str) else message.decode()
-            if await self.publish(text.encode(), False):
-                listeners = await self.application.hub.members(self.channel)
-                result = {
-                    "type": "broadcastResult",
-                    "payload": request.get("payload"),
-                    "listenCount": listeners,
-                }
-                self.send(json.dumps(result), False)
-        else:
-            self._error(f"unknown type {kind!r}; expected 'echo' or 'broadcast'")
+            self.send(payload, False)  # the reply is the request, byte for byte
+            return None
+        if kind == "broadcast":
+            return self._broadcast(payload, request.get("payload"))
+        self._error(f"unknown type {kind!r}; expected 'echo' or 'broadcast'")
+        return None
+
+    async def _broadcast(self, payload: bytes, inner: Any) -> None:
+        published = self.publish(payload, False)
+        if published is not None and not await published:
+            return
+        listeners = await self.application.hub.members(self.channel)
+        result = {"type": "broadcastResult", "payload": inner, "listenCount": listeners}
+        self.send(json.dumps(result).encode(), False)
 
     def _error(self, text: str) -> None:
-        self.send(json.dumps({"type": "error", "error": text}), False)
+        self.send(json.dumps({"type": "error", "error": text}).encode(), False)
 
 
 class JSONHandler(tornado.web.RequestHandler):

@@ -121,6 +121,10 @@ class Hub:
         """Send to the channel; raises BrokerUnavailable when the broker cannot take it."""
         await self.broker.publish(Envelope(channel, data, binary, sender), self.history)
 
+    def publish_nowait(self, channel: str, data: bytes, binary: bool, sender: str | None) -> bool:
+        """Publish synchronously when the broker can (memory); False means await publish()."""
+        return self.broker.publish_nowait(Envelope(channel, data, binary, sender), self.history)
+
     async def members(self, channel: str) -> int:
         """The channel's members across every process."""
         return await self.broker.presence(channel)

@@ -1,69 +1,93 @@
-"""Prometheus collectors for one Application, in a registry of its own.
+"""Prometheus metrics for one Application, in a registry of its own.
 
-Each Application gets its own CollectorRegistry (no process-global state), so tests can
-build many apps side by side and /metrics shows only what this server did.
+The message path only bumps plain integers (a prometheus_client Counter takes a lock on
+every inc(), too dear per message); a custom collector turns them into Prometheus metric
+families when /metrics is scraped. Each Application has its own CollectorRegistry, so
+tests can build many apps side by side and /metrics shows only what this server did.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
+OpenConnections = Callable[[], Mapping[tuple[str, str], int]]
 
-class Metrics:
-    def __init__(self) -> None:
+
+class Metrics(Collector):
+    """Counters bumped by the handlers, rendered on scrape."""
+
+    def __init__(self, open_connections: OpenConnections) -> None:
+        self._open_connections = open_connections
+        self.messages_in = 0
+        self.bytes_in = 0
+        self.messages_out = 0
+        self.bytes_out = 0
+        self.deliveries: Counter[str] = Counter()
+        self.drops: Counter[str] = Counter()
+        self.slow_disconnects: Counter[str] = Counter()
+        self.handshakes_refused: Counter[str] = Counter()
+        self.closes: Counter[int] = Counter()
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.connections = Gauge(
-            "echoserver_connections",
-            "Open WebSocket connections.",
-            ["mode", "channel"],
-            registry=r,
-        )
-        self.messages_in = Counter(
-            "echoserver_messages_received", "Messages received from clients.", registry=r
-        )
-        self.bytes_in = Counter(
-            "echoserver_received_bytes", "Payload bytes received from clients.", registry=r
-        )
-        self.messages_out = Counter(
-            "echoserver_messages_sent", "Messages queued to clients.", registry=r
-        )
-        self.bytes_out = Counter(
-            "echoserver_sent_bytes", "Payload bytes queued to clients.", registry=r
-        )
-        self.deliveries = Counter(
-            "echoserver_broadcast_deliveries",
-            "Broadcast messages queued to a receiver.",
-            ["channel"],
-            registry=r,
-        )
-        self.drops = Counter(
-            "echoserver_broadcast_drops",
-            "Broadcast messages dropped for a slow receiver.",
-            ["channel"],
-            registry=r,
-        )
-        self.slow_disconnects = Counter(
-            "echoserver_slow_client_disconnects",
-            "Receivers closed with 1013 for falling behind.",
-            ["channel"],
-            registry=r,
-        )
-        self.handshakes_refused = Counter(
-            "echoserver_handshakes_refused",
-            "WebSocket handshakes refused, by reason.",
-            ["reason"],
-            registry=r,
-        )
-        self.closes = Counter(
-            "echoserver_closes",
-            "Closed WebSocket connections, by close code.",
-            ["code"],
-            registry=r,
-        )
+        self.registry.register(self)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def collect(self) -> Iterator[Metric]:
+        connections = GaugeMetricFamily(
+            "echoserver_connections", "Open WebSocket connections.", labels=["mode", "channel"]
+        )
+        for (mode, channel), count in sorted(self._open_connections().items()):
+            connections.add_metric([mode, channel], count)
+        yield connections
+        for name, doc, value in (
+            ("echoserver_messages_received", "Messages received from clients.", self.messages_in),
+            ("echoserver_received_bytes", "Payload bytes received from clients.", self.bytes_in),
+            ("echoserver_messages_sent", "Messages queued to clients.", self.messages_out),
+            ("echoserver_sent_bytes", "Payload bytes queued to clients.", self.bytes_out),
+        ):
+            yield CounterMetricFamily(name, doc, value=value)
+        for name, doc, label, counts in (
+            (
+                "echoserver_broadcast_deliveries",
+                "Broadcast messages queued to a receiver.",
+                "channel",
+                self.deliveries,
+            ),
+            (
+                "echoserver_broadcast_drops",
+                "Broadcast messages dropped for a receiver over its queue cap.",
+                "channel",
+                self.drops,
+            ),
+            (
+                "echoserver_slow_client_disconnects",
+                "Receivers closed with 1013 for falling behind.",
+                "channel",
+                self.slow_disconnects,
+            ),
+            (
+                "echoserver_handshakes_refused",
+                "WebSocket handshakes refused, by reason.",
+                "reason",
+                self.handshakes_refused,
+            ),
+            (
+                "echoserver_closes",
+                "Closed WebSocket connections, by close code.",
+                "code",
+                self.closes,
+            ),
+        ):
+            family = CounterMetricFamily(name, doc, labels=[label])
+            for key, count in sorted(counts.items()):
+                family.add_metric([str(key)], count)
+            yield family

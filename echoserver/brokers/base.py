@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Envelope:
-    """One published message as brokers carry it."""
+    """One published message as brokers carry it. Receivers must not change it."""
 
     channel: str
     data: bytes
@@ -24,6 +24,8 @@ class Envelope:
     # Position in the channel's order as the broker assigned it (1, 2, ...); 0 = not yet
     # published. Lets a joiner splice history and live messages without gap or repeat.
     seq: int = 0
+    # The message's WebSocket frame, encoded by its first receiver and reused by the rest.
+    frame: bytes | None = field(default=None, compare=False, repr=False)
 
 
 OnEnvelope = Callable[[Envelope], None]
@@ -59,6 +61,10 @@ class Broker(abc.ABC):
 
         Raises BrokerUnavailable when the message could not be handed over.
         """
+
+    def publish_nowait(self, envelope: Envelope, history: int = 0) -> bool:
+        """publish() done synchronously if this broker can; False means use publish()."""
+        return False
 
     @abc.abstractmethod
     async def history(self, channel: str, limit: int) -> list[Envelope]:

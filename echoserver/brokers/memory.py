@@ -7,7 +7,6 @@ neither miss nor repeat a message.
 
 from __future__ import annotations
 
-import dataclasses
 from collections import deque
 
 from echoserver.brokers.base import Broker, Envelope, OnEnvelope
@@ -35,13 +34,11 @@ class MemoryBroker(Broker):
         self._subscribed.discard(channel)
 
     async def publish(self, envelope: Envelope, history: int = 0) -> None:
-        self.publish_now(envelope, history)
+        self.publish_nowait(envelope, history)
 
-    def publish_now(self, envelope: Envelope, history: int = 0) -> None:
-        """publish() without a coroutine: the hub's fast path for the embedded case."""
-        seq = self._last_seq.get(envelope.channel, 0) + 1
+    def publish_nowait(self, envelope: Envelope, history: int = 0) -> bool:
+        seq = envelope.seq = self._last_seq.get(envelope.channel, 0) + 1
         self._last_seq[envelope.channel] = seq
-        envelope = dataclasses.replace(envelope, seq=seq)
         if history > 0:
             kept = self._history.get(envelope.channel)
             if kept is None or kept.maxlen != history:
@@ -49,6 +46,7 @@ class MemoryBroker(Broker):
             kept.append(envelope)
         if self._on_envelope is not None and envelope.channel in self._subscribed:
             self._on_envelope(envelope)
+        return True
 
     async def history(self, channel: str, limit: int) -> list[Envelope]:
         return self.history_now(channel, limit)

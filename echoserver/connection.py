@@ -1,0 +1,498 @@
+"""The WebSocket connection after the handshake: socket I/O, coalesced writes, closing.
+
+Tornado does the HTTP handshake; WebSocketConnection (returned by the handler's
+get_websocket_protocol hook) then takes the socket off Tornado's IOStream and hands it to
+an asyncio (or uvloop) transport. Each read is parsed whole by protocol.FrameParser, the
+replies it causes leave in one write at the end of that read, and frames queued for a
+connection from elsewhere (broadcasts) leave in one write per connection per loop pass.
+The loop serves every ready socket once per pass, so no connection can monopolise it.
+
+TLS connections keep Tornado's SSLIOStream (its TLS state cannot move to a new transport)
+and go through the same parser and write queue.
+
+Relies on WebSocketProtocol13 and IOStream internals of the Tornado range pinned in
+setup.cfg: _parse_extensions_header, _create_compressors, _challenge_response,
+start_pinging/periodic_ping and IOStream._consume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import sys
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any
+
+import tornado.escape
+import tornado.httputil
+import tornado.iostream
+from tornado.websocket import (
+    WebSocketHandler,
+    WebSocketProtocol13,
+    _DecompressTooLargeError,
+    _WebSocketParams,
+)
+
+from echoserver import protocol
+from echoserver.protocol import (
+    CLOSE,
+    CLOSE_NO_STATUS,
+    FAIL,
+    MESSAGE,
+    OP_BINARY,
+    OP_PONG,
+    OP_TEXT,
+    PING,
+    PONG,
+    Event,
+    FrameParser,
+)
+
+if TYPE_CHECKING:
+    from echoserver.brokers.base import Envelope
+
+log = logging.getLogger("echoserver.ws")
+
+CLOSE_INTERNAL_ERROR = 1011
+# How long to wait for the peer's half of a closing handshake before dropping the socket.
+CLOSING_TIMEOUT = 3.0
+
+
+class Flusher:
+    """Sends the frames queued for many connections in one pass: one write per connection."""
+
+    def __init__(self) -> None:
+        self._pending: list[WebSocketConnection] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def mark(self, connection: WebSocketConnection) -> None:
+        if not self._pending:
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._loop.call_soon(self._flush_all)
+        self._pending.append(connection)
+
+    def _flush_all(self) -> None:
+        pending, self._pending = self._pending, []
+        for connection in pending:
+            connection.flush()
+
+
+class _TransportIO(asyncio.Protocol):
+    """asyncio's side of a connection: bytes in, write pressure, loss."""
+
+    def __init__(self, connection: WebSocketConnection) -> None:
+        self.connection = connection
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.pause_reading()  # until the handler's open() has finished
+
+    def data_received(self, data: bytes) -> None:
+        self.connection.feed(data)
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.connection.connection_lost()
+
+    def pause_writing(self) -> None:
+        # The peer reads slower than it makes us write: stop reading what it sends.
+        self.connection.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.connection.resume_reading()
+
+
+class _StreamIO:
+    """The same transport interface over Tornado's IOStream (TLS connections)."""
+
+    def __init__(self, stream: tornado.iostream.IOStream, connection: WebSocketConnection) -> None:
+        self.stream = stream
+        self.connection = connection
+        self._reading = asyncio.Event()
+        stream.set_close_callback(connection.connection_lost)
+
+    async def read_loop(self) -> None:
+        try:
+            while not self.stream.closed():
+                await self._reading.wait()
+                data = await self.stream.read_bytes(65536, partial=True)
+                self.connection.feed(data)
+        except tornado.iostream.StreamClosedError:
+            pass
+
+    def write(self, data: bytes) -> None:
+        if not self.stream.closed():
+            self.stream.write(data).add_done_callback(_ignore_stream_closed)
+
+    def get_write_buffer_size(self) -> int:
+        return self.stream._total_write_index - self.stream._total_write_done_index
+
+    def pause_reading(self) -> None:
+        self._reading.clear()
+
+    def resume_reading(self) -> None:
+        self._reading.set()
+
+    def close(self) -> None:
+        if not self.stream.closed():
+            self.stream.write(b"").add_done_callback(lambda _: self.stream.close())
+
+    def abort(self) -> None:
+        self.stream.close()
+
+    def is_closing(self) -> bool:
+        return self.stream.closed()
+
+
+def _ignore_stream_closed(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved, so a closed stream is not logged as unhandled
+
+
+class WebSocketConnection(WebSocketProtocol13):
+    """Server side of one WebSocket connection, strict and fast."""
+
+    def __init__(self, handler: WebSocketHandler, params: _WebSocketParams, flusher: Flusher):
+        super().__init__(handler, mask_outgoing=False, params=params)
+        self.flusher = flusher
+        self.parser = FrameParser(params.max_message_size)
+        self.transport: asyncio.Transport | _StreamIO | None = None
+        self.close_code_sent: int | None = None
+        self._out: list[bytes] = []
+        self._out_size = 0
+        self._dirty = False
+        self._feeding = False
+        self._paused_by: set[str] = set()
+        self._backlog: tuple[list[Event], int] | None = None
+        self._closing_timer: asyncio.TimerHandle | None = None
+        self._lost = False
+        # A handler may take raw payloads (bytes, text already checked) to skip decoding.
+        self._on_raw = getattr(handler, "on_raw_message", None)
+
+    # --- handshake and take-over --------------------------------------------------------
+
+    async def _accept_connection(self, handler: WebSocketHandler) -> None:
+        header = handler.request.headers.get("Sec-WebSocket-Protocol")
+        offered = [s.strip() for s in header.split(",")] if header else []
+        self.selected_subprotocol = handler.select_subprotocol(offered)
+        if self.selected_subprotocol:
+            handler.set_header("Sec-WebSocket-Protocol", self.selected_subprotocol)
+        self._negotiate_compression(handler)
+        handler.clear_header("Content-Type")
+        handler.set_status(101)
+        handler.set_header("Upgrade", "websocket")
+        handler.set_header("Connection", "Upgrade")
+        handler.set_header("Sec-WebSocket-Accept", self._challenge_response(handler))
+        handler.finish()
+        stream = handler._detach_stream()
+        self.stream = stream
+        try:
+            read_loop = await self._take_over(stream)
+        except (OSError, tornado.iostream.StreamClosedError):
+            self.connection_lost()
+            return
+        self.start_pinging()
+        try:
+            opened = handler.open(*handler.open_args, **handler.open_kwargs)
+            if opened is not None:
+                await opened
+        except Exception:
+            handler.log_exception(*sys.exc_info())
+            self._abort()
+            return
+        if self._lost:
+            return
+        self.resume_reading("open")
+        if read_loop is not None:
+            await read_loop
+
+    def _negotiate_compression(self, handler: WebSocketHandler) -> None:
+        if self._compression_options is None:
+            return
+        for name, params in self._parse_extensions_header(handler.request.headers):
+            if name != "permessage-deflate":
+                continue
+            try:
+                self._create_compressors("server", params, self._compression_options)
+            except ValueError:
+                continue  # parameters we cannot honour: try the next offer
+            if "client_max_window_bits" in params and params["client_max_window_bits"] is None:
+                del params["client_max_window_bits"]
+            handler.set_header(
+                "Sec-WebSocket-Extensions",
+                tornado.httputil._encode_header("permessage-deflate", params),
+            )
+            self.parser.decompress = self._inflate
+            return
+
+    def _inflate(self, data: bytes) -> bytes:
+        assert self._decompressor is not None
+        try:
+            return self._decompressor.decompress(data)
+        except _DecompressTooLargeError:
+            raise ValueError("message too big after decompression") from None
+
+    async def _take_over(self, stream: tornado.iostream.IOStream) -> Awaitable[None] | None:
+        """Move the socket to an asyncio transport; return a read loop if it stays on stream."""
+        await stream.write(b"")  # the 101 response has left
+        leftover = stream._consume(stream._read_buffer_size)
+        self._paused_by.add("open")
+        if isinstance(stream, tornado.iostream.SSLIOStream):
+            io = _StreamIO(stream, self)
+            self.transport = io
+            if leftover:
+                self._pending_leftover = leftover
+            return io.read_loop()
+        sock = stream.socket.dup()
+        stream.close()  # closes Tornado's descriptor; the duplicate keeps the connection
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        loop = asyncio.get_running_loop()
+        io_protocol = _TransportIO(self)
+        transport, _ = await loop.connect_accepted_socket(lambda: io_protocol, sock=sock)
+        self.transport = transport
+        if leftover:
+            self._pending_leftover = leftover
+        return None
+
+    _pending_leftover = b""
+
+    # --- reading -----------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        """Bytes from the peer: parse every complete frame, act, then write once."""
+        if self.client_terminated:
+            return
+        self._feeding = True
+        try:
+            events = self.parser.receive(data)
+            if events:
+                self._handle_events(events, 0)
+        finally:
+            self._feeding = False
+            if self._out:
+                self.flush()
+
+    def _handle_events(self, events: list[Event], index: int) -> None:
+        handler = self.handler
+        count = len(events)
+        while index < count:
+            kind, arg, payload = events[index]
+            index += 1
+            if kind == MESSAGE:
+                if self.client_terminated or self.server_terminated:
+                    return
+                try:
+                    if self._on_raw is not None:
+                        result = self._on_raw(payload, arg == OP_BINARY)
+                    elif arg == OP_TEXT:
+                        result = handler.on_message(payload.decode())  # type: ignore[union-attr]
+                    else:
+                        result = handler.on_message(payload)
+                except Exception:
+                    self._internal_error()
+                    return
+                if result is not None:
+                    self._wait_for(result, events, index)
+                    return
+            elif kind == PING:
+                self.send_frame(protocol.encode_frame(OP_PONG, payload))  # type: ignore[arg-type]
+                handler.on_ping(payload)  # type: ignore[arg-type]
+            elif kind == PONG:
+                self._received_pong = True
+                handler.on_pong(payload)  # type: ignore[arg-type]
+            elif kind == CLOSE:
+                self._on_peer_close(arg, payload)  # type: ignore[arg-type]
+                return
+            elif kind == FAIL:
+                self._fail(arg, payload)  # type: ignore[arg-type]
+                return
+
+    def _wait_for(self, result: Awaitable[Any], events: list[Event], index: int) -> None:
+        """on_message returned an awaitable: read nothing more from this peer until it ends."""
+        self.pause_reading("handler")
+        self._backlog = (events, index)
+        future = asyncio.ensure_future(result)
+        future.add_done_callback(self._handler_done)
+
+    def _handler_done(self, future: asyncio.Future[Any]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            if not future.cancelled():
+                exc = future.exception()
+                self.handler.log_exception(type(exc), exc, exc.__traceback__)  # type: ignore[arg-type]
+            self._internal_error(logged=True)
+            return
+        backlog, self._backlog = self._backlog, None
+        if backlog is not None and index_left(backlog):
+            self._feeding = True
+            try:
+                self._handle_events(*backlog)
+            finally:
+                self._feeding = False
+                if self._out:
+                    self.flush()
+        if self._backlog is None:
+            self.resume_reading("handler")
+
+    def pause_reading(self, reason: str = "writes") -> None:
+        if not self._paused_by and self.transport is not None and not self._lost:
+            self.transport.pause_reading()
+        self._paused_by.add(reason)
+
+    def resume_reading(self, reason: str = "writes") -> None:
+        if reason not in self._paused_by:
+            return
+        self._paused_by.discard(reason)
+        if self._paused_by or self.transport is None or self._lost:
+            return
+        self.transport.resume_reading()
+        if self._pending_leftover:
+            leftover, self._pending_leftover = self._pending_leftover, b""
+            self.feed(leftover)
+
+    # --- writing -----------------------------------------------------------------------
+
+    def send_frame(self, frame: bytes) -> None:
+        """Queue an encoded frame; it leaves with the others queued this loop pass."""
+        self._out.append(frame)
+        self._out_size += len(frame)
+        if not self._dirty:
+            self._dirty = True
+            if not self._feeding:
+                self.flusher.mark(self)
+
+    def send(self, payload: bytes, binary: bool) -> None:
+        """Queue one message (text payloads must already be UTF-8)."""
+        opcode = OP_BINARY if binary else OP_TEXT
+        if self._compressor is not None:
+            self.send_frame(protocol.encode_frame(opcode, self._compressor.compress(payload), True))
+        else:
+            self.send_frame(protocol.encode_frame(opcode, payload))
+
+    def send_envelope(self, envelope: Envelope) -> None:
+        """Queue a broadcast: encoded once for every receiver without compression."""
+        if self._compressor is not None:
+            self.send(envelope.data, envelope.binary)
+            return
+        frame = envelope.frame
+        if frame is None:
+            opcode = OP_BINARY if envelope.binary else OP_TEXT
+            frame = envelope.frame = protocol.encode_frame(opcode, envelope.data)
+        self.send_frame(frame)
+
+    def flush(self) -> None:
+        self._dirty = False
+        out = self._out
+        if not out or self.transport is None or self._lost:
+            out.clear()
+            self._out_size = 0
+            return
+        self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        out.clear()
+        self._out_size = 0
+
+    def unsent_bytes(self) -> int:
+        """Bytes queued for this peer that it has not taken yet."""
+        if self.transport is None:
+            return self._out_size
+        return self._out_size + self.transport.get_write_buffer_size()
+
+    def write_message(
+        self, message: str | bytes | dict[str, Any], binary: bool = False
+    ) -> asyncio.Future[None]:
+        """Tornado's API: queue a message; the returned future is already done."""
+        if isinstance(message, dict):
+            message = tornado.escape.json_encode(message)
+        self.send(tornado.escape.utf8(message), binary)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    def write_ping(self, data: bytes) -> None:
+        self.send_frame(protocol.encode_frame(protocol.OP_PING, data))
+
+    # --- closing -----------------------------------------------------------------------
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        """Start (or finish) the closing handshake."""
+        if not self.server_terminated:
+            self.server_terminated = True
+            if code is None and reason is not None:
+                code = protocol.CLOSE_NORMAL
+            self.close_code_sent = code
+            self.send_frame(protocol.encode_close(code, reason or ""))
+            self.flush()
+        if self._ping_coroutine:
+            self._ping_coroutine.cancel()
+            self._ping_coroutine = None
+        if self.client_terminated:
+            self._close_transport()
+        elif self._closing_timer is None and not self._lost:
+            loop = asyncio.get_running_loop()
+            self._closing_timer = loop.call_later(CLOSING_TIMEOUT, self._abort)
+
+    def _on_peer_close(self, code: int, reason: bytes) -> None:
+        self.client_terminated = True
+        if code != CLOSE_NO_STATUS:
+            self.close_code = code
+            self.close_reason = reason.decode()
+        # Echo the peer's code (RFC 6455 5.5.1); an empty close answers an empty close.
+        self.close(None if code == CLOSE_NO_STATUS else code)
+
+    def _fail(self, code: int, reason: str) -> None:
+        """The peer broke the protocol: send the close code, then drop the connection."""
+        request = self.handler.request
+        log.info("closing %s %s with %d: %s", request.remote_ip, request.path, code, reason)
+        self.client_terminated = True
+        self.close(code, reason)
+
+    def _internal_error(self, logged: bool = False) -> None:
+        if not logged:
+            self.handler.log_exception(*sys.exc_info())
+        self.client_terminated = True
+        self.close(CLOSE_INTERNAL_ERROR, "internal error")
+
+    def _close_transport(self) -> None:
+        if self.transport is not None and not self._lost:
+            self.transport.close()  # after what is buffered has been sent
+
+    def _abort(self) -> None:
+        self.client_terminated = self.server_terminated = True
+        if self.transport is not None and not self._lost:
+            self.transport.abort()
+        elif self.transport is None:
+            self.connection_lost()
+
+    def connection_lost(self) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        self.client_terminated = self.server_terminated = True
+        if self._closing_timer is not None:
+            self._closing_timer.cancel()
+            self._closing_timer = None
+        if self._ping_coroutine:
+            self._ping_coroutine.cancel()
+            self._ping_coroutine = None
+        self._out.clear()
+        code = self.close_code if self.close_code is not None else self.close_code_sent
+        self.handler.on_ws_connection_close(code, self.close_reason)
+
+    def on_connection_close(self) -> None:
+        self._abort()
+
+    def is_closing(self) -> bool:
+        return self.client_terminated or self.server_terminated or self._lost
+
+    def set_nodelay(self, x: bool) -> None:
+        """Always on: writes are already coalesced per loop pass."""
+
+
+def index_left(backlog: tuple[list[Event], int]) -> bool:
+    events, index = backlog
+    return index < len(events)
