@@ -74,6 +74,7 @@ class EchoServerApp(tornado.web.Application):
             routes,
             static_path=str(page),
             static_handler_class=handlers.PageHandler,
+            log_function=handlers.log_request,
             websocket_max_message_size=ws.max_message_size,
             websocket_ping_interval=ping_interval,
             # Tornado refuses a ping timeout longer than the interval.

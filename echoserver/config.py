@@ -88,6 +88,7 @@ class Settings:
     processes: int = 1
     static_dir: str = ""
     shutdown_timeout: float = 10.0
+    loop: str = "auto"
     websocket: WebSocketSettings = field(default_factory=WebSocketSettings)
     broadcast: BroadcastSettings = field(default_factory=BroadcastSettings)
     tls: TLSSettings = field(default_factory=TLSSettings)
@@ -325,6 +326,11 @@ KEYS: tuple[Key, ...] = (
         "shutdown_timeout",
         "Seconds to let clients finish after SIGTERM before closing them with 1001.",
         _number(0),
+    ),
+    _key(
+        "loop",
+        "Event loop: auto = uvloop when it is installed, else asyncio.",
+        _choice("auto", "asyncio", "uvloop"),
     ),
     _key(
         "websocket.path",

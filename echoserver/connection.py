@@ -22,7 +22,7 @@ import logging
 import socket
 import sys
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import tornado.escape
 import tornado.httputil
@@ -54,9 +54,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("echoserver.ws")
 
+CLOSE_POLICY = 1008
 CLOSE_INTERNAL_ERROR = 1011
 # How long to wait for the peer's half of a closing handshake before dropping the socket.
 CLOSING_TIMEOUT = 3.0
+
+
+class RateLimiter(Protocol):
+    def allow(self) -> bool:
+        """Whether one more message may pass now."""
 
 
 class Flusher:
@@ -84,12 +90,11 @@ class _TransportIO(asyncio.Protocol):
 
     def __init__(self, connection: WebSocketConnection) -> None:
         self.connection = connection
-        self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.pause_reading()  # until the handler's open() has finished
+        # uvloop may call this after connect_accepted_socket() has returned, so the
+        # connection learns of its transport here, not from that call.
+        self.connection.transport_made(transport)  # type: ignore[arg-type]
 
     def data_received(self, data: bytes) -> None:
         self.connection.feed(data)
@@ -158,9 +163,16 @@ def _ignore_stream_closed(future: asyncio.Future[None]) -> None:
 class WebSocketConnection(WebSocketProtocol13):
     """Server side of one WebSocket connection, strict and fast."""
 
-    def __init__(self, handler: WebSocketHandler, params: _WebSocketParams, flusher: Flusher):
+    def __init__(
+        self,
+        handler: WebSocketHandler,
+        params: _WebSocketParams,
+        flusher: Flusher,
+        rate_limit: RateLimiter | None = None,
+    ) -> None:
         super().__init__(handler, mask_outgoing=False, params=params)
         self.flusher = flusher
+        self.rate_limit = rate_limit
         self.parser = FrameParser(params.max_message_size)
         self.transport: asyncio.Transport | _StreamIO | None = None
         self.close_code_sent: int | None = None
@@ -253,14 +265,27 @@ class WebSocketConnection(WebSocketProtocol13):
         stream.close()  # closes Tornado's descriptor; the duplicate keeps the connection
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         loop = asyncio.get_running_loop()
-        io_protocol = _TransportIO(self)
-        transport, _ = await loop.connect_accepted_socket(lambda: io_protocol, sock=sock)
-        self.transport = transport
+        await loop.connect_accepted_socket(lambda: _TransportIO(self), sock=sock)
         if leftover:
             self._pending_leftover = leftover
         return None
 
     _pending_leftover = b""
+
+    def transport_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        if self._paused_by:
+            transport.pause_reading()
+        if self._out:
+            self.flush()
+        if not self._paused_by:
+            self._feed_leftover()
+
+    def _feed_leftover(self) -> None:
+        """Frames that arrived with the handshake, read by Tornado before the take-over."""
+        if self._pending_leftover:
+            leftover, self._pending_leftover = self._pending_leftover, b""
+            self.feed(leftover)
 
     # --- reading -----------------------------------------------------------------------
 
@@ -286,6 +311,9 @@ class WebSocketConnection(WebSocketProtocol13):
             index += 1
             if kind == MESSAGE:
                 if self.client_terminated or self.server_terminated:
+                    return
+                if self.rate_limit is not None and not self.rate_limit.allow():
+                    self._fail(CLOSE_POLICY, "rate limit exceeded")
                     return
                 try:
                     if self._on_raw is not None:
@@ -351,9 +379,7 @@ class WebSocketConnection(WebSocketProtocol13):
         if self._paused_by or self.transport is None or self._lost:
             return
         self.transport.resume_reading()
-        if self._pending_leftover:
-            leftover, self._pending_leftover = self._pending_leftover, b""
-            self.feed(leftover)
+        self._feed_leftover()
 
     # --- writing -----------------------------------------------------------------------
 
@@ -388,7 +414,9 @@ class WebSocketConnection(WebSocketProtocol13):
     def flush(self) -> None:
         self._dirty = False
         out = self._out
-        if not out or self.transport is None or self._lost:
+        if self.transport is None:
+            return  # kept until the transport exists (transport_made flushes)
+        if not out or self._lost:
             out.clear()
             self._out_size = 0
             return

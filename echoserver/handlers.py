@@ -28,11 +28,56 @@ if TYPE_CHECKING:
     from echoserver.app import EchoServerApp
 
 log = logging.getLogger("echoserver.ws")
+access_log = logging.getLogger("echoserver.access")
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 CLOSE_INTERNAL = 1011
 CLOSE_TRY_AGAIN = 1013
+
+
+class RateLimit:
+    """A token bucket: `rate` messages a second, bursts of up to one second's worth."""
+
+    __slots__ = ("_last", "_tokens", "burst", "rate")
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.burst = max(1.0, rate)
+        self._tokens = self.burst
+        self._last = time.monotonic()
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+
+def log_request(handler: tornado.web.RequestHandler) -> None:
+    """The Application's access log: one line per request; a WebSocket's when it ends."""
+    app = handler.application
+    if not app.config.log.access:  # type: ignore[attr-defined]
+        return
+    if isinstance(handler, BaseSocket) and handler.get_status() == 101:
+        return  # logged by on_close, with its close code
+    request = handler.request
+    status = handler.get_status()
+    level = logging.INFO if status < 500 else logging.WARNING
+    # request.path has no query string, so a ?token= never reaches the log.
+    access_log.log(
+        level,
+        "%s %s %s status=%d origin=%s duration=%.1fms",
+        request.remote_ip,
+        request.method,
+        request.path,
+        status,
+        request.headers.get("Origin", "-"),
+        request.request_time() * 1000,
+    )
 
 
 class BaseSocket(tornado.websocket.WebSocketHandler):
@@ -91,7 +136,9 @@ class BaseSocket(tornado.websocket.WebSocketHandler):
             max_message_size=self.max_message_size,
             compression_options=self.get_compression_options(),
         )
-        return WebSocketConnection(self, params, self.application.flusher)
+        rate = self.application.config.websocket.rate_limit
+        limit = RateLimit(rate) if rate > 0 else None
+        return WebSocketConnection(self, params, self.application.flusher, limit)
 
     def open(self, *args: str, **kwargs: str) -> None:
         self.application.connections.add(self)
@@ -99,7 +146,19 @@ class BaseSocket(tornado.websocket.WebSocketHandler):
     def on_close(self) -> None:
         app = self.application
         app.connections.discard(self)
-        app.metrics.closes[self.close_code or 1006] += 1
+        code = self.close_code or 1006
+        app.metrics.closes[code] += 1
+        if app.config.log.access:
+            request = self.request
+            access_log.info(
+                "%s %s %s status=101 origin=%s duration=%.3fs close=%d",
+                request.remote_ip,
+                request.method,
+                request.path,
+                request.headers.get("Origin", "-"),
+                request.request_time(),
+                code,
+            )
 
     def send(self, data: bytes, binary: bool) -> None:
         """Queue one message to this client (text as UTF-8); a closed connection drops it."""

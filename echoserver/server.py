@@ -7,8 +7,11 @@ It wires the concrete broker into the hub and the hub into the Application.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import json
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -17,7 +20,6 @@ import time
 
 import tornado.httpserver
 import tornado.netutil
-import tornado.process
 
 from echoserver import __version__
 from echoserver.app import EchoServerApp, make_app
@@ -56,11 +58,15 @@ def configure_logging(settings: Settings) -> None:
         logging.getLogger("tornado.access").setLevel(logging.WARNING)
 
 
-def install_uvloop() -> str:
-    """Use uvloop when it is installed; return the loop's name."""
+def choose_loop(choice: str) -> str:
+    """Install the event loop the settings ask for ("auto": uvloop if installed); its name."""
+    if choice == "asyncio":
+        return "asyncio"
     try:
         import uvloop
     except ImportError:
+        if choice == "uvloop":
+            raise SystemExit("echoserver: loop = uvloop, but uvloop is not installed") from None
         return "asyncio"
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     return "uvloop"
@@ -74,15 +80,106 @@ def ssl_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+_MAX_RESTARTS = 100
+
+
+def fork_workers(count: int, shutdown_timeout: float) -> int:
+    """Fork `count` workers sharing the bound sockets; return the worker's index in each.
+
+    The parent never returns: it restarts workers that crash (up to _MAX_RESTARTS), forwards
+    SIGTERM/SIGINT as SIGTERM to every worker so each drains its clients, kills workers still
+    running shutdown_timeout + 5 s later, and exits 0 once all are gone after a stop signal
+    (1 if they all died on their own). tornado.process.fork_processes forwards no signals.
+    """
+    workers: dict[int, int] = {}  # pid -> index
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        if not stopping:
+            log.info("stopping %d workers", len(workers))
+            signal.signal(signal.SIGALRM, kill_all)
+            signal.alarm(int(shutdown_timeout) + 5)
+        stopping = True
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    def kill_all(signum: int, frame: object) -> None:
+        log.warning("killing %d workers that did not stop in time", len(workers))
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def spawn(index: int) -> int | None:
+        parent = os.getpid()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Blocked across fork, so a stop signal never runs the parent's handler in a worker.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        pid = os.fork()
+        if pid == 0:
+            for signum in _STOP_SIGNALS:
+                signal.signal(signum, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+            _die_with_parent(parent)
+            return index
+        workers[pid] = index
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        return None
+
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, stop)
+    for index in range(count):
+        if spawn(index) is not None:
+            return index
+    log.info("started %d workers: %s", count, " ".join(map(str, workers)))
+    restarts = 0
+    gave_up = False
+    while workers:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        index = workers.pop(pid, None)
+        if index is None:
+            continue
+        code = os.waitstatus_to_exitcode(status)
+        if stopping or code == 0:
+            continue
+        if restarts >= _MAX_RESTARTS:
+            log.error("worker %d (pid %d) exited with %d; too many restarts", index, pid, code)
+            gave_up = True
+            continue
+        restarts += 1
+        log.warning("worker %d (pid %d) exited with %d; restarting it", index, pid, code)
+        time.sleep(0.2)  # no tight loop when a worker dies at once
+        if not stopping and spawn(index) is not None:
+            return index
+    signal.alarm(0)
+    log.info("all workers stopped")
+    sys.exit(1 if gave_up and not stopping else 0)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have Linux send this worker SIGTERM (a drain) if the supervising parent dies."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def run(settings: Settings) -> None:
     """Serve until SIGTERM/SIGINT, then drain and return."""
     configure_logging(settings)
     sockets = tornado.netutil.bind_sockets(settings.port, settings.host, family=socket.AF_INET)
     port = sockets[0].getsockname()[1]
     if settings.processes != 1:
-        # Each child returns here with its own id; the parent never returns from fork_processes.
-        tornado.process.fork_processes(settings.processes or None)
-    loop_name = install_uvloop()
+        # Each worker returns here; the parent supervises and exits inside fork_workers.
+        fork_workers(settings.processes or os.cpu_count() or 1, settings.shutdown_timeout)
+    loop_name = choose_loop(settings.loop)
     asyncio.run(serve(settings, sockets, port, loop_name))
 
 

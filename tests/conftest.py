@@ -20,7 +20,24 @@ from echoserver.app import make_app
 from echoserver.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
+# ECHOSERVER_TEST_LOOP=uvloop|asyncio runs the in-process tests on that loop and the server
+# subprocesses on the other one, so one pass each way covers both loops everywhere.
+TEST_LOOP = os.environ.get("ECHOSERVER_TEST_LOOP", "asyncio")
+SERVER_LOOP = {"asyncio": "uvloop", "uvloop": "asyncio"}[TEST_LOOP]
 READY = re.compile(r"page (https?)://([\d.]+):(\d+)/")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if TEST_LOOP == "uvloop":
+        import asyncio
+
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"event loops: {TEST_LOOP} in-process, {SERVER_LOOP} in server subprocesses"
 
 
 def make_settings(**changes: Any) -> Settings:
@@ -58,7 +75,7 @@ class ServerProcess:
         full_env.update(env or {})
         full_env.setdefault("PYTHONUNBUFFERED", "1")
         self.proc = subprocess.Popen(
-            [python, "-m", "echoserver", "--port", "0", *args],
+            [python, "-m", "echoserver", "--port", "0", "--loop", SERVER_LOOP, *args],
             cwd=cwd,
             env=full_env,
             stdin=subprocess.DEVNULL,

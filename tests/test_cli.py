@@ -117,7 +117,7 @@ def test_print_config_round_trips_a_full_config(tmp_path: Path) -> None:
     key.write_text("k")
     args = [
         "--mode", "mixed", "--host", "::", "--port", "0", "--processes", "2",
-        "--static-dir", str(tmp_path), "--shutdown-timeout", "2.5",
+        "--static-dir", str(tmp_path), "--shutdown-timeout", "2.5", "--loop", "asyncio",
         "--path", "/socket", "--max-message-size", "65536", "--ping-interval", "5",
         "--ping-timeout", "4", "--compression", "--max-connections", "0",
         "--allowed-origins", "https://a.example,https://b.example:8443",
@@ -382,6 +382,7 @@ def test_every_flag_sets_exactly_its_key(
 ) -> None:
     special = {
         "mode": "mixed",
+        "loop": "asyncio",
         "host": "0.0.0.0",
         "static_dir": str(tmp_path),
         "websocket.path": "/sock",

@@ -175,6 +175,15 @@ def test_pipelined_messages_answered_in_order(client):
         assert client.recv_frame() == (True, 0x1, f"msg {n}".encode())
 
 
+def test_frames_sent_with_the_handshake_are_answered(server):
+    early = b"".join(build_frame(0x1, f"early {n}".encode()) for n in range(3))
+    raw = RawClient(server.port, with_request=early)
+    assert raw.status == 101
+    for n in range(3):
+        assert raw.recv_frame() == (True, 0x1, f"early {n}".encode())
+    raw.close()
+
+
 def test_frames_split_at_every_byte_still_parse(client):
     frame = build_frame(0x2, bytes(range(200)))
     for byte in frame:

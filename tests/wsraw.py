@@ -39,14 +39,17 @@ def close_payload(code: int, reason: bytes = b"") -> bytes:
 class RawClient:
     """Handshake over a plain socket, then frames exactly as given."""
 
-    def __init__(self, port: int, path: str = "/ws", timeout: float = 5.0) -> None:
+    def __init__(
+        self, port: int, path: str = "/ws", timeout: float = 5.0, with_request: bytes = b""
+    ) -> None:
+        """Handshake; `with_request` bytes go in the same write as the HTTP request."""
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         key = base64.b64encode(os.urandom(16)).decode()
         request = (
             f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
         )
-        self.sock.sendall(request.encode())
+        self.sock.sendall(request.encode() + with_request)
         self.buffer = b""
         while b"\r\n\r\n" not in self.buffer:
             chunk = self.sock.recv(4096)
