@@ -48,12 +48,13 @@ class EchoServerApp(tornado.web.Application):
         self.config = config
         self.hub = hub
         self.connections: set[handlers.BaseSocket] = set()
-        self.metrics = Metrics(self._open_connections)
+        self.metrics = Metrics(self._open_connections, lambda: hub.stats)
         self.flusher = Flusher()
         self.allowed_origins = frozenset(
             origin.rstrip("/").lower() for origin in config.websocket.allowed_origins
         )
         self.draining = False
+        self.handshakes = 0  # WebSocket handshakes past prepare(), not yet open
         self.started = time.monotonic()
         self._tasks: set[asyncio.Task[Any]] = set()
         page = static_dir(config)
@@ -97,5 +98,7 @@ def make_app(settings: Settings, broker: Broker | None = None) -> EchoServerApp:
         broker or MemoryBroker(),
         include_sender=settings.broadcast.include_sender,
         history=settings.broadcast.history,
+        max_queue_bytes=settings.broadcast.max_queue_bytes,
+        slow_client=settings.broadcast.slow_client,
     )
     return EchoServerApp(settings, hub)

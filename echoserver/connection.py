@@ -56,6 +56,7 @@ log = logging.getLogger("echoserver.ws")
 
 CLOSE_POLICY = 1008
 CLOSE_INTERNAL_ERROR = 1011
+CLOSE_TRY_AGAIN = 1013
 # How long to wait for the peer's half of a closing handshake before dropping the socket.
 CLOSING_TIMEOUT = 3.0
 
@@ -293,6 +294,11 @@ class WebSocketConnection(WebSocketProtocol13):
         """Bytes from the peer: parse every complete frame, act, then write once."""
         if self.client_terminated:
             return
+        if self._paused_by:
+            # uvloop may deliver data after pause_reading() (even before open() has run):
+            # keep it for resume_reading(), in order.
+            self._pending_leftover += data
+            return
         self._feeding = True
         try:
             events = self.parser.receive(data)
@@ -400,8 +406,18 @@ class WebSocketConnection(WebSocketProtocol13):
         else:
             self.send_frame(protocol.encode_frame(opcode, payload))
 
-    def send_envelope(self, envelope: Envelope) -> None:
-        """Queue a broadcast: encoded once for every receiver without compression."""
+    # --- as a hub subscriber -------------------------------------------------------------
+
+    sub_id = ""
+
+    @property
+    def peer(self) -> str:
+        return f"{self.handler.request.remote_ip} {self.handler.request.path}"
+
+    def deliver(self, envelope: Envelope) -> None:
+        """Queue a broadcast: encoded once and shared by every receiver without compression."""
+        if self.server_terminated or self._lost:
+            return
         if self._compressor is not None:
             self.send(envelope.data, envelope.binary)
             return
@@ -424,7 +440,10 @@ class WebSocketConnection(WebSocketProtocol13):
         out.clear()
         self._out_size = 0
 
-    def unsent_bytes(self) -> int:
+    def close_slow(self) -> None:
+        self.close(CLOSE_TRY_AGAIN, "receiving too slowly")
+
+    def queued_bytes(self) -> int:
         """Bytes queued for this peer that it has not taken yet."""
         if self.transport is None:
             return self._out_size
@@ -464,8 +483,11 @@ class WebSocketConnection(WebSocketProtocol13):
             loop = asyncio.get_running_loop()
             self._closing_timer = loop.call_later(CLOSING_TIMEOUT, self._abort)
 
+    _peer_closed = False  # the peer sent a close frame
+
     def _on_peer_close(self, code: int, reason: bytes) -> None:
         self.client_terminated = True
+        self._peer_closed = True
         if code != CLOSE_NO_STATUS:
             self.close_code = code
             self.close_reason = reason.decode()
@@ -509,6 +531,8 @@ class WebSocketConnection(WebSocketProtocol13):
             self._ping_coroutine = None
         self._out.clear()
         code = self.close_code if self.close_code is not None else self.close_code_sent
+        if code is None and self._peer_closed:
+            code = CLOSE_NO_STATUS  # a clean close without a status code, not 1006
         self.handler.on_ws_connection_close(code, self.close_reason)
 
     def on_connection_close(self) -> None:

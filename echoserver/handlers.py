@@ -15,12 +15,14 @@ from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+import tornado.httputil
 import tornado.web
 import tornado.websocket
+from tornado.log import app_log
 from tornado.websocket import _WebSocketParams
 
 from echoserver import __version__
-from echoserver.brokers.base import BrokerUnavailable, Envelope
+from echoserver.brokers.base import BrokerUnavailable
 from echoserver.connection import WebSocketConnection
 from echoserver.metrics import CONTENT_TYPE_LATEST
 
@@ -31,9 +33,6 @@ log = logging.getLogger("echoserver.ws")
 access_log = logging.getLogger("echoserver.access")
 
 CLOSE_GOING_AWAY = 1001
-CLOSE_POLICY = 1008
-CLOSE_INTERNAL = 1011
-CLOSE_TRY_AGAIN = 1013
 
 
 class RateLimit:
@@ -77,7 +76,20 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
         status,
         request.headers.get("Origin", "-"),
         request.request_time() * 1000,
+        extra={"access": access_fields(request, status)},
     )
+
+
+def access_fields(request: tornado.httputil.HTTPServerRequest, status: int) -> dict[str, Any]:
+    """An access line's fields, for log formatters that keep them apart (JSON)."""
+    return {
+        "peer": request.remote_ip,
+        "method": request.method,
+        "path": request.path,
+        "origin": request.headers.get("Origin"),
+        "status": status,
+        "duration": round(request.request_time(), 6),
+    }
 
 
 class BaseSocket(tornado.websocket.WebSocketHandler):
@@ -87,6 +99,8 @@ class BaseSocket(tornado.websocket.WebSocketHandler):
     ws_connection: WebSocketConnection | None
     channel = "default"
 
+    _reserved = False  # holds one of app.handshakes from prepare() until open()
+
     def prepare(self) -> None:
         app = self.application
         ws = app.config.websocket
@@ -94,14 +108,46 @@ class BaseSocket(tornado.websocket.WebSocketHandler):
             self._refuse(503, "draining", "server is shutting down")
         elif ws.auth_token and not self._token_ok(ws.auth_token):
             self._refuse(401, "auth", "missing or wrong token")
-        elif ws.max_connections and len(app.connections) >= ws.max_connections:
+        elif ws.max_connections and len(app.connections) + app.handshakes >= ws.max_connections:
             self._refuse(503, "full", "server is full")
+        else:
+            # Handshakes in flight count against max_connections, so a burst cannot overshoot.
+            app.handshakes += 1
+            self._reserved = True
+
+    def _release(self) -> None:
+        if self._reserved:
+            self._reserved = False
+            self.application.handshakes -= 1
+
+    def on_finish(self) -> None:
+        status = self.get_status()
+        if status != 101:
+            self._release()  # refused after prepare (origin, bad headers, version)
+        if status in (400, 426):  # refused by Tornado: bad upgrade headers, or the version
+            reason = "bad_request" if status == 400 else "version"
+            self.application.metrics.handshakes_refused[reason] += 1
 
     def _token_ok(self, expected: str) -> bool:
         header = self.request.headers.get("Authorization", "")
         given = header[7:] if header[:7].lower() == "bearer " else ""
-        given = given or self.get_query_argument("token", "")
+        if not given:
+            try:
+                given = self.get_query_argument("token", "")
+            except tornado.web.HTTPError:  # not UTF-8: a wrong token, and not for the log
+                return False
         return hmac.compare_digest(given.encode(), expected.encode())
+
+    def _request_summary(self) -> str:
+        # Tornado's summary (in its error and warning lines) has the query, so ?token=.
+        return f"{self.request.method} {self.request.path} ({self.request.remote_ip})"
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, tornado.web.HTTPError):
+            super().log_exception(typ, value, tb)
+        else:  # Tornado's own also logs repr(request), whose uri has the query
+            summary = self._request_summary()
+            app_log.error("Uncaught exception %s", summary, exc_info=(typ, value, tb))
 
     def _refuse(self, status: int, reason: str, message: str) -> None:
         self.application.metrics.handshakes_refused[reason] += 1
@@ -116,7 +162,10 @@ class BaseSocket(tornado.websocket.WebSocketHandler):
         elif allowed:
             ok = origin.rstrip("/").lower() in allowed
         else:
-            ok = urlsplit(origin).netloc.lower() == self.request.host.lower()
+            try:
+                ok = urlsplit(origin).netloc.lower() == self.request.host.lower()
+            except ValueError:  # e.g. "http://[": not an origin at all
+                ok = False
         if not ok:
             self.application.metrics.handshakes_refused["origin"] += 1
             log.info(
@@ -141,10 +190,15 @@ class BaseSocket(tornado.websocket.WebSocketHandler):
         return WebSocketConnection(self, params, self.application.flusher, limit)
 
     def open(self, *args: str, **kwargs: str) -> None:
+        self._release()
         self.application.connections.add(self)
+        connection = self.ws_connection
+        if self.application.draining and connection is not None:  # handshake began before
+            connection.close(CLOSE_GOING_AWAY, "server shutting down")
 
     def on_close(self) -> None:
         app = self.application
+        self._release()
         app.connections.discard(self)
         code = self.close_code or 1006
         app.metrics.closes[code] += 1
@@ -158,6 +212,7 @@ class BaseSocket(tornado.websocket.WebSocketHandler):
                 request.headers.get("Origin", "-"),
                 request.request_time(),
                 code,
+                extra={"access": {**access_fields(request, 101), "close": code}},
             )
 
     def send(self, data: bytes, binary: bool) -> None:
@@ -185,68 +240,37 @@ class EchoSocket(BaseSocket):
 
 
 class ChannelSocket(BaseSocket):
-    """A member of one channel: what the hub delivers goes to this client."""
+    """A member of one channel: its connection is the hub's subscriber."""
 
-    sub_id = ""
-    _dropping = False
+    member: WebSocketConnection | None = None
 
     async def open(self, channel: str | None = None) -> None:  # type: ignore[override]
         self.channel = channel or "default"
         super().open()
         hub = self.application.hub
-        self.sub_id = hub.new_subscriber_id()
-        await hub.join(self.channel, self)
+        member = self.ws_connection
+        assert member is not None
+        member.sub_id = hub.new_subscriber_id()
+        self.member = member
+        await hub.join(self.channel, member)
 
     def on_close(self) -> None:
         super().on_close()
-        if self.sub_id:
-            self.application.spawn(self.application.hub.leave(self.channel, self))
-
-    def deliver(self, envelope: Envelope) -> None:
-        connection = self.ws_connection
-        if connection is None or connection.is_closing():
-            return
-        app = self.application
-        if connection.unsent_bytes() + len(envelope.data) > app.config.broadcast.max_queue_bytes:
-            self._fall_behind()
-            return
-        if self._dropping:
-            self._dropping = False
-            log.info("client %s on %s caught up", self.request.remote_ip, self.channel)
-        metrics = app.metrics
-        metrics.deliveries[self.channel] += 1
-        metrics.messages_out += 1
-        metrics.bytes_out += len(envelope.data)
-        connection.send_envelope(envelope)
-
-    def _fall_behind(self) -> None:
-        app = self.application
-        if app.config.broadcast.slow_client == "disconnect":
-            app.metrics.slow_disconnects[self.channel] += 1
-            log.warning("closing slow client %s on %s (1013)", self.request.remote_ip, self.channel)
-            self.close(CLOSE_TRY_AGAIN, "receiving too slowly")
-            return
-        app.metrics.drops[self.channel] += 1
-        if not self._dropping:
-            self._dropping = True
-            log.warning(
-                "client %s on %s is over its %d-byte queue: dropping messages for it",
-                self.request.remote_ip,
-                self.channel,
-                app.config.broadcast.max_queue_bytes,
-            )
+        if self.member is not None:
+            self.application.spawn(self.application.hub.leave(self.channel, self.member))
 
     def publish(self, data: bytes, binary: bool) -> Awaitable[bool] | None:
         """Publish to this channel: synchronously when the broker can, else a coroutine."""
         hub = self.application.hub
-        if hub.publish_nowait(self.channel, data, binary, self.sub_id):
+        sender = self.member.sub_id if self.member is not None else None
+        if hub.publish_nowait(self.channel, data, binary, sender):
             return None
-        return self._publish(data, binary)
+        return self._publish(data, binary, sender)
 
-    async def _publish(self, data: bytes, binary: bool) -> bool:
+    async def _publish(self, data: bytes, binary: bool, sender: str | None) -> bool:
         """Publish through the broker; tell the sender (and return False) if it is down."""
         try:
-            await self.application.hub.publish(self.channel, data, binary, self.sub_id)
+            await self.application.hub.publish(self.channel, data, binary, sender)
         except BrokerUnavailable as exc:
             self.send(
                 json.dumps({"type": "error", "error": f"not delivered: {exc}"}).encode(), False

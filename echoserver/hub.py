@@ -6,13 +6,17 @@ serves one embedded process and a Redis-backed cluster. Every subscriber on a ch
 that channel's messages in the broker's order; a joiner gets the last `history` messages
 first, then the live stream, spliced by sequence number so nothing is lost or repeated.
 
-deliver() must not block or await: a subscriber queues the message (or drops it, or closes
-itself) and returns, so one slow client never holds up the others.
+A fan-out never waits on a receiver: deliver() only queues bytes. What a receiver has not
+taken yet is capped (max_queue_bytes); a message that would take it past the cap is
+dropped for that receiver (slow_client = "drop", counted, logged once per episode) or the
+receiver is closed with 1013 ("disconnect"). So a client that stops reading costs at most
+the cap in memory and never slows the others; the price is that it misses messages.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from collections.abc import Iterator
 from typing import Protocol
@@ -20,39 +24,79 @@ from typing import Protocol
 from echoserver.brokers.base import Broker, Envelope
 
 
+log = logging.getLogger("echoserver.hub")
+
+
 class Subscriber(Protocol):
     """One connection's end of a channel."""
 
     sub_id: str
+    peer: str  # who it is, for log lines
 
     def deliver(self, envelope: Envelope) -> None:
-        """Take one message for this connection without blocking."""
+        """Queue one message for this connection without blocking."""
+
+    def queued_bytes(self) -> int:
+        """Bytes queued for this connection that it has not taken yet."""
+
+    def close_slow(self) -> None:
+        """Close the connection for falling behind (1013)."""
+
+
+class ChannelStats:
+    """What happened on one channel, for /metrics."""
+
+    __slots__ = ("deliveries", "drops", "slow_disconnects")
+
+    def __init__(self) -> None:
+        self.deliveries = 0
+        self.drops = 0
+        self.slow_disconnects = 0
 
 
 class _Joining:
     """Live messages that arrive for a subscriber while its history is being fetched."""
 
-    __slots__ = ("buffered", "subscriber")
+    __slots__ = ("buffered", "peer", "sub_id", "subscriber")
 
     def __init__(self, subscriber: Subscriber) -> None:
         self.subscriber = subscriber
+        self.sub_id = subscriber.sub_id
+        self.peer = subscriber.peer
         self.buffered: list[Envelope] = []
 
     def deliver(self, envelope: Envelope) -> None:
         self.buffered.append(envelope)
 
+    def queued_bytes(self) -> int:
+        return 0  # replayed through the cap once the history is in
+
+    def close_slow(self) -> None:
+        self.subscriber.close_slow()
+
 
 class Hub:
     """Local channel membership and fan-out over one broker."""
 
-    def __init__(self, broker: Broker, *, include_sender: bool = True, history: int = 0) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        include_sender: bool = True,
+        history: int = 0,
+        max_queue_bytes: int = 1 << 20,
+        slow_client: str = "drop",
+    ) -> None:
         self.broker = broker
         self.include_sender = include_sender
         self.history = history
+        self.max_queue_bytes = max_queue_bytes
+        self.disconnect_slow = slow_client == "disconnect"
+        self.stats: dict[str, ChannelStats] = {}
         self._channels: dict[str, dict[str, Subscriber | _Joining]] = {}
+        self._dropping: set[str] = set()  # subscribers in a drop episode
         self._node = os.urandom(4).hex()
         self._ids = itertools.count(1)
-        self.delivered = 0
         self._started = False
 
     async def start(self) -> None:
@@ -98,18 +142,20 @@ class Hub:
         if not still_joining:
             return
         last_seq = 0
+        stats = self._stats(channel)
         for envelope in past:
-            subscriber.deliver(envelope)
+            self._offer(subscriber, envelope, stats)
             last_seq = envelope.seq
         for envelope in joining.buffered:
             if envelope.seq > last_seq or envelope.seq == 0:
-                subscriber.deliver(envelope)
+                self._offer(subscriber, envelope, stats)
         await self.broker.set_presence(channel, len(members))
 
     async def leave(self, channel: str, subscriber: Subscriber) -> None:
         members = self._channels.get(channel)
         if members is None or members.pop(subscriber.sub_id, None) is None:
             return
+        self._dropping.discard(subscriber.sub_id)
         if not members:
             del self._channels[channel]
             await self.broker.set_presence(channel, 0)
@@ -137,13 +183,58 @@ class Hub:
         for name, members in self._channels.items():
             yield name, len(members)
 
+    def _stats(self, channel: str) -> ChannelStats:
+        stats = self.stats.get(channel)
+        if stats is None:
+            stats = self.stats[channel] = ChannelStats()
+        return stats
+
     def _fan_out(self, envelope: Envelope) -> None:
         members = self._channels.get(envelope.channel)
         if not members:
             return
+        stats = self._stats(envelope.channel)
         skip = None if self.include_sender else envelope.sender
-        # A copy, because a deliver() may close its connection and leave the channel.
+        limit = self.max_queue_bytes - len(envelope.data)
+        delivered = 0
+        # A copy, because closing a slow receiver may make it leave the channel.
         for sub_id, subscriber in list(members.items()):
-            if sub_id != skip:
+            if sub_id == skip:
+                continue
+            if subscriber.queued_bytes() > limit:
+                self._fall_behind(subscriber, stats)
+            else:
+                if self._dropping and sub_id in self._dropping:
+                    self._dropping.discard(sub_id)
+                    log.info("%s on %s caught up", subscriber.peer, envelope.channel)
                 subscriber.deliver(envelope)
-        self.delivered += len(members) - (skip in members)
+                delivered += 1
+        stats.deliveries += delivered
+
+    def _offer(self, subscriber: Subscriber, envelope: Envelope, stats: ChannelStats) -> None:
+        """One delivery through the queue cap (history replay)."""
+        if subscriber.queued_bytes() > self.max_queue_bytes - len(envelope.data):
+            self._fall_behind(subscriber, stats)
+        else:
+            subscriber.deliver(envelope)
+            stats.deliveries += 1
+
+    def _fall_behind(self, subscriber: Subscriber | _Joining, stats: ChannelStats) -> None:
+        if self.disconnect_slow:
+            if subscriber.sub_id in self._dropping:
+                return  # already closing
+            self._dropping.add(subscriber.sub_id)
+            stats.slow_disconnects += 1
+            log.warning(
+                "closing %s: over its %d-byte queue (1013)", subscriber.peer, self.max_queue_bytes
+            )
+            subscriber.close_slow()
+            return
+        stats.drops += 1
+        if subscriber.sub_id not in self._dropping:
+            self._dropping.add(subscriber.sub_id)
+            log.warning(
+                "%s is over its %d-byte queue: dropping messages for it",
+                subscriber.peer,
+                self.max_queue_bytes,
+            )

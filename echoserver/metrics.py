@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -21,18 +22,25 @@ __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 OpenConnections = Callable[[], Mapping[tuple[str, str], int]]
 
 
+class ChannelCounts(Protocol):
+    deliveries: int
+    drops: int
+    slow_disconnects: int
+
+
+ChannelStats = Callable[[], Mapping[str, ChannelCounts]]
+
+
 class Metrics(Collector):
     """Counters bumped by the handlers, rendered on scrape."""
 
-    def __init__(self, open_connections: OpenConnections) -> None:
+    def __init__(self, open_connections: OpenConnections, channel_stats: ChannelStats) -> None:
         self._open_connections = open_connections
+        self._channel_stats = channel_stats
         self.messages_in = 0
         self.bytes_in = 0
         self.messages_out = 0
         self.bytes_out = 0
-        self.deliveries: Counter[str] = Counter()
-        self.drops: Counter[str] = Counter()
-        self.slow_disconnects: Counter[str] = Counter()
         self.handshakes_refused: Counter[str] = Counter()
         self.closes: Counter[int] = Counter()
         self.registry = CollectorRegistry(auto_describe=True)
@@ -48,32 +56,45 @@ class Metrics(Collector):
         for (mode, channel), count in sorted(self._open_connections().items()):
             connections.add_metric([mode, channel], count)
         yield connections
+        channels = sorted(self._channel_stats().items())
+        deliveries = sum(stats.deliveries for _, stats in channels)
         for name, doc, value in (
             ("echoserver_messages_received", "Messages received from clients.", self.messages_in),
             ("echoserver_received_bytes", "Payload bytes received from clients.", self.bytes_in),
-            ("echoserver_messages_sent", "Messages queued to clients.", self.messages_out),
-            ("echoserver_sent_bytes", "Payload bytes queued to clients.", self.bytes_out),
+            (
+                "echoserver_messages_sent",
+                "Messages queued to clients (replies and broadcast deliveries).",
+                self.messages_out + deliveries,
+            ),
+            (
+                "echoserver_sent_bytes",
+                "Payload bytes queued to clients, broadcast deliveries excluded.",
+                self.bytes_out,
+            ),
         ):
             yield CounterMetricFamily(name, doc, value=value)
-        for name, doc, label, counts in (
+        for name, doc, attribute in (
             (
                 "echoserver_broadcast_deliveries",
                 "Broadcast messages queued to a receiver.",
-                "channel",
-                self.deliveries,
+                "deliveries",
             ),
             (
                 "echoserver_broadcast_drops",
                 "Broadcast messages dropped for a receiver over its queue cap.",
-                "channel",
-                self.drops,
+                "drops",
             ),
             (
                 "echoserver_slow_client_disconnects",
                 "Receivers closed with 1013 for falling behind.",
-                "channel",
-                self.slow_disconnects,
+                "slow_disconnects",
             ),
+        ):
+            family = CounterMetricFamily(name, doc, labels=["channel"])
+            for channel, stats in channels:
+                family.add_metric([channel], getattr(stats, attribute))
+            yield family
+        for name, doc, label, counts in (
             (
                 "echoserver_handshakes_refused",
                 "WebSocket handshakes refused, by reason.",

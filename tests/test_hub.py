@@ -11,12 +11,26 @@ from echoserver.hub import Hub
 
 
 class Recorder:
-    def __init__(self, hub: Hub) -> None:
+    """A subscriber that keeps what it gets; `reads=False` never takes anything off its queue."""
+
+    def __init__(self, hub: Hub, reads: bool = True) -> None:
         self.sub_id = hub.new_subscriber_id()
+        self.peer = f"recorder {self.sub_id}"
+        self.reads = reads
+        self.queued = 0
+        self.closed = False
         self.got: list[bytes] = []
 
     def deliver(self, envelope: Envelope) -> None:
         self.got.append(envelope.data)
+        if not self.reads:
+            self.queued += len(envelope.data)
+
+    def queued_bytes(self) -> int:
+        return self.queued
+
+    def close_slow(self) -> None:
+        self.closed = True
 
 
 def run(coroutine):
@@ -161,3 +175,89 @@ def test_a_subscriber_that_leaves_while_joining_gets_nothing():
     hub, joiner = run(scenario())
     assert joiner.got == []
     assert hub.local_members("room") == 0
+
+
+def test_a_receiver_over_its_cap_misses_messages_and_the_others_do_not():
+    async def scenario():
+        hub = Hub(MemoryBroker(), max_queue_bytes=1000)
+        fast, slow = Recorder(hub), Recorder(hub, reads=False)
+        await hub.join("room", fast)
+        await hub.join("room", slow)
+        for n in range(30):
+            await hub.publish("room", b"%099d" % n, False, None)  # 100 bytes each
+        return hub, fast, slow
+
+    hub, fast, slow = run(scenario())
+    assert len(fast.got) == 30
+    assert slow.got == [b"%099d" % n for n in range(10)]  # exactly the cap's worth
+    assert slow.queued <= 1000
+    assert not slow.closed
+    assert hub.stats["room"].drops == 20
+    assert hub.stats["room"].deliveries == 40
+
+
+def test_a_receiver_that_catches_up_gets_messages_again():
+    async def scenario():
+        hub = Hub(MemoryBroker(), max_queue_bytes=200)
+        slow = Recorder(hub, reads=False)
+        await hub.join("room", slow)
+        for n in range(4):
+            await hub.publish("room", b"%099d" % n, False, None)
+        slow.queued = 0  # it read everything
+        await hub.publish("room", b"after", False, None)
+        return slow
+
+    slow = run(scenario())
+    assert slow.got == [b"%099d" % 0, b"%099d" % 1, b"after"]
+
+
+def test_disconnect_policy_closes_the_slow_receiver_once():
+    async def scenario():
+        hub = Hub(MemoryBroker(), max_queue_bytes=250, slow_client="disconnect")
+        fast, slow = Recorder(hub), Recorder(hub, reads=False)
+        await hub.join("room", fast)
+        await hub.join("room", slow)
+        for n in range(10):
+            await hub.publish("room", b"%099d" % n, False, None)
+        return hub, fast, slow
+
+    hub, fast, slow = run(scenario())
+    assert slow.closed
+    assert len(slow.got) == 2
+    assert len(fast.got) == 10
+    assert hub.stats["room"].slow_disconnects == 1
+    assert hub.stats["room"].drops == 0
+
+
+def test_history_replay_respects_the_cap():
+    async def scenario():
+        hub = Hub(MemoryBroker(), history=10, max_queue_bytes=300)
+        sender = Recorder(hub)
+        await hub.join("room", sender)
+        for n in range(10):
+            await hub.publish("room", b"%099d" % n, False, None)
+        joiner = Recorder(hub, reads=False)
+        await hub.join("room", joiner)
+        return joiner
+
+    joiner = run(scenario())
+    assert joiner.got == [b"%099d" % n for n in range(3)]
+
+
+def test_one_envelope_object_reaches_every_receiver():
+    """Frame once, write many: receivers share the envelope (and so its cached frame)."""
+    seen: list[Envelope] = []
+
+    class Keeper(Recorder):
+        def deliver(self, envelope: Envelope) -> None:
+            seen.append(envelope)
+
+    async def scenario():
+        hub = Hub(MemoryBroker())
+        for _ in range(5):
+            await hub.join("room", Keeper(hub))
+        await hub.publish("room", b"shared", False, None)
+
+    run(scenario())
+    assert len(seen) == 5
+    assert all(envelope is seen[0] for envelope in seen)

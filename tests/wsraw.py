@@ -40,10 +40,19 @@ class RawClient:
     """Handshake over a plain socket, then frames exactly as given."""
 
     def __init__(
-        self, port: int, path: str = "/ws", timeout: float = 5.0, with_request: bytes = b""
+        self,
+        port: int,
+        path: str = "/ws",
+        timeout: float = 5.0,
+        with_request: bytes = b"",
+        receive_buffer: int = 0,
     ) -> None:
         """Handshake; `with_request` bytes go in the same write as the HTTP request."""
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if receive_buffer:  # before connect(), so the advertised window stays small
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        self.sock.settimeout(timeout)
+        self.sock.connect(("127.0.0.1", port))
         key = base64.b64encode(os.urandom(16)).decode()
         request = (
             f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
