@@ -1,0 +1,728 @@
+/* echoserver page: connect, send, log. Plain JS, no dependencies, no build step. */
+(function () {
+  "use strict";
+
+  var MAX_ENTRIES = 500;          // log entries kept (data and DOM)
+  var BACKOFF_BASE_MS = 500;      // first retry after 250..500 ms
+  var BACKOFF_CAP_MS = 15000;     // never wait longer than 7.5..15 s
+  var MEMBERS_POLL_MS = 2000;
+  var HEALTH_TIMEOUT_MS = 3000;
+  var TEXT_PREVIEW_CHARS = 4000;
+  var HEX_PREVIEW_BYTES = 256;
+  var MAX_PENDING_KEYS = 1000;
+  var CHANNEL_RE = /^[A-Za-z0-9_.\-]{1,64}$/;
+
+  var CLOSE_NAMES = {
+    1000: "normal closure", 1001: "going away", 1002: "protocol error",
+    1003: "unsupported data", 1005: "no status", 1006: "abnormal closure",
+    1007: "invalid data", 1008: "policy violation", 1009: "message too big",
+    1010: "missing extension", 1011: "internal error", 1012: "service restart",
+    1013: "try again later", 1015: "TLS handshake failed"
+  };
+
+  function $(id) { return document.getElementById(id); }
+  var el = {};
+  [
+    "status", "status-text", "retry", "mode", "channel", "channel-field", "channel-help", "members",
+    "members-field", "connect", "disconnect", "reconnect", "token", "url", "hint", "server-info",
+    "composer", "msgtype", "encoding", "envelope-field", "envelope", "message", "message-help",
+    "file", "send", "compose-error", "log", "log-count", "filter", "clear", "autoscroll"
+  ].forEach(function (id) { el[id.replace(/-(\w)/g, function (_, c) { return c.toUpperCase(); })] = $(id); });
+
+  var state = {
+    mode: null,            // "echo" | "broadcast" | "mixed" | null (unknown)
+    ws: null,
+    opened: false,         // the current socket reached OPEN
+    wanted: false,         // the user wants to be connected (false after Disconnect)
+    attempt: 0,            // reconnect attempts since the last successful open
+    retryTimer: null,
+    retryAt: 0,
+    countdownTimer: null,
+    closedText: "Closed",
+    connectSeq: 0,
+    healthOk: null,        // did the last GET /healthz answer?
+    wsPath: "/ws",         // the WebSocket endpoint; channels are <wsPath>/<channel>
+    channel: "default",    // the channel of the current/last connection
+    membersTimer: null,
+    membersInflight: false,
+    total: 0               // entries ever logged
+  };
+
+  /* ---------- small helpers ---------- */
+
+  function utf8Length(s) {
+    var n = 0;
+    for (var i = 0; i < s.length; i++) {
+      var c = s.charCodeAt(i);
+      if (c < 0x80) n += 1;
+      else if (c < 0x800) n += 2;
+      else if (c >= 0xd800 && c <= 0xdbff && i + 1 < s.length &&
+               (s.charCodeAt(i + 1) & 0xfc00) === 0xdc00) { n += 4; i++; }
+      else n += 3;
+    }
+    return n;
+  }
+
+  var HEX = [];
+  for (var h = 0; h < 256; h++) HEX.push((h < 16 ? "0" : "") + h.toString(16));
+
+  function hexOf(bytes, start, end, sep) {
+    var out = [];
+    for (var i = start; i < end; i++) out.push(HEX[bytes[i]]);
+    return out.join(sep);
+  }
+
+  function parseHex(s) {
+    var t = s.replace(/0x/gi, "").replace(/[\s:,_\-]/g, "");
+    if (!/^[0-9a-fA-F]*$/.test(t)) {
+      throw new Error("Hex input may only contain 0-9 and a-f (spaces, colons and 0x are ignored).");
+    }
+    if (t.length % 2) throw new Error("Hex input needs an even number of digits.");
+    var bytes = new Uint8Array(t.length / 2);
+    for (var i = 0; i < bytes.length; i++) bytes[i] = parseInt(t.substr(i * 2, 2), 16);
+    return bytes;
+  }
+
+  function parseBase64(s) {
+    var t = s.replace(/\s+/g, "").replace(/-/g, "+").replace(/_/g, "/");
+    while (t.length % 4) t += "=";
+    var bin;
+    try { bin = atob(t); } catch (e) { throw new Error("That is not valid base64."); }
+    var bytes = new Uint8Array(bin.length);
+    for (var i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
+    return bytes;
+  }
+
+  function binaryKey(bytes) {
+    var n = bytes.length;
+    return "b:" + n + ":" + hexOf(bytes, 0, Math.min(n, 32), "") + ":" +
+      hexOf(bytes, Math.max(0, n - 32), n, "");
+  }
+
+  function pad(n, w) { n = String(n); while (n.length < w) n = "0" + n; return n; }
+  function clock(d) {
+    return pad(d.getHours(), 2) + ":" + pad(d.getMinutes(), 2) + ":" + pad(d.getSeconds(), 2) +
+      "." + pad(d.getMilliseconds(), 3);
+  }
+  function fmtBytes(n) { return n.toLocaleString("en-US") + " B"; }
+  function fmtMs(ms) { return ms.toFixed(ms < 10 ? 2 : ms < 100 ? 1 : 0) + " ms"; }
+  function fmtUptime(sec) {
+    sec = Math.floor(sec);
+    var d = Math.floor(sec / 86400), hh = Math.floor(sec % 86400 / 3600),
+        mm = Math.floor(sec % 3600 / 60), ss = sec % 60;
+    if (d) return d + "d " + hh + "h";
+    if (hh) return hh + "h " + mm + "m";
+    if (mm) return mm + "m " + ss + "s";
+    return ss + "s";
+  }
+  function closeLabel(code, reason) {
+    var s = String(code);
+    if (CLOSE_NAMES[code]) s += " " + CLOSE_NAMES[code];
+    if (reason) s += " — " + reason;
+    return s;
+  }
+
+  function isChannelMode() { return state.mode === "broadcast" || state.mode === "mixed"; }
+  function isOpen() { return !!(state.ws && state.ws.readyState === WebSocket.OPEN); }
+
+  /* ---------- status & controls ---------- */
+
+  function setStatus(kind, text) {
+    el.retry.textContent = "";
+    el.status.setAttribute("data-state", kind);
+    el.statusText.textContent = text;
+    document.title = (kind === "open" ? "● " : kind === "connecting" ? "○ " : "× ") + "echoserver";
+    updateControls();
+  }
+
+  function moveFocusOff(btn, to) {
+    if (document.activeElement === btn && !to.disabled) to.focus();
+  }
+
+  function updateControls() {
+    var ws = state.ws;
+    var active = !!ws && (ws.readyState === WebSocket.CONNECTING || ws.readyState === WebSocket.OPEN);
+    var connecting = el.status.getAttribute("data-state") === "connecting";
+    el.connect.disabled = active || connecting;
+    el.disconnect.disabled = !(active || connecting || state.retryTimer);
+    el.send.disabled = !isOpen();
+    moveFocusOff(el.connect, el.disconnect);
+    moveFocusOff(el.disconnect, el.connect);
+  }
+
+  function setMode(mode) {
+    var known = mode === "echo" || mode === "broadcast" || mode === "mixed";
+    state.mode = known ? mode : (mode ? mode : null);
+    el.mode.textContent = mode || "unknown";
+    var channels = isChannelMode();
+    el.channelField.hidden = !channels;
+    el.membersField.hidden = !channels;
+    el.envelopeField.hidden = state.mode !== "mixed";
+    updateComposerHints();
+  }
+
+  function showHint(text) { el.hint.textContent = text; el.hint.hidden = !text; }
+
+  /* ---------- health ---------- */
+
+  function refreshHealth() {
+    var ctl = typeof AbortController === "function" ? new AbortController() : null;
+    var timer = setTimeout(function () { if (ctl) ctl.abort(); }, HEALTH_TIMEOUT_MS);
+    return fetch("/healthz", { cache: "no-store", signal: ctl ? ctl.signal : undefined })
+      .then(function (r) { return r.json(); })
+      .then(function (j) {
+        if (j && typeof j.mode === "string") setMode(j.mode);
+        // A server with a non-default WebSocket path may announce it here.
+        if (j && typeof j.path === "string" && /^\/[^?#\s]*$/.test(j.path)) state.wsPath = j.path.replace(/\/+$/, "") || "/ws";
+        var bits = [];
+        if (j.version) bits.push("echoserver " + j.version);
+        if (j.status) bits.push("health: " + j.status);
+        if (typeof j.connections === "number") bits.push(j.connections + " connection" + (j.connections === 1 ? "" : "s"));
+        if (typeof j.uptime === "number") bits.push("up " + fmtUptime(j.uptime));
+        el.serverInfo.textContent = bits.join(" · ");
+        state.healthOk = true;
+      })
+      .catch(function () {
+        state.healthOk = false;
+        el.serverInfo.textContent = "GET /healthz failed: the server is not reachable";
+        if (state.mode === null) setMode(null);
+      })
+      .then(function () { clearTimeout(timer); });
+  }
+
+  /* ---------- connection ---------- */
+
+  function currentChannel() {
+    var v = el.channel.value.trim();
+    return v === "" ? "default" : v;
+  }
+
+  function buildUrl(channel) {
+    var path = isChannelMode() ? state.wsPath + "/" + channel : state.wsPath;
+    var url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + path;
+    var token = el.token.value;
+    var shown = url;
+    if (token) {
+      url += "?token=" + encodeURIComponent(token);
+      shown += "?token=•••";
+    }
+    return { url: url, shown: shown };
+  }
+
+  function clearRetry() {
+    if (state.retryTimer) { clearTimeout(state.retryTimer); state.retryTimer = null; }
+    if (state.countdownTimer) { clearInterval(state.countdownTimer); state.countdownTimer = null; }
+    el.retry.textContent = "";
+  }
+
+  function detachSocket() {
+    var ws = state.ws;
+    if (!ws) return;
+    state.ws = null;
+    state.opened = false;
+    ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+    try { ws.close(1000, "reconnecting"); } catch (e) { /* already closed */ }
+    stopMembers();
+  }
+
+  function connect() {
+    clearRetry();
+    state.wanted = true;
+    var seq = ++state.connectSeq;
+    detachSocket();
+    setStatus("connecting", "Connecting…");
+    refreshHealth().then(function () {
+      if (seq !== state.connectSeq || !state.wanted) return;
+      openSocket();
+    });
+  }
+
+  function openSocket() {
+    var channel = currentChannel();
+    if (isChannelMode() && !CHANNEL_RE.test(channel)) {
+      validateChannel();
+      state.wanted = false;
+      setStatus("closed", "Closed · invalid channel");
+      return;
+    }
+    state.channel = channel;
+    var target = buildUrl(channel);
+    el.url.textContent = target.shown;
+    var ws;
+    try {
+      ws = new WebSocket(target.url);
+    } catch (e) {
+      logSys("Cannot open " + target.shown + ": " + e.message);
+      state.closedText = "Closed · bad URL";
+      setStatus("closed", state.closedText);
+      return;
+    }
+    ws.binaryType = "arraybuffer";
+    state.ws = ws;
+    state.opened = false;
+    updateControls();
+
+    ws.onopen = function () {
+      if (state.ws !== ws) return;
+      state.opened = true;
+      state.attempt = 0;
+      showHint("");
+      setStatus("open", "Open");
+      logSys("Connected to " + target.shown + (state.mode ? " (" + state.mode + " mode)" : ""));
+      startMembers();
+    };
+    ws.onmessage = function (ev) {
+      if (state.ws !== ws) return;
+      onMessage(ev.data);
+    };
+    ws.onclose = function (ev) {
+      if (state.ws !== ws) return;
+      var wasOpen = state.opened;
+      state.ws = null;
+      state.opened = false;
+      pending.clear();
+      stopMembers();
+      var label = closeLabel(ev.code, ev.reason);
+      state.closedText = "Closed · " + label;
+      logSys((wasOpen ? "Connection closed: " : "Could not connect: ") + label);
+      if (!wasOpen && state.healthOk === false) {
+        showHint("The server is not reachable: it may be down or restarting." +
+          (el.reconnect.checked && state.wanted ? " The page keeps retrying." : ""));
+      } else if (!wasOpen) {
+        showHint(el.token.value
+          ? "The connection failed before opening. Check the token (a server that requires one refuses the handshake with 401), the allowed origins, and that the server is running."
+          : "The connection failed before opening. If the server requires a token, enter it above (without one the handshake is refused with 401); also check the allowed origins and that the server is running.");
+      }
+      setStatus("closed", state.closedText);
+      if (state.wanted && el.reconnect.checked) scheduleReconnect();
+    };
+  }
+
+  function scheduleReconnect() {
+    clearRetry();
+    var exp = Math.min(BACKOFF_CAP_MS, BACKOFF_BASE_MS * Math.pow(2, state.attempt));
+    var delay = exp / 2 + Math.random() * exp / 2;     // "equal jitter"
+    state.attempt++;
+    state.retryAt = Date.now() + delay;
+    state.retryTimer = setTimeout(function () {
+      state.retryTimer = null;
+      connect();
+    }, delay);
+    // The countdown lives outside the aria-live pill so screen readers are not flooded.
+    var tick = function () {
+      var left = Math.max(0, state.retryAt - Date.now()) / 1000;
+      el.retry.textContent = "retrying in " + left.toFixed(1) + " s";
+    };
+    tick();
+    state.countdownTimer = setInterval(tick, 200);
+    updateControls();
+  }
+
+  function disconnect() {
+    state.wanted = false;
+    state.connectSeq++;
+    clearRetry();
+    var ws = state.ws;
+    if (ws && (ws.readyState === WebSocket.OPEN || ws.readyState === WebSocket.CONNECTING)) {
+      setStatus("connecting", "Closing…");
+      ws.close(1000, "client disconnect");
+    } else {
+      detachSocket();
+      state.closedText = "Closed";
+      setStatus("closed", state.closedText);
+    }
+  }
+
+  /* ---------- channel & members ---------- */
+
+  function validateChannel() {
+    var ok = CHANNEL_RE.test(currentChannel());
+    el.channel.setAttribute("aria-invalid", ok ? "false" : "true");
+    el.channelHelp.textContent = ok
+      ? "A–Z a–z 0–9 _ . - (1–64); changing it reconnects"
+      : "Invalid channel: use 1–64 characters of A–Z a–z 0–9 _ . -";
+    return ok;
+  }
+
+  function stopMembers() {
+    if (state.membersTimer) { clearInterval(state.membersTimer); state.membersTimer = null; }
+    el.members.textContent = "—";
+  }
+
+  function startMembers() {
+    stopMembers();
+    if (!isChannelMode()) return;
+    pollMembers();
+    state.membersTimer = setInterval(pollMembers, MEMBERS_POLL_MS);
+  }
+
+  function pollMembers() {
+    if (state.membersInflight || !isOpen()) return;
+    var channel = state.channel;
+    var seq = state.connectSeq;
+    state.membersInflight = true;
+    fetch("/api/channels/" + encodeURIComponent(channel), { cache: "no-store" })
+      .then(function (r) {
+        if (!r.ok) throw new Error("HTTP " + r.status);
+        return r.json();
+      })
+      .then(function (j) {
+        if (seq !== state.connectSeq || !isOpen()) return;
+        el.members.textContent = typeof j.members === "number" ? String(j.members) : "—";
+      })
+      .catch(function () {
+        if (seq === state.connectSeq) el.members.textContent = "—";
+      })
+      .then(function () { state.membersInflight = false; });
+  }
+
+  /* ---------- round-trip matching ---------- */
+
+  var pending = new Map();   // key -> [sent time (performance.now()), ...], oldest first
+
+  function addPending(key) {
+    var q = pending.get(key);
+    if (!q) {
+      if (pending.size >= MAX_PENDING_KEYS) pending.delete(pending.keys().next().value);
+      q = [];
+      pending.set(key, q);
+    }
+    if (q.length < 1000) q.push(performance.now());
+  }
+
+  function takePending(key) {
+    var q = pending.get(key);
+    if (!q) return null;
+    var t = q.shift();
+    if (!q.length) pending.delete(key);
+    return performance.now() - t;
+  }
+
+  /* ---------- sending ---------- */
+
+  function showComposeError(msg) {
+    el.composeError.textContent = msg;
+    el.composeError.hidden = !msg;
+  }
+
+  function send() {
+    showComposeError("");
+    if (!isOpen()) { showComposeError("Not connected — press Connect first."); return; }
+    var file = el.file.files && el.file.files[0];
+    if (file) { sendFile(file); return; }
+    var text = el.message.value;
+    if (el.msgtype.value === "binary") {
+      var bytes;
+      try {
+        bytes = el.encoding.value === "base64" ? parseBase64(text) : parseHex(text);
+      } catch (e) {
+        showComposeError(e.message);
+        return;
+      }
+      if (!bytes.length) { showComposeError("Nothing to send: enter some bytes or pick a file."); return; }
+      sendBinary(bytes, null);
+    } else {
+      if (text === "") { showComposeError("Nothing to send: type a message."); return; }
+      sendText(text);
+    }
+    el.message.value = "";
+  }
+
+  function sendText(text) {
+    var wire = text, key = "t:" + text, tag = null;
+    if (state.mode === "mixed") {
+      tag = el.envelope.value === "broadcast" ? "broadcast" : "echo";
+      wire = JSON.stringify({ type: tag, payload: text });
+      key = (tag === "echo" ? "e:" : "r:") + text;
+    }
+    state.ws.send(wire);
+    addPending(key);
+    addEntry({ dir: "out", kind: "text", size: utf8Length(wire), text: text, tag: tag });
+  }
+
+  function sendBinary(bytes, name) {
+    state.ws.send(bytes);
+    addPending(binaryKey(bytes));
+    addEntry({ dir: "out", kind: "binary", size: bytes.length, bytes: bytes, tag: name });
+  }
+
+  function sendFile(file) {
+    var ws = state.ws;
+    file.arrayBuffer().then(function (buf) {
+      if (state.ws !== ws || !isOpen()) { showComposeError("Disconnected before the file was sent."); return; }
+      sendBinary(new Uint8Array(buf), file.name);
+      el.file.value = "";
+      updateComposerHints();
+    }, function (e) {
+      showComposeError("Could not read " + file.name + ": " + e.message);
+    });
+  }
+
+  var DEFAULT_HELP_HTML = el.messageHelp.innerHTML;      // static markup from index.html
+  var DEFAULT_HELP_TEXT = "Enter sends, Shift+Enter adds a new line.";
+
+  function updateComposerHints() {
+    var binary = el.msgtype.value === "binary";
+    var file = el.file.files && el.file.files[0];
+    el.encoding.disabled = !binary;
+    el.envelope.disabled = binary && state.mode === "mixed";
+    if (binary) {
+      el.message.placeholder = el.encoding.value === "base64"
+        ? "base64 bytes, e.g. 3q2+7w=="
+        : "hex bytes, e.g. de ad be ef";
+    } else {
+      el.message.placeholder = "Type a message…";
+    }
+    var help = "Enter sends, Shift+Enter adds a new line.";
+    if (file) help = "File " + file.name + " (" + fmtBytes(file.size) + ") will be sent as binary on Send.";
+    else if (binary && state.mode === "mixed") help += " Binary frames are sent raw, without an envelope.";
+    if (help === DEFAULT_HELP_TEXT) {
+      if (el.messageHelp.innerHTML !== DEFAULT_HELP_HTML) el.messageHelp.innerHTML = DEFAULT_HELP_HTML;
+    } else if (el.messageHelp.textContent !== help) {
+      el.messageHelp.textContent = help;
+    }
+  }
+
+  /* ---------- receiving ---------- */
+
+  function onMessage(data) {
+    if (typeof data === "string") {
+      var size = utf8Length(data);
+      if (state.mode === "mixed") {
+        var msg = null;
+        try { msg = JSON.parse(data); } catch (e) { msg = null; }
+        if (msg && typeof msg === "object" && typeof msg.type === "string") {
+          var p = msg.payload;
+          var ptext = typeof p === "string" ? p : JSON.stringify(p);
+          if (msg.type === "echo") {
+            addEntry({ dir: "in", kind: "text", size: size, text: ptext, tag: "echo", rtt: takePending("e:" + ptext) });
+            return;
+          }
+          if (msg.type === "broadcast") {
+            addEntry({ dir: "in", kind: "text", size: size, text: ptext, tag: "broadcast" });
+            return;
+          }
+          if (msg.type === "broadcastResult") {
+            var n = msg.listenCount;
+            addEntry({
+              dir: "in", kind: "text", size: size, text: ptext, tag: "broadcastResult",
+              extra: typeof n === "number" ? "delivered to " + n + " listener" + (n === 1 ? "" : "s") : null,
+              rtt: takePending("r:" + ptext)
+            });
+            return;
+          }
+          if (msg.type === "error") {
+            addEntry({ dir: "in", kind: "text", size: size, text: String(msg.error), tag: "error", tagClass: "error" });
+            return;
+          }
+        }
+        addEntry({ dir: "in", kind: "text", size: size, text: data });
+        return;
+      }
+      addEntry({ dir: "in", kind: "text", size: size, text: data, rtt: takePending("t:" + data) });
+      return;
+    }
+    var bytes = new Uint8Array(data);
+    addEntry({ dir: "in", kind: "binary", size: bytes.length, bytes: bytes, rtt: takePending(binaryKey(bytes)) });
+  }
+
+  /* ---------- log (bounded, batched with requestAnimationFrame) ---------- */
+
+  var entries = [];          // the last MAX_ENTRIES entries, oldest first
+  var queue = [];            // entries not yet rendered
+  var seqCounter = 0;
+  var frameRequested = false;
+  var rerenderAll = false;
+  var DIR_LABEL = { out: "sent", "in": "received", sys: "system" };
+
+  function logSys(text) { addEntry({ dir: "sys", kind: "", size: null, text: text }); }
+
+  function addEntry(e) {
+    e.seq = ++seqCounter;
+    e.time = new Date();
+    state.total++;
+    // Pre-compute what gets displayed so nothing large is kept around.
+    if (e.bytes) {
+      var n = e.bytes.length, shown = Math.min(n, HEX_PREVIEW_BYTES);
+      e.display = hexOf(e.bytes, 0, shown, " ");
+      e.more = n > shown ? "… +" + (n - shown).toLocaleString("en-US") + " more bytes" : "";
+      e.hex = true;
+      e.bytes = null;
+    } else {
+      var t = e.text || "";
+      e.display = t.length > TEXT_PREVIEW_CHARS ? t.slice(0, TEXT_PREVIEW_CHARS) : t;
+      e.more = t.length > TEXT_PREVIEW_CHARS
+        ? "… +" + (t.length - TEXT_PREVIEW_CHARS).toLocaleString("en-US") + " more characters" : "";
+      e.text = null;
+    }
+    e.search = (DIR_LABEL[e.dir] + " " + e.kind + " " + (e.tag || "") + " " +
+      (e.extra || "") + " " + e.display).toLowerCase();
+    entries.push(e);
+    if (entries.length > MAX_ENTRIES) entries.shift();
+    queue.push(e);
+    if (queue.length > MAX_ENTRIES) queue.shift();
+    requestFrame();
+  }
+
+  function requestFrame() {
+    if (frameRequested) return;
+    frameRequested = true;
+    requestAnimationFrame(flush);
+  }
+
+  function matches(e, f) { return !f || e.search.indexOf(f) !== -1; }
+
+  function renderEntry(e) {
+    var div = document.createElement("div");
+    div.className = "entry";
+    div.setAttribute("data-dir", e.dir);
+    div.setAttribute("data-seq", String(e.seq));
+
+    var dir = document.createElement("span");
+    dir.className = "dir";
+    dir.textContent = DIR_LABEL[e.dir];
+    div.appendChild(dir);
+
+    var meta = document.createElement("span");
+    meta.className = "meta";
+    var time = document.createElement("time");
+    time.dateTime = e.time.toISOString();
+    time.textContent = clock(e.time);
+    meta.appendChild(time);
+    if (e.kind) appendSpan(meta, "kind", e.kind);
+    if (e.size !== null && e.size !== undefined) appendSpan(meta, "size", fmtBytes(e.size));
+    if (e.tag) appendSpan(meta, "tag" + (e.tagClass ? " " + e.tagClass : ""), e.tag);
+    if (e.extra) appendSpan(meta, "extra", e.extra);
+    if (e.rtt !== null && e.rtt !== undefined) {
+      var r = appendSpan(meta, "rtt", "RTT " + fmtMs(e.rtt));
+      r.title = "Round-trip time: sent → echoed back";
+    }
+    div.appendChild(meta);
+
+    var pre = document.createElement("pre");
+    pre.className = "content" + (e.hex ? " hex" : "");
+    pre.textContent = e.display;
+    if (e.more) {
+      var more = document.createElement("span");
+      more.className = "more";
+      more.textContent = (e.display ? " " : "") + e.more;
+      pre.appendChild(more);
+    }
+    div.appendChild(pre);
+    return div;
+  }
+
+  function appendSpan(parent, cls, text) {
+    var s = document.createElement("span");
+    s.className = cls;
+    s.textContent = text;
+    parent.appendChild(s);
+    return s;
+  }
+
+  function flush() {
+    frameRequested = false;
+    var f = el.filter.value.trim().toLowerCase();
+    var frag = document.createDocumentFragment();
+    var items;
+    if (rerenderAll) {
+      rerenderAll = false;
+      queue = [];
+      el.log.textContent = "";
+      items = entries;
+    } else {
+      items = queue;
+      queue = [];
+    }
+    for (var i = 0; i < items.length; i++) {
+      if (matches(items[i], f)) frag.appendChild(renderEntry(items[i]));
+    }
+    el.log.appendChild(frag);
+    // Drop DOM rows whose entries fell out of the kept window.
+    var oldest = entries.length ? entries[0].seq : Infinity;
+    var first = el.log.firstElementChild;
+    while (first && (Number(first.getAttribute("data-seq")) < oldest ||
+                     el.log.childElementCount > MAX_ENTRIES)) {
+      el.log.removeChild(first);
+      first = el.log.firstElementChild;
+    }
+    var shownCount = el.log.childElementCount;
+    el.logCount.textContent = f
+      ? "(" + shownCount + " of " + entries.length + " shown)"
+      : "(" + entries.length + (state.total > entries.length ? " latest of " + state.total : "") + ")";
+    if (el.autoscroll.checked) el.log.scrollTop = el.log.scrollHeight;
+  }
+
+  function rerender() { rerenderAll = true; requestFrame(); }
+
+  /* ---------- wiring ---------- */
+
+  el.connect.addEventListener("click", function () {
+    if (isChannelMode() && !validateChannel()) { el.channel.focus(); return; }
+    state.attempt = 0;
+    connect();
+  });
+  el.disconnect.addEventListener("click", disconnect);
+  el.reconnect.addEventListener("change", function () {
+    if (!el.reconnect.checked) {
+      if (state.retryTimer) {
+        clearRetry();
+        updateControls();
+      }
+    } else if (state.wanted && !state.ws && !state.retryTimer) {
+      scheduleReconnect();
+    }
+  });
+  el.channel.addEventListener("input", validateChannel);
+  el.channel.addEventListener("change", function () {
+    if (!validateChannel()) return;
+    if (isChannelMode() && currentChannel() !== state.channel && (state.ws || state.wanted)) {
+      logSys("Switching to channel " + currentChannel());
+      state.attempt = 0;
+      connect();
+    }
+  });
+  el.token.addEventListener("keydown", function (ev) {
+    if (ev.key === "Enter") { ev.preventDefault(); state.attempt = 0; connect(); }
+  });
+
+  el.composer.addEventListener("submit", function (ev) { ev.preventDefault(); send(); });
+  el.message.addEventListener("keydown", function (ev) {
+    if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing && ev.keyCode !== 229) {
+      ev.preventDefault();
+      send();
+    }
+  });
+  el.msgtype.addEventListener("change", updateComposerHints);
+  el.encoding.addEventListener("change", updateComposerHints);
+  el.file.addEventListener("change", updateComposerHints);
+
+  var filterFrame = false;
+  el.filter.addEventListener("input", function () {
+    if (filterFrame) return;
+    filterFrame = true;
+    requestAnimationFrame(function () { filterFrame = false; rerender(); });
+  });
+  el.clear.addEventListener("click", function () {
+    entries = [];
+    queue = [];
+    pending.clear();
+    state.total = 0;
+    rerender();
+  });
+  el.autoscroll.addEventListener("change", function () {
+    if (el.autoscroll.checked) el.log.scrollTop = el.log.scrollHeight;
+  });
+
+  /* ---------- start ---------- */
+
+  (function init() {
+    var params = new URLSearchParams(location.search);
+    var ch = params.get("channel");
+    if (ch && CHANNEL_RE.test(ch)) el.channel.value = ch;
+    updateComposerHints();
+    validateChannel();
+    flush();
+    connect();   // talk to the server right away
+  })();
+})();

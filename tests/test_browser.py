@@ -1,0 +1,446 @@
+"""The page in a real browser: Playwright driving Debian's Chromium against `python -m echoserver`.
+
+Never downloads a browser: without /usr/bin/chromium these tests skip (fail when $CI is set).
+Screenshots go to tests/artifacts/.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "tests" / "artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+DESKTOP = {"width": 1280, "height": 860}
+PHONE = {"width": 390, "height": 844}
+RTT_RE = re.compile(r"RTT \d+(\.\d+)? ms")
+
+
+def _unavailable(reason: str):
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (required when CI is set)")
+    pytest.skip(reason)
+
+
+# ---------------------------------------------------------------- server subprocess
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m echoserver --mode MODE --port PORT` as a real subprocess."""
+
+    def __init__(self, mode: str, port: int | None = None, extra_args: tuple[str, ...] = ()):
+        self.mode = mode
+        self.extra_args = list(extra_args)
+        self.port = port or _free_port()
+        self.proc: subprocess.Popen | None = None
+        self.log_path = ARTIFACTS / f"server-{mode}-{self.port}.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> Server:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        # A developer's ECHOSERVER_* environment must not change what is under test.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ECHOSERVER_")}
+        env["PYTHONUNBUFFERED"] = "1"
+        cmd = [sys.executable, "-m", "echoserver", "--mode", self.mode, "--port", str(self.port)]
+        with open(self.log_path, "ab") as log:  # the child keeps its own copy of the fd
+            self.proc = subprocess.Popen(
+                [*cmd, *self.extra_args],
+                cwd=REPO,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"server not healthy within {timeout}s:\n{self.output()}")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        """Hard kill (SIGKILL): clients see the connection drop."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+    def output(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+
+@pytest.fixture(scope="module")
+def echo_server():
+    s = Server("echo").start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def broadcast_server():
+    s = Server("broadcast").start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def mixed_server():
+    s = Server("mixed").start()
+    yield s
+    s.stop()
+
+
+# ---------------------------------------------------------------- browser
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.path.exists(CHROMIUM):
+        _unavailable(f"{CHROMIUM} not found: install Debian's chromium (no playwright install)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _unavailable("the python package `playwright` is not installed")
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+class Tab:
+    """A page in its own context, with console errors and uncaught exceptions collected."""
+
+    def __init__(self, browser, viewport=DESKTOP):
+        self.context = browser.new_context(viewport=viewport)
+        self.page = self.context.new_page()
+        self.page.set_default_timeout(10_000)
+        self.console_errors: list[str] = []
+        self.page_errors: list[str] = []
+        self.page.on("console", lambda m: m.type == "error" and self.console_errors.append(m.text))
+        self.page.on("pageerror", lambda e: self.page_errors.append(str(e)))
+
+    def open(self, server: Server, query: str = "") -> Tab:
+        self.page.goto(server.url + "/" + query)
+        self.wait_state("open")
+        return self
+
+    def wait_state(self, state: str, timeout: float = 10_000) -> None:
+        self.page.wait_for_selector(f'#status[data-state="{state}"]', timeout=timeout)
+
+    def send(self, text: str) -> None:
+        self.page.fill("#message", text)
+        self.page.press("#message", "Enter")
+
+    def entry(self, direction: str, text: str):
+        loc = self.page.locator(f'#log .entry[data-dir="{direction}"]', has_text=text)
+        loc.first.wait_for()
+        return loc
+
+    def count(self, direction: str) -> int:
+        return self.page.locator(f'#log .entry[data-dir="{direction}"]').count()
+
+    def shot(self, name: str) -> None:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        self.page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+
+    def close(self) -> None:
+        self.context.close()
+
+
+@pytest.fixture
+def tabs(browser):
+    opened: list[Tab] = []
+
+    def make(viewport=DESKTOP) -> Tab:
+        t = Tab(browser, viewport)
+        opened.append(t)
+        return t
+
+    yield make
+    for t in opened:
+        t.close()
+    # Whatever else a test checks, the page must never throw.
+    assert [e for t in opened for e in t.page_errors] == []
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_page_loads_clean_and_shows_mode(tabs, echo_server):
+    t = tabs().open(echo_server)
+    page = t.page
+    assert page.text_content("#mode").strip() == "echo"
+    assert page.title().endswith("echoserver")
+    # The stylesheet and script came from /static/ (the pill is styled, the status is live).
+    radius = page.eval_on_selector(
+        "#status", "e => parseFloat(getComputedStyle(e).borderTopLeftRadius)"
+    )
+    assert radius > 5
+    assert page.get_attribute("#status", "aria-live") == "polite"
+    assert "Open" in page.text_content("#status")
+    # Echo mode: /ws, no channel or envelope controls on show.
+    assert page.text_content("#url").endswith(f"127.0.0.1:{echo_server.port}/ws")
+    assert not page.is_visible("#channel")
+    assert not page.is_visible("#envelope")
+    # Every form control has a <label for>.
+    unlabeled = page.evaluate(
+        """() => [...document.querySelectorAll('input, select, textarea')]
+              .filter(e => !e.id || !document.querySelector(`label[for="${e.id}"]`))
+              .map(e => e.id || e.outerHTML)"""
+    )
+    assert unlabeled == []
+    page.wait_for_timeout(300)  # let any late asset/script error surface
+    assert t.console_errors == [] and t.page_errors == []
+
+
+def test_enter_sends_and_echo_shows_rtt(tabs, echo_server):
+    t = tabs().open(echo_server)
+    t.send("hello browser")
+    t.entry("out", "hello browser")
+    echoed = t.entry("in", "hello browser").first
+    assert RTT_RE.search(echoed.locator(".rtt").text_content())
+    assert "13 B" in echoed.text_content() and "text" in echoed.text_content()
+    assert t.page.input_value("#message") == ""
+    t.shot("desktop-echo.png")
+    assert t.console_errors == []
+
+
+def test_shift_enter_inserts_newline(tabs, echo_server):
+    t = tabs().open(echo_server)
+    page = t.page
+    page.click("#message")
+    page.keyboard.type("line one")
+    page.keyboard.press("Shift+Enter")
+    page.keyboard.type("line two")
+    assert page.input_value("#message") == "line one\nline two"
+    page.wait_for_timeout(300)
+    assert t.count("out") == 0 and t.count("in") == 0
+    page.keyboard.press("Enter")
+    echoed = t.entry("in", "line two").first
+    assert echoed.locator(".content").text_content() == "line one\nline two"
+    assert t.count("out") == 1
+
+
+def test_binary_hex_and_base64_round_trip(tabs, echo_server):
+    t = tabs().open(echo_server)
+    page = t.page
+    page.select_option("#msgtype", "binary")
+    page.select_option("#encoding", "hex")
+    t.send("deadbeef")
+    for direction in ("out", "in"):
+        e = page.locator(f'#log .entry[data-dir="{direction}"]').first
+        e.wait_for()
+        assert e.locator(".kind").text_content() == "binary"
+        assert e.locator(".size").text_content() == "4 B"
+        assert re.sub(r"\s", "", e.locator(".content").text_content()) == "deadbeef"
+    assert RTT_RE.search(page.locator('#log .entry[data-dir="in"] .rtt').first.text_content())
+    # The same bytes as base64.
+    page.select_option("#encoding", "base64")
+    t.send("3q2+7w==")
+    page.wait_for_function("document.querySelectorAll('#log .entry[data-dir=\"in\"]').length === 2")
+    last = page.locator('#log .entry[data-dir="in"]').nth(1)
+    assert re.sub(r"\s", "", last.locator(".content").text_content()) == "deadbeef"
+    # Bad hex is refused in the page, nothing is sent.
+    page.select_option("#encoding", "hex")
+    t.send("abc")
+    assert "even number" in page.text_content("#compose-error")
+    page.wait_for_timeout(200)
+    assert t.count("out") == 2
+
+
+def test_broadcast_two_pages_see_each_other(tabs, broadcast_server):
+    a = tabs().open(broadcast_server, "?channel=room-1")
+    b = tabs().open(broadcast_server, "?channel=room-1")
+    other = tabs().open(broadcast_server, "?channel=elsewhere")
+    assert a.page.text_content("#mode").strip() == "broadcast"
+    assert a.page.text_content("#url").endswith("/ws/room-1")
+    a.send("hello from A")
+    b.entry("in", "hello from A")
+    a.entry("in", "hello from A")  # include_sender is on by default
+    b.send("hello from B")
+    a.entry("in", "hello from B")
+    # Live member count from /api/channels/<channel>, polled while open.
+    for t in (a, b):
+        t.page.wait_for_function("document.querySelector('#members').textContent.trim() === '2'")
+    # Another channel hears nothing.
+    other.page.wait_for_timeout(300)
+    assert other.count("in") == 0
+    # Editing the channel reconnects to the new one.
+    b.page.fill("#channel", "elsewhere")
+    b.page.press("#channel", "Enter")
+    b.page.wait_for_function("document.querySelector('#url').textContent.endsWith('/ws/elsewhere')")
+    b.wait_state("open")
+    other.send("moved")
+    b.entry("in", "moved")
+
+
+def test_mixed_mode_envelopes(tabs, mixed_server):
+    t = tabs().open(mixed_server)
+    page = t.page
+    assert page.text_content("#mode").strip() == "mixed"
+    assert page.is_visible("#envelope")
+    page.select_option("#envelope", "echo")
+    t.send("ping mixed")
+    e = t.entry("in", "ping mixed").first
+    assert e.locator(".tag").text_content() == "echo"
+    assert RTT_RE.search(e.locator(".rtt").text_content())
+    page.select_option("#envelope", "broadcast")
+    t.send("to everyone")
+    t.page.locator('#log .entry[data-dir="in"] .tag', has_text="broadcastResult").wait_for()
+    result = page.locator('#log .entry[data-dir="in"]', has_text="broadcastResult").first
+    assert "1 listener" in result.text_content()
+    assert RTT_RE.search(result.locator(".rtt").text_content())
+    t.shot("desktop-mixed.png")
+
+
+def test_reconnects_after_server_restart(tabs):
+    server = Server("echo").start()
+    try:
+        t = tabs().open(server)
+        assert t.page.is_checked("#reconnect")
+        # Record every status change and countdown text from now on.
+        t.page.evaluate(
+            """() => {
+                 window.__seen = [];
+                 const note = () => window.__seen.push(
+                   document.querySelector('#status').dataset.state + '|' +
+                   document.querySelector('#retry').textContent);
+                 new MutationObserver(note).observe(document.querySelector('header'),
+                   {subtree: true, childList: true, characterData: true, attributes: true});
+               }"""
+        )
+        server.kill()
+        t.wait_state("closed")
+        server.start()
+        t.wait_state("open", timeout=20_000)  # no click: the page reconnected by itself
+        seen = t.page.evaluate("window.__seen")
+        states = [s.split("|")[0] for s in seen]
+        assert "closed" in states and states[-1] == "open"
+        assert states.index("closed") < len(states) - 1
+        assert any(s.startswith("closed|retrying in") for s in seen), seen
+        t.entry("sys", "Connection closed")
+        t.send("after restart")
+        t.entry("in", "after restart")
+        assert t.page_errors == []
+    finally:
+        server.stop()
+
+
+def test_token_hint_and_reconnect_switch(tabs):
+    server = Server("echo", extra_args=("--auth-token", "s3cret")).start()
+    try:
+        t = tabs()
+        t.page.goto(server.url + "/")
+        # Refused at the handshake (401): closed before opening, with a hint about the token.
+        t.page.wait_for_selector("#hint:not([hidden])")
+        assert "token" in t.page.text_content("#hint").lower()
+        t.wait_state("closed")
+        # Switching auto-reconnect off stops the retries.
+        t.page.uncheck("#reconnect")
+        t.page.wait_for_function("document.querySelector('#retry').textContent === ''")
+        t.page.wait_for_timeout(1200)
+        assert t.page.get_attribute("#status", "data-state") == "closed"
+        t.page.fill("#token", "s3cret")
+        t.page.click("#connect")
+        t.wait_state("open")
+        assert t.page.is_hidden("#hint")
+        shown_url = t.page.text_content("#url")
+        assert "token=" in shown_url and "s3cret" not in shown_url  # the token is masked
+        t.send("with token")
+        t.entry("in", "with token")
+        # Disconnect is final: no reconnect, even with auto-reconnect back on.
+        t.page.check("#reconnect")
+        t.page.click("#disconnect")
+        t.wait_state("closed")
+        t.page.wait_for_timeout(1000)
+        assert t.page.get_attribute("#status", "data-state") == "closed"
+        assert "1000" in t.page.text_content("#status")
+    finally:
+        server.stop()
+
+
+def test_layout_fits_390px(tabs, echo_server, broadcast_server):
+    long_channel = "c" * 64
+    for server, query, name in (
+        (echo_server, "", "phone-echo.png"),
+        (broadcast_server, f"?channel={long_channel}", "phone-broadcast.png"),
+    ):
+        t = tabs(PHONE).open(server, query)
+        t.send("x" * 300)  # a long unbreakable message
+        t.entry("in", "xxxxxxxx")
+        t.page.fill("#filter", "")
+        width = t.page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 390, f"horizontal scroll at 390px: scrollWidth={width}"
+        t.shot(name)
+
+
+def test_log_is_bounded_under_flood(tabs, broadcast_server):
+    t = tabs().open(broadcast_server, "?channel=flood")
+    # A second client in the same channel floods it with 5000 messages.
+    t.page.evaluate(
+        """() => new Promise(resolve => {
+             const w = new WebSocket(`ws://${location.host}/ws/flood`);
+             w.onopen = () => { for (let i = 0; i < 5000; i++) w.send('flood ' + i); resolve(); };
+           })"""
+    )
+    t.page.wait_for_function(
+        "[...document.querySelectorAll('#log .entry')]"
+        ".some(e => e.textContent.includes('flood 4999'))",
+        timeout=20_000,
+    )
+    assert t.page.locator("#log .entry").count() <= 500
+    # Still responsive, and the filter narrows the kept entries.
+    t.page.fill("#filter", "flood 4998")
+    t.page.wait_for_function("document.querySelectorAll('#log .entry').length === 1")
+    t.page.click("#clear")
+    t.page.wait_for_function("document.querySelectorAll('#log .entry').length === 0")
