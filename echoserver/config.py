@@ -243,6 +243,8 @@ def _check_readable_file(v: str) -> str | None:
             pass
     except OSError as err:
         return err.strerror or str(err)
+    except ValueError:  # a NUL byte, or a character the file system cannot encode
+        return "not a valid path"
     return None
 
 
@@ -485,7 +487,10 @@ def _show(key: Key | None, value: Any) -> str:
         return "<hidden>"
     if isinstance(value, str):
         value = _URL_PASSWORD_RE.sub(r"\1***@", value)
-    return format_value(value)
+    try:
+        return format_value(value)
+    except ValueError:  # an integer with more digits than Python will turn into text
+        return "<a number too long to show>"
 
 
 def _toml_type_name(value: Any) -> str:
@@ -524,7 +529,10 @@ def _from_toml(key: Key, value: Any, source: str) -> Any:
     elif key.type is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         if ok:
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:  # an integer past any float
+                raise _bad(key, value, source) from None
     elif key.type is str:
         ok = isinstance(value, str)
     else:
@@ -557,7 +565,10 @@ def _from_text(key: Key, text: str, source: str) -> Any:
         raise _bad(key, text, source, "also accepted: 1/0, yes/no")
     if key.type is int:
         if _INT_RE.fullmatch(stripped):
-            return int(stripped)
+            try:
+                return int(stripped)
+            except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
+                pass
         raise _bad(key, text, source)
     if key.type is float:
         if _FLOAT_RE.fullmatch(stripped):
@@ -582,7 +593,7 @@ def _read_file(path: str, via: str) -> dict[str, Any]:
     except OSError as err:
         message = f"{where}: cannot read: {err.strerror or err}"
         raise ConfigError(message, source=where) from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+    except ValueError as err:  # TOMLDecodeError, UnicodeDecodeError, an over-long integer
         raise ConfigError(f"{where}: invalid TOML: {err}", source=where) from None
 
 

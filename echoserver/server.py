@@ -31,7 +31,7 @@ log = logging.getLogger("echoserver")
 
 
 class JSONFormatter(logging.Formatter):
-    """One JSON object per line."""
+    """One JSON object per line; an access line's fields (extra={"access": {...}}) as keys."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -40,6 +40,9 @@ class JSONFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        access = getattr(record, "access", None)
+        if isinstance(access, dict):
+            entry.update(access)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)
@@ -49,6 +52,9 @@ def configure_logging(settings: Settings) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if settings.log.format == "json":
         handler.setFormatter(JSONFormatter())
+        # What would otherwise reach stderr as plain text goes through the handler too.
+        logging.captureWarnings(True)
+        sys.excepthook = lambda *exc: log.critical("uncaught exception", exc_info=exc)
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
@@ -186,6 +192,12 @@ def run(settings: Settings) -> None:
 async def serve(
     settings: Settings, sockets: list[socket.socket], port: int, loop_name: str
 ) -> None:
+    # Stop signals are handled from here on, so one sent as soon as the ready line below
+    # appears still drains and exits 0.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     broker = create_broker(settings.broadcast.broker)
     app = make_app(settings, broker)
     await app.hub.start()
@@ -207,19 +219,18 @@ async def serve(
         port,
         settings.websocket.path,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     await drain(app, server, settings.shutdown_timeout)
 
 
 async def drain(app: EchoServerApp, server: tornado.httpserver.HTTPServer, timeout: float) -> None:
-    """Stop accepting, close every client with 1001, wait for them up to `timeout` seconds."""
+    """Refuse new clients, close every client with 1001, wait for them up to `timeout` seconds.
+
+    The port stays open while clients leave, so /healthz can answer 503 "draining" (and a
+    new handshake 503) to load balancers; it closes when the wait is over.
+    """
     log.info("draining %d connections (up to %.1fs)", len(app.connections), timeout)
     app.draining = True
-    server.stop()
     for connection in list(app.connections):
         connection.close(CLOSE_GOING_AWAY, "server shutting down")
     deadline = time.monotonic() + timeout
@@ -227,6 +238,7 @@ async def drain(app: EchoServerApp, server: tornado.httpserver.HTTPServer, timeo
         await asyncio.sleep(0.05)
     if app.connections:
         log.warning("%d connections did not close in time", len(app.connections))
+    server.stop()
     await server.close_all_connections()
     await app.hub.close()
     log.info("stopped")

@@ -1,0 +1,557 @@
+"""The broker contract: one suite, run against the memory broker and the Redis broker.
+
+Each test gets a `kit` that builds brokers of one kind. Tests about several processes
+sharing a broker (two instances, crash expiry, Redis outages) need a shared broker and
+skip for the memory broker, which serves one process by design. The Redis runs use a
+real redis-server of their own (tests/redis_server.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pytest
+
+from echoserver.brokers import create_broker
+from echoserver.brokers.base import Broker, BrokerUnavailable, Envelope
+from echoserver.brokers.memory import MemoryBroker
+from echoserver.brokers.redis import RedisBroker, decode, encode
+from echoserver.hub import Hub
+from tests.conftest import ROOT
+from tests.redis_server import RedisServer, free_port, redis_server, require_redis_server
+
+__all__ = ["redis_server"]  # the fixture, used through `kit`
+
+T = TypeVar("T")
+
+
+def run(coroutine: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+    """Run one test scenario on a fresh loop, bounded in time."""
+    return asyncio.run(asyncio.wait_for(coroutine, timeout))
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await check():
+            return True
+        await asyncio.sleep(0.05)
+    return await check()
+
+
+@dataclass
+class Kit:
+    """Builds brokers of one kind; `shared` ones see each other across instances."""
+
+    kind: str
+    shared: bool
+    redis: RedisServer | None = None
+
+    def new(self, **options: Any) -> Broker:
+        if self.redis is None:
+            return MemoryBroker()
+        options.setdefault("backoff_cap", 0.5)
+        options.setdefault("op_timeout", 2.0)
+        return RedisBroker(self.redis.url, **options)
+
+    def need_shared(self) -> None:
+        if not self.shared:
+            pytest.skip(f"the {self.kind} broker serves one process by design")
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def kit(request: pytest.FixtureRequest) -> Kit:
+    if request.param == "memory":
+        return Kit("memory", shared=False)
+    return Kit("redis", shared=True, redis=request.getfixturevalue("redis_server"))
+
+
+class Recorder:
+    """An on_envelope callback that keeps what it got."""
+
+    def __init__(self) -> None:
+        self.envelopes: list[Envelope] = []
+
+    def __call__(self, envelope: Envelope) -> None:
+        self.envelopes.append(envelope)
+
+    def on(self, channel: str) -> list[Envelope]:
+        return [e for e in self.envelopes if e.channel == channel]
+
+    async def wait(self, channel: str, count: int, timeout: float = 10.0) -> list[Envelope]:
+        deadline = time.monotonic() + timeout
+        while len(self.on(channel)) < count and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        got = self.on(channel)
+        assert len(got) >= count, f"{len(got)} of {count} messages arrived on {channel}"
+        return got
+
+
+async def started(kit: Kit, **options: Any) -> tuple[Broker, Recorder]:
+    broker = kit.new(**options)
+    recorder = Recorder()
+    await broker.start(recorder)
+    assert broker.healthy, broker.health_reason
+    return broker, recorder
+
+
+async def settle(broker: Broker, recorder: Recorder) -> None:
+    """Wait until everything published so far through `broker` has been delivered.
+
+    A marker published after the rest arrives after them (one order per publisher), so
+    once it is here, anything else that was going to arrive has arrived.
+    """
+    await broker.subscribe("_settle")
+    before = len(recorder.on("_settle"))
+    await broker.publish(Envelope("_settle", b"", False))
+    await recorder.wait("_settle", before + 1)
+
+
+def test_create_broker_by_url() -> None:
+    assert isinstance(create_broker("memory"), MemoryBroker)
+    broker = create_broker("redis://:secret@127.0.0.1:1/3")
+    assert isinstance(broker, RedisBroker)
+    assert "secret" not in broker.where and broker.where == "127.0.0.1:1/3"
+
+
+@pytest.mark.parametrize(
+    "envelope",
+    [
+        Envelope("c", b"hello", False, "a1b2:7"),
+        Envelope("c", bytes(range(256)), True, None),
+        Envelope("c", b"", False, "\u00fc:\u00e9"),
+        Envelope("c", b"12:t3:abc", True, "x"),
+    ],
+)
+def test_redis_wire_format_round_trips(envelope: Envelope) -> None:
+    header, data = encode(envelope)
+    decoded = decode("c", b"42:" + header + data)
+    assert decoded == Envelope("c", envelope.data, envelope.binary, envelope.sender, 42)
+
+
+def test_delivers_every_field_to_subscribers(kit: Kit) -> None:
+    sent = [
+        Envelope("a", b"text", False, "n1:1"),
+        Envelope("a", bytes(range(256)), True, None),
+        Envelope("a", b"", False, "\u00fc:2"),
+        Envelope("a", "\u00e9t\u00e9".encode(), False, "n1:1"),
+    ]
+
+    async def scenario() -> list[Envelope]:
+        broker, recorder = await started(kit)
+        await broker.subscribe("a")
+        for envelope in sent:
+            await broker.publish(
+                Envelope(envelope.channel, envelope.data, envelope.binary, envelope.sender)
+            )
+        got = await recorder.wait("a", len(sent))
+        await broker.close()
+        return got
+
+    got = run(scenario())
+    assert [(e.channel, e.data, e.binary, e.sender) for e in got] == [
+        (e.channel, e.data, e.binary, e.sender) for e in sent
+    ]
+    assert all(e.seq > 0 for e in got)
+
+
+def test_only_subscribed_channels_are_delivered(kit: Kit) -> None:
+    async def scenario() -> list[str]:
+        broker, recorder = await started(kit)
+        await broker.subscribe("mine")
+        await broker.publish(Envelope("other", b"not for me", False))
+        await broker.publish(Envelope("mine", b"for me", False))
+        await settle(broker, recorder)
+        await broker.close()
+        return [e.channel for e in recorder.envelopes if e.channel != "_settle"]
+
+    assert run(scenario()) == ["mine"]
+
+
+def test_unsubscribe_stops_delivery(kit: Kit) -> None:
+    async def scenario() -> list[bytes]:
+        broker, recorder = await started(kit)
+        await broker.subscribe("a")
+        await broker.publish(Envelope("a", b"before", False))
+        await recorder.wait("a", 1)
+        await broker.unsubscribe("a")
+        await broker.publish(Envelope("a", b"after", False))
+        await settle(broker, recorder)
+        await broker.subscribe("a")  # subscribing again delivers again
+        await broker.publish(Envelope("a", b"again", False))
+        await recorder.wait("a", 2)
+        await broker.close()
+        return [e.data for e in recorder.on("a")]
+
+    assert run(scenario()) == [b"before", b"again"]
+
+
+def test_seq_counts_up_per_channel(kit: Kit) -> None:
+    async def scenario() -> tuple[list[int], list[int]]:
+        broker, recorder = await started(kit)
+        await broker.subscribe("a")
+        await broker.subscribe("b")
+        for n in range(30):
+            await broker.publish(Envelope("a" if n % 3 else "b", b"%d" % n, False))
+        a = await recorder.wait("a", 20)
+        b = await recorder.wait("b", 10)
+        await broker.close()
+        return [e.seq for e in a], [e.seq for e in b]
+
+    seq_a, seq_b = run(scenario())
+    assert seq_a == list(range(1, 21))
+    assert seq_b == list(range(1, 11))
+
+
+def test_concurrent_publishers_give_every_subscriber_one_order(kit: Kit) -> None:
+    publishers, each = 8, 25
+    total = publishers * each
+
+    async def scenario() -> list[list[Envelope]]:
+        brokers = [await started(kit) for _ in range(2 if kit.shared else 1)]
+        for broker, _ in brokers:
+            await broker.subscribe("room")
+
+        async def publisher(p: int) -> None:
+            broker = brokers[p % len(brokers)][0]
+            for n in range(each):
+                await broker.publish(Envelope("room", f"{p}:{n}".encode(), False, f"p{p}"))
+                if n % 5 == 0:
+                    await asyncio.sleep(0)
+
+        await asyncio.gather(*(publisher(p) for p in range(publishers)))
+        seen = [await recorder.wait("room", total) for _, recorder in brokers]
+        for broker, _ in brokers:
+            await broker.close()
+        return seen
+
+    seen = run(scenario())
+    first = seen[0]
+    assert len(first) == total
+    for other in seen[1:]:
+        assert [e.data for e in other] == [e.data for e in first]
+    assert [e.seq for e in first] == list(range(1, total + 1))
+    for p in range(publishers):
+        mine = [e.data for e in first if e.sender == f"p{p}"]
+        assert mine == [f"{p}:{n}".encode() for n in range(each)]
+
+
+def test_history_is_capped_and_oldest_first(kit: Kit) -> None:
+    async def scenario() -> dict[str, Any]:
+        broker, recorder = await started(kit)
+        await broker.subscribe("h")
+        for n in range(10):
+            await broker.publish(Envelope("h", b"m%d" % n, bool(n % 2), "s"), history=4)
+        await broker.publish(Envelope("none", b"not kept", False), history=0)
+        live = await recorder.wait("h", 10)
+        result = {
+            "last4": await broker.history("h", 4),
+            "last2": await broker.history("h", 2),
+            "more": await broker.history("h", 100),
+            "zero": await broker.history("h", 0),
+            "unknown": await broker.history("never-used", 5),
+            "none": await broker.history("none", 5),
+            "live": live,
+        }
+        await broker.close()
+        return result
+
+    result = run(scenario())
+    assert [e.data for e in result["last4"]] == [b"m6", b"m7", b"m8", b"m9"]
+    assert [e.seq for e in result["last4"]] == [e.seq for e in result["live"][-4:]]
+    assert [(e.binary, e.sender) for e in result["last4"]] == [
+        (False, "s"),
+        (True, "s"),
+        (False, "s"),
+        (True, "s"),
+    ]
+    assert [e.data for e in result["last2"]] == [b"m8", b"m9"]
+    assert [e.data for e in result["more"]] == [b"m6", b"m7", b"m8", b"m9"]
+    assert result["zero"] == result["unknown"] == result["none"] == []
+
+
+def test_history_is_the_same_from_every_process(kit: Kit) -> None:
+    kit.need_shared()
+
+    async def scenario() -> tuple[list[Envelope], list[Envelope]]:
+        (a, _), (b, _) = await started(kit), await started(kit)
+        for n in range(6):
+            await (a if n % 2 else b).publish(Envelope("h", b"%d" % n, False), history=5)
+        seen = await a.history("h", 5), await b.history("h", 5)
+        await a.close()
+        await b.close()
+        return seen
+
+    from_a, from_b = run(scenario())
+    assert from_a == from_b
+    assert [e.data for e in from_a] == [b"1", b"2", b"3", b"4", b"5"]
+
+
+def test_presence_counts_this_process(kit: Kit) -> None:
+    async def scenario() -> list[int]:
+        broker, _ = await started(kit)
+        counts = [await broker.presence("p")]
+        for members in (3, 1, 0):
+            await broker.set_presence("p", members)
+            counts.append(await broker.presence("p"))
+        await broker.close()
+        return counts
+
+    assert run(scenario()) == [0, 3, 1, 0]
+
+
+def test_presence_adds_up_across_processes(kit: Kit) -> None:
+    kit.need_shared()
+
+    async def scenario() -> list[tuple[int, int]]:
+        (a, _), (b, _) = await started(kit), await started(kit)
+        await a.set_presence("p", 3)
+        await b.set_presence("p", 2)
+        counts = [(await a.presence("p"), await b.presence("p"))]
+        await a.set_presence("p", 0)
+        counts.append((await a.presence("p"), await b.presence("p")))
+        await a.set_presence("p", 4)
+        await b.close()  # a clean exit takes its members with it at once
+        counts.append((await a.presence("p"), await a.presence("q")))
+        await a.close()
+        return counts
+
+    assert run(scenario()) == [(5, 5), (2, 2), (4, 0)]
+
+
+def test_presence_of_a_crashed_process_expires(kit: Kit) -> None:
+    kit.need_shared()
+    assert kit.redis is not None
+    ttl = 1.0
+    child = textwrap.dedent(
+        f"""
+        import asyncio
+        from echoserver.brokers.redis import RedisBroker
+
+        async def main():
+            broker = RedisBroker({kit.redis.url!r}, presence_ttl={ttl})
+            await broker.start(lambda envelope: None)
+            await broker.set_presence("p", 4)
+            print("ready", flush=True)
+            await asyncio.sleep(60)
+
+        asyncio.run(main())
+        """
+    )
+    worker = subprocess.Popen(
+        [sys.executable, "-c", child], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert worker.stdout is not None
+        assert worker.stdout.readline().strip() == "ready"
+
+        async def scenario() -> tuple[int, float]:
+            broker, _ = await started(kit)
+            await broker.set_presence("p", 1)
+            before = await broker.presence("p")
+            worker.kill()  # no clean-up: like a crash or a power cut
+            killed = time.monotonic()
+            assert await eventually(lambda: _equals(broker.presence("p"), 1), 3 * ttl + 2)
+            elapsed = time.monotonic() - killed
+            await broker.close()
+            return before, elapsed
+
+        before, elapsed = run(scenario())
+        assert before == 5
+        assert elapsed <= 3 * ttl + 2
+    finally:
+        worker.kill()
+        worker.wait()
+
+
+async def _equals(value: Awaitable[int], expected: int) -> bool:
+    return await value == expected
+
+
+def test_health_follows_the_connection(kit: Kit) -> None:
+    async def memory() -> None:
+        broker, _ = await started(kit)
+        assert broker.healthy and broker.health_reason == ""
+        await broker.close()
+
+    if kit.redis is None:
+        run(memory())
+        return
+    redis = kit.redis
+
+    async def scenario() -> None:
+        (a, got_a), (b, got_b) = await started(kit), await started(kit)
+        await a.subscribe("r")
+        await b.subscribe("r")
+        await a.set_presence("r", 2)
+        await a.publish(Envelope("r", b"before", False))
+        await got_b.wait("r", 1)
+
+        await asyncio.to_thread(redis.stop)
+        assert await eventually(_async(lambda: not a.healthy and not b.healthy))
+        assert "unreachable" in a.health_reason and redis.url[8:-2] in a.health_reason
+        with pytest.raises(BrokerUnavailable, match="unreachable"):
+            await a.publish(Envelope("r", b"lost", False))
+        assert await a.history("r", 5) == []
+        assert await a.presence("r") == 2  # its own members, while it cannot ask
+        await b.subscribe("joined-while-down")
+
+        await asyncio.to_thread(redis.start)  # the same port, empty: a restarted Redis
+        assert await eventually(_async(lambda: a.healthy and b.healthy))
+        assert a.health_reason == ""
+        await b.publish(Envelope("r", b"after", False))
+        await a.publish(Envelope("joined-while-down", b"hello", False))
+        assert [e.data for e in await got_a.wait("r", 2)] == [b"before", b"after"]
+        assert [e.data for e in await got_b.wait("r", 2)] == [b"before", b"after"]
+        assert [e.data for e in await got_b.wait("joined-while-down", 1)] == [b"hello"]
+        assert await b.presence("r") == 2  # a wrote its members into the new Redis
+        await a.close()
+        await b.close()
+
+    run(scenario(), timeout=60)
+
+
+def _async(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    async def wrapped() -> bool:
+        return check()
+
+    return wrapped
+
+
+@pytest.mark.redis
+def test_redis_broker_starts_degraded_and_connects_when_redis_appears(tmp_path: Any) -> None:
+    require_redis_server()
+    redis = RedisServer(tmp_path, free_port())
+
+    async def scenario() -> None:
+        broker = RedisBroker(redis.url, backoff_cap=0.5, op_timeout=1.0)
+        got = Recorder()
+        started_at = time.monotonic()
+        await broker.start(got)
+        assert time.monotonic() - started_at < 4
+        assert not broker.healthy and "unreachable" in broker.health_reason
+        await broker.subscribe("late")
+        await asyncio.to_thread(redis.start)
+        assert await eventually(_async(lambda: broker.healthy))
+        await broker.publish(Envelope("late", b"hi", False))
+        assert [e.data for e in await got.wait("late", 1)] == [b"hi"]
+        await broker.close()
+        await broker.close()  # idempotent
+
+    try:
+        run(scenario())
+    finally:
+        redis.stop()
+
+
+def test_hub_join_splices_history_and_live_without_gap_or_repeat(kit: Kit) -> None:
+    """A joiner that arrives mid-stream gets history then live, each message once."""
+    total = 300
+
+    class Member:
+        """A hub Subscriber that only records what it gets."""
+
+        def __init__(self, sub_id: str) -> None:
+            self.sub_id = self.peer = sub_id
+            self.seqs: list[int] = []
+
+        def deliver(self, envelope: Envelope) -> None:
+            self.seqs.append(envelope.seq)
+
+        def queued_bytes(self) -> int:
+            return 0
+
+        def close_slow(self) -> None:
+            raise AssertionError("never slow")
+
+    async def scenario() -> tuple[list[int], list[int], int]:
+        publisher_hub = Hub(kit.new(), history=50)
+        joiner_hub = Hub(kit.new(), history=50) if kit.shared else publisher_hub
+        first, late = Member("first"), Member("late")
+        await publisher_hub.join("s", first)
+
+        async def publish() -> None:
+            for n in range(total):
+                await publisher_hub.publish("s", b"%d" % n, False, "first")
+                if n % 10 == 0:
+                    await asyncio.sleep(0.002)  # a paced stream, so the join lands mid-way
+
+        publishing = asyncio.ensure_future(publish())
+        while len(first.seqs) < total // 3:
+            await asyncio.sleep(0.001)
+        at_join = len(first.seqs)
+        await joiner_hub.join("s", late)
+        await publishing
+        deadline = time.monotonic() + 10
+        while len(first.seqs) < total or late.seqs[-1:] != [total]:
+            assert time.monotonic() < deadline, "messages did not arrive"
+            await asyncio.sleep(0.01)
+        await publisher_hub.close()
+        if joiner_hub is not publisher_hub:
+            await joiner_hub.close()
+        return first.seqs, late.seqs, at_join
+
+    first, late, at_join = run(scenario())
+    assert first == list(range(1, total + 1))
+    assert late == list(range(late[0], total + 1))
+    assert late[0] <= at_join < total  # some from history, the rest live
+
+
+def test_a_refusing_redis_is_reported_to_the_publisher(kit: Kit) -> None:
+    kit.need_shared()
+    assert kit.redis is not None
+    from redis.asyncio import Redis
+
+    async def scenario() -> None:
+        broker, got = await started(kit)
+        await broker.subscribe("full")
+        admin = Redis.from_url(kit.redis.url)
+        await admin.config_set("maxmemory-policy", "noeviction")
+        await admin.config_set("maxmemory", 1)  # every write is now refused with OOM
+        try:
+            with pytest.raises(BrokerUnavailable, match="maxmemory"):
+                await broker.publish(Envelope("full", b"refused", False))
+        finally:
+            await admin.config_set("maxmemory", 0)
+            await admin.aclose()
+        assert broker.healthy  # reachable: only that message failed
+        await broker.publish(Envelope("full", b"accepted", False))
+        assert [e.data for e in await got.wait("full", 1)] == [b"accepted"]
+        await broker.close()
+
+    run(scenario())
+
+
+def test_a_flushed_script_cache_is_reloaded(kit: Kit) -> None:
+    kit.need_shared()
+    assert kit.redis is not None
+    from redis.asyncio import Redis
+
+    async def scenario() -> tuple[list[bytes], int]:
+        broker, got = await started(kit)
+        await broker.subscribe("s")
+        await broker.set_presence("s", 2)
+        admin = Redis.from_url(kit.redis.url)
+        await admin.script_flush()
+        await admin.aclose()
+        # Several in one batch, with other commands between: each gets its own reply.
+        results = await asyncio.gather(
+            *(broker.publish(Envelope("s", b"%d" % n, False)) for n in range(5)),
+            broker.presence("s"),
+            broker.history("s", 3),
+        )
+        data = [e.data for e in await got.wait("s", 5)]
+        assert broker.healthy
+        await broker.close()
+        return data, results[5]
+
+    data, members = run(scenario())
+    assert data == [b"0", b"1", b"2", b"3", b"4"]
+    assert members == 2
