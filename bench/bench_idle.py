@@ -1,0 +1,118 @@
+"""Idle-connection benchmark: server memory per open WebSocket connection, baseline vs ours.
+
+Per run: start the server pinned to CPU 0 and read its RSS (/proc/<pid>/status VmRSS); the
+load (pinned to CPU 1) opens N idle connections (default 10000) from source addresses
+127.0.0.2, 127.0.0.3, ... so that the ephemeral ports of one address never run out; once
+they are all open and the server's RSS has settled, read it again. KB per connection =
+(RSS after - RSS before) / connections opened. RLIMIT_NOFILE is raised in the load and in
+the server (to the hard limit); N must stay below it.
+
+    python bench/bench_idle.py [--runs 3] [--connections 10000] [--mode echo|broadcast]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
+from common import Metric
+
+METRICS = [
+    Metric("KB/connection", "kb_per_connection", 2),
+    Metric("RSS before MB", lambda r: r["rss_before_kb"] / 1024, 1),
+    Metric("RSS after MB", lambda r: r["rss_after_kb"] / 1024, 1),
+    Metric("opened", "opened", 0, ratio=False),
+    Metric("open time s", "connect_s", 1),
+    Metric("still open at end", "still_open_at_end", 0, ratio=False),
+]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common.add_server_args(parser)
+    parser.add_argument("--connections", type=int, default=10000)
+    parser.add_argument("--mode", choices=("echo", "broadcast"), default="echo")
+    parser.add_argument(
+        "--settle", type=float, default=2.0, help="seconds to wait before reading the RSS"
+    )
+    parser.add_argument("--json", metavar="PATH", help="also write every run's raw result here")
+    args = parser.parse_args()
+    common.apply_common_args(args)
+    limit = common.raise_nofile()
+    if args.connections + 200 > limit:
+        parser.error(f"RLIMIT_NOFILE hard limit {limit} is too low for {args.connections}")
+    return args
+
+
+def settled_rss(server: common.Server, settle: float) -> int:
+    """The server's RSS once it has stopped moving (or after `settle` * 3 seconds)."""
+    time.sleep(settle)
+    rss = server.rss_kb()
+    deadline = time.monotonic() + settle * 2
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = server.rss_kb()
+        if abs(now - rss) < 256:
+            return now
+        rss = now
+    return rss
+
+
+def one_run(kind: str, args: argparse.Namespace) -> dict[str, Any]:
+    with common.started_server(
+        kind, args.mode, uvloop=args.uvloop, custom=args.server_cmd
+    ) as server:
+        before = settled_rss(server, args.settle / 2)
+        load = common.LoadProcess(
+            ["idle", "--port", str(server.port), "--count", str(args.connections)]
+        )
+        try:
+            opened = json.loads(load.read_line("OPEN", timeout=180))
+            after = settled_rss(server, args.settle)
+            result = load.finish(timeout=60)
+        finally:
+            load.kill()
+        if server.proc is not None and server.proc.poll() is not None:
+            raise RuntimeError(f"server exited during the run\n{server.log_tail()}")
+    count = opened["opened"]
+    return {
+        **result,
+        "rss_before_kb": before,
+        "rss_after_kb": after,
+        "kb_per_connection": (after - before) / count if count else None,
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    kinds = common.kinds_to_run(args.only)
+    names = {k: common.kind_label(k, args.server_cmd) for k in kinds}
+    results = common.run_interleaved(
+        kinds,
+        args.runs,
+        lambda kind, _i: one_run(kind, args),
+        label=names.get,
+        quiet_wait=args.quiet_wait,
+    )
+    print(f"## Idle connections: {args.connections} open WebSocket connections, {args.mode} mode\n")
+    print(common.summary_table(results, METRICS, names))
+    print(
+        "\nKB/connection = server VmRSS growth / connections opened (user-space memory; the "
+        "kernel's socket buffers are not in RSS). Lower is better.\n"
+    )
+    print(common.runs_table(results, METRICS, names))
+    print(f"\n{common.environment_note(args.uvloop)}")
+    if args.server_cmd:
+        print(f"custom server: {args.server_cmd}")
+    print(f"command: {common.command_line()}")
+    common.write_json(args.json, {"command": common.command_line(), "results": results})
+
+
+if __name__ == "__main__":
+    main()
