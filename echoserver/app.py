@@ -20,7 +20,7 @@ import tornado.web
 from echoserver import handlers
 from echoserver.brokers import Broker, MemoryBroker
 from echoserver.config import Settings
-from echoserver.connection import Flusher
+from echoserver.connection import Flusher, Keepalive
 from echoserver.hub import Hub
 from echoserver.metrics import Metrics
 
@@ -50,6 +50,8 @@ class EchoServerApp(tornado.web.Application):
         self.connections: set[handlers.BaseSocket] = set()
         self.metrics = Metrics(self._open_connections, lambda: hub.stats)
         self.flusher = Flusher()
+        ws = config.websocket
+        self.keepalive = Keepalive(ws.ping_interval, ws.ping_timeout)
         self.allowed_origins = frozenset(
             origin.rstrip("/").lower() for origin in config.websocket.allowed_origins
         )
@@ -69,17 +71,12 @@ class EchoServerApp(tornado.web.Application):
         ]
         if config.mode != "echo":
             routes.append((rf"{ws_path}/({CHANNEL_PATTERN})", socket))
-        ws = config.websocket
-        ping_interval = ws.ping_interval or None
         super().__init__(
             routes,
             static_path=str(page),
             static_handler_class=handlers.PageHandler,
             log_function=handlers.log_request,
             websocket_max_message_size=ws.max_message_size,
-            websocket_ping_interval=ping_interval,
-            # Tornado refuses a ping timeout longer than the interval.
-            websocket_ping_timeout=min(ws.ping_timeout, ping_interval) if ping_interval else None,
         )
 
     def _open_connections(self) -> Counter[tuple[str, str]]:

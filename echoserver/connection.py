@@ -10,9 +10,12 @@ The loop serves every ready socket once per pass, so no connection can monopolis
 TLS connections keep Tornado's SSLIOStream (its TLS state cannot move to a new transport)
 and go through the same parser and write queue.
 
+Pings come from one Keepalive per server, not one task per connection: an idle
+connection costs a few objects, not a coroutine and a timer of its own.
+
 Relies on WebSocketProtocol13 and IOStream internals of the Tornado range pinned in
-setup.cfg: _parse_extensions_header, _create_compressors, _challenge_response,
-start_pinging/periodic_ping and IOStream._consume.
+setup.cfg: _parse_extensions_header, _create_compressors, _challenge_response and
+IOStream._consume.
 """
 
 from __future__ import annotations
@@ -84,6 +87,42 @@ class Flusher:
         pending, self._pending = self._pending, []
         for connection in pending:
             connection.flush()
+
+
+class Keepalive:
+    """Pings every connection every `interval` seconds; closes those silent for `timeout`."""
+
+    def __init__(self, interval: float, timeout: float) -> None:
+        self.interval = interval
+        self.timeout = min(timeout, interval) if timeout > 0 else interval
+        self._connections: set[WebSocketConnection] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, connection: WebSocketConnection) -> None:
+        if self.interval <= 0:
+            return
+        self._connections.add(connection)
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._run())
+
+    def discard(self, connection: WebSocketConnection) -> None:
+        self._connections.discard(connection)
+
+    async def _run(self) -> None:
+        try:
+            while self._connections:
+                await asyncio.sleep(self.interval - self.timeout)
+                pinged = list(self._connections)
+                for connection in pinged:
+                    connection.awaiting_pong = True
+                    connection.write_ping(b"")
+                await asyncio.sleep(self.timeout)
+                for connection in pinged:
+                    if connection.awaiting_pong and not connection.is_closing():
+                        # As websockets does: 1011, and no wait for a peer that is not there.
+                        connection.fail(CLOSE_INTERNAL_ERROR, f"no pong within {self.timeout}s")
+        finally:
+            self._task = None
 
 
 class _TransportIO(asyncio.Protocol):
@@ -161,30 +200,89 @@ def _ignore_stream_closed(future: asyncio.Future[None]) -> None:
         future.exception()  # retrieved, so a closed stream is not logged as unhandled
 
 
+# Why reading is paused (bits of WebSocketConnection._paused).
+PAUSED_OPENING = 1  # the handler's open() has not finished
+PAUSED_HANDLER = 2  # an on_message coroutine is running
+PAUSED_WRITES = 4  # the peer is not taking what we write
+
+
 class WebSocketConnection(WebSocketProtocol13):
-    """Server side of one WebSocket connection, strict and fast."""
+    """Server side of one WebSocket connection, strict and fast.
+
+    Slotted, and WebSocketProtocol13.__init__ is not called: it sets some twenty
+    attributes for Tornado's own frame reader, which this class replaces.
+    """
+
+    __slots__ = (
+        "_backlog",
+        "_closing_timer",
+        "_compression_options",
+        "_compressor",
+        "_decompressor",
+        "_dirty",
+        "_feeding",
+        "_lost",
+        "_on_raw",
+        "_out",
+        "_out_size",
+        "_paused",
+        "_peer_closed",
+        "_pending_leftover",
+        "_selected_subprotocol",
+        "awaiting_pong",
+        "client_terminated",
+        "close_code",
+        "close_code_sent",
+        "close_reason",
+        "flusher",
+        "handler",
+        "keepalive",
+        "params",
+        "parser",
+        "rate_limit",
+        "server_terminated",
+        "stream",
+        "sub_id",
+        "transport",
+    )
 
     def __init__(
         self,
         handler: WebSocketHandler,
         params: _WebSocketParams,
         flusher: Flusher,
+        keepalive: Keepalive,
         rate_limit: RateLimiter | None = None,
     ) -> None:
-        super().__init__(handler, mask_outgoing=False, params=params)
+        self.handler = handler
+        self.params = params
+        self.stream: tornado.iostream.IOStream | None = None
+        self.client_terminated = False
+        self.server_terminated = False
+        self._compression_options = params.compression_options
+        self._compressor: Any = None
+        self._decompressor: Any = None
+        self._selected_subprotocol: str | None = None
+        self.close_code: int | None = None
+        self.close_reason: str | None = None
+        self.close_code_sent: int | None = None
         self.flusher = flusher
+        self.keepalive = keepalive
         self.rate_limit = rate_limit
         self.parser = FrameParser(params.max_message_size)
         self.transport: asyncio.Transport | _StreamIO | None = None
-        self.close_code_sent: int | None = None
+        self.sub_id = ""
+        self.awaiting_pong = False
         self._out: list[bytes] = []
         self._out_size = 0
         self._dirty = False
         self._feeding = False
-        self._paused_by: set[str] = set()
+        self._paused = 0
+        self._pending_leftover = b""
         self._backlog: tuple[list[Event], int] | None = None
         self._closing_timer: asyncio.TimerHandle | None = None
         self._lost = False
+        self._peer_closed = False  # the peer sent a close frame
         # A handler may take raw payloads (bytes, text already checked) to skip decoding.
         self._on_raw = getattr(handler, "on_raw_message", None)
 
@@ -210,7 +308,9 @@ class WebSocketConnection(WebSocketProtocol13):
         except (OSError, tornado.iostream.StreamClosedError):
             self.connection_lost()
             return
-        self.start_pinging()
+        self.stream = None  # closed, or owned by the TLS reader
+        release_handshake(handler)
+        self.keepalive.add(self)
         try:
             opened = handler.open(*handler.open_args, **handler.open_kwargs)
             if opened is not None:
@@ -221,7 +321,7 @@ class WebSocketConnection(WebSocketProtocol13):
             return
         if self._lost:
             return
-        self.resume_reading("open")
+        self.resume_reading(PAUSED_OPENING)
         if read_loop is not None:
             await read_loop
 
@@ -255,7 +355,7 @@ class WebSocketConnection(WebSocketProtocol13):
         """Move the socket to an asyncio transport; return a read loop if it stays on stream."""
         await stream.write(b"")  # the 101 response has left
         leftover = stream._consume(stream._read_buffer_size)
-        self._paused_by.add("open")
+        self._paused |= PAUSED_OPENING
         if isinstance(stream, tornado.iostream.SSLIOStream):
             io = _StreamIO(stream, self)
             self.transport = io
@@ -271,15 +371,13 @@ class WebSocketConnection(WebSocketProtocol13):
             self._pending_leftover = leftover
         return None
 
-    _pending_leftover = b""
-
     def transport_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
-        if self._paused_by:
+        if self._paused:
             transport.pause_reading()
         if self._out:
             self.flush()
-        if not self._paused_by:
+        if not self._paused:
             self._feed_leftover()
 
     def _feed_leftover(self) -> None:
@@ -294,7 +392,7 @@ class WebSocketConnection(WebSocketProtocol13):
         """Bytes from the peer: parse every complete frame, act, then write once."""
         if self.client_terminated:
             return
-        if self._paused_by:
+        if self._paused:
             # uvloop may deliver data after pause_reading() (even before open() has run):
             # keep it for resume_reading(), in order.
             self._pending_leftover += data
@@ -319,7 +417,7 @@ class WebSocketConnection(WebSocketProtocol13):
                 if self.client_terminated or self.server_terminated:
                     return
                 if self.rate_limit is not None and not self.rate_limit.allow():
-                    self._fail(CLOSE_POLICY, "rate limit exceeded")
+                    self.fail(CLOSE_POLICY, "rate limit exceeded")
                     return
                 try:
                     if self._on_raw is not None:
@@ -338,18 +436,18 @@ class WebSocketConnection(WebSocketProtocol13):
                 self.send_frame(protocol.encode_frame(OP_PONG, payload))  # type: ignore[arg-type]
                 handler.on_ping(payload)  # type: ignore[arg-type]
             elif kind == PONG:
-                self._received_pong = True
+                self.awaiting_pong = False
                 handler.on_pong(payload)  # type: ignore[arg-type]
             elif kind == CLOSE:
                 self._on_peer_close(arg, payload)  # type: ignore[arg-type]
                 return
             elif kind == FAIL:
-                self._fail(arg, payload)  # type: ignore[arg-type]
+                self.fail(arg, payload)  # type: ignore[arg-type]
                 return
 
     def _wait_for(self, result: Awaitable[Any], events: list[Event], index: int) -> None:
         """on_message returned an awaitable: read nothing more from this peer until it ends."""
-        self.pause_reading("handler")
+        self.pause_reading(PAUSED_HANDLER)
         self._backlog = (events, index)
         future = asyncio.ensure_future(result)
         future.add_done_callback(self._handler_done)
@@ -371,18 +469,18 @@ class WebSocketConnection(WebSocketProtocol13):
                 if self._out:
                     self.flush()
         if self._backlog is None:
-            self.resume_reading("handler")
+            self.resume_reading(PAUSED_HANDLER)
 
-    def pause_reading(self, reason: str = "writes") -> None:
-        if not self._paused_by and self.transport is not None and not self._lost:
+    def pause_reading(self, reason: int = PAUSED_WRITES) -> None:
+        if not self._paused and self.transport is not None and not self._lost:
             self.transport.pause_reading()
-        self._paused_by.add(reason)
+        self._paused |= reason
 
-    def resume_reading(self, reason: str = "writes") -> None:
-        if reason not in self._paused_by:
+    def resume_reading(self, reason: int = PAUSED_WRITES) -> None:
+        if not self._paused & reason:
             return
-        self._paused_by.discard(reason)
-        if self._paused_by or self.transport is None or self._lost:
+        self._paused &= ~reason
+        if self._paused or self.transport is None or self._lost:
             return
         self.transport.resume_reading()
         self._feed_leftover()
@@ -407,8 +505,6 @@ class WebSocketConnection(WebSocketProtocol13):
             self.send_frame(protocol.encode_frame(opcode, payload))
 
     # --- as a hub subscriber -------------------------------------------------------------
-
-    sub_id = ""
 
     @property
     def peer(self) -> str:
@@ -474,16 +570,11 @@ class WebSocketConnection(WebSocketProtocol13):
             self.close_code_sent = code
             self.send_frame(protocol.encode_close(code, reason or ""))
             self.flush()
-        if self._ping_coroutine:
-            self._ping_coroutine.cancel()
-            self._ping_coroutine = None
         if self.client_terminated:
             self._close_transport()
         elif self._closing_timer is None and not self._lost:
             loop = asyncio.get_running_loop()
             self._closing_timer = loop.call_later(CLOSING_TIMEOUT, self._abort)
-
-    _peer_closed = False  # the peer sent a close frame
 
     def _on_peer_close(self, code: int, reason: bytes) -> None:
         self.client_terminated = True
@@ -494,8 +585,8 @@ class WebSocketConnection(WebSocketProtocol13):
         # Echo the peer's code (RFC 6455 5.5.1); an empty close answers an empty close.
         self.close(None if code == CLOSE_NO_STATUS else code)
 
-    def _fail(self, code: int, reason: str) -> None:
-        """The peer broke the protocol: send the close code, then drop the connection."""
+    def fail(self, code: int, reason: str) -> None:
+        """The peer broke the rules: send the close code, then drop the connection."""
         request = self.handler.request
         log.info("closing %s %s with %d: %s", request.remote_ip, request.path, code, reason)
         self.client_terminated = True
@@ -526,9 +617,7 @@ class WebSocketConnection(WebSocketProtocol13):
         if self._closing_timer is not None:
             self._closing_timer.cancel()
             self._closing_timer = None
-        if self._ping_coroutine:
-            self._ping_coroutine.cancel()
-            self._ping_coroutine = None
+        self.keepalive.discard(self)
         self._out.clear()
         code = self.close_code if self.close_code is not None else self.close_code_sent
         if code is None and self._peer_closed:
@@ -543,6 +632,14 @@ class WebSocketConnection(WebSocketProtocol13):
 
     def set_nodelay(self, x: bool) -> None:
         """Always on: writes are already coalesced per loop pass."""
+
+
+def release_handshake(handler: WebSocketHandler) -> None:
+    """Drop what the handler kept of the HTTP exchange and no longer needs (memory)."""
+    handler.request.connection = None  # the detached HTTP/1 connection
+    handler.request.server_connection = None  # its server side, holding the old stream
+    handler._headers = None  # type: ignore[assignment]  # the 101 response's, sent
+    handler.ui = None  # template helpers
 
 
 def index_left(backlog: tuple[list[Event], int]) -> bool:

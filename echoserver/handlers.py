@@ -187,7 +187,8 @@ class BaseSocket(tornado.websocket.WebSocketHandler):
         )
         rate = self.application.config.websocket.rate_limit
         limit = RateLimit(rate) if rate > 0 else None
-        return WebSocketConnection(self, params, self.application.flusher, limit)
+        app = self.application
+        return WebSocketConnection(self, params, app.flusher, app.keepalive, limit)
 
     def open(self, *args: str, **kwargs: str) -> None:
         self._release()

@@ -23,7 +23,6 @@ from typing import Protocol
 
 from echoserver.brokers.base import Broker, Envelope
 
-
 log = logging.getLogger("echoserver.hub")
 
 
