@@ -363,7 +363,8 @@ KEYS: tuple[Key, ...] = (
     ),
     _key(
         "websocket.max_connections",
-        "Most concurrent WebSocket clients per process; more are refused with 1013. 0 = unlimited.",
+        "Most concurrent WebSocket clients per process; more get HTTP 503 at the handshake. "
+        "0 = unlimited.",
         _int_range(0),
     ),
     _key(

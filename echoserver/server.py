@@ -29,6 +29,8 @@ from echoserver.handlers import CLOSE_GOING_AWAY
 
 log = logging.getLogger("echoserver")
 
+LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
+
 
 class JSONFormatter(logging.Formatter):
     """One JSON object per line; an access line's fields (extra={"access": {...}}) as keys."""
@@ -180,7 +182,8 @@ def _die_with_parent(parent: int) -> None:
 def run(settings: Settings) -> None:
     """Serve until SIGTERM/SIGINT, then drain and return."""
     configure_logging(settings)
-    sockets = tornado.netutil.bind_sockets(settings.port, settings.host, family=socket.AF_INET)
+    # A deep accept queue: a burst of handshakes waits in the kernel, not in SYN retries.
+    sockets = tornado.netutil.bind_sockets(settings.port, settings.host, backlog=LISTEN_BACKLOG)
     port = sockets[0].getsockname()[1]
     if settings.processes != 1:
         # Each worker returns here; the parent supervises and exits inside fork_workers.
