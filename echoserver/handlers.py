@@ -7,6 +7,7 @@ hub, metrics, open connections) is owned by the Application (see app.py).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -30,6 +31,9 @@ if TYPE_CHECKING:
     from echoserver.app import EchoServerApp
 
 log = logging.getLogger("echoserver.ws")
+
+# A sender's broadcasts that a remote broker may hold unanswered before we stop reading it.
+MAX_PUBLISHES_IN_FLIGHT = 64
 access_log = logging.getLogger("echoserver.access")
 
 CLOSE_GOING_AWAY = 1001
@@ -244,6 +248,8 @@ class ChannelSocket(BaseSocket):
     """A member of one channel: its connection is the hub's subscriber."""
 
     member: WebSocketConnection | None = None
+    _in_flight = 0  # publishes handed to the broker and not yet answered
+    _drained: asyncio.Future[None] | None = None
 
     async def open(self, channel: str | None = None) -> None:  # type: ignore[override]
         self.channel = channel or "default"
@@ -260,30 +266,52 @@ class ChannelSocket(BaseSocket):
         if self.member is not None:
             self.application.spawn(self.application.hub.leave(self.channel, self.member))
 
-    def publish(self, data: bytes, binary: bool) -> Awaitable[bool] | None:
-        """Publish to this channel: synchronously when the broker can, else a coroutine."""
+    def publish(self, data: bytes, binary: bool) -> Awaitable[None] | None:
+        """Publish to this channel without waiting for the broker.
+
+        The memory broker delivers synchronously. A remote broker gets up to
+        MAX_PUBLISHES_IN_FLIGHT of this sender's messages at once (in order); past that the
+        returned future makes the connection stop reading until half have been answered.
+        A message the broker could not take is reported to the sender, never silently lost.
+        """
         hub = self.application.hub
         sender = self.member.sub_id if self.member is not None else None
         if hub.publish_nowait(self.channel, data, binary, sender):
             return None
-        return self._publish(data, binary, sender)
-
-    async def _publish(self, data: bytes, binary: bool, sender: str | None) -> bool:
-        """Publish through the broker; tell the sender (and return False) if it is down."""
         try:
-            await self.application.hub.publish(self.channel, data, binary, sender)
+            outcome = hub.publish_soon(self.channel, data, binary, sender)
         except BrokerUnavailable as exc:
-            self.send(
-                json.dumps({"type": "error", "error": f"not delivered: {exc}"}).encode(), False
-            )
-            return False
-        return True
+            self.not_delivered(exc)
+            return None
+        self._in_flight += 1
+        outcome.add_done_callback(self._published)
+        if self._in_flight < MAX_PUBLISHES_IN_FLIGHT:
+            return None
+        self._drained = asyncio.get_running_loop().create_future()
+        return self._drained
+
+    def _published(self, outcome: asyncio.Future[None]) -> None:
+        self._in_flight -= 1
+        if not outcome.cancelled() and outcome.exception() is not None:
+            error = outcome.exception()
+            if not isinstance(error, BrokerUnavailable):
+                log.error("publishing on %s failed: %r", self.channel, error)
+            self.not_delivered(error)  # type: ignore[arg-type]
+        drained = self._drained
+        if drained is not None and self._in_flight <= MAX_PUBLISHES_IN_FLIGHT // 2:
+            self._drained = None
+            if not drained.done():
+                drained.set_result(None)
+
+    def not_delivered(self, error: BaseException) -> None:
+        message = {"type": "error", "error": f"not delivered: {error}"}
+        self.send(json.dumps(message).encode(), False)
 
 
 class BroadcastSocket(ChannelSocket):
     """Each message goes to every member of the channel."""
 
-    def on_raw_message(self, payload: bytes, binary: bool) -> Awaitable[bool] | None:
+    def on_raw_message(self, payload: bytes, binary: bool) -> Awaitable[None] | None:
         self.count_in(payload)
         return self.publish(payload, binary)
 
@@ -311,10 +339,15 @@ class MixedSocket(ChannelSocket):
         return None
 
     async def _broadcast(self, payload: bytes, inner: Any) -> None:
-        published = self.publish(payload, False)
-        if published is not None and not await published:
-            return
-        listeners = await self.application.hub.members(self.channel)
+        hub = self.application.hub
+        sender = self.member.sub_id if self.member is not None else None
+        if not hub.publish_nowait(self.channel, payload, False, sender):
+            try:
+                await hub.publish_soon(self.channel, payload, False, sender)
+            except BrokerUnavailable as exc:
+                self.not_delivered(exc)
+                return
+        listeners = await hub.members(self.channel)
         result = {"type": "broadcastResult", "payload": inner, "listenCount": listeners}
         self.send(json.dumps(result).encode(), False)
 

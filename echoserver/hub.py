@@ -15,6 +15,7 @@ the cap in memory and never slows the others; the price is that it misses messag
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import os
@@ -165,6 +166,12 @@ class Hub:
     async def publish(self, channel: str, data: bytes, binary: bool, sender: str | None) -> None:
         """Send to the channel; raises BrokerUnavailable when the broker cannot take it."""
         await self.broker.publish(Envelope(channel, data, binary, sender), self.history)
+
+    def publish_soon(
+        self, channel: str, data: bytes, binary: bool, sender: str | None
+    ) -> asyncio.Future[None]:
+        """Start publishing now; the future is the outcome (see Broker.publish_soon)."""
+        return self.broker.publish_soon(Envelope(channel, data, binary, sender), self.history)
 
     def publish_nowait(self, channel: str, data: bytes, binary: bool, sender: str | None) -> bool:
         """Publish synchronously when the broker can (memory); False means await publish()."""

@@ -9,6 +9,7 @@ Redis broker does it across processes and hosts.
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -65,6 +66,14 @@ class Broker(abc.ABC):
     def publish_nowait(self, envelope: Envelope, history: int = 0) -> bool:
         """publish() done synchronously if this broker can; False means use publish()."""
         return False
+
+    def publish_soon(self, envelope: Envelope, history: int = 0) -> asyncio.Future[None]:
+        """Start publish() now and return its outcome, so a sender can have several in flight.
+
+        Envelopes started one after another are published in that order. Raises
+        BrokerUnavailable at once when the broker is known to be down.
+        """
+        return asyncio.ensure_future(self.publish(envelope, history))
 
     @abc.abstractmethod
     async def history(self, channel: str, limit: int) -> list[Envelope]:

@@ -220,9 +220,13 @@ class RedisBroker(Broker):
             await self._send_subscriptions("UNSUBSCRIBE", [channel])
 
     async def publish(self, envelope: Envelope, history: int = 0) -> None:
+        await self.publish_soon(envelope, history)
+
+    def publish_soon(self, envelope: Envelope, history: int = 0) -> asyncio.Future[Any]:
+        # Queued synchronously: the command queue's order is the call order.
         header, data = encode(envelope)
         name, seq_key, history_key, _ = self._keys(envelope.channel)
-        await self._command(
+        return self._command(
             "EVALSHA", _PUBLISH_SHA, 2, seq_key, history_key, name, header, data, history
         )
 
