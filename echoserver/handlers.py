@@ -381,6 +381,7 @@ class HealthHandler(JSONHandler):
             "version": __version__,
             "connections": len(app.connections),
             "uptime": round(time.monotonic() - app.started, 3),
+            "path": app.config.websocket.path,  # where the page connects
         }
         if reason:
             body["reason"] = reason

@@ -172,6 +172,7 @@ async def test_healthz(http_server, http_port, http_client):
     assert body["mode"] == "echo"
     assert body["connections"] == 1
     assert body["uptime"] >= 0
+    assert body["path"] == "/ws"
     from echoserver import __version__
 
     assert body["version"] == __version__
