@@ -108,10 +108,16 @@ class Keepalive:
     def discard(self, connection: WebSocketConnection) -> None:
         self._connections.discard(connection)
 
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
+            await asyncio.sleep(self.interval)
             while self._connections:
-                await asyncio.sleep(self.interval - self.timeout)
+                started = loop.time()
                 pinged = list(self._connections)
                 for connection in pinged:
                     connection.awaiting_pong = True
@@ -121,6 +127,7 @@ class Keepalive:
                     if connection.awaiting_pong and not connection.is_closing():
                         # As websockets does: 1011, and no wait for a peer that is not there.
                         connection.fail(CLOSE_INTERNAL_ERROR, f"no pong within {self.timeout}s")
+                await asyncio.sleep(max(0.0, started + self.interval - loop.time()))
         finally:
             self._task = None
 

@@ -46,10 +46,11 @@ class Subscriber(Protocol):
 class ChannelStats:
     """What happened on one channel, for /metrics."""
 
-    __slots__ = ("deliveries", "drops", "slow_disconnects")
+    __slots__ = ("delivered_bytes", "deliveries", "drops", "slow_disconnects")
 
     def __init__(self) -> None:
         self.deliveries = 0
+        self.delivered_bytes = 0
         self.drops = 0
         self.slow_disconnects = 0
 
@@ -216,6 +217,7 @@ class Hub:
                 subscriber.deliver(envelope)
                 delivered += 1
         stats.deliveries += delivered
+        stats.delivered_bytes += delivered * len(envelope.data)
 
     def _offer(self, subscriber: Subscriber, envelope: Envelope, stats: ChannelStats) -> None:
         """One delivery through the queue cap (history replay)."""
@@ -224,6 +226,7 @@ class Hub:
         else:
             subscriber.deliver(envelope)
             stats.deliveries += 1
+            stats.delivered_bytes += len(envelope.data)
 
     def _fall_behind(self, subscriber: Subscriber | _Joining, stats: ChannelStats) -> None:
         if self.disconnect_slow:

@@ -24,6 +24,7 @@ OpenConnections = Callable[[], Mapping[tuple[str, str], int]]
 
 class ChannelCounts(Protocol):
     deliveries: int
+    delivered_bytes: int
     drops: int
     slow_disconnects: int
 
@@ -58,6 +59,7 @@ class Metrics(Collector):
         yield connections
         channels = sorted(self._channel_stats().items())
         deliveries = sum(stats.deliveries for _, stats in channels)
+        delivered_bytes = sum(stats.delivered_bytes for _, stats in channels)
         for name, doc, value in (
             ("echoserver_messages_received", "Messages received from clients.", self.messages_in),
             ("echoserver_received_bytes", "Payload bytes received from clients.", self.bytes_in),
@@ -68,8 +70,8 @@ class Metrics(Collector):
             ),
             (
                 "echoserver_sent_bytes",
-                "Payload bytes queued to clients, broadcast deliveries excluded.",
-                self.bytes_out,
+                "Payload bytes queued to clients (replies and broadcast deliveries).",
+                self.bytes_out + delivered_bytes,
             ),
         ):
             yield CounterMetricFamily(name, doc, value=value)

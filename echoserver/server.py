@@ -243,5 +243,6 @@ async def drain(app: EchoServerApp, server: tornado.httpserver.HTTPServer, timeo
         log.warning("%d connections did not close in time", len(app.connections))
     server.stop()
     await server.close_all_connections()
+    app.keepalive.close()
     await app.hub.close()
     log.info("stopped")

@@ -44,6 +44,9 @@ def make_settings(**changes: Any) -> Settings:
     """Settings with dotted overrides: make_settings(mode="mixed", **{"broadcast.history": 3})."""
     top: dict[str, Any] = {}
     sections: dict[str, dict[str, Any]] = {}
+    # In-process apps die with their test's loop, so no keepalive task unless a test asks;
+    # pings are tested against real server processes.
+    changes = {"websocket.ping_interval": 0.0, **changes}
     for key, value in changes.items():
         section, _, name = key.rpartition(".")
         if section:
