@@ -31,12 +31,11 @@ if TYPE_CHECKING:
     from echoserver.app import EchoServerApp
 
 log = logging.getLogger("echoserver.ws")
-
-# A sender's broadcasts that a remote broker may hold unanswered before we stop reading it.
-MAX_PUBLISHES_IN_FLIGHT = 64
 access_log = logging.getLogger("echoserver.access")
 
 CLOSE_GOING_AWAY = 1001
+# A sender's broadcasts that a remote broker may hold unanswered before we stop reading it.
+MAX_PUBLISHES_IN_FLIGHT = 64
 
 
 class RateLimit:
@@ -62,31 +61,22 @@ class RateLimit:
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
     """The Application's access log: one line per request; a WebSocket's when it ends."""
-    app = handler.application
-    if not app.config.log.access:  # type: ignore[attr-defined]
+    if not handler.application.config.log.access:  # type: ignore[attr-defined]
         return
-    if isinstance(handler, BaseSocket) and handler.get_status() == 101:
-        return  # logged by on_close, with its close code
-    request = handler.request
     status = handler.get_status()
-    level = logging.INFO if status < 500 else logging.WARNING
-    # request.path has no query string, so a ?token= never reaches the log.
-    access_log.log(
-        level,
-        "%s %s %s status=%d origin=%s duration=%.1fms",
-        request.remote_ip,
-        request.method,
-        request.path,
-        status,
-        request.headers.get("Origin", "-"),
-        request.request_time() * 1000,
-        extra={"access": access_fields(request, status)},
-    )
+    if isinstance(handler, BaseSocket) and status == 101:
+        return  # logged by on_close, with its close code
+    write_access_line(handler.request, status)
 
 
-def access_fields(request: tornado.httputil.HTTPServerRequest, status: int) -> dict[str, Any]:
-    """An access line's fields, for log formatters that keep them apart (JSON)."""
-    return {
+def write_access_line(
+    request: tornado.httputil.HTTPServerRequest, status: int, close: int | None = None
+) -> None:
+    """One access line; the JSON formatter keeps its fields apart (extra["access"]).
+
+    request.path has no query string, so a ?token= never reaches the log.
+    """
+    fields: dict[str, Any] = {
         "peer": request.remote_ip,
         "method": request.method,
         "path": request.path,
@@ -94,6 +84,16 @@ def access_fields(request: tornado.httputil.HTTPServerRequest, status: int) -> d
         "status": status,
         "duration": round(request.request_time(), 6),
     }
+    text = (
+        "%(peer)s %(method)s %(path)s status=%(status)d origin=%(origin)s duration=%(duration).3fs"
+    )
+    if close is not None:
+        fields["close"] = close
+        text += " close=%(close)d"
+    level = logging.INFO if status < 500 else logging.WARNING
+    access_log.log(
+        level, text, {**fields, "origin": fields["origin"] or "-"}, extra={"access": fields}
+    )
 
 
 class BaseSocket(tornado.websocket.WebSocketHandler):
@@ -208,17 +208,7 @@ class BaseSocket(tornado.websocket.WebSocketHandler):
         code = self.close_code or 1006
         app.metrics.closes[code] += 1
         if app.config.log.access:
-            request = self.request
-            access_log.info(
-                "%s %s %s status=101 origin=%s duration=%.3fs close=%d",
-                request.remote_ip,
-                request.method,
-                request.path,
-                request.headers.get("Origin", "-"),
-                request.request_time(),
-                code,
-                extra={"access": {**access_fields(request, 101), "close": code}},
-            )
+            write_access_line(self.request, 101, close=code)
 
     def send(self, data: bytes, binary: bool) -> None:
         """Queue one message to this client (text as UTF-8); a closed connection drops it."""

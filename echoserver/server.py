@@ -62,8 +62,6 @@ def configure_logging(settings: Settings) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log.level.upper())
-    if not settings.log.access:
-        logging.getLogger("tornado.access").setLevel(logging.WARNING)
 
 
 def choose_loop(choice: str) -> str:
@@ -74,7 +72,12 @@ def choose_loop(choice: str) -> str:
         import uvloop
     except ImportError:
         if choice == "uvloop":
-            raise SystemExit("echoserver: loop = uvloop, but uvloop is not installed") from None
+            print(
+                'echoserver: config error: loop = "uvloop", but uvloop is not installed '
+                "(pip install 'echoserver[speed]', or loop = \"auto\")",
+                file=sys.stderr,
+            )
+            raise SystemExit(2) from None
         return "asyncio"
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     return "uvloop"
@@ -208,7 +211,10 @@ async def serve(
     server = tornado.httpserver.HTTPServer(app, ssl_options=context, xheaders=False)
     server.add_sockets(sockets)
     scheme = "https" if context else "http"
-    host = settings.host if settings.host not in ("0.0.0.0", "") else "127.0.0.1"
+    # Where a local browser reaches it: a wildcard address means this machine.
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(settings.host, settings.host)
+    if ":" in host:
+        host = f"[{host}]"
     log.info(
         "echoserver %s (%s mode, %s) page %s://%s:%d/ websocket %s://%s:%d%s",
         __version__,
