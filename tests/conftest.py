@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import json
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+import urllib.error
+import urllib.request
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from echoserver.app import make_app
 from echoserver.config import Settings
@@ -157,3 +163,35 @@ def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.02) -> 
             return True
         time.sleep(interval)
     return predicate()
+
+
+T = TypeVar("T")
+
+
+def run(coroutine: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+    """asyncio.run with a bound: a client scenario that hangs fails instead."""
+    return asyncio.run(asyncio.wait_for(coroutine, timeout))
+
+
+def fetch(url: str, context: ssl.SSLContext | None = None) -> tuple[int, dict[str, str], bytes]:
+    """GET: (status, headers, body), an HTTP error status included."""
+    try:
+        with urllib.request.urlopen(url, timeout=10, context=context) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+def metric(server: Any, name: str, **labels: str) -> float:
+    """One sample from the server's /metrics (0 when absent)."""
+    body = fetch(server.url + "/metrics")[2]
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def open_connections(server: Any, context: ssl.SSLContext | None = None) -> int:
+    """The server's open WebSocket connections, from /healthz."""
+    return json.loads(fetch(server.url + "/healthz", context)[2])["connections"]

@@ -4,20 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
-import urllib.request
 
 from tornado.websocket import websocket_connect
 
-from tests.conftest import wait_until
+from tests.conftest import metric, wait_until
 from tests.wsraw import RawClient
-
-
-def metric(server, name: str, channel: str = "default") -> float:
-    with urllib.request.urlopen(server.url + "/metrics", timeout=5) as response:
-        text = response.read().decode()
-    found = re.search(rf'^{name}\{{channel="{channel}"\}} (\S+)$', text, re.MULTILINE)
-    return float(found.group(1)) if found else 0.0
 
 
 def test_concurrent_senders_reach_every_client_in_one_order(run_server):
@@ -91,7 +82,7 @@ def test_a_client_that_never_reads_is_capped_and_the_others_get_everything(run_s
     server = run_server("--mode", "broadcast", "--max-queue-bytes", "262144")
     got, slow = pump_with_a_slow_reader(server, "/ws/slowdrop")
     assert got == [150, 150]
-    assert metric(server, "echoserver_broadcast_drops_total", "slowdrop") > 0
+    assert metric(server, "echoserver_broadcast_drops_total", channel="slowdrop") > 0
     assert "dropping messages for it" in server.log()
     slow.close()
 
@@ -102,7 +93,7 @@ def test_disconnect_policy_closes_the_slow_client_with_1013(run_server):
     )
     got, slow = pump_with_a_slow_reader(server, "/ws/slowkick")
     assert got == [150, 150]
-    assert metric(server, "echoserver_slow_client_disconnects_total", "slowkick") == 1
+    assert metric(server, "echoserver_slow_client_disconnects_total", channel="slowkick") == 1
     assert wait_until(lambda: "close=1013" in server.log(), timeout=10)
     slow.close()
 

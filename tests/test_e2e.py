@@ -6,22 +6,13 @@ import asyncio
 import json
 import subprocess
 import sys
-import urllib.request
 import venv
 from pathlib import Path
 
 import pytest
 from tornado.websocket import websocket_connect
 
-from tests.conftest import ROOT
-
-
-def fetch(url: str) -> tuple[int, dict[str, str], bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.status, dict(response.headers), response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, dict(error.headers), error.read()
+from tests.conftest import ROOT, fetch
 
 
 def health(server) -> dict:

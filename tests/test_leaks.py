@@ -7,17 +7,16 @@ and go (a third of them vanishing without a closing handshake, some with a TCP r
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import struct
 import sys
 import time
 import urllib.request
-from typing import Any
 
 import pytest
 
+from tests.conftest import open_connections as connections
 from tests.conftest import wait_until
 from tests.wspeer import Peer
 from tests.wsraw import build_frame, close_payload
@@ -41,11 +40,6 @@ def rss_kb(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise AssertionError("no VmRSS")
-
-
-def connections(server: Any) -> int:
-    with urllib.request.urlopen(server.url + "/healthz", timeout=10) as response:
-        return json.loads(response.read())["connections"]
 
 
 def reset(sock: socket.socket) -> None:

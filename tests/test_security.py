@@ -9,34 +9,25 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import os
 import socket
 import struct
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import TypeVar
 from urllib.parse import quote
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-from tests.conftest import make_settings, wait_until
+from tests.conftest import make_settings, metric, run, wait_until
+from tests.conftest import open_connections as connections
 from tests.wspeer import Peer
 from tests.wsraw import RawClient, build_frame, close_payload
 
 TOKEN = "s3cr3t-T0ken_with.odd~chars!"
 T = TypeVar("T")
 OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x1, 0x2, 0x8, 0x9, 0xA
-
-
-def run(coroutine: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
-    """asyncio.run with a bound: a client scenario that hangs fails instead."""
-    return asyncio.run(asyncio.wait_for(coroutine, timeout))
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -96,28 +87,6 @@ def status_of(port: int, path: str = "/ws", headers: dict[str, str] | None = Non
     handshake = Handshake(port, path, headers)
     handshake.close()
     return handshake.status
-
-
-def fetch(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read()
-
-
-def metric(server: Any, name: str, **labels: str) -> float:
-    """One sample from the server's /metrics (0 when absent)."""
-    _, body = fetch(server.url + "/metrics")
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
-
-
-def connections(server: Any) -> int:
-    return json.loads(fetch(server.url + "/healthz")[1])["connections"]
 
 
 async def echo_ok(url: str, **headers: str) -> bool:

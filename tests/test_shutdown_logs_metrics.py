@@ -7,7 +7,6 @@ and metrics are parsed with prometheus_client's own parser.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
 import socket
@@ -17,7 +16,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import pytest
@@ -25,26 +23,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
 
-from tests.conftest import ROOT, wait_until
+from tests.conftest import ROOT, fetch, run, wait_until
 from tests.wspeer import Peer
 from tests.wsraw import build_frame, close_payload
 
 TOKEN = "tok-3f9a1c-never-logged"
 T = TypeVar("T")
 OP_TEXT, OP_BINARY, OP_CLOSE = 0x1, 0x2, 0x8
-
-
-def run(coroutine: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
-    """asyncio.run with a bound: a client scenario that hangs fails instead."""
-    return asyncio.run(asyncio.wait_for(coroutine, timeout))
-
-
-def fetch(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read()
 
 
 def handshake_status(
@@ -87,7 +72,7 @@ def test_stop_signal_drains_then_exits_0(run_server, signum):
     assert silent.recv_close_code() == 1001
 
     # The drain window: the port still answers, but only to say so.
-    status, body = fetch(server.url + "/healthz")
+    status, _, body = fetch(server.url + "/healthz")
     assert status == 503
     assert json.loads(body)["status"] == "draining"
     assert handshake_status(port) == 503  # no new WebSocket clients
@@ -246,7 +231,7 @@ def test_access_log_can_be_turned_off(run_server):
 
 
 def scrape(server: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    status, body = fetch(server.url + "/metrics")
+    status, _, body = fetch(server.url + "/metrics")
     assert status == 200
     samples = {}
     for family in text_string_to_metric_families(body.decode()):

@@ -7,8 +7,6 @@ pings, a protocol error and an abrupt drop are all exercised over wss here.
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import datetime
 import ipaddress
 import json
@@ -18,7 +16,6 @@ import ssl
 import struct
 import urllib.error
 import urllib.request
-from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,17 +27,12 @@ from cryptography.x509.oid import NameOID
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
 
-from tests.conftest import wait_until
+from tests.conftest import fetch, open_connections, run, wait_until
 from tests.wspeer import Peer
 from tests.wsraw import build_frame, close_payload
 
 T = TypeVar("T")
 OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x1, 0x2, 0x8, 0x9, 0xA
-
-
-def run(coroutine: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
-    """asyncio.run with a bound: a client scenario that hangs fails instead."""
-    return asyncio.run(asyncio.wait_for(coroutine, timeout))
 
 
 @pytest.fixture(scope="module")
@@ -98,44 +90,8 @@ def tls_server(run_server, cert):
     return start
 
 
-def fetch(url: str, context: ssl.SSLContext) -> tuple[int, dict[str, str], bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=10, context=context) as response:
-            return response.status, dict(response.headers), response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, dict(error.headers), error.read()
-
-
 def wss(server: Any, path: str, context: ssl.SSLContext) -> HTTPRequest:
     return HTTPRequest(server.ws_url + path, ssl_options=context)
-
-
-class TLSRawClient(Peer):
-    """wsraw's raw client over TLS: handshake by hand, then frames exactly as given."""
-
-    def __init__(self, port: int, context: ssl.SSLContext, path: str = "/ws") -> None:
-        plain = socket.create_connection(("127.0.0.1", port), timeout=5)
-        self.sock = context.wrap_socket(plain, server_hostname="127.0.0.1")
-        key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall(
-            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
-        )
-        self.buffer = b""
-        while b"\r\n\r\n" not in self.buffer:
-            chunk = self.sock.recv(4096)
-            if not chunk:
-                raise ConnectionError("closed during the handshake")
-            self.buffer += chunk
-        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
-        self.status = int(head.split(b" ", 2)[1])
-
-    def at_eof(self) -> bool:
-        try:
-            return self.sock.recv(1) == b""
-        except (ConnectionResetError, TimeoutError, ssl.SSLError):
-            return True
 
 
 def test_https_page_and_wss_echo_on_the_same_port(tls_server, client_context):
@@ -236,23 +192,23 @@ def test_wss_mixed_mode_pipelined_requests_keep_their_order(tls_server, client_c
 
 def test_wss_protocol_error_closes_1002_and_spares_others(tls_server, client_context):
     server = tls_server("--max-message-size", "1000")
-    bystander = TLSRawClient(server.port, client_context)
+    bystander = Peer(server.port, tls=client_context)
     assert bystander.status == 101
 
-    unmasked = TLSRawClient(server.port, client_context)
+    unmasked = Peer(server.port, tls=client_context)
     unmasked.send_frame(OP_TEXT, b"not masked", masked=False)
     assert unmasked.recv_close_code() == 1002
     assert wait_until(unmasked.at_eof, timeout=5)
 
-    reserved = TLSRawClient(server.port, client_context)
+    reserved = Peer(server.port, tls=client_context)
     reserved.send_frame(OP_TEXT, b"rsv", rsv=4)
     assert reserved.recv_close_code() == 1002
 
-    too_big = TLSRawClient(server.port, client_context)
+    too_big = Peer(server.port, tls=client_context)
     too_big.send_frame(OP_BINARY, b"x" * 1001)
     assert too_big.recv_close_code() == 1009
 
-    bad_utf8 = TLSRawClient(server.port, client_context)
+    bad_utf8 = Peer(server.port, tls=client_context)
     bad_utf8.send_frame(OP_TEXT, b"\xff\xfe")
     assert bad_utf8.recv_close_code() == 1007
 
@@ -266,17 +222,13 @@ def test_wss_protocol_error_closes_1002_and_spares_others(tls_server, client_con
     assert wait_until(bystander.at_eof, timeout=5)
     for client in (bystander, unmasked, reserved, too_big, bad_utf8):
         client.close()
-    assert wait_until(lambda: health(server, client_context)["connections"] == 0)
-
-
-def health(server: Any, context: ssl.SSLContext) -> dict[str, Any]:
-    return json.loads(fetch(server.url + "/healthz", context)[2])
+    assert wait_until(lambda: open_connections(server, client_context) == 0)
 
 
 def test_wss_abrupt_drops_free_their_connections(tls_server, client_context):
     server = tls_server()
-    clients = [TLSRawClient(server.port, client_context) for _ in range(6)]
-    assert wait_until(lambda: health(server, client_context)["connections"] == 6)
+    clients = [Peer(server.port, tls=client_context) for _ in range(6)]
+    assert wait_until(lambda: open_connections(server, client_context) == 6)
     # Half vanish mid-frame: a header promising 100 bytes, 10 sent, then a TCP reset.
     for client in clients[:3]:
         client.send(build_frame(OP_TEXT, b"x" * 100)[:16])
@@ -285,7 +237,7 @@ def test_wss_abrupt_drops_free_their_connections(tls_server, client_context):
     # The others just close their sockets (TLS close_notify, then FIN).
     for client in clients[3:]:
         client.close()
-    assert wait_until(lambda: health(server, client_context)["connections"] == 0, timeout=10)
+    assert wait_until(lambda: open_connections(server, client_context) == 0, timeout=10)
 
     async def echo() -> Any:
         client = await websocket_connect(wss(server, "/ws", client_context))

@@ -1,8 +1,8 @@
 """A raw WebSocket peer that treats pings the way every real client does: it answers them.
 
 wsraw.RawClient shows every frame the server sends. The server's keepalive may ping at any
-moment (the first connection of an idle server is pinged at once), so tests about other
-things read through Peer, which answers each ping with its pong and hides it.
+moment, so tests about other things read through Peer, which answers each ping with its
+pong and hides it.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import socket
+import ssl
 import struct
 
 
@@ -46,13 +47,15 @@ class RawClient:
         timeout: float = 5.0,
         with_request: bytes = b"",
         receive_buffer: int = 0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         """Handshake; `with_request` bytes go in the same write as the HTTP request."""
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if receive_buffer:  # before connect(), so the advertised window stays small
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
-        self.sock.settimeout(timeout)
-        self.sock.connect(("127.0.0.1", port))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        sock.settimeout(timeout)
+        sock.connect(("127.0.0.1", port))
+        self.sock = tls.wrap_socket(sock, server_hostname="127.0.0.1") if tls else sock
         key = base64.b64encode(os.urandom(16)).decode()
         request = (
             f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
@@ -113,7 +116,7 @@ class RawClient:
         """True once the server has closed the TCP connection."""
         try:
             return self.sock.recv(1) == b""
-        except (ConnectionResetError, TimeoutError):
+        except (ConnectionResetError, TimeoutError, ssl.SSLError):
             return True
 
     def close(self) -> None:
