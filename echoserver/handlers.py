@@ -264,14 +264,13 @@ class ChannelSocket(BaseSocket):
         returned future makes the connection stop reading until half have been answered.
         A message the broker could not take is reported to the sender, never silently lost.
         """
-        hub = self.application.hub
         sender = self.member.sub_id if self.member is not None else None
-        if hub.publish_nowait(self.channel, data, binary, sender):
-            return None
         try:
-            outcome = hub.publish_soon(self.channel, data, binary, sender)
+            outcome = self.application.hub.submit(self.channel, data, binary, sender)
         except BrokerUnavailable as exc:
             self.not_delivered(exc)
+            return None
+        if outcome is None:
             return None
         self._in_flight += 1
         outcome.add_done_callback(self._published)
@@ -331,12 +330,13 @@ class MixedSocket(ChannelSocket):
     async def _broadcast(self, payload: bytes, inner: Any) -> None:
         hub = self.application.hub
         sender = self.member.sub_id if self.member is not None else None
-        if not hub.publish_nowait(self.channel, payload, False, sender):
-            try:
-                await hub.publish_soon(self.channel, payload, False, sender)
-            except BrokerUnavailable as exc:
-                self.not_delivered(exc)
-                return
+        try:
+            outcome = hub.submit(self.channel, payload, False, sender)
+            if outcome is not None:
+                await outcome
+        except BrokerUnavailable as exc:
+            self.not_delivered(exc)
+            return
         listeners = await hub.members(self.channel)
         result = {"type": "broadcastResult", "payload": inner, "listenCount": listeners}
         self.send(json.dumps(result).encode(), False)

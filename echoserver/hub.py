@@ -168,15 +168,18 @@ class Hub:
         """Send to the channel; raises BrokerUnavailable when the broker cannot take it."""
         await self.broker.publish(Envelope(channel, data, binary, sender), self.history)
 
-    def publish_soon(
+    def submit(
         self, channel: str, data: bytes, binary: bool, sender: str | None
-    ) -> asyncio.Future[None]:
-        """Start publishing now; the future is the outcome (see Broker.publish_soon)."""
-        return self.broker.publish_soon(Envelope(channel, data, binary, sender), self.history)
+    ) -> asyncio.Future[None] | None:
+        """Publish without waiting: None when the broker has delivered it already (memory);
+        else the outcome of a publish that has started (publishes keep their call order).
 
-    def publish_nowait(self, channel: str, data: bytes, binary: bool, sender: str | None) -> bool:
-        """Publish synchronously when the broker can (memory); False means await publish()."""
-        return self.broker.publish_nowait(Envelope(channel, data, binary, sender), self.history)
+        Raises BrokerUnavailable at once when the broker is known to be down.
+        """
+        envelope = Envelope(channel, data, binary, sender)
+        if self.broker.publish_nowait(envelope, self.history):
+            return None
+        return self.broker.publish_soon(envelope, self.history)
 
     async def members(self, channel: str) -> int:
         """The channel's members across every process."""
