@@ -66,11 +66,16 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     status = handler.get_status()
     if isinstance(handler, BaseSocket) and status == 101:
         return  # logged by on_close, with its close code
-    write_access_line(handler.request, status)
+    # Probes and scrapes come every few seconds: only worth a line when they fail.
+    quiet = isinstance(handler, (HealthHandler, MetricsHandler)) and status < 500
+    write_access_line(handler.request, status, level=logging.DEBUG if quiet else None)
 
 
 def write_access_line(
-    request: tornado.httputil.HTTPServerRequest, status: int, close: int | None = None
+    request: tornado.httputil.HTTPServerRequest,
+    status: int,
+    close: int | None = None,
+    level: int | None = None,
 ) -> None:
     """One access line; the JSON formatter keeps its fields apart (extra["access"]).
 
@@ -90,7 +95,8 @@ def write_access_line(
     if close is not None:
         fields["close"] = close
         text += " close=%(close)d"
-    level = logging.INFO if status < 500 else logging.WARNING
+    if level is None:
+        level = logging.INFO if status < 500 else logging.WARNING
     access_log.log(
         level, text, {**fields, "origin": fields["origin"] or "-"}, extra={"access": fields}
     )
