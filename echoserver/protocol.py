@@ -150,6 +150,8 @@ class FrameParser:
             return None
         if opcode > OP_BINARY:
             return (FAIL, CLOSE_PROTOCOL_ERROR, f"reserved opcode {opcode:#x}")
+        if length >> 63:
+            return (FAIL, CLOSE_PROTOCOL_ERROR, "64-bit payload length with its top bit set")
         if rsv and not (rsv == 0x40 and opcode != OP_CONT and self.decompress is not None):
             return (FAIL, CLOSE_PROTOCOL_ERROR, "reserved bits set")
         if opcode == OP_CONT:

@@ -98,6 +98,11 @@ def test_invalid_close_codes(client, bystander, code):
     assert_fails_with(client, 1002)
 
 
+def test_payload_length_with_the_top_bit_set(client, bystander):
+    client.send(bytes([0x82, 0x80 | 127]) + (1 << 63).to_bytes(8, "big") + b"mask")
+    assert_fails_with(client, 1002)
+
+
 def test_one_byte_close_payload(client, bystander):
     client.send_frame(0x8, b"\x03")
     assert_fails_with(client, 1002)
