@@ -399,10 +399,10 @@ class MetricsHandler(tornado.web.RequestHandler):
 
 
 class PageHandler(tornado.web.StaticFileHandler):
-    """Static files: the page revalidates every time, assets are cached for an hour."""
+    """The page and its assets: revalidated by ETag on every load (a 304 when unchanged),
+    so an upgraded server never leaves a browser on a stale page; a ?v= URL is cached for
+    good (Tornado's versioned static URLs)."""
 
     def set_extra_headers(self, path: str) -> None:
-        if path.endswith(".html"):
+        if "v" not in self.request.arguments:
             self.set_header("Cache-Control", "no-cache")
-        elif "v" not in self.request.arguments:
-            self.set_header("Cache-Control", "public, max-age=3600")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
 import sys
 import venv
@@ -152,3 +153,19 @@ def test_installed_wheel_finds_its_page_from_another_directory(tmp_path, run_ser
     assert status == 200
     assert b"/static/app.js" in body
     assert fetch(server.url + "/static/app.js")[0] == 200
+
+
+def test_console_script_is_the_same_program():
+    script = shutil.which("echoserver")
+    assert script, "the echoserver console script is not installed (pip install -e .)"
+    checked = subprocess.run(
+        [script, "--mode", "broadcast", "--check-config"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert (checked.returncode, checked.stdout.strip()) == (0, "config ok")
+    from echoserver import __version__
+
+    version = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=30)
+    assert __version__ in version.stdout

@@ -185,9 +185,14 @@ async def test_page_and_assets_are_served(http_server, http_port, http_client):
     assert page.headers["Content-Type"].startswith("text/html")
     assert b"/static/app.js" in page.body
     for asset in ("app.js", "style.css"):
-        response = await http_client.fetch(f"http://127.0.0.1:{http_port}/static/{asset}")
+        url = f"http://127.0.0.1:{http_port}/static/{asset}"
+        response = await http_client.fetch(url)
         assert response.code == 200
-        assert "max-age" in response.headers["Cache-Control"]
+        assert response.headers["Cache-Control"] == "no-cache"
+        again = await http_client.fetch(
+            url, headers={"If-None-Match": response.headers["Etag"]}, raise_error=False
+        )
+        assert again.code == 304
 
 
 @pytest.mark.gen_test
