@@ -173,13 +173,7 @@ def main() -> None:
             "clients got it. server µs/delivery = server CPU time (user+system) in the window / "
             "deliveries in the window. Lower is better for p50/p99/µs.\n"
         )
-    print(common.runs_table(results, metrics, names))
-    print(common.noise_note(results, names))
-    print(f"\n{common.environment_note(args.uvloop)}")
-    if args.server_cmd:
-        print(f"custom server: {args.server_cmd}")
-    print(f"command: {common.command_line()}")
-    common.write_json(args.json, {"command": common.command_line(), "results": results})
+    common.print_footer(args, results, metrics, names)
 
 
 if __name__ == "__main__":

@@ -117,13 +117,7 @@ def main() -> None:
         "gone without a reply when the window closed). Lower is better for p50, p99, "
         "longest silence and all done s.\n"
     )
-    print(common.runs_table(results, METRICS, names))
-    print(common.noise_note(results, names))
-    print(f"\n{common.environment_note(args.uvloop)}")
-    if args.server_cmd:
-        print(f"custom server: {args.server_cmd}")
-    print(f"command: {common.command_line()}")
-    common.write_json(args.json, {"command": common.command_line(), "results": results})
+    common.print_footer(args, results, METRICS, names)
 
 
 if __name__ == "__main__":

@@ -106,12 +106,7 @@ def main() -> None:
         "\nKB/connection = server VmRSS growth / connections opened (user-space memory; the "
         "kernel's socket buffers are not in RSS). Lower is better.\n"
     )
-    print(common.runs_table(results, METRICS, names))
-    print(f"\n{common.environment_note(args.uvloop)}")
-    if args.server_cmd:
-        print(f"custom server: {args.server_cmd}")
-    print(f"command: {common.command_line()}")
-    common.write_json(args.json, {"command": common.command_line(), "results": results})
+    common.print_footer(args, results, METRICS, names, noise=False)
 
 
 if __name__ == "__main__":

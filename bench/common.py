@@ -452,24 +452,16 @@ def command_line() -> str:
     return shlex.join(["python", str(script), *sys.argv[1:]])
 
 
+def _git(*args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=REPO_DIR, capture_output=True, text=True, timeout=5, check=False
+    ).stdout.strip()
+
+
 def _git_revision() -> str:
     try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO_DIR,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO_DIR,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        ).stdout.strip()
+        rev = _git("rev-parse", "--short", "HEAD")
+        dirty = _git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return f"{rev}{'+dirty' if dirty else ''}" if rev else "unknown"
@@ -702,3 +694,22 @@ def write_json(path: str | None, payload: Any) -> None:
     if path:
         Path(path).write_text(json.dumps(payload, indent=2) + "\n")
         say(f"raw results written to {path}")
+
+
+def print_footer(
+    args: argparse.Namespace,
+    results: Any,
+    metrics: Any,
+    names: Any,
+    *,
+    noise: bool = True,
+) -> None:
+    """What every benchmark prints after its summary: each run, noise, machine, command."""
+    print(runs_table(results, metrics, names))
+    if noise:
+        print(noise_note(results, names))
+    print(f"\n{environment_note(args.uvloop)}")
+    if args.server_cmd:
+        print(f"custom server: {args.server_cmd}")
+    print(f"command: {command_line()}")
+    write_json(args.json, {"command": command_line(), "results": results})
