@@ -489,9 +489,11 @@ def _show(key: Key | None, value: Any) -> str:
     if isinstance(value, str):
         value = _URL_PASSWORD_RE.sub(r"\1***@", value)
     try:
-        return format_value(value)
+        text = format_value(value)
     except ValueError:  # an integer with more digits than Python will turn into text
         return "<a number too long to show>"
+    # One readable line, whatever was pasted into the value.
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _toml_type_name(value: Any) -> str:
