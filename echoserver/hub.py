@@ -26,6 +26,9 @@ from echoserver.brokers.base import Broker, Envelope
 
 log = logging.getLogger("echoserver.hub")
 
+MAX_TRACKED_CHANNELS = 1000  # channels with counters of their own in /metrics
+OTHER_CHANNELS = "(other)"  # where the rest are counted
+
 
 class Subscriber(Protocol):
     """One connection's end of a channel."""
@@ -196,7 +199,13 @@ class Hub:
     def _stats(self, channel: str) -> ChannelStats:
         stats = self.stats.get(channel)
         if stats is None:
-            stats = self.stats[channel] = ChannelStats()
+            # Channel names come from clients: past a bound they share one entry, so
+            # neither memory nor the metrics' label set grows without end.
+            if len(self.stats) >= MAX_TRACKED_CHANNELS:
+                channel = OTHER_CHANNELS
+                stats = self.stats.get(channel)
+            if stats is None:
+                stats = self.stats[channel] = ChannelStats()
         return stats
 
     def _fan_out(self, envelope: Envelope) -> None:

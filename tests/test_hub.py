@@ -261,3 +261,43 @@ def test_one_envelope_object_reaches_every_receiver():
     run(scenario())
     assert len(seen) == 5
     assert all(envelope is seen[0] for envelope in seen)
+
+
+def test_counters_of_channels_past_the_bound_are_shared(monkeypatch):
+    monkeypatch.setattr("echoserver.hub.MAX_TRACKED_CHANNELS", 3)
+
+    async def scenario():
+        hub = Hub(MemoryBroker())
+        for n in range(6):
+            member = Recorder(hub)
+            await hub.join(f"c{n}", member)
+            await hub.publish(f"c{n}", b"x", False, None)
+        return hub
+
+    hub = run(scenario())
+    assert set(hub.stats) == {"c0", "c1", "c2", "(other)"}
+    assert hub.stats["(other)"].deliveries == 3
+
+
+def test_a_channel_nobody_is_on_keeps_nothing_but_its_history(monkeypatch):
+    monkeypatch.setattr("echoserver.brokers.memory.MAX_HISTORY_CHANNELS", 2)
+
+    async def scenario():
+        broker = MemoryBroker()
+        hub = Hub(broker, history=5)
+        for n in range(4):
+            member = Recorder(hub)
+            await hub.join(f"c{n}", member)
+            await hub.publish(f"c{n}", b"x", False, None)
+            await hub.leave(f"c{n}", member)
+        plain = Hub(MemoryBroker())
+        member = Recorder(plain)
+        await plain.join("gone", member)
+        await plain.publish("gone", b"x", False, None)
+        await plain.leave("gone", member)
+        return broker, plain.broker
+
+    with_history, without = run(scenario())
+    assert list(with_history._history) == ["c2", "c3"]
+    assert set(with_history._last_seq) == {"c2", "c3"}
+    assert without._last_seq == {}

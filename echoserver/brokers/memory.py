@@ -3,20 +3,26 @@
 Publishing calls the hub back synchronously, so a channel's order is simply the order of
 publish() calls and a joiner that reads the history and subscribes in one loop pass can
 neither miss nor repeat a message.
+
+A channel's history outlives its members (a later joiner still gets it), so the number of
+channels that keep one is capped: past MAX_HISTORY_CHANNELS the least recently used goes.
+Nothing else is kept for a channel nobody is on.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 
 from echoserver.brokers.base import Broker, Envelope, OnEnvelope
+
+MAX_HISTORY_CHANNELS = 10_000
 
 
 class MemoryBroker(Broker):
     def __init__(self) -> None:
         self._on_envelope: OnEnvelope | None = None
         self._subscribed: set[str] = set()
-        self._history: dict[str, deque[Envelope]] = {}
+        self._history: OrderedDict[str, deque[Envelope]] = OrderedDict()
         self._presence: dict[str, int] = {}
         self._last_seq: dict[str, int] = {}
 
@@ -32,6 +38,8 @@ class MemoryBroker(Broker):
 
     async def unsubscribe(self, channel: str) -> None:
         self._subscribed.discard(channel)
+        if channel not in self._history:
+            self._last_seq.pop(channel, None)
 
     async def publish(self, envelope: Envelope, history: int = 0) -> None:
         self.publish_nowait(envelope, history)
@@ -40,13 +48,22 @@ class MemoryBroker(Broker):
         seq = envelope.seq = self._last_seq.get(envelope.channel, 0) + 1
         self._last_seq[envelope.channel] = seq
         if history > 0:
-            kept = self._history.get(envelope.channel)
-            if kept is None or kept.maxlen != history:
-                kept = self._history[envelope.channel] = deque(kept or (), maxlen=history)
-            kept.append(envelope)
+            self._keep(envelope, history)
         if self._on_envelope is not None and envelope.channel in self._subscribed:
             self._on_envelope(envelope)
         return True
+
+    def _keep(self, envelope: Envelope, history: int) -> None:
+        channel = envelope.channel
+        kept = self._history.get(channel)
+        if kept is None or kept.maxlen != history:
+            kept = self._history[channel] = deque(kept or (), maxlen=history)
+        self._history.move_to_end(channel)
+        kept.append(envelope)
+        if len(self._history) > MAX_HISTORY_CHANNELS:
+            oldest, _ = self._history.popitem(last=False)
+            if oldest not in self._subscribed:
+                self._last_seq.pop(oldest, None)
 
     async def history(self, channel: str, limit: int) -> list[Envelope]:
         return self.history_now(channel, limit)
