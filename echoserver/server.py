@@ -30,6 +30,8 @@ from echoserver.handlers import CLOSE_GOING_AWAY
 log = logging.getLogger("echoserver")
 
 LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
+HTTP_MAX_BODY = 64 * 1024
+HTTP_IDLE_TIMEOUT = 60.0  # seconds, for plain HTTP requests (not WebSocket connections)
 
 
 class JSONFormatter(logging.Formatter):
@@ -208,7 +210,15 @@ async def serve(
     app = make_app(settings, broker)
     await app.hub.start()
     context = ssl_context(settings)
-    server = tornado.httpserver.HTTPServer(app, ssl_options=context, xheaders=False)
+    server = tornado.httpserver.HTTPServer(
+        app,
+        ssl_options=context,
+        xheaders=False,
+        # No route takes a request body, and a client that dribbles its headers (or sits
+        # idle between requests) should not hold a descriptor for Tornado's default hour.
+        max_body_size=HTTP_MAX_BODY,
+        idle_connection_timeout=HTTP_IDLE_TIMEOUT,
+    )
     server.add_sockets(sockets)
     scheme = "https" if context else "http"
     # Where a local browser reaches it: a wildcard address means this machine.
