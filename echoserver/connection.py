@@ -14,8 +14,8 @@ Pings come from one Keepalive per server, not one task per connection: an idle
 connection costs a few objects, not a coroutine and a timer of its own.
 
 Relies on WebSocketProtocol13 and IOStream internals of the Tornado range pinned in
-setup.cfg: _parse_extensions_header, _create_compressors, _challenge_response and
-IOStream._consume.
+setup.cfg: _parse_extensions_header, _create_compressors (and its compressor's
+_compressor and _max_wbits), _challenge_response and IOStream._consume.
 """
 
 from __future__ import annotations
@@ -338,6 +338,11 @@ class WebSocketConnection(WebSocketProtocol13):
         for name, params in self._parse_extensions_header(handler.request.headers):
             if name != "permessage-deflate":
                 continue
+            if getattr(handler, "shares_frames", False):
+                # No context takeover (RFC 7692 7.1.1.1 lets the server ask for it): each
+                # message compresses alone, so one compressed frame serves every receiver
+                # with the same window; a broadcast is deflated once, not once per client.
+                params["server_no_context_takeover"] = None
             try:
                 self._create_compressors("server", params, self._compression_options)
             except ValueError:
@@ -521,14 +526,27 @@ class WebSocketConnection(WebSocketProtocol13):
         """Queue a broadcast: encoded once and shared by every receiver without compression."""
         if self.server_terminated or self._lost:
             return
-        if self._compressor is not None:
-            self.send(envelope.data, envelope.binary)
+        compressor = self._compressor
+        if compressor is not None:
+            self.send_frame(self._deflated_frame(envelope, compressor))
             return
         frame = envelope.frame
         if frame is None:
             opcode = OP_BINARY if envelope.binary else OP_TEXT
             frame = envelope.frame = protocol.encode_frame(opcode, envelope.data)
         self.send_frame(frame)
+
+    def _deflated_frame(self, envelope: Envelope, compressor: Any) -> bytes:
+        opcode = OP_BINARY if envelope.binary else OP_TEXT
+        if compressor._compressor is not None:  # context takeover: a stream of its own
+            return protocol.encode_frame(opcode, compressor.compress(envelope.data), True)
+        window = compressor._max_wbits
+        cached = envelope.deflated
+        if cached is not None and cached[0] == window:
+            return cached[1]
+        frame = protocol.encode_frame(opcode, compressor.compress(envelope.data), True)
+        envelope.deflated = (window, frame)
+        return frame
 
     def flush(self) -> None:
         self._dirty = False

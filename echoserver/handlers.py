@@ -243,6 +243,8 @@ class EchoSocket(BaseSocket):
 class ChannelSocket(BaseSocket):
     """A member of one channel: its connection is the hub's subscriber."""
 
+    shares_frames = True  # broadcasts are deflated once for all (see connection.py)
+
     member: WebSocketConnection | None = None
     _in_flight = 0  # publishes handed to the broker and not yet answered
     _drained: asyncio.Future[None] | None = None

@@ -119,26 +119,59 @@ def test_history_then_live(run_server):
     assert live == "live"
 
 
-def test_deflate_and_plain_receivers_get_the_same_broadcast(run_server):
+def test_deflate_and_plain_receivers_get_the_same_broadcasts(run_server):
+    """Deflate receivers share one compressed frame (no context takeover), plain ones the
+    plain frame; every receiver decodes every message, in order."""
     server = run_server("--mode", "broadcast", "--compression")
+    messages: list[str | bytes] = [
+        "compress me " * 200,
+        b"\x00" * 5000,
+        "compress me " * 200,  # the same again: no stale dictionary state
+        "short",
+        bytes(range(256)) * 20,
+    ]
 
     async def scenario():
         plain = await websocket_connect(server.ws_url + "/ws/z")
-        deflated = await websocket_connect(server.ws_url + "/ws/z", compression_options={})
-        text = "compress me " * 200
-        await plain.write_message(text)
-        got = (await plain.read_message(), await deflated.read_message())
-        await deflated.write_message(b"\x00" * 5000, binary=True)
-        got_binary = (await plain.read_message(), await deflated.read_message())
-        extensions = deflated.headers.get("Sec-WebSocket-Extensions", "")
-        plain.close()
-        deflated.close()
-        return text, got, got_binary, extensions
+        deflated = [
+            await websocket_connect(server.ws_url + "/ws/z", compression_options={})
+            for _ in range(2)
+        ]
+        received: list[list[str | bytes | None]] = [[], [], []]
+        for n, message in enumerate(messages):
+            sender = deflated[0] if n % 2 else plain  # compressed and plain senders
+            await sender.write_message(message, binary=isinstance(message, bytes))
+            for client, got in zip([plain, *deflated], received, strict=True):
+                got.append(await client.read_message())
+        extensions = deflated[0].headers.get("Sec-WebSocket-Extensions", "")
+        for client in [plain, *deflated]:
+            client.close()
+        return received, extensions
 
-    text, got, got_binary, extensions = asyncio.run(scenario())
+    received, extensions = asyncio.run(scenario())
     assert "permessage-deflate" in extensions
-    assert got == (text, text)
-    assert got_binary == (b"\x00" * 5000, b"\x00" * 5000)
+    assert "server_no_context_takeover" in extensions
+    for got in received:
+        assert got == messages
+
+
+def test_echo_mode_keeps_the_compression_context(run_server):
+    server = run_server("--mode", "echo", "--compression")
+
+    async def scenario():
+        client = await websocket_connect(server.ws_url + "/ws", compression_options={})
+        replies = []
+        for message in ["again " * 100, "again " * 100]:
+            await client.write_message(message)
+            replies.append(await client.read_message())
+        extensions = client.headers.get("Sec-WebSocket-Extensions", "")
+        client.close()
+        return replies, extensions
+
+    replies, extensions = asyncio.run(scenario())
+    assert replies == ["again " * 100] * 2
+    assert "permessage-deflate" in extensions
+    assert "server_no_context_takeover" not in extensions
 
 
 def test_mixed_mode_counts_listeners_and_refuses_binary(run_server):

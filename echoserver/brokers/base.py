@@ -25,8 +25,10 @@ class Envelope:
     # Position in the channel's order as the broker assigned it (1, 2, ...); 0 = not yet
     # published. Lets a joiner splice history and live messages without gap or repeat.
     seq: int = 0
-    # The message's WebSocket frame, encoded by its first receiver and reused by the rest.
+    # The message's WebSocket frame, encoded by its first receiver and reused by the rest;
+    # and its permessage-deflate frame (window bits, frame) for receivers that share one.
     frame: bytes | None = field(default=None, compare=False, repr=False)
+    deflated: tuple[int, bytes] | None = field(default=None, compare=False, repr=False)
 
 
 OnEnvelope = Callable[[Envelope], None]
