@@ -270,6 +270,7 @@
       setStatus("open", "Open");
       logSys("Connected to " + target.shown + (state.mode ? " (" + state.mode + " mode)" : ""));
       startMembers();
+      refreshHealth();  // the server info line now counts this connection too
     };
     ws.onmessage = function (ev) {
       if (state.ws !== ws) return;
