@@ -93,15 +93,7 @@ def one_run(kind: str, args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     args = parse_args()
     common.raise_nofile()
-    kinds = common.kinds_to_run(args.only)
-    names = {k: common.kind_label(k, args.server_cmd) for k in kinds}
-    results = common.run_interleaved(
-        kinds,
-        args.runs,
-        lambda kind, _i: one_run(kind, args),
-        label=names.get,
-        quiet_wait=args.quiet_wait,
-    )
+    results, names = common.run_all(args, one_run)
     print(
         f"## Echo: {args.connections} connections x {args.inflight} in flight, "
         f"{args.size}-byte payload, {args.duration:g} s window after {args.warmup:g} s warm-up\n"

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -713,3 +713,19 @@ def print_footer(
         print(f"custom server: {args.server_cmd}")
     print(f"command: {command_line()}")
     write_json(args.json, {"command": command_line(), "results": results})
+
+
+def run_all(
+    args: argparse.Namespace, one_run: Callable[[str, argparse.Namespace], Result]
+) -> tuple[list[Result], dict[str, str]]:
+    """Every run of every server (interleaved), and the servers' display names."""
+    kinds = kinds_to_run(args.only)
+    names = {k: kind_label(k, args.server_cmd) for k in kinds}
+    results = run_interleaved(
+        kinds,
+        args.runs,
+        lambda kind, _i: one_run(kind, args),
+        label=names.get,
+        quiet_wait=args.quiet_wait,
+    )
+    return results, names
