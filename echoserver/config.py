@@ -496,19 +496,21 @@ def _show(key: Key | None, value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+# In this order: bool is a subclass of int.
+_TOML_TYPE_NAMES = (
+    (bool, "a boolean"),
+    (int, "an integer"),
+    (float, "a float"),
+    (str, "a string"),
+    (list, "an array"),
+    (dict, "a table"),
+)
+
+
 def _toml_type_name(value: Any) -> str:
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a float"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "a table"
+    for kind, name in _TOML_TYPE_NAMES:
+        if isinstance(value, kind):
+            return name
     return "a date/time"
 
 

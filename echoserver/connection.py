@@ -472,7 +472,7 @@ class WebSocketConnection(WebSocketProtocol13):
             self._internal_error(logged=True)
             return
         backlog, self._backlog = self._backlog, None
-        if backlog is not None and index_left(backlog):
+        if backlog is not None and backlog[1] < len(backlog[0]):  # events left to handle
             self._feeding = True
             try:
                 self._handle_events(*backlog)
@@ -665,8 +665,3 @@ def release_handshake(handler: WebSocketHandler) -> None:
     handler.request.server_connection = None  # its server side, holding the old stream
     handler._headers = None  # type: ignore[assignment]  # the 101 response's, sent
     handler.ui = None  # template helpers
-
-
-def index_left(backlog: tuple[list[Event], int]) -> bool:
-    events, index = backlog
-    return index < len(events)

@@ -19,7 +19,6 @@ import asyncio
 import itertools
 import logging
 import os
-from collections.abc import Iterator
 from typing import Protocol
 
 from echoserver.brokers.base import Broker, Envelope
@@ -190,11 +189,6 @@ class Hub:
 
     def local_members(self, channel: str) -> int:
         return len(self._channels.get(channel, ()))
-
-    def channels(self) -> Iterator[tuple[str, int]]:
-        """(channel, local member count) for every channel with members here."""
-        for name, members in self._channels.items():
-            yield name, len(members)
 
     def _stats(self, channel: str) -> ChannelStats:
         stats = self.stats.get(channel)

@@ -119,25 +119,25 @@ class Server:
             return ""
 
 
+def _serve(mode: str):
+    server = Server(mode).start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="module")
 def echo_server():
-    s = Server("echo").start()
-    yield s
-    s.stop()
+    yield from _serve("echo")
 
 
 @pytest.fixture(scope="module")
 def broadcast_server():
-    s = Server("broadcast").start()
-    yield s
-    s.stop()
+    yield from _serve("broadcast")
 
 
 @pytest.fixture(scope="module")
 def mixed_server():
-    s = Server("mixed").start()
-    yield s
-    s.stop()
+    yield from _serve("mixed")
 
 
 # ---------------------------------------------------------------- browser
