@@ -7,6 +7,7 @@
   var BACKOFF_CAP_MS = 15000;     // never wait longer than 7.5..15 s
   var MEMBERS_POLL_MS = 2000;
   var HEALTH_TIMEOUT_MS = 3000;
+  var HEALTH_POLL_MS = 5000;      // /healthz while the page is visible, and right after a close
   var TEXT_PREVIEW_CHARS = 4000;
   var HEX_PREVIEW_BYTES = 256;
   var MAX_PENDING_KEYS = 1000;
@@ -24,9 +25,11 @@
   var el = {};
   [
     "status", "status-text", "retry", "mode", "channel", "channel-field", "channel-help", "members",
-    "members-field", "connect", "disconnect", "reconnect", "token", "url", "hint", "server-info",
-    "composer", "msgtype", "encoding", "envelope-field", "envelope", "message", "message-help",
-    "file", "send", "compose-error", "log", "log-count", "filter", "clear", "autoscroll"
+    "members-field", "connect", "disconnect", "reconnect", "token", "token-need", "url", "hint",
+    "server-about", "health", "server-stats",
+    "composer", "msgtype-field", "msgtype", "encoding-field", "encoding", "envelope-field", "envelope",
+    "message", "message-help", "file-field", "file", "send", "compose-error", "log", "log-count",
+    "filter", "clear", "autoscroll"
   ].forEach(function (id) { el[id.replace(/-(\w)/g, function (_, c) { return c.toUpperCase(); })] = $(id); });
 
   var state = {
@@ -41,6 +44,11 @@
     closedText: "Closed",
     connectSeq: 0,
     healthOk: null,        // did the last GET /healthz answer?
+    healthTimer: null,
+    healthInflight: null,  // the GET /healthz under way, shared by every caller
+    authRequired: null,    // does the server require a token? null = not known yet
+    replayLeft: 0,         // messages still to come of a history replay (mixed mode)
+    composeErrorKind: "",  // "not-connected" is cleared once a connection opens
     wsPath: "/ws",         // the WebSocket endpoint; channels are <wsPath>/<channel>
     channel: "default",    // the channel of the current/last connection
     membersTimer: null,
@@ -157,7 +165,15 @@
     var channels = isChannelMode();
     el.channelField.hidden = !channels;
     el.membersField.hidden = !channels;
-    el.envelopeField.hidden = state.mode !== "mixed";
+    var mixed = state.mode === "mixed";
+    el.envelopeField.hidden = !mixed;
+    // Mixed mode refuses every binary frame: offer text only there.
+    if (mixed && el.msgtype.value !== "text") el.msgtype.value = "text";
+    if (mixed && el.file.value) el.file.value = "";
+    el.msgtype.querySelector('option[value="binary"]').disabled = mixed;
+    el.msgtypeField.hidden = mixed;
+    el.encodingField.hidden = mixed;
+    el.fileField.hidden = mixed;
     updateComposerHints();
   }
 
@@ -165,29 +181,62 @@
 
   /* ---------- health ---------- */
 
+  function setText(node, text) { if (node.textContent !== text) node.textContent = text; }
+
+  function showHealth(status, text) {
+    // Only the health part is a live region: it changes when the server's state does,
+    // not with every connection count or uptime tick.
+    if (el.health.getAttribute("data-status") !== status) el.health.setAttribute("data-status", status);
+    setText(el.health, text);
+  }
+
   function refreshHealth() {
+    if (state.healthInflight) return state.healthInflight;
     var ctl = typeof AbortController === "function" ? new AbortController() : null;
     var timer = setTimeout(function () { if (ctl) ctl.abort(); }, HEALTH_TIMEOUT_MS);
-    return fetch("/healthz", { cache: "no-store", signal: ctl ? ctl.signal : undefined })
-      .then(function (r) { return r.json(); })
+    var p = fetch("/healthz", { cache: "no-store", signal: ctl ? ctl.signal : undefined })
+      .then(function (r) { return r.json(); })  // 503 (degraded, draining) has a JSON body too
       .then(function (j) {
-        if (j && typeof j.mode === "string") setMode(j.mode);
+        if (!j || typeof j !== "object") throw new Error("not JSON");
+        if (typeof j.mode === "string" && j.mode !== state.mode) setMode(j.mode);
         // A server with a non-default WebSocket path may announce it here.
-        if (j && typeof j.path === "string" && /^\/[^?#\s]*$/.test(j.path)) state.wsPath = j.path.replace(/\/+$/, "") || "/ws";
-        var bits = [];
-        if (j.version) bits.push("echoserver " + j.version);
-        if (j.status) bits.push("health: " + j.status);
+        if (typeof j.path === "string" && /^\/[^?#\s]*$/.test(j.path)) state.wsPath = j.path.replace(/\/+$/, "") || "/ws";
+        if (typeof j.auth === "boolean") setAuthRequired(j.auth);
+        setText(el.serverAbout, j.version ? "echoserver " + j.version + " · " : "");
+        var status = typeof j.status === "string" ? j.status : "unknown";
+        showHealth(status, "health: " + status + (j.reason ? " — " + j.reason : ""));
+        var bits = [""];
         if (typeof j.connections === "number") bits.push(j.connections + " connection" + (j.connections === 1 ? "" : "s"));
         if (typeof j.uptime === "number") bits.push("up " + fmtUptime(j.uptime));
-        el.serverInfo.textContent = bits.join(" · ");
+        setText(el.serverStats, bits.length > 1 ? bits.join(" · ") : "");
         state.healthOk = true;
       })
       .catch(function () {
         state.healthOk = false;
-        el.serverInfo.textContent = "GET /healthz failed: the server is not reachable";
+        setText(el.serverAbout, "");
+        setText(el.serverStats, "");
+        showHealth("unreachable", "GET /healthz failed: the server is not reachable");
         if (state.mode === null) setMode(null);
       })
-      .then(function () { clearTimeout(timer); });
+      .then(function () { clearTimeout(timer); state.healthInflight = null; });
+    state.healthInflight = p;
+    return p;
+  }
+
+  function pollHealth() {
+    if (!document.hidden) refreshHealth();
+  }
+
+  function startHealthPolling() {
+    if (state.healthTimer) clearInterval(state.healthTimer);
+    state.healthTimer = setInterval(pollHealth, HEALTH_POLL_MS);
+  }
+
+  /* ---------- token ---------- */
+
+  function setAuthRequired(required) {
+    state.authRequired = required;
+    setText(el.tokenNeed, required ? "(required by this server)" : "(not required by this server)");
   }
 
   /* ---------- connection ---------- */
@@ -266,7 +315,11 @@
       if (state.ws !== ws) return;
       state.opened = true;
       state.attempt = 0;
+      state.replayLeft = 0;
       showHint("");
+      el.token.removeAttribute("aria-invalid");
+      if (!el.token.value && state.authRequired === null) setAuthRequired(false);
+      if (state.composeErrorKind === "not-connected") showComposeError("");
       setStatus("open", "Open");
       logSys("Connected to " + target.shown + (state.mode ? " (" + state.mode + " mode)" : ""));
       startMembers();
@@ -279,25 +332,76 @@
     ws.onclose = function (ev) {
       if (state.ws !== ws) return;
       var wasOpen = state.opened;
+      var seq = state.connectSeq;
       state.ws = null;
       state.opened = false;
+      state.replayLeft = 0;
       pending.clear();
       stopMembers();
       var label = closeLabel(ev.code, ev.reason);
       state.closedText = "Closed · " + label;
-      logSys((wasOpen ? "Connection closed: " : "Could not connect: ") + label);
-      if (!wasOpen && state.healthOk === false) {
-        showHint("The server is not reachable: it may be down or restarting." +
-          (el.reconnect.checked && state.wanted ? " The page keeps retrying." : ""));
-      } else if (!wasOpen) {
-        showHint(el.token.value
-          ? "The connection failed before opening. Check the token (a server that requires one refuses the handshake with 401), the allowed origins, and that the server is running."
-          : "The connection failed before opening. If the server requires a token, enter it above (without one the handshake is refused with 401); also check the allowed origins and that the server is running.");
-      }
+      if (!wasOpen) logSys("Could not connect: " + label);
+      else if (SERVER_ERROR_CODES[ev.code]) logError("The server closed the connection: " + label);
+      else logSys("Connection closed: " + label);
       setStatus("closed", state.closedText);
-      if (state.wanted && el.reconnect.checked) scheduleReconnect();
+      // What the server says now (degraded, draining, gone), and, for a refused handshake,
+      // why it was refused, before deciding whether to retry.
+      var checks = [refreshHealth()];
+      if (!wasOpen) checks.push(probeHandshake(target.url));
+      Promise.all(checks).then(function (results) {
+        // The user moved on meanwhile (Connect, Disconnect, another channel).
+        if (seq !== state.connectSeq || state.ws || !state.wanted) return;
+        var refusal = wasOpen ? 0 : results[1];
+        if (!wasOpen) explainRefusal(refusal);
+        if (refusal === 401) {
+          // A missing or wrong token will not fix itself: wait for the user.
+          state.wanted = false;
+          state.closedText = "Closed · " + (el.token.value ? "token refused" : "token required");
+          setStatus("closed", state.closedText);
+          return;
+        }
+        if (state.wanted && el.reconnect.checked) scheduleReconnect();
+      });
     };
   }
+
+  /* A browser does not expose why a WebSocket handshake failed. Ask the endpoint itself:
+     a plain GET of the same URL goes through the same checks before the upgrade, so it
+     answers 401 (token), 503 (full, draining), or 400 (no upgrade: those checks passed).
+     Resolves to the status, or 0 when the server did not answer. */
+  function probeHandshake(wsUrl) {
+    var httpUrl = wsUrl.replace(/^ws/, "http");
+    var ctl = typeof AbortController === "function" ? new AbortController() : null;
+    var timer = setTimeout(function () { if (ctl) ctl.abort(); }, HEALTH_TIMEOUT_MS);
+    return fetch(httpUrl, { cache: "no-store", redirect: "manual", signal: ctl ? ctl.signal : undefined })
+      .then(function (r) { return r.status; }, function () { return 0; })
+      .then(function (status) { clearTimeout(timer); return status; });
+  }
+
+  function explainRefusal(status) {
+    if (status === 401) {
+      setAuthRequired(true);
+      el.token.setAttribute("aria-invalid", "true");
+      showHint(el.token.value
+        ? "The server refused the token (401). Enter the right token and press Connect."
+        : "This server requires a token (401 without one). Enter it above and press Connect.");
+      logError(el.token.value ? "Handshake refused: wrong token (401)" : "Handshake refused: a token is required (401)");
+    } else if (state.healthOk === false || status === 0) {
+      showHint("The server is not reachable: it may be down or restarting." +
+        (el.reconnect.checked && state.wanted ? " The page keeps retrying." : ""));
+    } else if (status === 503) {
+      showHint("The server refused the connection for now (503: full or shutting down)." +
+        (el.reconnect.checked && state.wanted ? " The page keeps retrying." : ""));
+    } else if (status === 403) {
+      showHint("The server refused this page's origin (403): check its allowed origins.");
+    } else {
+      showHint("The connection failed before opening. Check the allowed origins and that the server is running.");
+    }
+  }
+
+  var SERVER_ERROR_CODES = {
+    1002: 1, 1003: 1, 1007: 1, 1008: 1, 1009: 1, 1010: 1, 1011: 1, 1013: 1, 1014: 1, 1015: 1
+  };
 
   function scheduleReconnect() {
     clearRetry();
@@ -401,18 +505,19 @@
 
   /* ---------- sending ---------- */
 
-  function showComposeError(msg) {
+  function showComposeError(msg, kind) {
     el.composeError.textContent = msg;
     el.composeError.hidden = !msg;
+    state.composeErrorKind = msg ? kind || "input" : "";
   }
 
   function send() {
     showComposeError("");
-    if (!isOpen()) { showComposeError("Not connected — press Connect first."); return; }
-    var file = el.file.files && el.file.files[0];
+    if (!isOpen()) { showComposeError("Not connected — press Connect first.", "not-connected"); return; }
+    var file = state.mode !== "mixed" && el.file.files && el.file.files[0];
     if (file) { sendFile(file); return; }
     var text = el.message.value;
-    if (el.msgtype.value === "binary") {
+    if (el.msgtype.value === "binary" && state.mode !== "mixed") {
       var bytes;
       try {
         bytes = el.encoding.value === "base64" ? parseBase64(text) : parseHex(text);
@@ -450,7 +555,7 @@
   function sendFile(file) {
     var ws = state.ws;
     file.arrayBuffer().then(function (buf) {
-      if (state.ws !== ws || !isOpen()) { showComposeError("Disconnected before the file was sent."); return; }
+      if (state.ws !== ws || !isOpen()) { showComposeError("Disconnected before the file was sent.", "not-connected"); return; }
       sendBinary(new Uint8Array(buf), file.name);
       el.file.value = "";
       updateComposerHints();
@@ -466,7 +571,6 @@
     var binary = el.msgtype.value === "binary";
     var file = el.file.files && el.file.files[0];
     el.encoding.disabled = !binary;
-    el.envelope.disabled = binary && state.mode === "mixed";
     if (binary) {
       el.message.placeholder = el.encoding.value === "base64"
         ? "base64 bytes, e.g. 3q2+7w=="
@@ -475,8 +579,7 @@
       el.message.placeholder = "Type a message…";
     }
     var help = "Enter sends, Shift+Enter adds a new line.";
-    if (file) help = "File " + file.name + " (" + fmtBytes(file.size) + ") will be sent as binary on Send.";
-    else if (binary && state.mode === "mixed") help += " Binary frames are sent raw, without an envelope.";
+    if (file && state.mode !== "mixed") help = "File " + file.name + " (" + fmtBytes(file.size) + ") will be sent as binary on Send.";
     if (help === DEFAULT_HELP_TEXT) {
       if (el.messageHelp.innerHTML !== DEFAULT_HELP_HTML) el.messageHelp.innerHTML = DEFAULT_HELP_HTML;
     } else if (el.messageHelp.textContent !== help) {
@@ -487,44 +590,69 @@
   /* ---------- receiving ---------- */
 
   function onMessage(data) {
+    // The N messages after {"type":"history","count":N} are the server's replay of kept history.
+    var replayed = state.replayLeft > 0;
+    if (replayed) state.replayLeft--;
+    receive(data, replayed);
+    if (replayed && state.replayLeft === 0) logSys("End of replayed history; live messages follow.");
+  }
+
+  function receive(data, replayed) {
+    var add = function (e) {
+      if (replayed) { e.replayed = true; e.rtt = null; }
+      addEntry(e);
+    };
     if (typeof data === "string") {
       var size = utf8Length(data);
       if (state.mode === "mixed") {
+        // In mixed mode every peer's message reaches us inside a "broadcast" envelope, so
+        // the other types can only come from the server itself.
         var msg = null;
         try { msg = JSON.parse(data); } catch (e) { msg = null; }
         if (msg && typeof msg === "object" && typeof msg.type === "string") {
+          if (msg.type === "error") {
+            add({ dir: "error", kind: "text", size: size, text: String(msg.error), tag: "server notice" });
+            return;
+          }
+          if (msg.type === "history" && !replayed) {
+            var count = typeof msg.count === "number" && msg.count > 0 ? Math.floor(msg.count) : 0;
+            state.replayLeft = count;
+            logSys("Replaying " + count + " earlier message" + (count === 1 ? "" : "s") + " kept by the server:");
+            return;
+          }
+          if (msg.type === "recovery" && !replayed) {
+            logSys(msg.recovered ? "Recovered the messages after offset " + msg.since + "."
+              : "Could not recover every message after offset " + msg.since + ": the server kept them from offset " + msg.first + ".");
+            return;
+          }
           var p = msg.payload;
           var ptext = typeof p === "string" ? p : JSON.stringify(p);
           if (msg.type === "echo") {
-            addEntry({ dir: "in", kind: "text", size: size, text: ptext, tag: "echo", rtt: takePending("e:" + ptext) });
+            add({ dir: "in", kind: "text", size: size, text: ptext, tag: "echo", rtt: takePending("e:" + ptext) });
             return;
           }
           if (msg.type === "broadcast") {
-            addEntry({ dir: "in", kind: "text", size: size, text: ptext, tag: "broadcast" });
+            add({ dir: "in", kind: "text", size: size, text: ptext, tag: "broadcast" });
             return;
           }
           if (msg.type === "broadcastResult") {
             var n = msg.listenCount;
-            addEntry({
+            add({
               dir: "in", kind: "text", size: size, text: ptext, tag: "broadcastResult",
               extra: typeof n === "number" ? "delivered to " + n + " listener" + (n === 1 ? "" : "s") : null,
               rtt: takePending("r:" + ptext)
             });
             return;
           }
-          if (msg.type === "error") {
-            addEntry({ dir: "in", kind: "text", size: size, text: String(msg.error), tag: "error", tagClass: "error" });
-            return;
-          }
         }
-        addEntry({ dir: "in", kind: "text", size: size, text: data });
+        add({ dir: "in", kind: "text", size: size, text: data });
         return;
       }
-      addEntry({ dir: "in", kind: "text", size: size, text: data, rtt: takePending("t:" + data) });
+      add({ dir: "in", kind: "text", size: size, text: data, rtt: replayed ? null : takePending("t:" + data) });
       return;
     }
     var bytes = new Uint8Array(data);
-    addEntry({ dir: "in", kind: "binary", size: bytes.length, bytes: bytes, rtt: takePending(binaryKey(bytes)) });
+    add({ dir: "in", kind: "binary", size: bytes.length, bytes: bytes, rtt: replayed ? null : takePending(binaryKey(bytes)) });
   }
 
   /* ---------- log (bounded, batched with requestAnimationFrame) ---------- */
@@ -534,9 +662,10 @@
   var seqCounter = 0;
   var frameRequested = false;
   var rerenderAll = false;
-  var DIR_LABEL = { out: "sent", "in": "received", sys: "system" };
+  var DIR_LABEL = { out: "sent", "in": "received", sys: "system", error: "error" };
 
   function logSys(text) { addEntry({ dir: "sys", kind: "", size: null, text: text }); }
+  function logError(text) { addEntry({ dir: "error", kind: "", size: null, text: text }); }
 
   function addEntry(e) {
     e.seq = ++seqCounter;
@@ -556,7 +685,7 @@
         ? "… +" + (t.length - TEXT_PREVIEW_CHARS).toLocaleString("en-US") + " more characters" : "";
       e.text = null;
     }
-    e.search = (DIR_LABEL[e.dir] + " " + e.kind + " " + (e.tag || "") + " " +
+    e.search = (DIR_LABEL[e.dir] + " " + e.kind + " " + (e.tag || "") + " " + (e.replayed ? "replayed " : "") +
       (e.extra || "") + " " + e.display).toLowerCase();
     entries.push(e);
     if (entries.length > MAX_ENTRIES) entries.shift();
@@ -592,7 +721,11 @@
     meta.appendChild(time);
     if (e.kind) appendSpan(meta, "kind", e.kind);
     if (e.size !== null && e.size !== undefined) appendSpan(meta, "size", fmtBytes(e.size));
-    if (e.tag) appendSpan(meta, "tag" + (e.tagClass ? " " + e.tagClass : ""), e.tag);
+    if (e.tag) appendSpan(meta, "tag", e.tag);
+    if (e.replayed) {
+      div.setAttribute("data-replayed", "true");
+      appendSpan(meta, "tag replay", "replayed").title = "Sent before you joined; replayed from the server's kept history";
+    }
     if (e.extra) appendSpan(meta, "extra", e.extra);
     if (e.rtt !== null && e.rtt !== undefined) {
       var r = appendSpan(meta, "rtt", "RTT " + fmtMs(e.rtt));
@@ -639,6 +772,8 @@
       if (matches(items[i], f)) frag.appendChild(renderEntry(items[i]));
     }
     el.log.appendChild(frag);
+    if (f && entries.length) el.log.setAttribute("data-filtered", "");
+    else el.log.removeAttribute("data-filtered");
     // Drop DOM rows whose entries fell out of the kept window.
     var oldest = entries.length ? entries[0].seq : Infinity;
     var first = el.log.firstElementChild;
@@ -725,5 +860,7 @@
     validateChannel();
     flush();
     connect();   // talk to the server right away
+    startHealthPolling();
+    document.addEventListener("visibilitychange", pollHealth);
   })();
 })();
