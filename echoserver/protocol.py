@@ -3,13 +3,16 @@
 FrameParser.receive(data) takes whatever bytes arrived and returns the events that every
 complete frame in them produced, in order: whole messages (fragments joined, text checked
 for UTF-8), pings, pongs, a close, or one protocol failure with its close code, after
-which it parses nothing more. Unmasking uses Tornado's C speedup. The encoders build
-unmasked server frames; a broadcast is encoded once and the same bytes go to every
-receiver.
+which it parses nothing more. Text that is not UTF-8 fails (1007) as soon as the bytes that
+make it invalid arrive: a fragmented or partly received text message is checked as it comes
+in (compressed messages once inflated, whole). Unmasking uses Tornado's C speedup. The
+encoders build unmasked server frames; a broadcast is encoded once and the same bytes go to
+every receiver.
 """
 
 from __future__ import annotations
 
+import codecs
 import struct
 import zlib
 from collections.abc import Callable
@@ -53,16 +56,33 @@ def is_utf8(data: bytes) -> bool:
     return True
 
 
+_Utf8Decoder = codecs.getincrementaldecoder("utf-8")
+
+
+def utf8_goes_on(decoder: codecs.IncrementalDecoder, data: bytes, final: bool) -> bool:
+    """Feed a piece of text to `decoder`: False once the text can no longer be valid UTF-8."""
+    try:
+        decoder.decode(data, final)
+    except UnicodeDecodeError:
+        return False
+    # CPython holds ED A0..ED BF (a UTF-16 surrogate) until its third byte; it is already wrong.
+    pending = decoder.getstate()[0]
+    return not (len(pending) > 1 and pending[0] == 0xED and pending[1] >= 0xA0)
+
+
 class FrameParser:
     """Client-to-server frames in, events out. One parser per connection."""
 
     __slots__ = (
         "_buffer",
+        "_checked",
         "_compressed",
         "_fragments",
         "_fragments_size",
         "_message_opcode",
         "_need",
+        "_text",
+        "_text_at",
         "decompress",
         "failed",
         "max_size",
@@ -80,6 +100,12 @@ class FrameParser:
         self._fragments_size = 0
         self._message_opcode = 0
         self._compressed = False
+        # Text checked as it arrives (fragmented, or a frame over several reads): the
+        # decoder, where the pending frame's payload starts in the buffer (0 = no pending
+        # text frame to check) and how much of that payload has been checked.
+        self._text: codecs.IncrementalDecoder | None = None
+        self._text_at = 0
+        self._checked = 0
 
     def receive(self, data: bytes) -> list[Event]:
         """Parse every complete frame now buffered; keep the rest for the next call."""
@@ -88,7 +114,7 @@ class FrameParser:
         if self._buffer:
             self._buffer += data
             if len(self._buffer) < self._need:
-                return []
+                return self._check_partial() if self._text_at else []
             data = bytes(self._buffer)
             self._buffer.clear()
             self._need = 0
@@ -118,6 +144,13 @@ class FrameParser:
             frame_end = pos + header + length
             if frame_end > end:
                 self._need = frame_end - pos
+                if self._is_plain_text(first):
+                    self._buffer += data[pos:] if pos else data
+                    self._text_at = header
+                    if self._text is None:
+                        self._text = _Utf8Decoder()
+                    events += self._check_partial()
+                    return events
                 break
             mask = data[pos + header - 4 : pos + header]
             payload = unmask(mask, data[pos + header : frame_end]) if length else b""
@@ -131,6 +164,29 @@ class FrameParser:
         if pos < end:
             self._buffer += data[pos:] if pos else data
         return events
+
+    def _is_plain_text(self, first: int) -> bool:
+        """Whether a data frame carries uncompressed text (text is checked after inflating)."""
+        opcode = first & 0x0F
+        if opcode == OP_TEXT:
+            return not first & 0x40
+        return opcode == OP_CONT and self._message_opcode == OP_TEXT and not self._compressed
+
+    def _check_partial(self) -> list[Event]:
+        """Check the text that has arrived of a frame still incomplete in the buffer."""
+        start = self._text_at + self._checked
+        if len(self._buffer) <= start:
+            return []
+        at = self._text_at
+        turn = self._checked % 4
+        mask = bytes(self._buffer[at - 4 + turn : at] + self._buffer[at - 4 : at - 4 + turn])
+        assert self._text is not None
+        chunk = bytes(self._buffer[start:])
+        self._checked += len(chunk)
+        if utf8_goes_on(self._text, unmask(mask, chunk), False):
+            return []
+        self.failed = True
+        return [(FAIL, CLOSE_INVALID_DATA, "text message is not valid UTF-8")]
 
     def _check_header(self, first: int, second: int, length: int) -> Event | None:
         """Everything that can be judged before the payload has arrived."""
@@ -171,19 +227,34 @@ class FrameParser:
         if opcode != OP_CONT:
             self._message_opcode = opcode
             self._compressed = bool(first & 0x40)
-            if not fin:
+            if fin and self._text is None:  # the common case: a whole message in one read
+                return self._message(payload, False)
+        checked = self._message_opcode == OP_TEXT and not self._compressed
+        if checked and (self._text is not None or not payload.isascii()):
+            # (ASCII so far needs no decoder: it leaves no code point half done.)
+            if self._text is None:
+                self._text = _Utf8Decoder()
+            done = self._checked
+            self._checked = self._text_at = 0
+            if not utf8_goes_on(self._text, payload[done:] if done else payload, bool(fin)):
+                return (FAIL, CLOSE_INVALID_DATA, "text message is not valid UTF-8")
+            if fin:
+                self._text = None
+        if not fin:
+            if self._fragments is None:
                 self._fragments = [payload]
-                self._fragments_size = len(payload)
-                return None
-        else:
-            assert self._fragments is not None
-            self._fragments.append(payload)
+            else:
+                self._fragments.append(payload)
             self._fragments_size += len(payload)
-            if not fin:
-                return None
+            return None
+        if self._fragments is not None:
+            self._fragments.append(payload)
             payload = b"".join(self._fragments)
             self._fragments = None
             self._fragments_size = 0
+        return self._message(payload, checked)
+
+    def _message(self, payload: bytes, checked: bool) -> Event:
         opcode = self._message_opcode
         if self._compressed:
             assert self.decompress is not None
@@ -193,7 +264,7 @@ class FrameParser:
                 return (FAIL, CLOSE_INVALID_DATA, f"cannot inflate: {error}")
             except ValueError as error:
                 return (FAIL, CLOSE_TOO_BIG, str(error))
-        if opcode == OP_TEXT and not is_utf8(payload):
+        if opcode == OP_TEXT and not checked and not is_utf8(payload):
             return (FAIL, CLOSE_INVALID_DATA, "text message is not valid UTF-8")
         return (MESSAGE, opcode, payload)
 

@@ -93,3 +93,71 @@ def test_close_reason_is_cut_within_125_bytes_without_splitting_a_character():
 )  # fmt: skip
 def test_close_codes_allowed_on_the_wire(code, allowed):
     assert close_code_allowed(code) is allowed
+
+
+# --- UTF-8 checked as text arrives (Autobahn 6.4.1-6.4.4, strict) ---------------------------
+
+KOSME = "\u03ba\u1f79\u03c3\u03bc\u03b5".encode()  # valid
+BAD_TAIL = b"\xf4\x90\x80\x80"  # beyond U+10FFFF: invalid from its second byte
+
+
+@pytest.mark.parametrize(
+    "fragments",
+    [
+        [KOSME, BAD_TAIL, b"edited"],  # 6.4.1: the bad code point in a fragment of its own
+        [KOSME + BAD_TAIL[:1], BAD_TAIL[1:2], BAD_TAIL[2:] + b"edited"],  # 6.4.2: split
+        [KOSME, b"\xed\xa0\x80", b"edited"],  # a UTF-16 surrogate
+    ],
+)
+def test_invalid_text_fails_at_the_fragment_that_breaks_it(fragments):
+    parser = FrameParser(1 << 20)
+    assert parser.receive(build_frame(OP_TEXT, fragments[0], fin=False)) == []
+    events = parser.receive(build_frame(0x0, fragments[1], fin=False))
+    assert events == [(FAIL, 1007, "text message is not valid UTF-8")]
+    assert parser.receive(build_frame(0x0, fragments[2])) == []  # failed: nothing more
+
+
+@pytest.mark.parametrize("fin", [True, False])
+def test_invalid_text_fails_before_its_frame_has_fully_arrived(fin):
+    """6.4.3/6.4.4: one frame sent in pieces; the bad bytes are in the first piece."""
+    frame = build_frame(OP_TEXT, KOSME + BAD_TAIL + b"edited" * 100, fin=fin)
+    parser = FrameParser(1 << 20)
+    cut = 8 + len(KOSME)  # header (16-bit length) and the valid text: still fine
+    assert parser.receive(frame[:cut]) == []
+    assert parser.receive(frame[cut : cut + 2]) == [(FAIL, 1007, "text message is not valid UTF-8")]
+
+
+def test_invalid_text_in_a_continuation_frame_split_across_reads():
+    parser = FrameParser(1 << 20)
+    assert parser.receive(build_frame(OP_TEXT, b"ok ", fin=False)) == []
+    frame = build_frame(0x0, b"fine " + b"\xff" + b"x" * 300)  # 16-bit length
+    assert parser.receive(frame[:9]) == []  # header and one byte of text
+    assert parser.receive(frame[9:15]) == [(FAIL, 1007, "text message is not valid UTF-8")]
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 7, 64])
+def test_valid_text_split_anywhere_is_one_message(chunk):
+    text = ("\u20ac\U0001f600 caf\u00e9 " * 40).encode()
+    stream = (
+        build_frame(OP_TEXT, text[:101], fin=False)
+        + build_frame(0x9, b"p")
+        + build_frame(0x0, text[101:203], fin=False)
+        + build_frame(0x0, text[203:])
+        + build_frame(OP_TEXT, text)
+        + build_frame(OP_BINARY, b"\xff" * 300)
+    )
+    events = parse_all(FrameParser(1 << 20), stream, chunk)
+    assert events == [
+        (PING, 0, b"p"),
+        (MESSAGE, OP_TEXT, text),
+        (MESSAGE, OP_TEXT, text),
+        (MESSAGE, OP_BINARY, b"\xff" * 300),
+    ]
+
+
+def test_text_cut_in_the_middle_of_a_code_point_fails_at_the_final_fragment():
+    parser = FrameParser(1 << 20)
+    assert parser.receive(build_frame(OP_TEXT, b"price \xe2\x82", fin=False)) == []
+    assert parser.receive(build_frame(0x0, b"")) == [
+        (FAIL, 1007, "text message is not valid UTF-8")
+    ]

@@ -130,6 +130,29 @@ def test_code_point_split_across_fragments_invalid_once_joined(client, bystander
     assert_fails_with(client, 1007)
 
 
+@pytest.mark.parametrize(
+    "fragments",
+    [
+        [b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5", b"\xf4\x90\x80\x80"],  # 6.4.1
+        [b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xf4", b"\x90"],  # 6.4.2
+    ],
+)
+def test_invalid_utf8_fails_before_the_final_fragment_is_sent(client, bystander, fragments):
+    """Strict (Autobahn 6.4.x): the 1007 comes at the fragment that broke the text; the
+    final fragment is never sent."""
+    client.send_frame(0x1, fragments[0], fin=False)
+    client.send_frame(0x0, fragments[1], fin=False)
+    assert client.recv_close_code() == 1007
+
+
+def test_invalid_utf8_fails_before_its_frame_has_fully_arrived(client, bystander):
+    """Autobahn 6.4.3: one text frame sent in pieces; its rest is never sent."""
+    broken = b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xf4\x90"  # invalid at its end
+    frame = build_frame(0x1, broken + b"x" * 200)
+    client.send(frame[: 8 + len(broken)])  # the 16-bit-length header and the broken text
+    assert client.recv_close_code() == 1007
+
+
 def test_invalid_utf8_close_reason(client, bystander):
     client.send_frame(0x8, close_payload(1000, b"\xff\xfe"))
     assert_fails_with(client, 1007)
