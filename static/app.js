@@ -236,7 +236,7 @@
 
   function setAuthRequired(required) {
     state.authRequired = required;
-    setText(el.tokenNeed, required ? "(required by this server)" : "(not required by this server)");
+    setText(el.tokenNeed, required ? "(required)" : "(not required)");
   }
 
   /* ---------- connection ---------- */

@@ -444,3 +444,300 @@ def test_log_is_bounded_under_flood(tabs, broadcast_server):
     t.page.wait_for_function("document.querySelectorAll('#log .entry').length === 1")
     t.page.click("#clear")
     t.page.wait_for_function("document.querySelectorAll('#log .entry').length === 0")
+
+
+# ---------------------------------------------------------------- the page tells the truth
+
+# Keeps every WebSocket the page opens in window.__sockets, so a test can make the server
+# answer something the page's own controls never send.
+CAPTURE_SOCKETS = """(() => {
+  const Native = window.WebSocket;
+  window.__sockets = [];
+  window.WebSocket = class extends Native {
+    constructor(...args) { super(...args); window.__sockets.push(this); }
+  };
+})()"""
+
+
+def _health(t: Tab) -> tuple[str, str]:
+    return (t.page.get_attribute("#health", "data-status") or "", t.page.text_content("#health"))
+
+
+def _wait_health(t: Tab, status: str, timeout: float) -> None:
+    t.page.wait_for_function(
+        "s => document.querySelector('#health').dataset.status === s", arg=status, timeout=timeout
+    )
+
+
+def _redis_server_fixture(tmp_path: Path):
+    from tests.redis_server import RedisServer, require_redis_server
+
+    require_redis_server()
+    for attempt in range(3):  # the free port may be taken before redis binds it
+        redis = RedisServer(tmp_path)
+        try:
+            return redis.start()
+        except RuntimeError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+@pytest.fixture
+def redis(tmp_path):
+    server = _redis_server_fixture(tmp_path)
+    yield server
+    server.stop()
+
+
+def test_mixed_mode_server_notice_is_an_error(tabs, mixed_server):
+    t = tabs()
+    t.page.add_init_script(CAPTURE_SOCKETS)
+    t.open(mixed_server)
+    # Not JSON: only the server can answer with {"type":"error"} in mixed mode.
+    t.page.evaluate("window.__sockets[window.__sockets.length - 1].send('not json')")
+    notice = t.entry("error", "expected a JSON object")
+    assert t.count("in") == 0  # not shown as a message received from a peer
+    assert "server notice" in notice.first.text_content()
+    # A peer's broadcast that merely looks like a notice stays a received message.
+    t.page.select_option("#envelope", "broadcast")
+    t.send('{"type":"error","error":"forged"}')
+    forged = t.entry("in", "forged").first
+    assert forged.locator(".tag").first.text_content() == "broadcast"
+    assert t.page.locator('#log .entry[data-dir="error"]').count() == 1
+    t.shot("desktop-mixed-notice.png")
+
+
+def test_log_tags_line_up_in_every_entry(tabs, mixed_server):
+    t = tabs()
+    t.page.add_init_script(CAPTURE_SOCKETS)
+    t.open(mixed_server)
+    t.page.select_option("#envelope", "echo")
+    t.send("aligned")
+    t.entry("in", "aligned")
+    t.page.evaluate("window.__sockets[window.__sockets.length - 1].send('{\"type\":\"nope\"}')")
+    t.entry("error", "unknown type")
+    rows = t.page.evaluate(
+        """() => [...document.querySelectorAll('#log .entry')].filter(e => e.querySelector('.tag'))
+             .map(e => {
+               const meta = e.querySelector('.meta').getBoundingClientRect();
+               const tag = e.querySelector('.tag');
+               return {dir: e.dataset.dir, height: meta.height,
+                       margin: parseFloat(getComputedStyle(tag).marginTop),
+                       offset: tag.getBoundingClientRect().top - meta.top};
+             })"""
+    )
+    assert {"in", "error"} <= {r["dir"] for r in rows}, rows
+    assert all(r["margin"] == 0 for r in rows), rows
+    heights = [r["height"] for r in rows]
+    offsets = [r["offset"] for r in rows]
+    assert max(heights) - min(heights) <= 1, rows
+    assert max(offsets) - min(offsets) <= 1, rows
+
+
+def test_hex_dump_wraps_only_between_bytes(tabs, echo_server):
+    t = tabs(PHONE).open(echo_server)
+    t.page.select_option("#msgtype", "binary")
+    t.send(" ".join(f"{i % 256:02x}" for i in range(300)))  # 256 shown, "+44 more bytes"
+    t.page.locator('#log .entry[data-dir="in"] .content').first.wait_for()
+    # Wherever a line ends depends on the width: try several, one character apart and more.
+    for width in (*range(360, 400, 3), 1280):
+        t.page.set_viewport_size({"width": width, "height": 844})
+        split = t.page.evaluate(SPLIT_TOKENS)
+        assert split == [], f"tokens split across lines at {width}px: {split}"
+    t.page.set_viewport_size(PHONE)
+    assert "+44 more bytes" in t.page.text_content('#log .entry[data-dir="in"] .content')
+    t.shot("phone-hex.png")
+
+
+SPLIT_TOKENS = r"""() => {
+          const broken = [];
+          for (const pre of document.querySelectorAll('#log .entry .content.hex')) {
+            const walker = document.createTreeWalker(pre, NodeFilter.SHOW_TEXT);
+            for (let node; (node = walker.nextNode()); ) {
+              for (const m of node.data.matchAll(/\S+/g)) {
+                const r = document.createRange();
+                r.setStart(node, m.index);
+                r.setEnd(node, m.index + m[0].length);
+                const tops = new Set([...r.getClientRects()].map(c => Math.round(c.top)));
+                if (tops.size > 1) broken.push(m[0]);
+              }
+            }
+          }
+          return broken;
+        }"""
+
+
+def test_mixed_mode_offers_text_only(tabs, mixed_server, echo_server):
+    t = tabs().open(mixed_server)
+    page = t.page
+    # Nothing on show lets the user pick what the server always refuses.
+    assert not page.is_visible("#msgtype") and not page.is_visible("#file")
+    assert not page.is_visible("#encoding")
+    assert page.eval_on_selector("#msgtype", "s => s.value") == "text"
+    assert page.eval_on_selector('#msgtype option[value="binary"]', "o => o.disabled")
+    t.shot("desktop-mixed-compose.png")
+    # Echo mode still offers binary and files.
+    e = tabs().open(echo_server)
+    assert e.page.is_visible("#msgtype") and e.page.is_visible("#file")
+    assert not e.page.eval_on_selector('#msgtype option[value="binary"]', "o => o.disabled")
+
+
+def _empty_text(t: Tab) -> str:
+    return t.page.evaluate("getComputedStyle(document.querySelector('#log'), '::before').content")
+
+
+def test_filter_without_match_says_so(tabs, echo_server):
+    t = tabs().open(echo_server)
+    t.send("findable")
+    t.entry("in", "findable")
+    t.page.fill("#filter", "nothing-like-this")
+    t.page.wait_for_function("document.querySelectorAll('#log .entry').length === 0")
+    assert _empty_text(t) == '"No messages match the filter."'
+    t.page.fill("#filter", "findable")
+    t.page.wait_for_function("document.querySelectorAll('#log .entry').length === 2")
+    t.page.fill("#filter", "")
+    t.page.click("#clear")
+    t.page.wait_for_function("document.querySelectorAll('#log .entry').length === 0")
+    assert _empty_text(t) == '"No messages yet."'
+
+
+def test_refused_token_waits_for_the_user(tabs):
+    server = Server("echo", extra_args=("--auth-token", "s3cret")).start()
+    try:
+        t = tabs()
+        t.page.goto(server.url + "/")
+        t.page.wait_for_selector("#hint:not([hidden])")
+        assert "requires a token" in t.page.text_content("#hint")
+        assert "required" in t.page.text_content("#token-need")
+        assert "optional" not in t.page.text_content('label[for="token"]')
+        assert t.page.get_attribute("#token", "aria-invalid") == "true"
+        t.page.locator('#log .entry[data-dir="error"]', has_text="401").wait_for()
+        # Auto-reconnect stays on, yet nothing is retried: a token does not appear by itself.
+        assert t.page.is_checked("#reconnect")
+        t.page.wait_for_timeout(4000)
+        assert t.page.text_content("#retry") == ""
+        assert t.page.get_attribute("#status", "data-state") == "closed"
+        assert "token required" in t.page.text_content("#status")
+        assert t.page.locator("#log .entry", has_text="Could not connect").count() == 1
+        assert not t.page.is_disabled("#connect")
+        # A wrong token: refused again, said so, still waiting.
+        t.page.fill("#token", "wrong")
+        t.page.click("#connect")
+        t.page.locator('#log .entry[data-dir="error"]', has_text="wrong token").wait_for()
+        t.page.wait_for_function("document.querySelector('#status').textContent.includes('token refused')")
+        t.shot("desktop-token-refused.png")
+        t.page.fill("#token", "s3cret")
+        t.page.click("#connect")
+        t.wait_state("open")
+        assert t.page.get_attribute("#token", "aria-invalid") is None
+        assert "required" in t.page.text_content("#token-need")
+    finally:
+        server.stop()
+
+
+def _healthz_with_auth(auth: bool):
+    def handle(route) -> None:
+        response = route.fetch()  # the real server's answer, plus the field
+        body = response.json()
+        body["auth"] = auth
+        route.fulfill(response=response, json=body)
+
+    return handle
+
+
+def test_token_label_follows_healthz_auth_field(tabs, echo_server):
+    """A server that says in /healthz whether it wants a token is believed before any attempt."""
+    for auth, expected in ((True, "(required)"), (False, "(not required)")):
+        t = tabs()
+        t.page.route("**/healthz", _healthz_with_auth(auth))
+        t.page.goto(echo_server.url + "/")
+        t.page.wait_for_function(
+            "s => document.querySelector('#token-need').textContent === s", arg=expected
+        )
+
+
+def test_not_connected_error_clears_once_connected(tabs, echo_server):
+    t = tabs().open(echo_server)
+    t.page.click("#disconnect")
+    t.wait_state("closed")
+    t.send("too early")
+    assert "press Connect first" in t.page.text_content("#compose-error")
+    t.page.click("#connect")
+    t.wait_state("open")
+    t.page.wait_for_selector("#compose-error", state="hidden")
+    t.send("now")
+    t.entry("in", "now")
+
+
+def test_health_line_follows_a_broker_outage(tabs, redis):
+    server = Server("mixed", extra_args=("--broker", redis.url)).start()
+    try:
+        t = tabs().open(server)
+        phone = tabs(PHONE).open(server)
+        _wait_health(t, "ok", 10_000)
+        redis.stop()
+        # No reload: the page polls /healthz by itself.
+        for tab in (t, phone):
+            _wait_health(tab, "degraded", 20_000)
+            status, text = _health(tab)
+            assert "degraded" in text and "redis" in text, text
+        # A broadcast the server could not deliver: its notice is an error, not a message.
+        t.page.select_option("#envelope", "broadcast")
+        t.send("while redis is down")
+        t.entry("error", "not delivered")
+        assert t.page.locator('#log .entry[data-dir="in"]', has_text="not delivered").count() == 0
+        t.shot("desktop-outage.png")
+        phone.shot("phone-outage.png")
+        width = phone.page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 390, width
+        redis.start()
+        _wait_health(t, "ok", 30_000)
+        assert t.page.get_attribute("#status", "data-state") == "open"
+    finally:
+        server.stop()
+
+
+def test_broadcast_not_delivered_close_is_an_error(tabs, redis):
+    """Broadcast mode is a raw relay, so the server reports an undeliverable message by
+    closing the sender with 1013 "not delivered: ..."; the others stay connected."""
+    server = Server("broadcast", extra_args=("--broker", redis.url)).start()
+    try:
+        sender = tabs().open(server, "?channel=outage")
+        receiver = tabs().open(server, "?channel=outage")
+        redis.stop()
+        _wait_health(sender, "degraded", 20_000)
+        sender.send("lost in the outage")
+        closed = sender.entry("error", "1013").first
+        assert "not delivered" in closed.text_content()
+        assert sender.page.locator('#log .entry[data-dir="in"]', has_text="not delivered").count() == 0
+        sender.shot("desktop-broadcast-not-delivered.png")
+        sender.wait_state("open", timeout=20_000)  # it reconnects by itself
+        assert receiver.page.get_attribute("#status", "data-state") == "open"
+        assert receiver.page.locator("#log .entry", has_text="Connection closed").count() == 0
+        assert receiver.page.locator('#log .entry[data-dir="error"]').count() == 0
+    finally:
+        server.stop()
+
+
+def test_replayed_history_is_marked(tabs):
+    server = Server("mixed", extra_args=("--history", "5")).start()
+    try:
+        a = tabs().open(server, "?channel=kept")
+        a.page.select_option("#envelope", "broadcast")
+        for text in ("kept one", "kept two"):
+            a.send(text)
+            a.entry("in", text)
+        b = tabs().open(server, "?channel=kept")
+        b.entry("sys", "Replaying 2 earlier messages")
+        for text in ("kept one", "kept two"):
+            e = b.entry("in", text).first
+            assert e.get_attribute("data-replayed") == "true"
+            assert "replayed" in e.locator(".meta").text_content()
+        b.entry("sys", "End of replayed history")
+        a.send("live now")
+        live = b.entry("in", "live now").first
+        assert live.get_attribute("data-replayed") is None
+        b.shot("desktop-history.png")
+    finally:
+        server.stop()
