@@ -14,30 +14,29 @@ Pings come from one Keepalive per server, not one task per connection: an idle
 connection costs a few objects, not a coroutine and a timer of its own.
 
 Relies on WebSocketProtocol13 and IOStream internals of the Tornado range pinned in
-setup.cfg: _parse_extensions_header, _create_compressors (and its compressor's
-_compressor and _max_wbits), _challenge_response and IOStream._consume.
+setup.cfg: _challenge_response and IOStream._consume. permessage-deflate is deflate.py's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
+import struct
 import sys
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import tornado.escape
-import tornado.httputil
 import tornado.iostream
 from tornado.websocket import (
     WebSocketHandler,
     WebSocketProtocol13,
-    _DecompressTooLargeError,
     _WebSocketParams,
 )
 
-from echoserver import protocol
+from echoserver import deflate, protocol
 from echoserver.protocol import (
     CLOSE,
     CLOSE_NO_STATUS,
@@ -60,8 +59,16 @@ log = logging.getLogger("echoserver.ws")
 CLOSE_POLICY = 1008
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_TRY_AGAIN = 1013
-# How long to wait for the peer's half of a closing handshake before dropping the socket.
+# How long to wait for the peer's half of a closing handshake before resetting the socket;
+# also how long a close frame may wait behind what a peer that stopped reading left unread.
 CLOSING_TIMEOUT = 3.0
+# After a protocol failure the peer's frames cannot be followed to its close frame: the
+# socket is closed once the peer has sent nothing for this long (nothing left unread, so no
+# reset that would destroy the close frame on its way).
+CLOSING_QUIET = 0.5
+# The kernel's send buffer per connection (it reserves twice this): a peer that stops
+# reading pins at most max_queue_bytes in the server plus about 2 x this in the kernel.
+SEND_BUFFER = 128 * 1024
 
 
 class RateLimiter(Protocol):
@@ -126,7 +133,7 @@ class Keepalive:
                 for connection in pinged:
                     if connection.awaiting_pong and not connection.is_closing():
                         # As websockets does: 1011, and no wait for a peer that is not there.
-                        connection.fail(CLOSE_INTERNAL_ERROR, f"no pong within {self.timeout}s")
+                        connection.give_up(CLOSE_INTERNAL_ERROR, f"no pong within {self.timeout}s")
                 await asyncio.sleep(max(0.0, started + self.interval - loop.time()))
         finally:
             self._task = None
@@ -235,6 +242,7 @@ class WebSocketConnection(WebSocketProtocol13):
         "_paused",
         "_peer_closed",
         "_pending_leftover",
+        "_quiet_timer",
         "_selected_subprotocol",
         "awaiting_pong",
         "client_terminated",
@@ -267,8 +275,8 @@ class WebSocketConnection(WebSocketProtocol13):
         self.client_terminated = False
         self.server_terminated = False
         self._compression_options = params.compression_options
-        self._compressor: Any = None
-        self._decompressor: Any = None
+        self._compressor: deflate.Deflater | None = None
+        self._decompressor: deflate.Inflater | None = None
         self._selected_subprotocol: str | None = None
         self.close_code: int | None = None
         self.close_reason: str | None = None
@@ -288,6 +296,7 @@ class WebSocketConnection(WebSocketProtocol13):
         self._pending_leftover = b""
         self._backlog: tuple[list[Event], int] | None = None
         self._closing_timer: asyncio.TimerHandle | None = None
+        self._quiet_timer: asyncio.TimerHandle | None = None
         self._lost = False
         self._peer_closed = False  # the peer sent a close frame
         # A handler may take raw payloads (bytes, text already checked) to skip decoding.
@@ -302,6 +311,17 @@ class WebSocketConnection(WebSocketProtocol13):
         if self.selected_subprotocol:
             handler.set_header("Sec-WebSocket-Protocol", self.selected_subprotocol)
         self._negotiate_compression(handler)
+        # What the client may count on once it has its 101 (a channel's membership, with
+        # its broker subscription active) happens before the 101 is sent.
+        try:
+            await handler.before_upgrade()  # type: ignore[attr-defined]
+        except Exception:
+            handler.log_exception(*sys.exc_info())
+            if not self._lost:
+                handler.send_error(503)
+            return
+        if self._lost:  # the client went away meanwhile
+            return
         handler.clear_header("Content-Type")
         handler.set_status(101)
         handler.set_header("Upgrade", "websocket")
@@ -335,33 +355,20 @@ class WebSocketConnection(WebSocketProtocol13):
     def _negotiate_compression(self, handler: WebSocketHandler) -> None:
         if self._compression_options is None:
             return
-        for name, params in self._parse_extensions_header(handler.request.headers):
-            if name != "permessage-deflate":
-                continue
-            if getattr(handler, "shares_frames", False):
-                # No context takeover (RFC 7692 7.1.1.1 lets the server ask for it): each
-                # message compresses alone, so one compressed frame serves every receiver
-                # with the same window; a broadcast is deflated once, not once per client.
-                params["server_no_context_takeover"] = None
-            try:
-                self._create_compressors("server", params, self._compression_options)
-            except ValueError:
-                continue  # parameters we cannot honour: try the next offer
-            if "client_max_window_bits" in params and params["client_max_window_bits"] is None:
-                del params["client_max_window_bits"]
-            handler.set_header(
-                "Sec-WebSocket-Extensions",
-                tornado.httputil._encode_header("permessage-deflate", params),
-            )
-            self.parser.decompress = self._inflate
+        agreement = deflate.negotiate(
+            handler.request.headers.get("Sec-WebSocket-Extensions"),
+            # No context takeover (RFC 7692 7.1.1.1 lets the server ask for it): each
+            # message compresses alone, so one compressed frame serves every receiver
+            # with the same window; a broadcast is deflated once, not once per client.
+            server_no_context_takeover=getattr(handler, "shares_frames", False),
+            options=self._compression_options,
+        )
+        if agreement is None:
             return
-
-    def _inflate(self, data: bytes) -> bytes:
-        assert self._decompressor is not None
-        try:
-            return self._decompressor.decompress(data)
-        except _DecompressTooLargeError:
-            raise ValueError("message too big after decompression") from None
+        handler.set_header("Sec-WebSocket-Extensions", agreement.response())
+        self._compressor = agreement.deflater()
+        self._decompressor = agreement.inflater(self.params.max_message_size)
+        self.parser.decompress = self._decompressor.decompress
 
     async def _take_over(self, stream: tornado.iostream.IOStream) -> Awaitable[None] | None:
         """Move the socket to an asyncio transport; return a read loop if it stays on stream."""
@@ -373,10 +380,15 @@ class WebSocketConnection(WebSocketProtocol13):
             self.transport = io
             if leftover:
                 self._pending_leftover = leftover
+            if self._out:  # queued before the 101 (a channel's replayed history)
+                self.flush()
             return io.read_loop()
         sock = stream.socket.dup()
         stream.close()  # closes Tornado's descriptor; the duplicate keeps the connection
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # A fixed send buffer instead of the kernel's autotuned one (up to 4 MB): what a
+        # peer that stops reading can pin in the kernel is bounded (see SEND_BUFFER).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         loop = asyncio.get_running_loop()
         await loop.connect_accepted_socket(lambda: _TransportIO(self), sock=sock)
         if leftover:
@@ -404,6 +416,9 @@ class WebSocketConnection(WebSocketProtocol13):
         """Bytes from the peer: parse every complete frame, act, then write once."""
         if self.client_terminated:
             return
+        if self.server_terminated:
+            self._feed_closing(data)
+            return
         if self._paused:
             # uvloop may deliver data after pause_reading() (even before open() has run):
             # keep it for resume_reading(), in order.
@@ -418,6 +433,33 @@ class WebSocketConnection(WebSocketProtocol13):
             self._feeding = False
             if self._out:
                 self.flush()
+
+    def _feed_closing(self, data: bytes) -> None:
+        """Our close frame is sent: read and discard until the peer's close frame.
+
+        Closing a socket with unread data makes the kernel reset the connection, and a
+        reset destroys what the peer has not read yet: the last replies and the close frame.
+        """
+        if not self.parser.failed:
+            for kind, arg, payload in self.parser.receive(data):
+                if kind == CLOSE:
+                    self._on_peer_close(arg, payload)  # type: ignore[arg-type]
+                    return
+            if not self.parser.failed:
+                return
+        self._wait_for_quiet()
+
+    def _wait_for_quiet(self) -> None:
+        """The peer's frames can no longer be parsed: close once it has fallen quiet."""
+        if self._quiet_timer is not None:
+            self._quiet_timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._quiet_timer = loop.call_later(CLOSING_QUIET, self._peer_fell_quiet)
+
+    def _peer_fell_quiet(self) -> None:
+        self._quiet_timer = None
+        self.client_terminated = True
+        self._close_transport()
 
     def _handle_events(self, events: list[Event], index: int) -> None:
         handler = self.handler
@@ -484,6 +526,8 @@ class WebSocketConnection(WebSocketProtocol13):
             self.resume_reading(PAUSED_HANDLER)
 
     def pause_reading(self, reason: int = PAUSED_WRITES) -> None:
+        if self.server_terminated:
+            return  # closing: read on until the peer's close frame
         if not self._paused and self.transport is not None and not self._lost:
             self.transport.pause_reading()
         self._paused |= reason
@@ -536,11 +580,11 @@ class WebSocketConnection(WebSocketProtocol13):
             frame = envelope.frame = protocol.encode_frame(opcode, envelope.data)
         self.send_frame(frame)
 
-    def _deflated_frame(self, envelope: Envelope, compressor: Any) -> bytes:
+    def _deflated_frame(self, envelope: Envelope, compressor: deflate.Deflater) -> bytes:
         opcode = OP_BINARY if envelope.binary else OP_TEXT
-        if compressor._compressor is not None:  # context takeover: a stream of its own
+        if not compressor.shared:  # context takeover: a stream of its own
             return protocol.encode_frame(opcode, compressor.compress(envelope.data), True)
-        window = compressor._max_wbits
+        window = compressor.window_bits
         cached = envelope.deflated
         if cached is not None and cached[0] == window:
             return cached[1]
@@ -595,16 +639,30 @@ class WebSocketConnection(WebSocketProtocol13):
             self.close_code_sent = code
             self.send_frame(protocol.encode_close(code, reason or ""))
             self.flush()
+            if not self.client_terminated:
+                self._read_until_peer_closes()
         if self.client_terminated:
             self._close_transport()
-        elif self._closing_timer is None and not self._lost:
+        if self._closing_timer is None and not self._lost:
+            # Also bounds a close that waits behind data the peer does not read.
             loop = asyncio.get_running_loop()
             self._closing_timer = loop.call_later(CLOSING_TIMEOUT, self._abort)
 
+    def _read_until_peer_closes(self) -> None:
+        """Whatever paused reading, the peer's close frame must be read (see _feed_closing)."""
+        if self.parser.failed:
+            self._wait_for_quiet()
+        paused, self._paused = self._paused, 0
+        if paused and self.transport is not None and not self._lost:
+            self.transport.resume_reading()
+            if not self._feeding:
+                self._feed_leftover()
+
     def _on_peer_close(self, code: int, reason: bytes) -> None:
+        initiated = self.server_terminated  # the peer answers our close
         self.client_terminated = True
         self._peer_closed = True
-        if code != CLOSE_NO_STATUS:
+        if code != CLOSE_NO_STATUS and not initiated:
             self.close_code = code
             self.close_reason = reason.decode()
         # Echo the peer's code (RFC 6455 5.5.1); an empty close answers an empty close.
@@ -614,13 +672,18 @@ class WebSocketConnection(WebSocketProtocol13):
         """The peer broke the rules: send the close code, then drop the connection."""
         request = self.handler.request
         log.info("closing %s %s with %d: %s", request.remote_ip, request.path, code, reason)
+        self.close(code, reason)
+
+    def give_up(self, code: int, reason: str) -> None:
+        """Send the close frame and close without waiting for a peer that is not there."""
+        request = self.handler.request
+        log.info("closing %s %s with %d: %s", request.remote_ip, request.path, code, reason)
         self.client_terminated = True
         self.close(code, reason)
 
     def _internal_error(self, logged: bool = False) -> None:
         if not logged:
             self.handler.log_exception(*sys.exc_info())
-        self.client_terminated = True
         self.close(CLOSE_INTERNAL_ERROR, "internal error")
 
     def _close_transport(self) -> None:
@@ -628,8 +691,10 @@ class WebSocketConnection(WebSocketProtocol13):
             self.transport.close()  # after what is buffered has been sent
 
     def _abort(self) -> None:
+        """Reset the connection: nothing it still holds in the kernel is kept or sent."""
         self.client_terminated = self.server_terminated = True
         if self.transport is not None and not self._lost:
+            reset_on_close(self.transport)
             self.transport.abort()
         elif self.transport is None:
             self.connection_lost()
@@ -642,6 +707,9 @@ class WebSocketConnection(WebSocketProtocol13):
         if self._closing_timer is not None:
             self._closing_timer.cancel()
             self._closing_timer = None
+        if self._quiet_timer is not None:
+            self._quiet_timer.cancel()
+            self._quiet_timer = None
         self.keepalive.discard(self)
         self._out.clear()
         code = self.close_code if self.close_code is not None else self.close_code_sent
@@ -657,6 +725,19 @@ class WebSocketConnection(WebSocketProtocol13):
 
     def set_nodelay(self, x: bool) -> None:
         """Always on: writes are already coalesced per loop pass."""
+
+
+def reset_on_close(transport: asyncio.Transport | _StreamIO) -> None:
+    """Make the coming close a reset (SO_LINGER 0): a plain close of a socket whose peer
+    stopped reading keeps its unsent megabytes in the kernel (FIN-WAIT-1) for minutes."""
+    if isinstance(transport, _StreamIO):
+        sock = transport.stream.socket
+    else:
+        sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):  # already closed
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 def release_handshake(handler: WebSocketHandler) -> None:

@@ -34,6 +34,7 @@ log = logging.getLogger("echoserver.ws")
 access_log = logging.getLogger("echoserver.access")
 
 CLOSE_GOING_AWAY = 1001
+CLOSE_TRY_AGAIN = 1013
 # A sender's broadcasts that a remote broker may hold unanswered before we stop reading it.
 MAX_PUBLISHES_IN_FLIGHT = 64
 
@@ -200,6 +201,9 @@ class BaseSocket(tornado.websocket.WebSocketHandler):
         app = self.application
         return WebSocketConnection(self, params, app.flusher, app.keepalive, limit)
 
+    async def before_upgrade(self) -> None:
+        """Runs before the 101 is sent: what a client may count on once it has its 101."""
+
     def open(self, *args: str, **kwargs: str) -> None:
         self._release()
         self.application.connections.add(self)
@@ -249,15 +253,19 @@ class ChannelSocket(BaseSocket):
     _in_flight = 0  # publishes handed to the broker and not yet answered
     _drained: asyncio.Future[None] | None = None
 
-    async def open(self, channel: str | None = None) -> None:  # type: ignore[override]
-        self.channel = channel or "default"
-        super().open()
+    async def before_upgrade(self) -> None:
+        """Join the channel before the 101: a client that has its 101 is a member, and with
+        a remote broker its subscription is active, so it cannot miss the next broadcast."""
+        self.channel = self.open_args[0] if self.open_args else "default"
         hub = self.application.hub
         member = self.ws_connection
         assert member is not None
         member.sub_id = hub.new_subscriber_id()
         self.member = member
-        await hub.join(self.channel, member)
+        await hub.join(self.channel, member, self.before_replay)
+
+    def before_replay(self, count: int) -> None:
+        """Kept history is about to be replayed to this member (count messages)."""
 
     def on_close(self) -> None:
         super().on_close()
@@ -301,12 +309,23 @@ class ChannelSocket(BaseSocket):
                 drained.set_result(None)
 
     def not_delivered(self, error: BaseException) -> None:
+        """Tell the sender; mixed mode's JSON notices cannot be forged by peers, whose
+        messages reach others only inside broadcast envelopes."""
         message = {"type": "error", "error": f"not delivered: {error}"}
         self.send(json.dumps(message).encode(), False)
 
 
 class BroadcastSocket(ChannelSocket):
     """Each message goes to every member of the channel."""
+
+    def not_delivered(self, error: BaseException) -> None:
+        """In a raw relay any peer can send any text, so a notice in a frame could be
+        forged: a sender whose message was lost is closed with 1013 (try again later),
+        which no peer can fake. Receivers stay connected."""
+        connection = self.ws_connection
+        if connection is not None and not connection.is_closing():
+            log.info("closing %s: not delivered: %s", self._request_summary(), error)
+            connection.close(CLOSE_TRY_AGAIN, f"not delivered: {error}")
 
     def on_raw_message(self, payload: bytes, binary: bool) -> Awaitable[None] | None:
         self.count_in(payload)
@@ -315,6 +334,9 @@ class BroadcastSocket(ChannelSocket):
 
 class MixedSocket(ChannelSocket):
     """The websocket-shootout protocol: a JSON envelope chooses echo or broadcast."""
+
+    def before_replay(self, count: int) -> None:
+        self.send(json.dumps({"type": "history", "count": count}).encode(), False)
 
     def on_raw_message(self, payload: bytes, binary: bool) -> Awaitable[None] | None:
         self.count_in(payload)
@@ -380,6 +402,7 @@ class HealthHandler(JSONHandler):
             "connections": len(app.connections),
             "uptime": round(time.monotonic() - app.started, 3),
             "path": app.config.websocket.path,  # where the page connects
+            "auth": bool(app.config.websocket.auth_token),  # whether it needs a token
         }
         if reason:
             body["reason"] = reason

@@ -19,6 +19,7 @@ import asyncio
 import itertools
 import logging
 import os
+from collections.abc import Callable
 from typing import Protocol
 
 from echoserver.brokers.base import Broker, Envelope
@@ -101,6 +102,8 @@ class Hub:
         self._node = os.urandom(4).hex()
         self._ids = itertools.count(1)
         self._started = False
+        # Channels whose broker subscription is on its way: later joiners wait for it.
+        self._subscribing: dict[str, asyncio.Future[None]] = {}
 
     async def start(self) -> None:
         """Connect the broker; join() does it on first use if the server has not."""
@@ -116,8 +119,18 @@ class Hub:
         """An id unique across every process sharing the broker."""
         return f"{self._node}:{next(self._ids)}"
 
-    async def join(self, channel: str, subscriber: Subscriber) -> None:
-        """Add a subscriber: history first (if configured), then the live stream."""
+    async def join(
+        self,
+        channel: str,
+        subscriber: Subscriber,
+        before_replay: Callable[[int], None] | None = None,
+    ) -> None:
+        """Add a subscriber: history first (if configured), then the live stream.
+
+        Returns once the subscriber is a member whose broker subscription is active, so a
+        message published after join() returns reaches it (the handshake's 101 waits for
+        this). before_replay(n) is called before n > 0 kept messages are replayed.
+        """
         if not self._started:
             await self.start()
         members = self._channels.get(channel)
@@ -126,15 +139,13 @@ class Hub:
             members = self._channels[channel] = {}
         if self.history <= 0:
             members[subscriber.sub_id] = subscriber
-            if first:
-                await self.broker.subscribe(channel)
+            await self._subscribed(channel, first)
             await self.broker.set_presence(channel, len(members))
             return
         joining = _Joining(subscriber)
         members[subscriber.sub_id] = joining
         try:
-            if first:
-                await self.broker.subscribe(channel)
+            await self._subscribed(channel, first)
             past = await self.broker.history(channel, self.history)
         finally:
             # The subscriber may have left (or the hub closed) while history was fetched.
@@ -144,15 +155,35 @@ class Hub:
                 members[subscriber.sub_id] = subscriber
         if not still_joining:
             return
-        last_seq = 0
+        last_seq = past[-1].seq if past else 0
+        live = [e for e in joining.buffered if e.seq > last_seq or e.seq == 0]
+        if before_replay is not None and past:
+            before_replay(len(past))
         stats = self._stats(channel)
         for envelope in past:
             self._offer(subscriber, envelope, stats)
-            last_seq = envelope.seq
-        for envelope in joining.buffered:
-            if envelope.seq > last_seq or envelope.seq == 0:
-                self._offer(subscriber, envelope, stats)
+        for envelope in live:
+            self._offer(subscriber, envelope, stats)
         await self.broker.set_presence(channel, len(members))
+
+    async def _subscribed(self, channel: str, first: bool) -> None:
+        """Wait until the broker delivers the channel to this process.
+
+        The first joiner subscribes; later joiners wait for that subscription, which may
+        still be on its way to a remote broker.
+        """
+        if not first:
+            pending = self._subscribing.get(channel)
+            if pending is not None:
+                await asyncio.shield(pending)
+            return
+        done = self._subscribing[channel] = asyncio.get_running_loop().create_future()
+        try:
+            await self.broker.subscribe(channel)
+        finally:
+            done.set_result(None)
+            if self._subscribing.get(channel) is done:
+                del self._subscribing[channel]
 
     async def leave(self, channel: str, subscriber: Subscriber) -> None:
         members = self._channels.get(channel)

@@ -19,7 +19,11 @@ MAX_SIZE = 4096
 @pytest.fixture(scope="module")
 def server():
     process = ServerProcess(
-        ["--mode", "echo", "--max-message-size", str(MAX_SIZE)], None, ROOT, sys.executable
+        # No keepalive pings: RawClient shows every frame, and this server serves many cases.
+        ["--mode", "echo", "--max-message-size", str(MAX_SIZE), "--ping-interval", "0"],
+        None,
+        ROOT,
+        sys.executable,
     )
     process.wait_ready()
     yield process

@@ -407,6 +407,7 @@ def test_rate_limit_closes_a_flood_with_1008_and_spares_a_steady_client(run_serv
         assert frame is not None, "dropped without a close frame"
         if frame[1] == OP_CLOSE:
             assert struct.unpack("!H", frame[2][:2])[0] == 1008
+            flood.send_frame(OP_CLOSE, frame[2][:2])  # the closing handshake's other half
             break
         echoed += 1
     assert 1 <= echoed <= 25  # the burst (one second's worth), then the close
@@ -417,7 +418,7 @@ def test_rate_limit_closes_a_flood_with_1008_and_spares_a_steady_client(run_serv
         time.sleep(0.1)
     steady.send_frame(OP_CLOSE, close_payload(1000))
     assert steady.recv_close_code() == 1000
-    assert metric(server, "echoserver_closes_total", code="1008") == 1
+    assert wait_until(lambda: metric(server, "echoserver_closes_total", code="1008") == 1)
     assert wait_until(lambda: "with 1008: rate limit exceeded" in server.log())
 
 
