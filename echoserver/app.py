@@ -8,7 +8,6 @@ self.application; nothing is kept in module or class attributes.
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections import Counter
 from collections.abc import Coroutine
@@ -17,14 +16,12 @@ from typing import Any
 
 import tornado.web
 
-from echoserver import handlers
+from echoserver import handlers, routes
 from echoserver.brokers import Broker, MemoryBroker
 from echoserver.config import Settings
 from echoserver.connection import Flusher, Keepalive
 from echoserver.hub import Hub
 from echoserver.metrics import Metrics
-
-CHANNEL_PATTERN = r"[A-Za-z0-9_.-]{1,64}"
 
 _SOCKETS: dict[str, type[handlers.BaseSocket]] = {
     "echo": handlers.EchoSocket,
@@ -60,20 +57,24 @@ class EchoServerApp(tornado.web.Application):
         self.started = time.monotonic()
         self._tasks: set[asyncio.Task[Any]] = set()
         page = static_dir(config)
-        ws_path = re.escape(config.websocket.path)
+        ws_path = config.websocket.path
         socket = _SOCKETS[config.mode]
-        routes: list[Any] = [
-            (r"/()", handlers.PageHandler, {"path": str(page), "default_filename": "index.html"}),
-            (r"/healthz", handlers.HealthHandler),
-            (r"/metrics", handlers.MetricsHandler),
-            (rf"/api/channels/({CHANNEL_PATTERN})", handlers.ChannelHandler),
-            (rf"{ws_path}", socket),
+        page_files = {"path": str(page), "default_filename": "index.html"}
+        rules: list[Any] = [
+            # An empty file path: the handler serves default_filename.
+            (rf"{routes.exact(routes.PAGE)}()", handlers.PageHandler, page_files),
+            (routes.exact(routes.HEALTH), handlers.HealthHandler),
+            (routes.exact(routes.METRICS), handlers.MetricsHandler),
+            (routes.with_channel(routes.CHANNELS), handlers.ChannelHandler),
+            (routes.exact(ws_path), socket),
         ]
         if config.mode != "echo":
-            routes.append((rf"{ws_path}/({CHANNEL_PATTERN})", socket))
+            rules.append((routes.with_channel(ws_path), socket))
         super().__init__(
-            routes,
+            rules,
+            # Tornado adds STATIC/(.*) and STATIC_FILES for static_path.
             static_path=str(page),
+            static_url_prefix=routes.STATIC + "/",
             static_handler_class=handlers.PageHandler,
             log_function=handlers.log_request,
             websocket_max_message_size=ws.max_message_size,

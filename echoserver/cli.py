@@ -61,12 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--print-config",
         action="store_true",
-        help="print the effective settings as TOML and exit",
+        help="print the effective settings as TOML (secrets hidden) and exit",
     )
     parser.add_argument(
         "--check-config",
         action="store_true",
-        help='validate the settings, print "config ok" and exit',
+        help="validate the settings (TLS files, the page, ...) without listening, "
+        'print "config ok" and exit',
     )
     parser.add_argument("--version", action="version", version=f"echoserver {__version__}")
     groups = {s: parser.add_argument_group(t) for s, t in _SECTION_TITLES.items()}
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     options = vars(args)
     flags = {k.name: options[k.name] for k in config.KEYS if k.name in options}
     try:
-        settings = config.load(config_path=args.config_path, flags=flags)
+        settings, sources = config.resolve(config_path=args.config_path, flags=flags)
     except config.ConfigError as err:
         print(f"echoserver: config error: {err}", file=sys.stderr)
         return 2
@@ -115,5 +116,4 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from echoserver import server
 
-    server.run(settings)
-    return 0
+    return server.run(settings, sources)

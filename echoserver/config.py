@@ -4,21 +4,28 @@ This module owns the ``Settings`` dataclasses, the ``KEYS`` table (one entry per
 type, default, doc, allowed values, env var, CLI flag), ``load()`` (built-in defaults <
 TOML file < ``ECHOSERVER_*`` environment < command-line flags, then validation) and
 ``to_toml()``. Env names, flags, validation, ``to_toml`` and the documented example file
-all derive from ``KEYS``. It is a leaf: it imports nothing else from the package.
+all derive from ``KEYS``. Checks that need no socket happen here, so ``--check-config``
+finds them: the TLS files load and match, the page exists, the WebSocket path clashes with
+no other route. It imports only ``routes``, itself a leaf.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
+import ipaddress
 import math
 import os
 import re
+import ssl
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
+
+from echoserver import routes
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -36,8 +43,10 @@ __all__ = [
     "Settings",
     "TLSSettings",
     "WebSocketSettings",
+    "describe",
     "format_value",
     "load",
+    "resolve",
     "to_toml",
 ]
 
@@ -159,23 +168,49 @@ def _choice(*options: str) -> Rule:
 
 _BOOL = Rule("true or false")
 
+_LOOPS = ("auto", "asyncio", "uvloop")
+
+
+def _check_loop(v: str) -> str | None:
+    if v not in _LOOPS:
+        return ""
+    if v == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        return "uvloop is not installed (pip install 'echoserver[speed]', or loop = \"auto\")"
+    return None
+
+
+_LOOP = Rule(_choice(*_LOOPS).allowed, _check_loop, choices=_LOOPS)
+
 _HOST_RE = re.compile(r"[A-Za-z0-9._:%-]+")
+_NUMERIC_HOST_RE = re.compile(r"[0-9.]+|.*:.*")
+
+
+def _check_host(v: str) -> str | None:
+    if not _HOST_RE.fullmatch(v):
+        return ""
+    # What looks like an address must be one: otherwise it would go to DNS as a name.
+    if _NUMERIC_HOST_RE.fullmatch(v):
+        try:
+            ipaddress.ip_address(v)
+        except ValueError:
+            return "not a valid IPv4 or IPv6 address"
+    return None
+
+
 _HOST = Rule(
     "a host name or IP address to listen on, e.g. 127.0.0.1, 0.0.0.0 or ::",
-    lambda v: None if _HOST_RE.fullmatch(v) else "",
+    _check_host,
 )
 
 _PATH_RE = re.compile(r"/[A-Za-z0-9_./-]*[A-Za-z0-9_.-]")
-# Routes the application serves itself; the WebSocket endpoint must not shadow them.
-_RESERVED_PATHS = ("/static", "/healthz", "/metrics")
 
 
 def _check_ws_path(v: str) -> str | None:
     if not _PATH_RE.fullmatch(v) or "//" in v:
         return ""
-    for reserved in _RESERVED_PATHS:
-        if v == reserved or v.startswith(reserved + "/"):
-            return f"{reserved} is served by the application itself"
+    route = routes.clash(v)
+    if route is not None:
+        return f"it would clash with the server's own route {route}"
     return None
 
 
@@ -204,9 +239,20 @@ _ORIGINS = Rule(
     _check_origins,
 )
 
+# What to_toml() prints for a secret. The token rule refuses it (it has spaces), so a
+# printed file reused as is fails to load instead of running with a wrong token.
+HIDDEN = "<hidden, not printed>"
+
+
+def _check_token(v: str) -> str | None:
+    if v == HIDDEN:
+        return "this is the placeholder --print-config prints instead of the token"
+    return None if all("!" <= ch <= "~" for ch in v) else ""
+
+
 _TOKEN = Rule(
     'a string of visible ASCII characters without spaces, or "" for no auth',
-    lambda v: None if all("!" <= ch <= "~" for ch in v) else "",
+    _check_token,
 )
 
 
@@ -250,9 +296,51 @@ def _check_readable_file(v: str) -> str | None:
 
 _READABLE_FILE = Rule('"" or the path of a readable file', _check_readable_file)
 
+
+class _Passphrase(Exception):
+    pass
+
+
+def _no_passphrase() -> bytes:
+    raise _Passphrase  # instead of OpenSSL asking on the terminal
+
+
+def _check_tls(cert: str, cert_src: str, key: str) -> tuple[str, str] | None:
+    """(key name, what is wrong) if the two files do not make a TLS server's identity."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_verify_locations(cafile=cert)  # parses every certificate in the file
+    except (ssl.SSLError, OSError):
+        return "tls.certfile", "must be a PEM certificate chain; found no certificate in it"
+    try:
+        context.load_cert_chain(cert, key, password=_no_passphrase)
+    except _Passphrase:
+        return "tls.keyfile", "must be a PEM private key without a passphrase; this one has one"
+    except ssl.SSLError as err:
+        if err.reason == "KEY_VALUES_MISMATCH":
+            return "tls.keyfile", (
+                f"must be the private key of tls.certfile = {_show(None, cert)} "
+                f"(from {cert_src}); they do not match"
+            )
+        return "tls.keyfile", "must be a PEM private key; found no key in it"
+    except OSError as err:
+        return "tls.keyfile", f"cannot be read: {err.strerror or err}"
+    return None
+
+
+def _check_static_dir(v: str) -> str | None:
+    if v == "":
+        return None
+    if not os.path.isdir(v):
+        return "no such directory"
+    if not os.path.isfile(os.path.join(v, "index.html")):
+        return "it has no index.html, so / would answer 404"
+    return None
+
+
 _STATIC_DIR = Rule(
-    '"" for the page shipped with the package, or an existing directory',
-    lambda v: None if v == "" or os.path.isdir(v) else "no such directory",
+    '"" for the page shipped with the package, or a directory holding index.html',
+    _check_static_dir,
 )
 
 
@@ -332,7 +420,7 @@ KEYS: tuple[Key, ...] = (
     _key(
         "loop",
         "Event loop: auto = uvloop when it is installed, else asyncio.",
-        _choice("auto", "asyncio", "uvloop"),
+        _LOOP,
     ),
     _key(
         "websocket.path",
@@ -602,11 +690,13 @@ def _read_file(path: str, via: str) -> dict[str, Any]:
         raise ConfigError(f"{where}: invalid TOML: {err}", source=where) from None
 
 
-def _unknown(name: str, known: list[str], where: str, what: str = "key") -> ConfigError:
+def _unknown(
+    name: str, known: list[str], where: str, what: str = "key", allowed: str = ""
+) -> ConfigError:
     close = difflib.get_close_matches(name, known, n=1)
     hint = f"; did you mean {close[0]}?" if close else ""
     return ConfigError(
-        f"unknown {what} {name} (in {where}); allowed: {', '.join(known)}{hint}",
+        f"unknown {what} {name} (in {where}); allowed: {allowed or ', '.join(known)}{hint}",
         key=name,
         source=where,
     )
@@ -641,13 +731,24 @@ def _file_layer(data: Mapping[str, Any], path: str) -> _Layer:
     return layer
 
 
+_ENV_ALLOWED = (
+    f"{CONFIG_ENV}, or {ENV_PREFIX} followed by a key's name in upper case with _ for . "
+    f"(e.g. {ENV_PREFIX}WEBSOCKET_PATH)"
+)
+
+
 def _env_layer(env: Mapping[str, str]) -> _Layer:
-    # Unknown ECHOSERVER_* variables are ignored: other tools may share the prefix.
+    # The prefix is ours: a misspelled variable is an error, like an unknown key in a file.
+    by_env = {k.env: k for k in KEYS}
+    for name in sorted(env):
+        if name.startswith(ENV_PREFIX) and name != CONFIG_ENV and name not in by_env:
+            known = [CONFIG_ENV, *by_env]
+            raise _unknown(name, known, "the environment", "variable", _ENV_ALLOWED)
     layer: _Layer = {}
-    for key in KEYS:
-        if key.env in env:
-            source = f"env {key.env}"
-            layer[key.name] = (_from_text(key, env[key.env], source), source)
+    for name, key in by_env.items():
+        if name in env:
+            source = f"env {name}"
+            layer[key.name] = (_from_text(key, env[name], source), source)
     return layer
 
 
@@ -699,6 +800,10 @@ def _validate(merged: _Layer) -> None:
             f"must be set too, because {set_name} = {_show(None, other)} "
             f"(from {other_src}); set both or neither",
         )
+    if cert:
+        problem = _check_tls(cert, cert_src, keyf)
+        if problem is not None:
+            raise bad(*problem)
 
     interval, interval_src = merged["websocket.ping_interval"]
     timeout, timeout_src = merged["websocket.ping_timeout"]
@@ -744,6 +849,15 @@ def load(
     values or to strings (parsed like env values); None values are skipped.
     Raises ConfigError (one line) on any problem.
     """
+    return resolve(config_path, env, flags)[0]
+
+
+def resolve(
+    config_path: str | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, object] | None = None,
+) -> tuple[Settings, dict[str, str]]:
+    """load(), and where each key's value came from: {"port": "flag --port", ...}."""
     if env is None:
         env = os.environ
     via = ""
@@ -756,14 +870,25 @@ def load(
     merged.update(_env_layer(env))
     merged.update(_flag_layer(flags or {}))
     _validate(merged)
-    return _build(merged)
+    return _build(merged), {name: source for name, (_, source) in merged.items()}
 
 
-def to_toml(settings: Settings, *, comments: bool = False) -> str:
+def describe(settings: Settings, name: str, sources: Mapping[str, str] | None = None) -> str:
+    """A setting as config errors show it: 'port = 8888 (from flag --port)'."""
+    section, _, attr = name.rpartition(".")
+    value = getattr(getattr(settings, section) if section else settings, attr)
+    shown = f"{name} = {_show(_BY_NAME[name], value)}"
+    source = (sources or {}).get(name)
+    return f"{shown} (from {source})" if source else shown
+
+
+def to_toml(settings: Settings, *, comments: bool = False, secrets: bool = False) -> str:
     """The settings as TOML that load() reads back to equal settings.
 
-    With ``comments``, each key gets a one-line comment above it: its doc, its env var
-    and its flag (this is how config/echoserver.toml is written).
+    A secret that is set is printed as HIDDEN (which load() refuses), with a comment
+    saying so, unless ``secrets``. With ``comments``, each key gets a one-line comment
+    above it: its doc, its env var and its flag (this is how config/echoserver.toml is
+    written).
     """
     lines: list[str] = []
     for section in SECTIONS:
@@ -775,5 +900,11 @@ def to_toml(settings: Settings, *, comments: bool = False) -> str:
                 continue
             if comments:
                 lines.append(f"# {key.doc} Env {key.env}, flag {key.flag}.")
-            lines.append(f"{key.field} = {format_value(getattr(obj, key.field))}")
+            value = getattr(obj, key.field)
+            if key.secret and value != "" and not secrets:
+                lines.append(
+                    f"# {key.name} is set but not printed: put its value here to reuse this file."
+                )
+                value = HIDDEN
+            lines.append(f"{key.field} = {format_value(value)}")
     return "\n".join(lines) + "\n"

@@ -1,7 +1,9 @@
 """run(settings): logging, the event loop, sockets, TLS, worker processes, graceful drain.
 
 This is the only module that touches process-wide things (signals, fork, the loop policy).
-It wires the concrete broker into the hub and the hub into the Application.
+It wires the concrete broker into the hub and the hub into the Application. What can keep
+the server from starting (the TLS files, the address) is tried before any worker is forked
+and reported like a config error: one line on stderr, exit status 2.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import json
 import logging
 import os
@@ -17,6 +20,7 @@ import socket
 import ssl
 import sys
 import time
+from collections.abc import Mapping
 
 import tornado.httpserver
 import tornado.netutil
@@ -24,7 +28,7 @@ import tornado.netutil
 from echoserver import __version__
 from echoserver.app import EchoServerApp, make_app
 from echoserver.brokers import create_broker
-from echoserver.config import Settings
+from echoserver.config import Settings, describe
 from echoserver.handlers import CLOSE_GOING_AWAY
 
 log = logging.getLogger("echoserver")
@@ -49,6 +53,8 @@ class JSONFormatter(logging.Formatter):
             entry.update(access)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
+        elif isinstance(getattr(record, "exception", None), str):  # a cause without traceback
+            entry["exception"] = record.exception
         return json.dumps(entry)
 
 
@@ -67,30 +73,79 @@ def configure_logging(settings: Settings) -> None:
 
 
 def choose_loop(choice: str) -> str:
-    """Install the event loop the settings ask for ("auto": uvloop if installed); its name."""
+    """Install the event loop the settings ask for ("auto": uvloop if installed); its name.
+
+    config refuses loop = "uvloop" when uvloop is not installed.
+    """
     if choice == "asyncio":
         return "asyncio"
     try:
         import uvloop
     except ImportError:
-        if choice == "uvloop":
-            print(
-                'echoserver: config error: loop = "uvloop", but uvloop is not installed '
-                "(pip install 'echoserver[speed]', or loop = \"auto\")",
-                file=sys.stderr,
-            )
-            raise SystemExit(2) from None
         return "asyncio"
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     return "uvloop"
 
 
-def ssl_context(settings: Settings) -> ssl.SSLContext | None:
+class StartupError(Exception):
+    """Why the server cannot start, in one line naming the settings involved."""
+
+
+def ssl_context(
+    settings: Settings, sources: Mapping[str, str] | None = None
+) -> ssl.SSLContext | None:
     if not settings.tls.certfile:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(settings.tls.certfile, settings.tls.keyfile)
+    try:
+        # config has checked the files; this catches one changed since. A key with a
+        # passphrase fails here instead of OpenSSL prompting on the terminal.
+        context.load_cert_chain(settings.tls.certfile, settings.tls.keyfile, password=lambda: b"")
+    except (OSError, ValueError) as err:  # ssl.SSLError is an OSError
+        cert = describe(settings, "tls.certfile", sources)
+        key = describe(settings, "tls.keyfile", sources)
+        raise StartupError(f"cannot load TLS files: {cert}, {key}: {err}") from err
     return context
+
+
+def listen(settings: Settings, sources: Mapping[str, str] | None = None) -> list[socket.socket]:
+    """The listening sockets for host and port, or a StartupError naming the culprit."""
+    try:
+        # A deep accept queue: a burst of handshakes waits in the kernel, not in SYN retries.
+        return tornado.netutil.bind_sockets(settings.port, settings.host, backlog=LISTEN_BACKLOG)
+    except OSError as err:
+        reason = _why_not_listening(settings, sources, err)
+        raise StartupError(f"cannot listen: {reason}") from err
+
+
+def _why_not_listening(settings: Settings, sources: Mapping[str, str] | None, err: OSError) -> str:
+    host = describe(settings, "host", sources)
+    port = describe(settings, "port", sources)
+    if isinstance(err, socket.gaierror):
+        return f"{host}: no such host name ({err.strerror})"
+    if err.errno == errno.EADDRINUSE:
+        return (
+            f"{port}: address already in use on {settings.host}; "
+            "stop what holds it or choose another port"
+        )
+    if err.errno == errno.EADDRNOTAVAIL:
+        return (
+            f"{host}: not an address of this machine; "
+            "use 127.0.0.1, 0.0.0.0, :: or one of its own addresses"
+        )
+    if err.errno == errno.EACCES and 0 < settings.port < 1024:
+        return f"{port}: permission denied; ports below 1024 need privileges"
+    return f"{host}, {port}: {err.strerror or err}"
+
+
+def report(settings: Settings, error: StartupError) -> None:
+    """One line on stderr, like a config error; a JSON record when the log format is json."""
+    if settings.log.format == "json":
+        cause = error.__cause__
+        detail = f"{type(cause).__name__}: {cause}" if cause else None
+        log.critical("%s", error, extra={"exception": detail} if detail else None)
+    else:
+        print(f"echoserver: {error}", file=sys.stderr)
 
 
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
@@ -184,21 +239,33 @@ def _die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def run(settings: Settings) -> None:
-    """Serve until SIGTERM/SIGINT, then drain and return."""
+def run(settings: Settings, sources: Mapping[str, str] | None = None) -> int:
+    """Serve until SIGTERM/SIGINT, then drain and return 0; 2 if the server cannot start.
+
+    ``sources`` (from config.resolve) says where each setting came from, for the error line.
+    """
     configure_logging(settings)
-    # A deep accept queue: a burst of handshakes waits in the kernel, not in SYN retries.
-    sockets = tornado.netutil.bind_sockets(settings.port, settings.host, backlog=LISTEN_BACKLOG)
+    try:
+        context = ssl_context(settings, sources)
+        sockets = listen(settings, sources)
+    except StartupError as error:
+        report(settings, error)
+        return 2
     port = sockets[0].getsockname()[1]
+    loop_name = choose_loop(settings.loop)
     if settings.processes != 1:
         # Each worker returns here; the parent supervises and exits inside fork_workers.
         fork_workers(settings.processes or os.cpu_count() or 1, settings.shutdown_timeout)
-    loop_name = choose_loop(settings.loop)
-    asyncio.run(serve(settings, sockets, port, loop_name))
+    asyncio.run(serve(settings, sockets, port, loop_name, context))
+    return 0
 
 
 async def serve(
-    settings: Settings, sockets: list[socket.socket], port: int, loop_name: str
+    settings: Settings,
+    sockets: list[socket.socket],
+    port: int,
+    loop_name: str,
+    context: ssl.SSLContext | None,
 ) -> None:
     # Stop signals are handled from here on, so one sent as soon as the ready line below
     # appears still drains and exits 0.
@@ -209,7 +276,6 @@ async def serve(
     broker = create_broker(settings.broadcast.broker)
     app = make_app(settings, broker)
     await app.hub.start()
-    context = ssl_context(settings)
     server = tornado.httpserver.HTTPServer(
         app,
         ssl_options=context,

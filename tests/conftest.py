@@ -27,8 +27,10 @@ from echoserver.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 # ECHOSERVER_TEST_LOOP=uvloop|asyncio runs the in-process tests on that loop and the server
-# subprocesses on the other one, so one pass each way covers both loops everywhere.
-TEST_LOOP = os.environ.get("ECHOSERVER_TEST_LOOP", "asyncio")
+# subprocesses on the other one, so one pass each way covers both loops everywhere. It is
+# taken out of the environment: the server refuses ECHOSERVER_* variables it does not know,
+# and both config.load() in-process and every server subprocess read the environment.
+TEST_LOOP = os.environ.pop("ECHOSERVER_TEST_LOOP", "asyncio")
 SERVER_LOOP = {"asyncio": "uvloop", "uvloop": "asyncio"}[TEST_LOOP]
 READY = re.compile(r"page (https?)://([\d.]+):(\d+)/")
 

@@ -3,7 +3,9 @@ subprocess for --print-config, --check-config and every kind of config error."""
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
 import types
@@ -16,6 +18,7 @@ import pytest
 import echoserver
 from echoserver import cli, config
 from echoserver.config import KEYS, Settings, load
+from tests.test_config import page_dir, tls_pair
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -73,7 +76,6 @@ def test_precedence_through_the_cli(tmp_path: Path) -> None:
         "ECHOSERVER_WEBSOCKET_COMPRESSION": "no",
         "ECHOSERVER_BROADCAST_BROKER": "redis://env/0",
         "ECHOSERVER_LOG_LEVEL": "warning",
-        "ECHOSERVER_UNRELATED": "ignored",
     }
     flags = ["--port", "9003", "--broker", "rediss://flag:6380/1", "--log-level", "error"]
     flags += ["--compression", "--processes", "0"]
@@ -112,24 +114,26 @@ def test_config_flag_beats_config_env(tmp_path: Path) -> None:
 
 
 def test_print_config_round_trips_a_full_config(tmp_path: Path) -> None:
-    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
-    cert.write_text("c")
-    key.write_text("k")
+    cert, key = tls_pair(tmp_path)
+    page = page_dir(tmp_path / "page")
     args = [
         "--mode", "mixed", "--host", "::", "--port", "0", "--processes", "2",
-        "--static-dir", str(tmp_path), "--shutdown-timeout", "2.5", "--loop", "asyncio",
+        "--static-dir", str(page), "--shutdown-timeout", "2.5", "--loop", "asyncio",
         "--path", "/socket", "--max-message-size", "65536", "--ping-interval", "5",
         "--ping-timeout", "4", "--compression", "--max-connections", "0",
         "--allowed-origins", "https://a.example,https://b.example:8443",
         "--auth-token", "t0ken", "--rate-limit", "100",
         "--no-include-sender", "--max-queue-bytes", "4096", "--slow-client", "disconnect",
         "--history", "10", "--broker", "redis://127.0.0.1:6379/0",
-        "--tls-certfile", str(cert), "--tls-keyfile", str(key),
+        "--tls-certfile", cert, "--tls-keyfile", key,
         "--log-level", "debug", "--log-format", "json", "--no-log-access",
     ]  # fmt: skip
     proc = run([*args, "--print-config"])
     assert (proc.returncode, proc.stderr) == (0, "")
-    settings = printed_settings(tmp_path, proc.stdout)
+    # The token is not printed; put it back to reuse the file.
+    assert "t0ken" not in proc.stdout
+    hidden = config.format_value(config.HIDDEN)
+    settings = printed_settings(tmp_path, proc.stdout.replace(hidden, '"t0ken"'))
     for key_ in KEYS:  # every key was moved off its default by its flag
         section, _, attr = key_.name.rpartition(".")
         value = getattr(getattr(settings, section) if section else settings, attr)
@@ -138,6 +142,19 @@ def test_print_config_round_trips_a_full_config(tmp_path: Path) -> None:
     printed = tmp_path / "printed.toml"
     proc = run(["--config", str(printed), "--check-config"])
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "config ok\n", "")
+
+
+def test_print_config_hides_the_auth_token(tmp_path: Path) -> None:
+    proc = run(["--print-config"], env={"ECHOSERVER_WEBSOCKET_AUTH_TOKEN": "s3cr3t"})
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert "s3cr3t" not in proc.stdout
+    assert "# websocket.auth_token is set but not printed" in proc.stdout
+    assert tomllib.loads(proc.stdout)["websocket"]["auth_token"] == config.HIDDEN
+    # Fed back as it is, the placeholder is refused rather than taken for the token.
+    (tmp_path / "printed.toml").write_text(proc.stdout, encoding="utf-8")
+    proc = run(["--config", str(tmp_path / "printed.toml"), "--check-config"])
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("echoserver: config error: websocket.auth_token = <hidden>")
 
 
 @pytest.mark.parametrize(
@@ -188,6 +205,22 @@ def tls_half(tmp_path: Path) -> tuple[list[str], dict[str, str], list[str]]:
     env = {"ECHOSERVER_TLS_CERTFILE": str(cert)}
     expected = ['tls.keyfile = ""', "(from default)", "ECHOSERVER_TLS_CERTFILE", str(cert)]
     return [], env, expected
+
+
+def tls_not_pem(tmp_path: Path) -> tuple[list[str], dict[str, str], list[str]]:
+    cert, _ = tls_pair(tmp_path)
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not PEM\n")
+    args = ["--tls-certfile", cert, "--tls-keyfile", str(junk)]
+    return args, {}, [f'tls.keyfile = "{junk}" (from flag --tls-keyfile)', "PEM private key"]
+
+
+def tls_mismatch(tmp_path: Path) -> tuple[list[str], dict[str, str], list[str]]:
+    cert, _ = tls_pair(tmp_path, "one")
+    _, key = tls_pair(tmp_path, "two")
+    env = {"ECHOSERVER_TLS_KEYFILE": key}
+    expected = [f'tls.keyfile = "{key}" (from env ECHOSERVER_TLS_KEYFILE)', "do not match"]
+    return ["--tls-certfile", cert], env, expected
 
 
 def unreadable(tmp_path: Path) -> tuple[list[str], dict[str, str], list[str]]:
@@ -269,6 +302,31 @@ ERRORS: dict[str, Case] = {
     "trailing slash path": plain_case(
         ["--path", "/ws/"], {}, ['websocket.path = "/ws/"', "(from flag --path)"]
     ),
+    "path above the channel API": plain_case(
+        ["--path", "/api"], {}, ['websocket.path = "/api"', "route /api/channels"]
+    ),
+    "path on the channel API": plain_case(
+        [],
+        {"ECHOSERVER_WEBSOCKET_PATH": "/api/channels"},
+        ["(from env ECHOSERVER_WEBSOCKET_PATH)", "route /api/channels"],
+    ),
+    "path under /healthz": file_case(
+        '[websocket]\npath = "/healthz/ws"\n', [], ["(from file {p})", "route /healthz"]
+    ),
+    "path on /sse": plain_case(["--path", "/sse"], {}, ["route /sse"]),
+    "misspelled env var": plain_case(
+        [],
+        {"ECHOSERVER_MDOE": "broadcast"},
+        ["unknown variable ECHOSERVER_MDOE", "did you mean ECHOSERVER_MODE?"],
+    ),
+    "host that is no address": plain_case(
+        ["--host", "999.1.1.1"], {}, ['host = "999.1.1.1" (from flag --host)', "IPv4"]
+    ),
+    "static_dir without a page": plain_case(
+        ["--static-dir", "{p}"], {}, ['static_dir = "{p}" (from flag --static-dir)', "index.html"]
+    ),
+    "tls key not PEM": tls_not_pem,
+    "tls key of another certificate": tls_mismatch,
     "http broker": plain_case(
         [],
         {"ECHOSERVER_BROADCAST_BROKER": "http://h"},
@@ -331,6 +389,141 @@ def test_config_error_also_stops_print_config_and_serving() -> None:
         )
 
 
+def test_check_config_loads_good_tls_files_and_page(tmp_path: Path) -> None:
+    cert, key = tls_pair(tmp_path)
+    page = page_dir(tmp_path / "page")
+    args = ["--tls-certfile", cert, "--tls-keyfile", key, "--static-dir", str(page)]
+    proc = run([*args, "--check-config"])
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "config ok\n", "")
+
+
+def test_uvloop_asked_for_but_missing_is_a_config_error() -> None:
+    # uvloop is installed here: hide it from the child, as if it were not.
+    code = (
+        "import sys; sys.modules['uvloop'] = None\n"
+        "from echoserver.cli import main\n"
+        "raise SystemExit(main(sys.argv[1:]))\n"
+    )
+    for extra in (["--check-config"], ["--processes", "2", "--port", "0"]):
+        proc = run_code(code, ["--loop", "uvloop", *extra])
+        assert_one_line_exit_2(proc)
+        assert proc.stderr.startswith(
+            'echoserver: config error: loop = "uvloop" (from flag --loop): '
+        )
+        assert "uvloop is not installed" in proc.stderr
+
+
+# --- startup failures: like config errors, one line and status 2 ----------------------
+
+
+def run_code(code: str, args: list[str]) -> subprocess.CompletedProcess[str]:
+    """`python -c CODE ARGS` with the same clean environment as run()."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("ECHOSERVER_")}
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        env=base,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def assert_one_line_exit_2(proc: subprocess.CompletedProcess[str]) -> None:
+    assert proc.returncode == 2, proc
+    assert proc.stdout == ""
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.endswith("\n") and proc.stderr.count("\n") == 1, proc.stderr
+
+
+@pytest.fixture
+def taken_port() -> Any:
+    """A port some other program is listening on (loopback)."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield holder.getsockname()[1]
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_port_in_use_is_one_line(taken_port: int, processes: str) -> None:
+    """The most common newcomer mistake; with workers too, as the port is bound before fork."""
+    proc = run(["--port", str(taken_port), "--processes", processes])
+    assert_one_line_exit_2(proc)
+    assert proc.stderr.startswith(
+        f"echoserver: cannot listen: port = {taken_port} (from flag --port): "
+        "address already in use on 127.0.0.1"
+    )
+
+
+def test_port_in_use_names_where_the_port_came_from(taken_port: int, tmp_path: Path) -> None:
+    proc = run([], env={"ECHOSERVER_PORT": str(taken_port)})
+    assert_one_line_exit_2(proc)
+    assert f"port = {taken_port} (from env ECHOSERVER_PORT): address already in use" in proc.stderr
+    conf = tmp_path / "c.toml"
+    conf.write_text(f"port = {taken_port}\n", encoding="utf-8")
+    proc = run(["--config", str(conf)])
+    assert_one_line_exit_2(proc)
+    assert f"port = {taken_port} (from file {conf}): address already in use" in proc.stderr
+
+
+def test_port_in_use_with_json_logs_is_one_json_record(taken_port: int) -> None:
+    proc = run(["--port", str(taken_port), "--log-format", "json"])
+    assert_one_line_exit_2(proc)
+    record = json.loads(proc.stderr)
+    assert record["level"] == "critical"
+    assert record["message"].startswith(f"cannot listen: port = {taken_port} (from flag --port)")
+    assert record["exception"] == "OSError: [Errno 98] Address already in use"
+
+
+def test_host_not_on_this_machine_is_one_line() -> None:
+    """10.255.255.1 is no local address: bind() fails at once, nothing is sent anywhere."""
+    proc = run(["--host", "10.255.255.1", "--port", "0", "--processes", "2"])
+    assert_one_line_exit_2(proc)
+    assert proc.stderr.startswith(
+        'echoserver: cannot listen: host = "10.255.255.1" (from flag --host): '
+        "not an address of this machine"
+    )
+
+
+def test_host_that_does_not_resolve_is_one_line() -> None:
+    # The resolver is replaced with one that fails, so no DNS query leaves the machine.
+    code = (
+        "import socket, sys\n"
+        "def no_such_name(*args, **kwargs):\n"
+        "    raise socket.gaierror(socket.EAI_NONAME, 'Name or service not known')\n"
+        "socket.getaddrinfo = no_such_name\n"
+        "from echoserver.cli import main\n"
+        "raise SystemExit(main(sys.argv[1:]))\n"
+    )
+    proc = run_code(code, ["--host", "example.invalid", "--port", "0"])
+    assert_one_line_exit_2(proc)
+    assert proc.stderr == (
+        'echoserver: cannot listen: host = "example.invalid" (from flag --host): '
+        "no such host name (Name or service not known)\n"
+    )
+
+
+def test_tls_files_broken_after_the_check_are_one_line(tmp_path: Path) -> None:
+    """The server loads the files again before it listens; a file swapped since is caught."""
+    cert, key = tls_pair(tmp_path)
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from echoserver import config, server\n"
+        "settings, sources = config.resolve(flags={'tls.certfile': sys.argv[1], "
+        "'tls.keyfile': sys.argv[2], 'port': 0})\n"
+        "Path(sys.argv[2]).write_text('gone')\n"
+        "raise SystemExit(server.run(settings, sources))\n"
+    )
+    proc = run_code(code, [cert, key])
+    assert_one_line_exit_2(proc)
+    assert proc.stderr.startswith(
+        f'echoserver: cannot load TLS files: tls.certfile = "{cert}" (from flag --tls-certfile), '
+        f'tls.keyfile = "{key}" (from flag --tls-keyfile): '
+    )
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
@@ -384,11 +577,11 @@ def test_every_flag_sets_exactly_its_key(
         "mode": "mixed",
         "loop": "asyncio",
         "host": "0.0.0.0",
-        "static_dir": str(tmp_path),
+        "static_dir": str(page_dir(tmp_path / "page")),
         "websocket.path": "/sock",
         "websocket.ping_interval": "30",  # above the default ping_timeout: it stays put
         "websocket.ping_timeout": "1",
-        "websocket.auth_token": "tok",
+        "websocket.auth_token": "s3cr3t",
         "broadcast.max_queue_bytes": "2048",
         "broadcast.slow_client": "disconnect",
         "broadcast.broker": "redis://h/0",
@@ -409,6 +602,9 @@ def test_every_flag_sets_exactly_its_key(
         assert cli.main([*argv, "--print-config"]) == 0, key.name
         out, err = capsys.readouterr()
         assert err == ""
+        if key.secret:
+            assert text not in out
+            out = out.replace(config.format_value(config.HIDDEN), config.format_value(text))
         settings = printed_settings(tmp_path, out)
         for other in KEYS:
             o_section, _, o_attr = other.name.rpartition(".")
@@ -419,8 +615,15 @@ def test_every_flag_sets_exactly_its_key(
 
 def test_main_hands_settings_to_server_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     received: list[Settings] = []
+    sources: list[dict[str, str]] = []
+
+    def run(settings: Settings, where: dict[str, str]) -> int:
+        received.append(settings)
+        sources.append(where)
+        return 0
+
     fake = types.ModuleType("echoserver.server")
-    fake.run = received.append  # type: ignore[attr-defined]
+    fake.run = run  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "echoserver.server", fake)
     monkeypatch.setattr(echoserver, "server", fake, raising=False)
     for name in [n for n in os.environ if n.startswith("ECHOSERVER_")]:
@@ -430,6 +633,9 @@ def test_main_hands_settings_to_server_run(monkeypatch: pytest.MonkeyPatch, tmp_
     assert received == [
         load(env={"ECHOSERVER_LOG_LEVEL": "debug"}, flags={"port": 0, "mode": "broadcast"})
     ]
+    assert sources[0]["port"] == "flag --port"
+    assert sources[0]["log.level"] == "env ECHOSERVER_LOG_LEVEL"
+    assert sources[0]["host"] == "default"
 
 
 def test_main_does_not_start_the_server_on_error(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import re
 import sys
@@ -10,8 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
-from echoserver import config
+from echoserver import config, routes
+from echoserver.app import make_app
 from echoserver.config import KEYS, ConfigError, Settings, load, to_toml
 
 if sys.version_info >= (3, 11):
@@ -28,6 +34,41 @@ def write(tmp_path: Path, text: str, name: str = "echoserver.toml") -> str:
     path = tmp_path / name
     path.write_text(text, encoding="utf-8")
     return str(path)
+
+
+def tls_pair(directory: Path, name: str = "server", passphrase: bytes = b"") -> tuple[str, str]:
+    """A self-signed certificate and its private key as PEM files: (certfile, keyfile)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    encryption = (
+        serialization.BestAvailableEncryption(passphrase)
+        if passphrase
+        else serialization.NoEncryption()
+    )
+    certfile, keyfile = directory / f"{name}-cert.pem", directory / f"{name}-key.pem"
+    certfile.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    keyfile.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
+    )
+    return str(certfile), str(keyfile)
+
+
+def page_dir(directory: Path) -> Path:
+    """`directory` made a valid static_dir: it holds an index.html."""
+    directory.mkdir(exist_ok=True)
+    (directory / "index.html").write_text("<html></html>", encoding="utf-8")
+    return directory
 
 
 def get(settings: Settings, dotted: str) -> Any:
@@ -271,10 +312,20 @@ def test_env_lists_and_strings() -> None:
     assert settings.host == "::"
 
 
-def test_unknown_env_vars_are_ignored(capsys: pytest.CaptureFixture[str]) -> None:
-    env = {"ECHOSERVER_NOPE": "x", "ECHOSERVER_WEBSOCKET": "y", "ECHOSERVER_TLS": "z"}
+def test_a_misspelled_env_var_is_an_error_like_an_unknown_key() -> None:
+    message = error_of(env={"ECHOSERVER_MDOE": "broadcast"})
+    assert message.startswith("unknown variable ECHOSERVER_MDOE (in the environment)")
+    assert message.endswith("did you mean ECHOSERVER_MODE?")
+    message = error_of(env={"ECHOSERVER_WEBSOCKET_PAHT": "/x", "ECHOSERVER_PORT": "1"})
+    assert "did you mean ECHOSERVER_WEBSOCKET_PATH?" in message
+    for name in ("ECHOSERVER_TLS", "ECHOSERVER_", "ECHOSERVER_TEST_LOOP"):
+        assert f"unknown variable {name} " in error_of(env={name: "x"})
+
+
+def test_other_env_vars_are_ignored(tmp_path: Path) -> None:
+    env = {"ECHOSERVER": "x", "echoserver_mode": "y", "ECHOSERVERX_MODE": "z", "PATH": "/"}
     assert load(env=env) == Settings()
-    assert capsys.readouterr() == ("", "")
+    assert load(env={"ECHOSERVER_CONFIG": write(tmp_path, "port = 1\n")}).port == 1
 
 
 def test_flags_accept_typed_values_and_skip_none() -> None:
@@ -409,6 +460,10 @@ BAD_VALUES = [
     ("mode", "loud", 'must be one of "echo", "broadcast", "mixed"'),
     ("host", "", "must be a host name or IP address"),
     ("host", "local host", "must be a host name or IP address"),
+    # Would go to DNS as names: refused without a lookup.
+    ("host", "999.1.1.1", "not a valid IPv4 or IPv6 address"),
+    ("host", "1.2.3", "not a valid IPv4 or IPv6 address"),
+    ("host", "::g", "not a valid IPv4 or IPv6 address"),
     ("port", 70000, "must be an integer 0..65535"),
     ("port", -1, "must be an integer 0..65535"),
     ("processes", -1, "must be an integer >= 0"),
@@ -419,8 +474,18 @@ BAD_VALUES = [
     ("websocket.path", "/ws/", "must be a URL path"),
     ("websocket.path", "/a//b", "must be a URL path"),
     ("websocket.path", "/w s", "must be a URL path"),
-    ("websocket.path", "/static", "/static is served by the application itself"),
-    ("websocket.path", "/healthz/ws", "/healthz is served by the application itself"),
+    ("websocket.path", "/static", "clash with the server's own route /static"),
+    ("websocket.path", "/static/ws", "clash with the server's own route /static"),
+    ("websocket.path", "/healthz/ws", "clash with the server's own route /healthz"),
+    ("websocket.path", "/metrics", "clash with the server's own route /metrics"),
+    ("websocket.path", "/api", "clash with the server's own route /api/channels"),
+    ("websocket.path", "/api/channels", "clash with the server's own route /api/channels"),
+    ("websocket.path", "/api/channels/x", "clash with the server's own route /api/channels"),
+    ("websocket.path", "/api/channels/x/messages", "clash with the server's own route"),
+    ("websocket.path", "/sse", "clash with the server's own route /sse"),
+    ("websocket.path", "/sse/room", "clash with the server's own route /sse"),
+    ("websocket.path", "/favicon.ico", "clash with the server's own route /favicon.ico"),
+    ("websocket.path", "/robots.txt", "clash with the server's own route /robots.txt"),
     ("websocket.max_message_size", -5, "must be an integer 1..2147483648"),
     ("websocket.max_message_size", 0, "must be an integer 1..2147483648"),
     ("websocket.max_message_size", 2**31 + 1, "must be an integer 1..2147483648"),
@@ -488,9 +553,41 @@ def test_edge_values_are_accepted(name: str, value: Any) -> None:
 
 
 def test_static_dir_must_exist(tmp_path: Path) -> None:
-    assert load(env={}, flags={"static_dir": str(tmp_path)}).static_dir == str(tmp_path)
+    page = str(page_dir(tmp_path / "page"))
+    assert load(env={}, flags={"static_dir": page}).static_dir == page
     message = error_of(flags={"static_dir": str(tmp_path / "missing")})
     assert "no such directory" in message
+
+
+def test_static_dir_must_hold_the_page(tmp_path: Path) -> None:
+    """A directory without index.html used to be accepted, and then / answered 404."""
+    message = error_of(flags={"static_dir": str(tmp_path)})
+    assert message.startswith(f'static_dir = "{tmp_path}" (from flag --static-dir): ')
+    assert "it has no index.html" in message
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/ws", "/socket", "/v1/ws", "/apis", "/api-ws", "/ssex", "/metricsx", "/static.ws", "/ws/api"],
+)
+def test_websocket_paths_beside_the_routes_are_fine(path: str) -> None:
+    assert load(env={}, flags={"websocket.path": path}).websocket.path == path
+
+
+@pytest.mark.parametrize("mode", ["echo", "broadcast"])
+def test_the_app_serves_nothing_outside_the_route_table(mode: str) -> None:
+    """Every route of the Application lies inside routes.RESERVED (or is the page, or
+    the WebSocket path): the table config checks against is the one the app is built from."""
+    app = make_app(config.load(env={}, flags={"mode": mode, "websocket.path": "/sock"}))
+    samples = [f"{prefix}{tail}" for prefix in routes.RESERVED for tail in ("", "/x")]
+    seen_ws = 0
+    for rule in app.wildcard_router.rules:
+        regex = rule.matcher.regex  # type: ignore[attr-defined]
+        if regex.match("/sock/room") or regex.match("/sock"):
+            seen_ws += 1
+            continue
+        assert regex.match("/") or any(regex.match(sample) for sample in samples), regex
+    assert seen_ws == (1 if mode == "echo" else 2)
 
 
 def test_secrets_are_not_echoed_in_errors() -> None:
@@ -505,9 +602,7 @@ def test_secrets_are_not_echoed_in_errors() -> None:
 
 
 def tls_files(tmp_path: Path) -> tuple[str, str]:
-    cert = write(tmp_path, "cert", "cert.pem")
-    key = write(tmp_path, "key", "key.pem")
-    return cert, key
+    return tls_pair(tmp_path)
 
 
 def test_tls_both_or_neither(tmp_path: Path) -> None:
@@ -529,6 +624,37 @@ def test_tls_files_must_be_readable(tmp_path: Path) -> None:
     assert "No such file or directory" in message
     message = error_of(flags={"tls.certfile": cert, "tls.keyfile": str(tmp_path)})
     assert "it is a directory" in message
+
+
+def test_tls_files_must_be_pem_and_match(tmp_path: Path) -> None:
+    """Checked when the settings load (so by --check-config too), not at the first client."""
+    cert, key = tls_pair(tmp_path, "one")
+    other_cert, other_key = tls_pair(tmp_path, "two")
+    locked_cert, locked_key = tls_pair(tmp_path, "locked", passphrase=b"pw")
+    junk = write(tmp_path, "not a certificate\n", "junk.pem")
+    der = tmp_path / "cert.der"
+    der.write_bytes(x509.load_pem_x509_certificate(Path(cert).read_bytes()).public_bytes(
+        serialization.Encoding.DER
+    ))  # fmt: skip
+
+    def tls_error(certfile: str, keyfile: str) -> str:
+        return error_of(env={}, flags={"tls.certfile": certfile, "tls.keyfile": keyfile})
+
+    for bad_cert in (junk, str(der), key):
+        message = tls_error(bad_cert, key)
+        assert message.startswith(f'tls.certfile = "{bad_cert}" (from flag --tls-certfile): ')
+        assert "must be a PEM certificate chain" in message
+    for bad_key in (junk, cert):
+        message = tls_error(cert, bad_key)
+        assert message.startswith(f'tls.keyfile = "{bad_key}" (from flag --tls-keyfile): ')
+        assert "must be a PEM private key" in message
+    message = tls_error(cert, other_key)
+    assert message == (
+        f'tls.keyfile = "{other_key}" (from flag --tls-keyfile): must be the private key of '
+        f'tls.certfile = "{cert}" (from flag --tls-certfile); they do not match'
+    )
+    assert "without a passphrase" in tls_error(locked_cert, locked_key)
+    assert load(env={}, flags={"tls.certfile": other_cert, "tls.keyfile": other_key}).tls
 
 
 @pytest.mark.parametrize("mode", ["broadcast", "mixed"])
@@ -577,8 +703,7 @@ def test_to_toml_round_trips_defaults(tmp_path: Path) -> None:
 
 
 def test_to_toml_round_trips_awkward_values(tmp_path: Path) -> None:
-    odd_dir = tmp_path / 'we"ird\\dir ü\t'
-    odd_dir.mkdir()
+    odd_dir = page_dir(tmp_path / 'we"ird\\dir ü\t')
     cert, key = tls_files(tmp_path)
     flags = {
         "mode": "mixed",
@@ -596,10 +721,25 @@ def test_to_toml_round_trips_awkward_values(tmp_path: Path) -> None:
         "tls.keyfile": key,
     }
     settings = load(env={}, flags=flags)
-    text = to_toml(settings)
+    text = to_toml(settings, secrets=True)
     assert load(config_path=write(tmp_path, text), env={}) == settings
-    commented = to_toml(settings, comments=True)
+    commented = to_toml(settings, comments=True, secrets=True)
     assert load(config_path=write(tmp_path, commented, "c.toml"), env={}) == settings
+
+
+def test_to_toml_hides_secrets_unless_asked(tmp_path: Path) -> None:
+    settings = load(env={}, flags={"websocket.auth_token": "s3cr3t"})
+    text = to_toml(settings)
+    assert "s3cr3t" not in text
+    lines = text.splitlines()
+    at = lines.index(f"auth_token = {config.format_value(config.HIDDEN)}")
+    assert lines[at - 1].startswith("# websocket.auth_token is set but not printed")
+    # The placeholder is never taken for a token: reusing the printed file fails loudly.
+    message = error_of(config_path=write(tmp_path, text))
+    assert message.startswith("websocket.auth_token = <hidden> (from file ")
+    assert "placeholder" in message
+    assert 'auth_token = "s3cr3t"' in to_toml(settings, secrets=True)
+    assert 'auth_token = ""' in to_toml(Settings())  # nothing to hide
 
 
 def test_error_messages_are_one_line() -> None:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
+import site
 import subprocess
 import sys
+import sysconfig
 import venv
 from pathlib import Path
 
@@ -85,6 +88,8 @@ def test_precedence_file_env_flag(run_server, tmp_path):
     [
         (["--port", "70000"], {}, "port"),
         ([], {"ECHOSERVER_MODE": "loud"}, "mode"),
+        ([], {"ECHOSERVER_MDOE": "broadcast"}, "did you mean ECHOSERVER_MODE?"),
+        (["--path", "/api/channels"], {}, "websocket.path"),
         (["--config", "/nonexistent/echoserver.toml"], {}, "/nonexistent/echoserver.toml"),
     ],
 )
@@ -102,6 +107,33 @@ def test_bad_config_exits_2_with_one_line(args, env, named):
     assert len(lines) == 1, result.stderr
     assert named in lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_a_second_server_on_the_same_port_says_so_in_one_line(run_server):
+    first = run_server("--mode", "echo")
+    for processes in ("1", "2"):
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "echoserver",
+                "--port",
+                str(first.port),
+                "--processes",
+                processes,
+            ],
+            env={"PATH": "/usr/bin:/bin"},
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode == 2
+        assert result.stderr == (
+            f"echoserver: cannot listen: port = {first.port} (from flag --port): address "
+            "already in use on 127.0.0.1; stop what holds it or choose another port\n"
+        )
+    assert health(first)["status"] == "ok"  # and the first one is untouched
 
 
 def test_sigterm_drains_and_exits_0(run_server):
@@ -128,13 +160,31 @@ def test_installed_wheel_finds_its_page_from_another_directory(tmp_path, run_ser
     )  # fmt: skip
     (wheel,) = wheels.glob("echoserver-*.whl")
     env_dir = tmp_path / "venv"
-    # System site-packages supply tornado & co. without a download; the venv's own
-    # site-packages come first, so the installed wheel shadows the source tree.
-    venv.create(env_dir, system_site_packages=True, with_pip=False)
+    venv.create(env_dir, with_pip=False)
     python = env_dir / "bin" / "python"
+    # The dependencies come, without a download, from the site-packages of the Python
+    # running the tests (a venv or not): a .pth line appends each to the new venv's path,
+    # after its own site-packages, so the installed wheel wins. Plain directory lines do not
+    # run the .pth files found there, so this checkout's editable install stays out.
+    inner = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    paths = sysconfig.get_paths()
+    outer = [paths["purelib"], paths["platlib"], *site.getsitepackages()]
+    if site.ENABLE_USER_SITE:
+        outer.append(site.getusersitepackages())
+    lines = dict.fromkeys(p for p in outer if Path(p).is_dir())
+    (Path(inner) / "outer-site-packages.pth").write_text("\n".join(lines) + "\n")
+    # Nor may a PYTHONPATH the tests run with bring the checkout in (pip would then find
+    # echoserver already installed).
+    no_checkout = {"PYTHONPATH": ""}
     subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q",
          str(wheel)],
+        env={**os.environ, **no_checkout},
         check=True,
         timeout=300,
     )  # fmt: skip
@@ -143,12 +193,13 @@ def test_installed_wheel_finds_its_page_from_another_directory(tmp_path, run_ser
     where = subprocess.run(
         [str(python), "-c", "import echoserver, sys; print(echoserver.__file__)"],
         cwd=elsewhere,
+        env={**os.environ, **no_checkout},
         capture_output=True,
         text=True,
         check=True,
-    ).stdout
+    ).stdout.strip()
     assert Path(where).resolve().is_relative_to(env_dir.resolve())
-    server = run_server("--mode", "echo", cwd=elsewhere, python=str(python))
+    server = run_server("--mode", "echo", env=no_checkout, cwd=elsewhere, python=str(python))
     status, _, body = fetch(server.url + "/")
     assert status == 200
     assert b"/static/app.js" in body

@@ -1,0 +1,44 @@
+"""The URL table: every path the server answers besides the WebSocket endpoint.
+
+This module owns the route prefixes, the Tornado URL patterns built from them and the
+channel-name pattern. app.py builds its route list from it; config.py refuses a
+``websocket.path`` that would shadow, or be shadowed by, any of these routes. It is a
+leaf: it imports nothing from the package.
+"""
+
+from __future__ import annotations
+
+import re
+
+# A channel name in a URL: /ws/<channel>, /api/channels/<channel>, /sse/<channel>.
+CHANNEL_PATTERN = r"[A-Za-z0-9_.-]{1,64}"
+
+PAGE = "/"  # the page itself; only "/" exactly, so it reserves nothing below it
+STATIC = "/static"  # the page's assets (Tornado's static_url_prefix, without its "/")
+HEALTH = "/healthz"
+METRICS = "/metrics"
+CHANNELS = "/api/channels"  # /api/channels/<channel>; POST .../<channel>/messages is coming
+SSE = "/sse"  # coming: /sse and /sse/<channel>
+# Tornado serves these two from the static directory as well.
+STATIC_FILES = ("/favicon.ico", "/robots.txt")
+
+# Every prefix the WebSocket path may not equal, fall under or contain.
+RESERVED: tuple[str, ...] = (STATIC, *STATIC_FILES, HEALTH, METRICS, CHANNELS, SSE)
+
+
+def exact(path: str) -> str:
+    """The Tornado pattern matching `path` and nothing else."""
+    return re.escape(path)
+
+
+def with_channel(prefix: str) -> str:
+    """The Tornado pattern for prefix/<channel>, the channel captured."""
+    return rf"{re.escape(prefix)}/({CHANNEL_PATTERN})"
+
+
+def clash(path: str) -> str | None:
+    """The reserved route that `path` equals, falls under or contains; None if none."""
+    for route in RESERVED:
+        if path == route or path.startswith(route + "/") or route.startswith(path + "/"):
+            return route
+    return None
