@@ -3,8 +3,13 @@
 The hub keeps, per channel, the local subscribers (one per connection) in join order. It
 publishes through its broker and fans out what the broker delivers back, so the same code
 serves one embedded process and a Redis-backed cluster. Every subscriber on a channel gets
-that channel's messages in the broker's order; a joiner gets the last `history` messages
-first, then the live stream, spliced by sequence number so nothing is lost or repeated.
+that channel's messages in the broker's order; a joiner gets the broker's kept history
+first, then the live stream, spliced by offset so nothing is lost or repeated.
+
+Handlers see only this module: publish() is the one way to send (it never waits, and keeps
+call order), a failure is a HubUnavailable, and each receiver gets a Delivery, the hub's
+own object per fan-out, never the broker's Envelope. A Delivery carries a frame cache that
+all receivers of one fan-out share, so a broadcast to 1000 receivers is encoded once.
 
 A fan-out never waits on a receiver: deliver() only queues bytes. What a receiver has not
 taken yet is capped (max_queue_bytes); a message that would take it past the cap is
@@ -20,9 +25,10 @@ import itertools
 import logging
 import os
 from collections.abc import Callable
+from functools import partial
 from typing import Protocol
 
-from echoserver.brokers.base import Broker, Envelope
+from echoserver.brokers.base import Broker, BrokerUnavailable, Envelope
 
 log = logging.getLogger("echoserver.hub")
 
@@ -30,13 +36,39 @@ MAX_TRACKED_CHANNELS = 1000  # channels with counters of their own in /metrics
 OTHER_CHANNELS = "(other)"  # where the rest are counted
 
 
+class HubUnavailable(Exception):
+    """A message could not be published: the broker is unreachable or refused it."""
+
+
+class Delivery:
+    """One message as the hub hands it to the receivers of one fan-out.
+
+    Receivers read it and may fill its frame cache, which every receiver of the same
+    fan-out shares: the first receiver encodes the frame (or deflates it, for one window
+    size), the others reuse it. The broker's Envelope is never handed out.
+    """
+
+    __slots__ = ("binary", "data", "deflated", "envelope", "frame", "seq")
+
+    def __init__(self, envelope: Envelope) -> None:
+        self.envelope = envelope
+        self.data = envelope.data
+        self.binary = envelope.binary
+        self.seq = envelope.seq  # the message's offset on its channel
+        self.frame: bytes | None = None  # the encoded WebSocket frame
+        self.deflated: tuple[int, bytes] | None = None  # (window bits, deflated frame)
+
+
 class Subscriber(Protocol):
     """One connection's end of a channel."""
 
     sub_id: str
-    peer: str  # who it is, for log lines
 
-    def deliver(self, envelope: Envelope) -> None:
+    @property
+    def peer(self) -> str:
+        """Who it is, for log lines."""
+
+    def deliver(self, delivery: Delivery) -> None:
         """Queue one message for this connection without blocking."""
 
     def queued_bytes(self) -> int:
@@ -67,10 +99,10 @@ class _Joining:
         self.subscriber = subscriber
         self.sub_id = subscriber.sub_id
         self.peer = subscriber.peer
-        self.buffered: list[Envelope] = []
+        self.buffered: list[Delivery] = []
 
-    def deliver(self, envelope: Envelope) -> None:
-        self.buffered.append(envelope)
+    def deliver(self, delivery: Delivery) -> None:
+        self.buffered.append(delivery)
 
     def queued_bytes(self) -> int:
         return 0  # replayed through the cap once the history is in
@@ -80,20 +112,26 @@ class _Joining:
 
 
 class Hub:
-    """Local channel membership and fan-out over one broker."""
+    """Local channel membership and fan-out over one broker.
+
+    `history`, when given, sets how many messages the broker keeps per channel (its
+    history_size), which joiners get first.
+    """
 
     def __init__(
         self,
         broker: Broker,
         *,
         include_sender: bool = True,
-        history: int = 0,
+        history: int | None = None,
         max_queue_bytes: int = 1 << 20,
         slow_client: str = "drop",
     ) -> None:
         self.broker = broker
+        if history is not None:
+            broker.history_size = history
+        self.presence = broker.presence
         self.include_sender = include_sender
-        self.history = history
         self.max_queue_bytes = max_queue_bytes
         self.disconnect_slow = slow_client == "disconnect"
         self.stats: dict[str, ChannelStats] = {}
@@ -137,34 +175,35 @@ class Hub:
         first = members is None
         if members is None:
             members = self._channels[channel] = {}
-        if self.history <= 0:
+        kept = self.broker.history_size
+        if kept <= 0:
             members[subscriber.sub_id] = subscriber
             await self._subscribed(channel, first)
-            await self.broker.set_presence(channel, len(members))
+            await self.presence.set_local(channel, len(members))
             return
         joining = _Joining(subscriber)
         members[subscriber.sub_id] = joining
         try:
             await self._subscribed(channel, first)
-            past = await self.broker.history(channel, self.history)
+            past = await self.broker.history(channel, kept)
         finally:
             # The subscriber may have left (or the hub closed) while history was fetched.
-            members = self._channels.get(channel)
-            still_joining = members is not None and members.get(subscriber.sub_id) is joining
-            if still_joining:
-                members[subscriber.sub_id] = subscriber
-        if not still_joining:
+            now = self._channels.get(channel)
+            still_joining = now is not None and now.get(subscriber.sub_id) is joining
+            if now is not None and still_joining:
+                now[subscriber.sub_id] = subscriber
+        if now is None or not still_joining:
             return
         last_seq = past[-1].seq if past else 0
-        live = [e for e in joining.buffered if e.seq > last_seq or e.seq == 0]
+        live = [d for d in joining.buffered if d.seq > last_seq or d.seq == 0]
         if before_replay is not None and past:
             before_replay(len(past))
         stats = self._stats(channel)
         for envelope in past:
-            self._offer(subscriber, envelope, stats)
-        for envelope in live:
-            self._offer(subscriber, envelope, stats)
-        await self.broker.set_presence(channel, len(members))
+            self._offer(subscriber, Delivery(envelope), stats)
+        for delivery in live:
+            self._offer(subscriber, delivery, stats)
+        await self.presence.set_local(channel, len(now))
 
     async def _subscribed(self, channel: str, first: bool) -> None:
         """Wait until the broker delivers the channel to this process.
@@ -192,34 +231,33 @@ class Hub:
         self._dropping.discard(subscriber.sub_id)
         if not members:
             del self._channels[channel]
-            await self.broker.set_presence(channel, 0)
+            await self.presence.set_local(channel, 0)
             await self.broker.unsubscribe(channel)
         else:
-            await self.broker.set_presence(channel, len(members))
+            await self.presence.set_local(channel, len(members))
 
-    async def publish(self, channel: str, data: bytes, binary: bool, sender: str | None) -> None:
-        """Send to the channel; raises BrokerUnavailable when the broker cannot take it."""
-        await self.broker.publish(Envelope(channel, data, binary, sender), self.history)
-
-    def submit(
+    def publish(
         self, channel: str, data: bytes, binary: bool, sender: str | None
-    ) -> asyncio.Future[None] | None:
-        """Publish without waiting: None when the broker has delivered it already (memory);
-        else the outcome of a publish that has started (publishes keep their call order).
+    ) -> int | asyncio.Future[int]:
+        """Send to the channel: starts now and never waits; publishes keep their call order.
 
-        Raises BrokerUnavailable at once when the broker is known to be down.
+        Returns the message's offset when the broker has delivered it already (memory),
+        else a future of it. Raises HubUnavailable at once when the broker is known to be
+        down; the future fails with HubUnavailable when the message could not be published.
         """
-        envelope = Envelope(channel, data, binary, sender)
-        if self.broker.publish_nowait(envelope, self.history):
-            return None
-        return self.broker.publish_soon(envelope, self.history)
+        try:
+            published = self.broker.publish(Envelope(channel, data, binary, sender))
+        except BrokerUnavailable as error:
+            raise HubUnavailable(str(error)) from error
+        if isinstance(published, int):
+            return published
+        outcome: asyncio.Future[int] = published.get_loop().create_future()
+        published.add_done_callback(partial(_relay, outcome))
+        return outcome
 
     async def members(self, channel: str) -> int:
         """The channel's members across every process."""
-        return await self.broker.presence(channel)
-
-    def local_members(self, channel: str) -> int:
-        return len(self._channels.get(channel, ()))
+        return await self.presence.count(channel)
 
     def _stats(self, channel: str) -> ChannelStats:
         stats = self.stats.get(channel)
@@ -237,6 +275,7 @@ class Hub:
         members = self._channels.get(envelope.channel)
         if not members:
             return
+        delivery = Delivery(envelope)  # one per fan-out: its receivers share its frames
         stats = self._stats(envelope.channel)
         skip = None if self.include_sender else envelope.sender
         limit = self.max_queue_bytes - len(envelope.data)
@@ -251,19 +290,19 @@ class Hub:
                 if self._dropping and sub_id in self._dropping:
                     self._dropping.discard(sub_id)
                     log.info("%s on %s caught up", subscriber.peer, envelope.channel)
-                subscriber.deliver(envelope)
+                subscriber.deliver(delivery)
                 delivered += 1
         stats.deliveries += delivered
         stats.delivered_bytes += delivered * len(envelope.data)
 
-    def _offer(self, subscriber: Subscriber, envelope: Envelope, stats: ChannelStats) -> None:
+    def _offer(self, subscriber: Subscriber, delivery: Delivery, stats: ChannelStats) -> None:
         """One delivery through the queue cap (history replay)."""
-        if subscriber.queued_bytes() > self.max_queue_bytes - len(envelope.data):
+        if subscriber.queued_bytes() > self.max_queue_bytes - len(delivery.data):
             self._fall_behind(subscriber, stats)
         else:
-            subscriber.deliver(envelope)
+            subscriber.deliver(delivery)
             stats.deliveries += 1
-            stats.delivered_bytes += len(envelope.data)
+            stats.delivered_bytes += len(delivery.data)
 
     def _fall_behind(self, subscriber: Subscriber | _Joining, stats: ChannelStats) -> None:
         if self.disconnect_slow:
@@ -284,3 +323,21 @@ class Hub:
                 subscriber.peer,
                 self.max_queue_bytes,
             )
+
+
+def _relay(outcome: asyncio.Future[int], published: asyncio.Future[int]) -> None:
+    """Settle a publish's outcome from the broker's, as a HubUnavailable when it failed."""
+    if outcome.done():
+        return  # its holder cancelled it
+    if published.cancelled():
+        outcome.cancel()
+        return
+    error = published.exception()
+    if error is None:
+        outcome.set_result(published.result())
+    elif isinstance(error, BrokerUnavailable):
+        failure = HubUnavailable(str(error))
+        failure.__cause__ = error
+        outcome.set_exception(failure)
+    else:
+        outcome.set_exception(error)

@@ -4,6 +4,10 @@ Each test gets a `kit` that builds brokers of one kind. Tests about several proc
 sharing a broker (two instances, crash expiry, Redis outages) need a shared broker and
 skip for the memory broker, which serves one process by design. The Redis runs use a
 real redis-server of their own (tests/redis_server.py).
+
+Publishing goes the way the hub does it: publish() starts at once and gives the offset, or
+a future of it; several may be in flight. The hub tests at the end drive Hub.publish, the
+entry point the handlers use.
 """
 
 from __future__ import annotations
@@ -20,10 +24,10 @@ from typing import Any, TypeVar
 import pytest
 
 from echoserver.brokers import create_broker
-from echoserver.brokers.base import Broker, BrokerUnavailable, Envelope
+from echoserver.brokers.base import Broker, BrokerUnavailable, Envelope, Published
 from echoserver.brokers.memory import MemoryBroker
 from echoserver.brokers.redis import RedisBroker, decode, encode
-from echoserver.hub import Hub
+from echoserver.hub import Delivery, Hub, HubUnavailable
 from tests.conftest import ROOT
 from tests.redis_server import RedisServer, free_port, redis_server, require_redis_server
 
@@ -35,6 +39,16 @@ T = TypeVar("T")
 def run(coroutine: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
     """Run one test scenario on a fresh loop, bounded in time."""
     return asyncio.run(asyncio.wait_for(coroutine, timeout))
+
+
+async def offset(published: Published) -> int:
+    """The offset publish() gave: at once (memory) or once the broker answered (Redis)."""
+    return published if isinstance(published, int) else await published
+
+
+async def publish(broker: Broker, envelope: Envelope) -> int:
+    """Publish one message and wait for its offset."""
+    return await offset(broker.publish(envelope))
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> bool:
@@ -56,7 +70,7 @@ class Kit:
 
     def new(self, **options: Any) -> Broker:
         if self.redis is None:
-            return MemoryBroker()
+            return MemoryBroker(history=options.get("history", 0))
         options.setdefault("backoff_cap", 0.5)
         options.setdefault("op_timeout", 2.0)
         return RedisBroker(self.redis.url, **options)
@@ -110,7 +124,7 @@ async def settle(broker: Broker, recorder: Recorder) -> None:
     """
     await broker.subscribe("_settle")
     before = len(recorder.on("_settle"))
-    await broker.publish(Envelope("_settle", b"", False))
+    await publish(broker, Envelope("_settle", b"", False))
     await recorder.wait("_settle", before + 1)
 
 
@@ -148,8 +162,8 @@ def test_delivers_every_field_to_subscribers(kit: Kit) -> None:
         broker, recorder = await started(kit)
         await broker.subscribe("a")
         for envelope in sent:
-            await broker.publish(
-                Envelope(envelope.channel, envelope.data, envelope.binary, envelope.sender)
+            await publish(
+                broker, Envelope(envelope.channel, envelope.data, envelope.binary, envelope.sender)
             )
         got = await recorder.wait("a", len(sent))
         await broker.close()
@@ -166,8 +180,8 @@ def test_only_subscribed_channels_are_delivered(kit: Kit) -> None:
     async def scenario() -> list[str]:
         broker, recorder = await started(kit)
         await broker.subscribe("mine")
-        await broker.publish(Envelope("other", b"not for me", False))
-        await broker.publish(Envelope("mine", b"for me", False))
+        await publish(broker, Envelope("other", b"not for me", False))
+        await publish(broker, Envelope("mine", b"for me", False))
         await settle(broker, recorder)
         await broker.close()
         return [e.channel for e in recorder.envelopes if e.channel != "_settle"]
@@ -179,13 +193,13 @@ def test_unsubscribe_stops_delivery(kit: Kit) -> None:
     async def scenario() -> list[bytes]:
         broker, recorder = await started(kit)
         await broker.subscribe("a")
-        await broker.publish(Envelope("a", b"before", False))
+        await publish(broker, Envelope("a", b"before", False))
         await recorder.wait("a", 1)
         await broker.unsubscribe("a")
-        await broker.publish(Envelope("a", b"after", False))
+        await publish(broker, Envelope("a", b"after", False))
         await settle(broker, recorder)
         await broker.subscribe("a")  # subscribing again delivers again
-        await broker.publish(Envelope("a", b"again", False))
+        await publish(broker, Envelope("a", b"again", False))
         await recorder.wait("a", 2)
         await broker.close()
         return [e.data for e in recorder.on("a")]
@@ -193,63 +207,96 @@ def test_unsubscribe_stops_delivery(kit: Kit) -> None:
     assert run(scenario()) == [b"before", b"again"]
 
 
-def test_seq_counts_up_per_channel(kit: Kit) -> None:
-    async def scenario() -> tuple[list[int], list[int]]:
+def test_seq_counts_up_per_channel_and_publish_returns_it(kit: Kit) -> None:
+    async def scenario() -> tuple[list[int], list[int], list[int]]:
         broker, recorder = await started(kit)
         await broker.subscribe("a")
         await broker.subscribe("b")
+        offsets = []
         for n in range(30):
-            await broker.publish(Envelope("a" if n % 3 else "b", b"%d" % n, False))
+            offsets.append(await publish(broker, Envelope("a" if n % 3 else "b", b"%d" % n, False)))
         a = await recorder.wait("a", 20)
         b = await recorder.wait("b", 10)
         await broker.close()
-        return [e.seq for e in a], [e.seq for e in b]
+        return [e.seq for e in a], [e.seq for e in b], offsets
 
-    seq_a, seq_b = run(scenario())
+    seq_a, seq_b, offsets = run(scenario())
     assert seq_a == list(range(1, 21))
     assert seq_b == list(range(1, 11))
+    assert [o for n, o in enumerate(offsets) if n % 3] == seq_a
+    assert [o for n, o in enumerate(offsets) if not n % 3] == seq_b
+
+
+def test_publish_is_done_at_once_or_answers_later(kit: Kit) -> None:
+    """The memory broker delivers inside publish() and returns the offset; a remote one
+    returns a future at once and delivers once Redis has it."""
+
+    async def scenario() -> tuple[Published, int, list[Envelope]]:
+        broker, recorder = await started(kit)
+        await broker.subscribe("now")
+        published = broker.publish(Envelope("now", b"x", False))
+        delivered_at_once = list(recorder.on("now"))
+        got = await offset(published)
+        await recorder.wait("now", 1)
+        await broker.close()
+        return published, got, delivered_at_once
+
+    published, got, delivered_at_once = run(scenario())
+    assert got == 1
+    if kit.shared:
+        assert isinstance(published, asyncio.Future) and delivered_at_once == []
+    else:
+        assert published == 1 and [e.data for e in delivered_at_once] == [b"x"]
 
 
 def test_concurrent_publishers_give_every_subscriber_one_order(kit: Kit) -> None:
     publishers, each = 8, 25
     total = publishers * each
 
-    async def scenario() -> list[list[Envelope]]:
+    async def scenario() -> tuple[list[list[Envelope]], list[list[int]]]:
         brokers = [await started(kit) for _ in range(2 if kit.shared else 1)]
         for broker, _ in brokers:
             await broker.subscribe("room")
 
-        async def publisher(p: int) -> None:
+        async def publisher(p: int) -> list[int]:
+            """Like a sender's handler: several publishes in flight, none awaited at once."""
             broker = brokers[p % len(brokers)][0]
+            in_flight = []
             for n in range(each):
-                await broker.publish(Envelope("room", f"{p}:{n}".encode(), False, f"p{p}"))
+                in_flight.append(
+                    broker.publish(Envelope("room", f"{p}:{n}".encode(), False, f"p{p}"))
+                )
                 if n % 5 == 0:
                     await asyncio.sleep(0)
+            return [await offset(published) for published in in_flight]
 
-        await asyncio.gather(*(publisher(p) for p in range(publishers)))
+        offsets = await asyncio.gather(*(publisher(p) for p in range(publishers)))
         seen = [await recorder.wait("room", total) for _, recorder in brokers]
         for broker, _ in brokers:
             await broker.close()
-        return seen
+        return seen, offsets
 
-    seen = run(scenario())
+    seen, offsets = run(scenario())
     first = seen[0]
     assert len(first) == total
     for other in seen[1:]:
         assert [e.data for e in other] == [e.data for e in first]
     assert [e.seq for e in first] == list(range(1, total + 1))
     for p in range(publishers):
-        mine = [e.data for e in first if e.sender == f"p{p}"]
-        assert mine == [f"{p}:{n}".encode() for n in range(each)]
+        mine = [e for e in first if e.sender == f"p{p}"]
+        assert [e.data for e in mine] == [f"{p}:{n}".encode() for n in range(each)]
+        assert [e.seq for e in mine] == offsets[p]  # each publish told its own offset
 
 
 def test_history_is_capped_and_oldest_first(kit: Kit) -> None:
     async def scenario() -> dict[str, Any]:
-        broker, recorder = await started(kit)
+        broker, recorder = await started(kit, history=4)
         await broker.subscribe("h")
         for n in range(10):
-            await broker.publish(Envelope("h", b"m%d" % n, bool(n % 2), "s"), history=4)
-        await broker.publish(Envelope("none", b"not kept", False), history=0)
+            await publish(broker, Envelope("h", b"m%d" % n, bool(n % 2), "s"))
+        unkept, _ = await started(kit)
+        await publish(unkept, Envelope("none", b"not kept", False))
+        await unkept.close()
         live = await recorder.wait("h", 10)
         result = {
             "last4": await broker.history("h", 4),
@@ -281,9 +328,9 @@ def test_history_is_the_same_from_every_process(kit: Kit) -> None:
     kit.need_shared()
 
     async def scenario() -> tuple[list[Envelope], list[Envelope]]:
-        (a, _), (b, _) = await started(kit), await started(kit)
+        (a, _), (b, _) = await started(kit, history=5), await started(kit, history=5)
         for n in range(6):
-            await (a if n % 2 else b).publish(Envelope("h", b"%d" % n, False), history=5)
+            await publish(a if n % 2 else b, Envelope("h", b"%d" % n, False))
         seen = await a.history("h", 5), await b.history("h", 5)
         await a.close()
         await b.close()
@@ -297,10 +344,10 @@ def test_history_is_the_same_from_every_process(kit: Kit) -> None:
 def test_presence_counts_this_process(kit: Kit) -> None:
     async def scenario() -> list[int]:
         broker, _ = await started(kit)
-        counts = [await broker.presence("p")]
+        counts = [await broker.presence.count("p")]
         for members in (3, 1, 0):
-            await broker.set_presence("p", members)
-            counts.append(await broker.presence("p"))
+            await broker.presence.set_local("p", members)
+            counts.append(await broker.presence.count("p"))
         await broker.close()
         return counts
 
@@ -312,14 +359,14 @@ def test_presence_adds_up_across_processes(kit: Kit) -> None:
 
     async def scenario() -> list[tuple[int, int]]:
         (a, _), (b, _) = await started(kit), await started(kit)
-        await a.set_presence("p", 3)
-        await b.set_presence("p", 2)
-        counts = [(await a.presence("p"), await b.presence("p"))]
-        await a.set_presence("p", 0)
-        counts.append((await a.presence("p"), await b.presence("p")))
-        await a.set_presence("p", 4)
+        await a.presence.set_local("p", 3)
+        await b.presence.set_local("p", 2)
+        counts = [(await a.presence.count("p"), await b.presence.count("p"))]
+        await a.presence.set_local("p", 0)
+        counts.append((await a.presence.count("p"), await b.presence.count("p")))
+        await a.presence.set_local("p", 4)
         await b.close()  # a clean exit takes its members with it at once
-        counts.append((await a.presence("p"), await a.presence("q")))
+        counts.append((await a.presence.count("p"), await a.presence.count("q")))
         await a.close()
         return counts
 
@@ -338,7 +385,7 @@ def test_presence_of_a_crashed_process_expires(kit: Kit) -> None:
         async def main():
             broker = RedisBroker({kit.redis.url!r}, presence_ttl={ttl})
             await broker.start(lambda envelope: None)
-            await broker.set_presence("p", 4)
+            await broker.presence.set_local("p", 4)
             print("ready", flush=True)
             await asyncio.sleep(60)
 
@@ -354,11 +401,11 @@ def test_presence_of_a_crashed_process_expires(kit: Kit) -> None:
 
         async def scenario() -> tuple[int, float]:
             broker, _ = await started(kit)
-            await broker.set_presence("p", 1)
-            before = await broker.presence("p")
+            await broker.presence.set_local("p", 1)
+            before = await broker.presence.count("p")
             worker.kill()  # no clean-up: like a crash or a power cut
             killed = time.monotonic()
-            assert await eventually(lambda: _equals(broker.presence("p"), 1), 3 * ttl + 2)
+            assert await eventually(lambda: _equals(broker.presence.count("p"), 1), 3 * ttl + 2)
             elapsed = time.monotonic() - killed
             await broker.close()
             return before, elapsed
@@ -390,28 +437,28 @@ def test_health_follows_the_connection(kit: Kit) -> None:
         (a, got_a), (b, got_b) = await started(kit), await started(kit)
         await a.subscribe("r")
         await b.subscribe("r")
-        await a.set_presence("r", 2)
-        await a.publish(Envelope("r", b"before", False))
+        await a.presence.set_local("r", 2)
+        await publish(a, Envelope("r", b"before", False))
         await got_b.wait("r", 1)
 
         await asyncio.to_thread(redis.stop)
         assert await eventually(_async(lambda: not a.healthy and not b.healthy))
         assert "unreachable" in a.health_reason and redis.url[8:-2] in a.health_reason
         with pytest.raises(BrokerUnavailable, match="unreachable"):
-            await a.publish(Envelope("r", b"lost", False))
+            a.publish(Envelope("r", b"lost", False))  # at once, not in a future
         assert await a.history("r", 5) == []
-        assert await a.presence("r") == 2  # its own members, while it cannot ask
+        assert await a.presence.count("r") == 2  # its own members, while it cannot ask
         await b.subscribe("joined-while-down")
 
         await asyncio.to_thread(redis.start)  # the same port, empty: a restarted Redis
         assert await eventually(_async(lambda: a.healthy and b.healthy))
         assert a.health_reason == ""
-        await b.publish(Envelope("r", b"after", False))
-        await a.publish(Envelope("joined-while-down", b"hello", False))
+        await publish(b, Envelope("r", b"after", False))
+        await publish(a, Envelope("joined-while-down", b"hello", False))
         assert [e.data for e in await got_a.wait("r", 2)] == [b"before", b"after"]
         assert [e.data for e in await got_b.wait("r", 2)] == [b"before", b"after"]
         assert [e.data for e in await got_b.wait("joined-while-down", 1)] == [b"hello"]
-        assert await b.presence("r") == 2  # a wrote its members into the new Redis
+        assert await b.presence.count("r") == 2  # a wrote its members into the new Redis
         await a.close()
         await b.close()
 
@@ -440,7 +487,7 @@ def test_redis_broker_starts_degraded_and_connects_when_redis_appears(tmp_path: 
         await broker.subscribe("late")
         await asyncio.to_thread(redis.start)
         assert await eventually(_async(lambda: broker.healthy))
-        await broker.publish(Envelope("late", b"hi", False))
+        await publish(broker, Envelope("late", b"hi", False))
         assert [e.data for e in await got.wait("late", 1)] == [b"hi"]
         await broker.close()
         await broker.close()  # idempotent
@@ -451,39 +498,43 @@ def test_redis_broker_starts_degraded_and_connects_when_redis_appears(tmp_path: 
         redis.stop()
 
 
+class Member:
+    """A hub Subscriber that only records the offsets it gets."""
+
+    def __init__(self, sub_id: str) -> None:
+        self.sub_id = self.peer = sub_id
+        self.seqs: list[int] = []
+
+    def deliver(self, delivery: Delivery) -> None:
+        self.seqs.append(delivery.seq)
+
+    def queued_bytes(self) -> int:
+        return 0
+
+    def close_slow(self) -> None:
+        raise AssertionError("never slow")
+
+
 def test_hub_join_splices_history_and_live_without_gap_or_repeat(kit: Kit) -> None:
     """A joiner that arrives mid-stream gets history then live, each message once."""
     total = 300
 
-    class Member:
-        """A hub Subscriber that only records what it gets."""
-
-        def __init__(self, sub_id: str) -> None:
-            self.sub_id = self.peer = sub_id
-            self.seqs: list[int] = []
-
-        def deliver(self, envelope: Envelope) -> None:
-            self.seqs.append(envelope.seq)
-
-        def queued_bytes(self) -> int:
-            return 0
-
-        def close_slow(self) -> None:
-            raise AssertionError("never slow")
-
     async def scenario() -> tuple[list[int], list[int], int]:
-        publisher_hub = Hub(kit.new(), history=50)
-        joiner_hub = Hub(kit.new(), history=50) if kit.shared else publisher_hub
+        publisher_hub = Hub(kit.new(history=50))
+        joiner_hub = Hub(kit.new(history=50)) if kit.shared else publisher_hub
         first, late = Member("first"), Member("late")
         await publisher_hub.join("s", first)
 
-        async def publish() -> None:
+        async def send() -> None:
+            """As a sender's handler does: Hub.publish, several in flight, none awaited."""
+            in_flight: list[int | asyncio.Future[int]] = []
             for n in range(total):
-                await publisher_hub.publish("s", b"%d" % n, False, "first")
+                in_flight.append(publisher_hub.publish("s", b"%d" % n, False, "first"))
                 if n % 10 == 0:
                     await asyncio.sleep(0.002)  # a paced stream, so the join lands mid-way
+            assert [await offset(published) for published in in_flight] == list(range(1, total + 1))
 
-        publishing = asyncio.ensure_future(publish())
+        publishing = asyncio.ensure_future(send())
         while len(first.seqs) < total // 3:
             await asyncio.sleep(0.001)
         at_join = len(first.seqs)
@@ -517,12 +568,12 @@ def test_a_refusing_redis_is_reported_to_the_publisher(kit: Kit) -> None:
         await admin.config_set("maxmemory", 1)  # every write is now refused with OOM
         try:
             with pytest.raises(BrokerUnavailable, match="maxmemory"):
-                await broker.publish(Envelope("full", b"refused", False))
+                await publish(broker, Envelope("full", b"refused", False))
         finally:
             await admin.config_set("maxmemory", 0)
             await admin.aclose()
         assert broker.healthy  # reachable: only that message failed
-        await broker.publish(Envelope("full", b"accepted", False))
+        await publish(broker, Envelope("full", b"accepted", False))
         assert [e.data for e in await got.wait("full", 1)] == [b"accepted"]
         await broker.close()
 
@@ -537,14 +588,14 @@ def test_a_flushed_script_cache_is_reloaded(kit: Kit) -> None:
     async def scenario() -> tuple[list[bytes], int]:
         broker, got = await started(kit)
         await broker.subscribe("s")
-        await broker.set_presence("s", 2)
+        await broker.presence.set_local("s", 2)
         admin = Redis.from_url(kit.redis.url)
         await admin.script_flush()
         await admin.aclose()
         # Several in one batch, with other commands between: each gets its own reply.
         results = await asyncio.gather(
-            *(broker.publish(Envelope("s", b"%d" % n, False)) for n in range(5)),
-            broker.presence("s"),
+            *(publish(broker, Envelope("s", b"%d" % n, False)) for n in range(5)),
+            broker.presence.count("s"),
             broker.history("s", 3),
         )
         data = [e.data for e in await got.wait("s", 5)]
@@ -555,3 +606,33 @@ def test_a_flushed_script_cache_is_reloaded(kit: Kit) -> None:
     data, members = run(scenario())
     assert data == [b"0", b"1", b"2", b"3", b"4"]
     assert members == 2
+
+
+def test_hub_publish_fails_with_the_hubs_own_error_while_redis_is_down(kit: Kit) -> None:
+    """What a handler sees: publishes in flight when Redis goes either land (an offset) or
+    fail with HubUnavailable; while it is down, Hub.publish refuses at once."""
+    kit.need_shared()
+    redis = kit.redis
+    assert redis is not None
+
+    async def scenario() -> list[int | BaseException]:
+        hub = Hub(kit.new())
+        member = Member("m")
+        await hub.join("r", member)
+        assert await offset(hub.publish("r", b"before", False, None)) == 1
+        in_flight = [hub.publish("r", b"%d" % n, False, None) for n in range(200)]
+        await asyncio.to_thread(redis.stop)
+        outcomes = await asyncio.gather(*(offset(p) for p in in_flight), return_exceptions=True)
+        assert await eventually(_async(lambda: not hub.broker.healthy))
+        with pytest.raises(HubUnavailable, match="unreachable"):
+            hub.publish("r", b"lost", False, None)
+        await asyncio.to_thread(redis.start)
+        assert await eventually(_async(lambda: hub.broker.healthy))
+        assert isinstance(await offset(hub.publish("r", b"after", False, None)), int)
+        await hub.close()
+        return outcomes
+
+    outcomes = run(scenario(), timeout=60)
+    assert all(isinstance(o, (int, HubUnavailable)) for o in outcomes), outcomes
+    landed = [o for o in outcomes if isinstance(o, int)]
+    assert landed == list(range(2, 2 + len(landed)))  # in order, and no gap before a loss

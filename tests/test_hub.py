@@ -1,4 +1,8 @@
-"""Hub unit tests: membership, fan-out and history, with no socket in sight."""
+"""Hub unit tests: membership, fan-out and history, with no socket in sight.
+
+Messages go in through Hub.publish, the one entry point the handlers use, on the memory
+broker (done at once) and on a broker that answers later, as Redis does.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,8 @@ import asyncio
 
 import pytest
 
-from echoserver.brokers import Envelope, MemoryBroker
-from echoserver.hub import Hub
+from echoserver.brokers import BrokerUnavailable, Envelope, MemoryBroker
+from echoserver.hub import Delivery, Hub, HubUnavailable
 
 
 class Recorder:
@@ -21,10 +25,10 @@ class Recorder:
         self.closed = False
         self.got: list[bytes] = []
 
-    def deliver(self, envelope: Envelope) -> None:
-        self.got.append(envelope.data)
+    def deliver(self, delivery: Delivery) -> None:
+        self.got.append(delivery.data)
         if not self.reads:
-            self.queued += len(envelope.data)
+            self.queued += len(delivery.data)
 
     def queued_bytes(self) -> int:
         return self.queued
@@ -44,7 +48,7 @@ def test_fan_out_reaches_every_member_of_the_channel_only():
         await hub.join("room", a)
         await hub.join("room", b)
         await hub.join("elsewhere", other)
-        await hub.publish("room", b"hi", False, a.sub_id)
+        hub.publish("room", b"hi", False, a.sub_id)
         return a, b, other
 
     a, b, other = run(scenario())
@@ -59,7 +63,7 @@ def test_exclude_sender():
         a, b = Recorder(hub), Recorder(hub)
         await hub.join("room", a)
         await hub.join("room", b)
-        await hub.publish("room", b"from a", False, a.sub_id)
+        hub.publish("room", b"from a", False, a.sub_id)
         return a, b
 
     a, b = run(scenario())
@@ -73,12 +77,9 @@ def test_every_receiver_sees_one_order():
         members = [Recorder(hub) for _ in range(5)]
         for member in members:
             await hub.join("room", member)
-        senders = [
-            hub.publish("room", f"{i}:{n}".encode(), False, members[i].sub_id)
-            for n in range(50)
-            for i in range(5)
-        ]
-        await asyncio.gather(*senders)
+        for n in range(50):
+            for i in range(5):
+                hub.publish("room", f"{i}:{n}".encode(), False, members[i].sub_id)
         return members
 
     members = run(scenario())
@@ -95,27 +96,26 @@ def test_leave_stops_delivery_and_updates_presence():
         await hub.join("room", b)
         assert await hub.members("room") == 2
         await hub.leave("room", a)
-        await hub.publish("room", b"after", False, b.sub_id)
+        hub.publish("room", b"after", False, b.sub_id)
         return hub, a, b
 
     hub, a, b = run(scenario())
     assert a.got == []
     assert b.got == [b"after"]
-    assert hub.local_members("room") == 1
     assert run(hub.members("room")) == 1
 
 
 @pytest.mark.parametrize("history", [1, 3, 10])
 def test_history_then_live_without_gap_or_repeat(history):
     async def scenario():
-        hub = Hub(MemoryBroker(), history=history)
+        hub = Hub(MemoryBroker(history=history))
         sender = Recorder(hub)
         await hub.join("room", sender)
         for n in range(5):
-            await hub.publish("room", str(n).encode(), False, sender.sub_id)
+            hub.publish("room", str(n).encode(), False, sender.sub_id)
         joiner = Recorder(hub)
         await hub.join("room", joiner)
-        await hub.publish("room", b"live", False, sender.sub_id)
+        hub.publish("room", b"live", False, sender.sub_id)
         return joiner
 
     joiner = run(scenario())
@@ -125,10 +125,10 @@ def test_history_then_live_without_gap_or_repeat(history):
 
 def test_history_is_per_channel():
     async def scenario():
-        hub = Hub(MemoryBroker(), history=5)
+        hub = Hub(MemoryBroker(history=5))
         sender = Recorder(hub)
         await hub.join("a", sender)
-        await hub.publish("a", b"for a", False, sender.sub_id)
+        hub.publish("a", b"for a", False, sender.sub_id)
         joiner = Recorder(hub)
         await hub.join("b", joiner)
         return joiner
@@ -140,23 +140,23 @@ class SlowHistoryBroker(MemoryBroker):
     """History that takes a loop pass, so live messages can arrive meanwhile (as with Redis)."""
 
     async def history(self, channel: str, limit: int) -> list[Envelope]:
-        past = self.history_now(channel, limit)
+        past = await super().history(channel, limit)
         await asyncio.sleep(0.01)
         return past
 
 
 def test_messages_published_while_history_is_fetched_are_neither_lost_nor_repeated():
     async def scenario():
-        hub = Hub(SlowHistoryBroker(), history=10)
+        hub = Hub(SlowHistoryBroker(history=10))
         sender = Recorder(hub)
         await hub.join("room", sender)
-        await hub.publish("room", b"old", False, sender.sub_id)
+        hub.publish("room", b"old", False, sender.sub_id)
         joiner = Recorder(hub)
         joining = asyncio.ensure_future(hub.join("room", joiner))
         await asyncio.sleep(0)
-        await hub.publish("room", b"during", False, sender.sub_id)
+        hub.publish("room", b"during", False, sender.sub_id)
         await joining
-        await hub.publish("room", b"after", False, sender.sub_id)
+        hub.publish("room", b"after", False, sender.sub_id)
         return joiner
 
     assert run(scenario()).got == [b"old", b"during", b"after"]
@@ -164,7 +164,7 @@ def test_messages_published_while_history_is_fetched_are_neither_lost_nor_repeat
 
 def test_a_subscriber_that_leaves_while_joining_gets_nothing():
     async def scenario():
-        hub = Hub(SlowHistoryBroker(), history=10)
+        hub = Hub(SlowHistoryBroker(history=10))
         joiner = Recorder(hub)
         joining = asyncio.ensure_future(hub.join("room", joiner))
         await asyncio.sleep(0)
@@ -174,7 +174,7 @@ def test_a_subscriber_that_leaves_while_joining_gets_nothing():
 
     hub, joiner = run(scenario())
     assert joiner.got == []
-    assert hub.local_members("room") == 0
+    assert run(hub.members("room")) == 0
 
 
 def test_a_receiver_over_its_cap_misses_messages_and_the_others_do_not():
@@ -184,7 +184,7 @@ def test_a_receiver_over_its_cap_misses_messages_and_the_others_do_not():
         await hub.join("room", fast)
         await hub.join("room", slow)
         for n in range(30):
-            await hub.publish("room", b"%099d" % n, False, None)  # 100 bytes each
+            hub.publish("room", b"%099d" % n, False, None)  # 100 bytes each
         return hub, fast, slow
 
     hub, fast, slow = run(scenario())
@@ -202,9 +202,9 @@ def test_a_receiver_that_catches_up_gets_messages_again():
         slow = Recorder(hub, reads=False)
         await hub.join("room", slow)
         for n in range(4):
-            await hub.publish("room", b"%099d" % n, False, None)
+            hub.publish("room", b"%099d" % n, False, None)
         slow.queued = 0  # it read everything
-        await hub.publish("room", b"after", False, None)
+        hub.publish("room", b"after", False, None)
         return slow
 
     slow = run(scenario())
@@ -218,7 +218,7 @@ def test_disconnect_policy_closes_the_slow_receiver_once():
         await hub.join("room", fast)
         await hub.join("room", slow)
         for n in range(10):
-            await hub.publish("room", b"%099d" % n, False, None)
+            hub.publish("room", b"%099d" % n, False, None)
         return hub, fast, slow
 
     hub, fast, slow = run(scenario())
@@ -231,11 +231,11 @@ def test_disconnect_policy_closes_the_slow_receiver_once():
 
 def test_history_replay_respects_the_cap():
     async def scenario():
-        hub = Hub(MemoryBroker(), history=10, max_queue_bytes=300)
+        hub = Hub(MemoryBroker(history=10), max_queue_bytes=300)
         sender = Recorder(hub)
         await hub.join("room", sender)
         for n in range(10):
-            await hub.publish("room", b"%099d" % n, False, None)
+            hub.publish("room", b"%099d" % n, False, None)
         joiner = Recorder(hub, reads=False)
         await hub.join("room", joiner)
         return joiner
@@ -244,23 +244,38 @@ def test_history_replay_respects_the_cap():
     assert joiner.got == [b"%099d" % n for n in range(3)]
 
 
-def test_one_envelope_object_reaches_every_receiver():
-    """Frame once, write many: receivers share the envelope (and so its cached frame)."""
-    seen: list[Envelope] = []
+def test_one_delivery_object_per_fan_out_reaches_every_receiver():
+    """Frame once, write many: the receivers of one fan-out share one Delivery (and so its
+    cached frames); it is the hub's own object, so no receiver writes into the broker's
+    message, and the next fan-out starts with an empty cache."""
+    seen: list[Delivery] = []
 
     class Keeper(Recorder):
-        def deliver(self, envelope: Envelope) -> None:
-            seen.append(envelope)
+        def deliver(self, delivery: Delivery) -> None:
+            if delivery.frame is None:
+                delivery.frame = b"encoded " + delivery.data  # the first receiver encodes
+            seen.append(delivery)
 
     async def scenario():
-        hub = Hub(MemoryBroker())
+        broker = MemoryBroker(history=5)
+        hub = Hub(broker)
         for _ in range(5):
             await hub.join("room", Keeper(hub))
-        await hub.publish("room", b"shared", False, None)
+        hub.publish("room", b"shared", False, None)
+        hub.publish("room", b"next", False, None)
+        return await broker.history("room", 5)
 
-    run(scenario())
-    assert len(seen) == 5
-    assert all(envelope is seen[0] for envelope in seen)
+    kept = run(scenario())
+    first, second = seen[:5], seen[5:]
+    assert all(delivery is first[0] for delivery in first)
+    assert all(delivery is second[0] for delivery in second) and second[0] is not first[0]
+    assert [d.frame for d in (first[0], second[0])] == [b"encoded shared", b"encoded next"]
+    assert [(d.data, d.binary, d.seq) for d in (first[0], second[0])] == [
+        (b"shared", False, 1),
+        (b"next", False, 2),
+    ]
+    assert [e.data for e in kept] == [b"shared", b"next"]
+    assert not any(isinstance(d, Envelope) for d in seen)
 
 
 def test_counters_of_channels_past_the_bound_are_shared(monkeypatch):
@@ -271,7 +286,7 @@ def test_counters_of_channels_past_the_bound_are_shared(monkeypatch):
         for n in range(6):
             member = Recorder(hub)
             await hub.join(f"c{n}", member)
-            await hub.publish(f"c{n}", b"x", False, None)
+            hub.publish(f"c{n}", b"x", False, None)
         return hub
 
     hub = run(scenario())
@@ -283,17 +298,17 @@ def test_a_channel_nobody_is_on_keeps_nothing_but_its_history(monkeypatch):
     monkeypatch.setattr("echoserver.brokers.memory.MAX_HISTORY_CHANNELS", 2)
 
     async def scenario():
-        broker = MemoryBroker()
-        hub = Hub(broker, history=5)
+        broker = MemoryBroker(history=5)
+        hub = Hub(broker)
         for n in range(4):
             member = Recorder(hub)
             await hub.join(f"c{n}", member)
-            await hub.publish(f"c{n}", b"x", False, None)
+            hub.publish(f"c{n}", b"x", False, None)
             await hub.leave(f"c{n}", member)
         plain = Hub(MemoryBroker())
         member = Recorder(plain)
         await plain.join("gone", member)
-        await plain.publish("gone", b"x", False, None)
+        plain.publish("gone", b"x", False, None)
         await plain.leave("gone", member)
         return broker, plain.broker
 
@@ -301,3 +316,96 @@ def test_a_channel_nobody_is_on_keeps_nothing_but_its_history(monkeypatch):
     assert list(with_history._history) == ["c2", "c3"]
     assert set(with_history._last_seq) == {"c2", "c3"}
     assert without._last_seq == {}
+
+
+def test_publish_returns_each_message_offset_per_channel():
+    async def scenario():
+        hub = Hub(MemoryBroker(history=5))
+        member = Recorder(hub)
+        await hub.join("a", member)
+        offsets = [hub.publish(channel, b"x", False, None) for channel in "aabab"]
+        seen: list[int] = []
+
+        class Offsets(Recorder):
+            def deliver(self, delivery: Delivery) -> None:
+                seen.append(delivery.seq)
+
+        await hub.join("a", Offsets(hub))  # the replay carries the offsets too
+        hub.publish("a", b"live", False, None)
+        return offsets, seen
+
+    offsets, seen = run(scenario())
+    assert offsets == [1, 2, 1, 3, 2]
+    assert seen == [1, 2, 3, 4]
+
+
+class LaterBroker(MemoryBroker):
+    """Answers publishes later, in order, as a remote broker does: release() hands over
+    what was started; fail() makes them fail; `down` refuses at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+        self.pending: list[tuple[Envelope, asyncio.Future[int]]] = []
+
+    def publish(self, envelope: Envelope) -> asyncio.Future[int]:  # type: ignore[override]
+        if self.down:
+            raise BrokerUnavailable("broker down for the test")
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.pending.append((envelope, future))
+        return future
+
+    def release(self) -> None:
+        pending, self.pending = self.pending, []
+        for envelope, future in pending:
+            future.set_result(super().publish(envelope))
+
+    def fail(self, error: Exception) -> None:
+        pending, self.pending = self.pending, []
+        for _, future in pending:
+            future.set_exception(error)
+
+
+def test_publishes_in_flight_keep_their_order_and_report_their_offsets():
+    async def scenario():
+        broker = LaterBroker()
+        hub = Hub(broker)
+        member = Recorder(hub)
+        await hub.join("room", member)
+        outcomes = [hub.publish("room", b"%d" % n, False, None) for n in range(20)]
+        assert member.got == []  # started, not delivered yet
+        broker.release()
+        return member, await asyncio.gather(*outcomes)
+
+    member, offsets = run(scenario())
+    assert member.got == [b"%d" % n for n in range(20)]
+    assert offsets == list(range(1, 21))
+
+
+def test_publish_failures_are_the_hubs_own_error():
+    async def scenario():
+        broker = LaterBroker()
+        hub = Hub(broker)
+        await hub.join("room", Recorder(hub))
+        lost = hub.publish("room", b"lost", False, None)
+        broker.fail(BrokerUnavailable("redis here: unreachable"))
+        with pytest.raises(HubUnavailable, match=r"^redis here: unreachable$") as failed:
+            await lost
+        assert isinstance(failed.value.__cause__, BrokerUnavailable)
+        broken = hub.publish("room", b"bug", False, None)
+        broker.fail(ValueError("a bug, not an outage"))
+        with pytest.raises(ValueError):
+            await broken
+        broker.down = True
+        with pytest.raises(HubUnavailable, match="broker down"):
+            hub.publish("room", b"refused", False, None)
+
+    run(scenario())
+
+
+def test_history_given_to_the_hub_configures_its_broker():
+    broker = MemoryBroker()
+    Hub(broker, history=7)
+    assert broker.history_size == 7
+    Hub(broker)
+    assert broker.history_size == 7

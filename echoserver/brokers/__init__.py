@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-from echoserver.brokers.base import Broker, BrokerUnavailable, Envelope
+from echoserver.brokers.base import Broker, BrokerUnavailable, Envelope, Presence
 from echoserver.brokers.memory import MemoryBroker
 
-__all__ = ["Broker", "BrokerUnavailable", "Envelope", "MemoryBroker", "create_broker"]
+__all__ = [
+    "Broker",
+    "BrokerUnavailable",
+    "Envelope",
+    "MemoryBroker",
+    "Presence",
+    "create_broker",
+]
 
 
-def create_broker(url: str) -> Broker:
-    """The broker named by the `broadcast.broker` setting."""
+def create_broker(url: str, *, history: int = 0) -> Broker:
+    """The broker named by the `broadcast.broker` setting, keeping `history` per channel."""
     if url == "memory":
-        return MemoryBroker()
+        return MemoryBroker(history=history)
     from echoserver.brokers.redis import RedisBroker
 
-    return RedisBroker(url)
+    return RedisBroker(url, history=history)

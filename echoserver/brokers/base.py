@@ -1,7 +1,8 @@
 """The broker interface: how a hub hands a channel's messages to every process.
 
 A broker carries published messages to every hub subscribed to the channel (its own
-included) in one order per channel, keeps a channel's recent history, and counts a
+included) in one order per channel, numbers them (the offset, per channel: 1, 2, ...),
+keeps a channel's last `history_size` messages, and, through its `presence`, counts a
 channel's members across processes. The memory broker does this inside one process; the
 Redis broker does it across processes and hosts.
 """
@@ -11,7 +12,8 @@ from __future__ import annotations
 import abc
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TypeAlias
 
 
 @dataclass(slots=True)
@@ -22,25 +24,43 @@ class Envelope:
     data: bytes
     binary: bool
     sender: str | None = None
-    # Position in the channel's order as the broker assigned it (1, 2, ...); 0 = not yet
-    # published. Lets a joiner splice history and live messages without gap or repeat.
+    # The message's offset: its position in the channel's order as the broker assigned it
+    # (1, 2, ...); 0 = not yet published. Lets a joiner splice history and live messages
+    # without gap or repeat.
     seq: int = 0
-    # The message's WebSocket frame, encoded by its first receiver and reused by the rest;
-    # and its permessage-deflate frame (window bits, frame) for receivers that share one.
-    frame: bytes | None = field(default=None, compare=False, repr=False)
-    deflated: tuple[int, bytes] | None = field(default=None, compare=False, repr=False)
 
 
 OnEnvelope = Callable[[Envelope], None]
-OnHealthChange = Callable[[bool, str], None]
+
+# What publish() returns: the offset, or a future of it when the publish is not done yet.
+Published: TypeAlias = int | asyncio.Future[int]
 
 
 class BrokerUnavailable(Exception):
-    """Raised by publish() when the broker cannot take the message right now."""
+    """The broker cannot take the message right now (unreachable, or refusing it)."""
+
+
+class Presence(abc.ABC):
+    """A channel's member count across every process sharing one broker.
+
+    Each process records its own count per channel; count() adds up the live processes'.
+    """
+
+    @abc.abstractmethod
+    async def set_local(self, channel: str, members: int) -> None:
+        """Record how many members this process has on the channel (0 = none)."""
+
+    @abc.abstractmethod
+    async def count(self, channel: str) -> int:
+        """Members of the channel across every process using this broker."""
 
 
 class Broker(abc.ABC):
     """What a hub needs from a broker. One instance belongs to one hub."""
+
+    presence: Presence
+    # Messages kept per channel for joiners (0 = none); configuration, set before start().
+    history_size: int = 0
 
     @abc.abstractmethod
     async def start(self, on_envelope: OnEnvelope) -> None:
@@ -59,35 +79,19 @@ class Broker(abc.ABC):
         """Stop receiving the channel's envelopes."""
 
     @abc.abstractmethod
-    async def publish(self, envelope: Envelope, history: int = 0) -> None:
-        """Send to every subscriber of envelope.channel, keeping the last `history` of them.
+    def publish(self, envelope: Envelope) -> Published:
+        """Start sending to every subscriber of envelope.channel, keeping it in history.
 
-        Raises BrokerUnavailable when the message could not be handed over.
-        """
-
-    def publish_nowait(self, envelope: Envelope, history: int = 0) -> bool:
-        """publish() done synchronously if this broker can; False means use publish()."""
-        return False
-
-    def publish_soon(self, envelope: Envelope, history: int = 0) -> asyncio.Future[None]:
-        """Start publish() now and return its outcome, so a sender can have several in flight.
-
-        Envelopes started one after another are published in that order. Raises
+        Publishes started one after another are published in that order, so a sender can
+        have several in flight. Returns the message's offset when the publish is already
+        done (the memory broker delivers at once), else a future of it, which fails with
+        BrokerUnavailable when the message could not be handed over. Raises
         BrokerUnavailable at once when the broker is known to be down.
         """
-        return asyncio.ensure_future(self.publish(envelope, history))
 
     @abc.abstractmethod
     async def history(self, channel: str, limit: int) -> list[Envelope]:
-        """The channel's last `limit` envelopes, oldest first."""
-
-    @abc.abstractmethod
-    async def set_presence(self, channel: str, local_members: int) -> None:
-        """Record how many members this process has on the channel."""
-
-    @abc.abstractmethod
-    async def presence(self, channel: str) -> int:
-        """Members of the channel across every process using this broker."""
+        """The channel's last `limit` kept envelopes, oldest first."""
 
     @property
     @abc.abstractmethod

@@ -11,12 +11,12 @@ synchronously) and one command connection. Commands queue and go out as pipeline
 batches, one batch in flight at a time, so a process's publishes keep their call order and
 a busy process pays one round trip per batch rather than per message.
 
-Presence: a hash per channel {process id: local members} plus one heartbeat key per process
-with a TTL. A reader counts only processes whose heartbeat is alive, so a crashed worker's
-members disappear within `presence_ttl` seconds.
+Presence (redis_presence.py): a hash per channel {process id: local members}, counted only
+for processes whose heartbeat key is alive; this broker refreshes the heartbeat (TTL
+`presence_ttl`), so a crashed worker's members disappear within that time.
 
 Failures: while Redis is unreachable, `healthy` is False (with `health_reason`), publish()
-raises BrokerUnavailable at once, history() is empty and presence() counts this process
+raises BrokerUnavailable at once, history() is empty and presence counts this process
 only. A supervisor task reconnects with exponential backoff and full jitter, re-subscribes
 every channel and re-writes this process's presence. Messages other processes publish
 while this one is cut off are not replayed (Redis pub/sub delivers at most once).
@@ -46,6 +46,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.retry import Retry
 
 from echoserver.brokers.base import Broker, BrokerUnavailable, Envelope, OnEnvelope
+from echoserver.brokers.redis_presence import COUNT_SCRIPT, RedisPresence
 
 log = logging.getLogger("echoserver.broker")
 
@@ -62,23 +63,8 @@ redis.call('PUBLISH', ARGV[1], message)
 return seq
 """
 
-# KEYS: the channel's presence hash. ARGV: heartbeat key prefix.
-# Heartbeat keys are not declared in KEYS: fine on a standalone Redis (not Redis Cluster).
-_PRESENCE = b"""
-local fields = redis.call('HGETALL', KEYS[1])
-local total = 0
-for i = 1, #fields, 2 do
-  if redis.call('EXISTS', ARGV[1] .. fields[i]) == 1 then
-    total = total + tonumber(fields[i + 1])
-  else
-    redis.call('HDEL', KEYS[1], fields[i])
-  end
-end
-return total
-"""
-
-_SCRIPTS = {hashlib.sha1(body).hexdigest().encode(): body for body in (_PUBLISH, _PRESENCE)}
-_PUBLISH_SHA, _PRESENCE_SHA = list(_SCRIPTS)
+_SCRIPTS = {hashlib.sha1(body).hexdigest().encode(): body for body in (_PUBLISH, COUNT_SCRIPT)}
+_PUBLISH_SHA = next(iter(_SCRIPTS))
 
 _MAX_BATCH = 512
 _RESTORE_PASSES = 10
@@ -112,10 +98,13 @@ def _jittered(attempt: int, cap: float) -> float:
 class RedisBroker(Broker):
     """A broker on one Redis server (``redis://``, ``rediss://`` or ``unix://`` URL)."""
 
+    presence: RedisPresence
+
     def __init__(
         self,
         url: str,
         *,
+        history: int = 0,
         prefix: str = "echoserver",
         presence_ttl: float = 10.0,
         op_timeout: float = 3.0,
@@ -139,11 +128,18 @@ class RedisBroker(Broker):
         else:
             self.where = f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{db}"
         self.process_id = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+        self.history_size = history
         self._prefix = prefix
         # Pub/sub ignores the database number, so it is part of the channel name.
         self._pubsub_prefix = f"{prefix}:{db}:ch:"
-        self._heartbeat_prefix = f"{prefix}:proc:"
-        self._heartbeat_key = self._heartbeat_prefix + self.process_id
+        heartbeat_prefix = f"{prefix}:proc:"
+        self._heartbeat_key = heartbeat_prefix + self.process_id
+        self.presence = RedisPresence(
+            self._command,
+            prefix=prefix,
+            process_id=self.process_id,
+            heartbeat_prefix=heartbeat_prefix,
+        )
         self._presence_ttl = presence_ttl
         self._op_timeout = op_timeout
         self._backoff_cap = backoff_cap
@@ -152,9 +148,7 @@ class RedisBroker(Broker):
         self._channels: set[str] = set()  # what this process wants to receive
         self._names: dict[bytes, str] = {}  # pub/sub channel name -> channel, while wanted
         self._sub_waiters: dict[str, deque[asyncio.Future[None]]] = {}
-        self._key_cache: dict[str, tuple[str, str, str, str]] = {}
-        self._local: dict[str, int] = {}  # this process's members per channel
-        self._unsynced: set[str] = set()  # presence changes Redis may have missed
+        self._key_cache: dict[str, tuple[str, str, str]] = {}
 
         self._healthy = False
         self._reason = f"redis {self.where}: not connected yet"
@@ -187,10 +181,7 @@ class RedisBroker(Broker):
         if self._healthy:
             # Leave nothing behind: others stop counting this process's members at once.
             cleanup = [self._command("DEL", self._heartbeat_key)]
-            cleanup += [
-                self._command("HDEL", self._keys(channel)[3], self.process_id)
-                for channel in self._local
-            ]
+            cleanup += [self._command(*command) for command in self.presence.removal()]
             with contextlib.suppress(BrokerUnavailable, RedisError, asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*cleanup), self._op_timeout)
         if self._supervisor is not None:
@@ -219,15 +210,12 @@ class RedisBroker(Broker):
         if self._healthy:
             await self._send_subscriptions("UNSUBSCRIBE", [channel])
 
-    async def publish(self, envelope: Envelope, history: int = 0) -> None:
-        await self.publish_soon(envelope, history)
-
-    def publish_soon(self, envelope: Envelope, history: int = 0) -> asyncio.Future[Any]:
-        # Queued synchronously: the command queue's order is the call order.
+    def publish(self, envelope: Envelope) -> asyncio.Future[int]:
+        """A future of the offset: queued synchronously, so the queue's order is the call order."""
         header, data = encode(envelope)
-        name, seq_key, history_key, _ = self._keys(envelope.channel)
+        name, seq_key, history_key = self._keys(envelope.channel)
         return self._command(
-            "EVALSHA", _PUBLISH_SHA, 2, seq_key, history_key, name, header, data, history
+            "EVALSHA", _PUBLISH_SHA, 2, seq_key, history_key, name, header, data, self.history_size
         )
 
     async def history(self, channel: str, limit: int) -> list[Envelope]:
@@ -246,30 +234,6 @@ class RedisBroker(Broker):
             return []
         return [decode(channel, item) for item in reversed(items)]
 
-    async def set_presence(self, channel: str, local_members: int) -> None:
-        key = self._keys(channel)[3]
-        if local_members > 0:
-            self._local[channel] = local_members
-            command: tuple[Any, ...] = ("HSET", key, self.process_id, local_members)
-        else:
-            self._local.pop(channel, None)
-            command = ("HDEL", key, self.process_id)
-        try:
-            await self._command(*command)
-        except BrokerUnavailable:
-            self._unsynced.add(channel)  # written when Redis is back
-
-    async def presence(self, channel: str) -> int:
-        """Members on every live process; this process's own while Redis is unreachable."""
-        try:
-            return int(
-                await self._command(
-                    "EVALSHA", _PRESENCE_SHA, 1, self._keys(channel)[3], self._heartbeat_prefix
-                )
-            )
-        except BrokerUnavailable:
-            return self._local.get(channel, 0)
-
     @property
     def healthy(self) -> bool:
         return self._healthy
@@ -280,8 +244,8 @@ class RedisBroker(Broker):
 
     # -- names ------------------------------------------------------------------------
 
-    def _keys(self, channel: str) -> tuple[str, str, str, str]:
-        """(pub/sub channel, seq key, history key, presence key) of a channel."""
+    def _keys(self, channel: str) -> tuple[str, str, str]:
+        """(pub/sub channel, seq key, history key) of a channel."""
         keys = self._key_cache.get(channel)
         if keys is None:
             if len(self._key_cache) >= 10000:
@@ -291,7 +255,6 @@ class RedisBroker(Broker):
                 self._pubsub_prefix + channel,
                 f"{prefix}:seq:{channel}",
                 f"{prefix}:history:{channel}",
-                f"{prefix}:members:{channel}",
             )
         return keys
 
@@ -487,7 +450,7 @@ class RedisBroker(Broker):
                 await self._connect(sub, cmd)
                 tasks.append(asyncio.ensure_future(self._read_messages(sub)))
                 # Everything this process had in Redis may be gone (a restarted server).
-                self._unsynced.update(self._local)
+                self.presence.lost()
                 await self._restore(cmd)
                 tasks.append(asyncio.ensure_future(self._send_batches(cmd)))
                 tasks.append(asyncio.ensure_future(self._heartbeat()))
@@ -554,20 +517,14 @@ class RedisBroker(Broker):
         for _ in range(_RESTORE_PASSES):
             wanted = set(self._channels)
             added, dropped = sorted(wanted - subscribed), sorted(subscribed - wanted)
-            unsynced, self._unsynced = self._unsynced, set()
-            if not (added or dropped or unsynced):
+            presence = self.presence.resync()
+            if not (added or dropped or presence):
                 return
             for start in range(0, len(added), 1000):
                 await self._send_subscriptions("SUBSCRIBE", added[start : start + 1000], True)
             if dropped:
                 await self._send_subscriptions("UNSUBSCRIBE", dropped, True)
             subscribed = wanted
-            for channel in unsynced:
-                members = self._local.get(channel, 0)
-                key = self._keys(channel)[3]
-                if members:
-                    command: tuple[Any, ...] = ("HSET", key, self.process_id, members)
-                else:
-                    command = ("HDEL", key, self.process_id)
+            for command in presence:
                 await asyncio.wait_for(self._call(cmd, *command), self._op_timeout)
         raise ConnectionError("channels kept changing while re-subscribing")

@@ -1,0 +1,95 @@
+"""Presence on Redis: a channel's members across every process sharing one Redis.
+
+A hash per channel {process id: local members} plus one heartbeat key per process with a
+TTL (the Redis broker refreshes it). A reader counts only processes whose heartbeat is
+alive, so a crashed worker's members disappear within the TTL. While Redis is unreachable,
+set_local() only records the count (re-written when Redis is back) and count() answers
+with this process's own members.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+from echoserver.brokers.base import BrokerUnavailable, Presence
+
+# KEYS: the channel's presence hash. ARGV: heartbeat key prefix.
+# Heartbeat keys are not declared in KEYS: fine on a standalone Redis (not Redis Cluster).
+COUNT_SCRIPT = b"""
+local fields = redis.call('HGETALL', KEYS[1])
+local total = 0
+for i = 1, #fields, 2 do
+  if redis.call('EXISTS', ARGV[1] .. fields[i]) == 1 then
+    total = total + tonumber(fields[i + 1])
+  else
+    redis.call('HDEL', KEYS[1], fields[i])
+  end
+end
+return total
+"""
+_COUNT_SHA = hashlib.sha1(COUNT_SCRIPT).hexdigest().encode()
+
+Command = tuple[Any, ...]
+
+
+class RedisPresence(Presence):
+    """This process's members per channel, written to Redis through the broker's queue."""
+
+    def __init__(
+        self,
+        command: Callable[..., asyncio.Future[Any]],
+        *,
+        prefix: str,
+        process_id: str,
+        heartbeat_prefix: str,
+    ) -> None:
+        self._command = command  # queues one command; raises BrokerUnavailable when down
+        self._key_prefix = f"{prefix}:members:"
+        self._process_id = process_id
+        self._heartbeat_prefix = heartbeat_prefix
+        self.local: dict[str, int] = {}  # this process's members per channel
+        self._unsynced: set[str] = set()  # changes Redis may have missed
+
+    async def set_local(self, channel: str, members: int) -> None:
+        if members > 0:
+            self.local[channel] = members
+        else:
+            self.local.pop(channel, None)
+        try:
+            await self._command(*self._write(channel))
+        except BrokerUnavailable:
+            self._unsynced.add(channel)  # written when Redis is back
+
+    async def count(self, channel: str) -> int:
+        """Members on every live process; this process's own while Redis is unreachable."""
+        try:
+            return int(
+                await self._command(
+                    "EVALSHA", _COUNT_SHA, 1, self._key_prefix + channel, self._heartbeat_prefix
+                )
+            )
+        except BrokerUnavailable:
+            return self.local.get(channel, 0)
+
+    def lost(self) -> None:
+        """Redis may have lost everything this process wrote (a restarted server)."""
+        self._unsynced.update(self.local)
+
+    def resync(self) -> list[Command]:
+        """The commands that re-write what Redis may have missed; it is then assumed synced."""
+        unsynced, self._unsynced = self._unsynced, set()
+        return [self._write(channel) for channel in unsynced]
+
+    def removal(self) -> list[Command]:
+        """The commands that take this process's members out of every channel (a clean exit)."""
+        return [("HDEL", self._key_prefix + channel, self._process_id) for channel in self.local]
+
+    def _write(self, channel: str) -> Command:
+        members = self.local.get(channel, 0)
+        key = self._key_prefix + channel
+        if members:
+            return ("HSET", key, self._process_id, members)
+        return ("HDEL", key, self._process_id)
