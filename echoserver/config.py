@@ -409,7 +409,8 @@ KEYS: tuple[Key, ...] = (
     ),
     _key(
         "static_dir",
-        'Directory holding index.html and its assets; "" = the page shipped with the package.',
+        'Directory holding index.html (required) and its assets; "" = the page shipped with '
+        "the package.",
         _STATIC_DIR,
     ),
     _key(
@@ -425,7 +426,8 @@ KEYS: tuple[Key, ...] = (
     _key(
         "websocket.path",
         'URL path of the WebSocket endpoint, like "/ws" (no trailing "/"); '
-        "PATH/<channel> joins a channel.",
+        "PATH/<channel> joins a channel. It may not equal, contain or fall under the "
+        "server's own routes: " + ", ".join(routes.RESERVED) + ".",
         _WS_PATH,
     ),
     _key(
@@ -505,7 +507,7 @@ KEYS: tuple[Key, ...] = (
     ),
     _key(
         "tls.keyfile",
-        'PEM private key for certfile; "" = plain HTTP. Set with certfile.',
+        'PEM private key of certfile, without a passphrase; "" = plain HTTP. Set with certfile.',
         _READABLE_FILE,
     ),
     _key(

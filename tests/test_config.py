@@ -165,6 +165,11 @@ def test_example_file_documents_every_key_in_its_section() -> None:
     assert len(seen) == len(KEYS)
 
 
+def test_example_file_is_what_to_toml_writes() -> None:
+    """The example's key lines and comments come from KEYS; only its header is written."""
+    assert EXAMPLE.read_text(encoding="utf-8").endswith(to_toml(Settings(), comments=True))
+
+
 def test_redis_example_loads() -> None:
     settings = load(config_path=str(REDIS_EXAMPLE), env={})
     assert settings.mode == "broadcast"
