@@ -25,7 +25,6 @@ import itertools
 import logging
 import os
 from collections.abc import Callable
-from functools import partial
 from typing import Protocol
 
 from echoserver.brokers.base import Broker, BrokerUnavailable, Envelope
@@ -36,8 +35,12 @@ MAX_TRACKED_CHANNELS = 1000  # channels with counters of their own in /metrics
 OTHER_CHANNELS = "(other)"  # where the rest are counted
 
 
-class HubUnavailable(Exception):
-    """A message could not be published: the broker is unreachable or refused it."""
+class HubUnavailable(BrokerUnavailable):
+    """A message could not be published: the broker is unreachable or refused it.
+
+    The hub makes it its broker's `unavailable` type, so the broker raises it (and fails
+    publish futures with it) directly: nothing is translated or wrapped per message.
+    """
 
 
 class Delivery:
@@ -128,6 +131,7 @@ class Hub:
         slow_client: str = "drop",
     ) -> None:
         self.broker = broker
+        broker.unavailable = HubUnavailable
         if history is not None:
             broker.history_size = history
         self.presence = broker.presence
@@ -245,15 +249,7 @@ class Hub:
         else a future of it. Raises HubUnavailable at once when the broker is known to be
         down; the future fails with HubUnavailable when the message could not be published.
         """
-        try:
-            published = self.broker.publish(Envelope(channel, data, binary, sender))
-        except BrokerUnavailable as error:
-            raise HubUnavailable(str(error)) from error
-        if isinstance(published, int):
-            return published
-        outcome: asyncio.Future[int] = published.get_loop().create_future()
-        published.add_done_callback(partial(_relay, outcome))
-        return outcome
+        return self.broker.publish(Envelope(channel, data, binary, sender))
 
     async def members(self, channel: str) -> int:
         """The channel's members across every process."""
@@ -323,21 +319,3 @@ class Hub:
                 subscriber.peer,
                 self.max_queue_bytes,
             )
-
-
-def _relay(outcome: asyncio.Future[int], published: asyncio.Future[int]) -> None:
-    """Settle a publish's outcome from the broker's, as a HubUnavailable when it failed."""
-    if outcome.done():
-        return  # its holder cancelled it
-    if published.cancelled():
-        outcome.cancel()
-        return
-    error = published.exception()
-    if error is None:
-        outcome.set_result(published.result())
-    elif isinstance(error, BrokerUnavailable):
-        failure = HubUnavailable(str(error))
-        failure.__cause__ = error
-        outcome.set_exception(failure)
-    else:
-        outcome.set_exception(error)

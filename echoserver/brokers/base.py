@@ -61,6 +61,9 @@ class Broker(abc.ABC):
     presence: Presence
     # Messages kept per channel for joiners (0 = none); configuration, set before start().
     history_size: int = 0
+    # What publish() raises and its futures fail with. The owner may set a subclass of its
+    # own, so its callers see that type without a translation per message.
+    unavailable: type[BrokerUnavailable] = BrokerUnavailable
 
     @abc.abstractmethod
     async def start(self, on_envelope: OnEnvelope) -> None:
@@ -85,8 +88,8 @@ class Broker(abc.ABC):
         Publishes started one after another are published in that order, so a sender can
         have several in flight. Returns the message's offset when the publish is already
         done (the memory broker delivers at once), else a future of it, which fails with
-        BrokerUnavailable when the message could not be handed over. Raises
-        BrokerUnavailable at once when the broker is known to be down.
+        `unavailable` when the message could not be handed over. Raises `unavailable` at
+        once when the broker is known to be down.
         """
 
     @abc.abstractmethod

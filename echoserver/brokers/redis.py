@@ -266,7 +266,7 @@ class RedisBroker(Broker):
     def _command(self, *args: Any) -> asyncio.Future[Any]:
         """Queue one command; the future has its reply. Raises BrokerUnavailable when down."""
         if not self._healthy:
-            raise BrokerUnavailable(self._reason)
+            raise self.unavailable(self._reason)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((args, future))
         self._wake.set()
@@ -313,7 +313,7 @@ class RedisBroker(Broker):
                 # Reachable but refusing (OOM, READONLY replica, ...): the sender is told.
                 self._log_refusal(error)
                 if not future.done():
-                    future.set_exception(BrokerUnavailable(f"redis {self.where}: {error}"))
+                    future.set_exception(self.unavailable(f"redis {self.where}: {error}"))
                 continue
             if not future.done():
                 future.set_result(reply)
@@ -335,7 +335,7 @@ class RedisBroker(Broker):
         self._in_flight = []
         for _, future in pending:
             if not future.done():
-                future.set_exception(BrokerUnavailable(reason))
+                future.set_exception(self.unavailable(reason))
         for waiters in self._sub_waiters.values():
             for waiter in waiters:
                 if not waiter.done():
