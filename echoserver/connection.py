@@ -36,8 +36,9 @@ from tornado.websocket import (
     _WebSocketParams,
 )
 
-from echoserver import deflate, protocol
-from echoserver.protocol import (
+from echoserver import deflate
+from echoserver import framing as protocol
+from echoserver.framing import (
     CLOSE,
     CLOSE_NO_STATUS,
     FAIL,
@@ -52,7 +53,7 @@ from echoserver.protocol import (
 )
 
 if TYPE_CHECKING:
-    from echoserver.brokers.base import Envelope
+    from echoserver.hub import Delivery
 
 log = logging.getLogger("echoserver.ws")
 
@@ -566,30 +567,30 @@ class WebSocketConnection(WebSocketProtocol13):
     def peer(self) -> str:
         return f"{self.handler.request.remote_ip} {self.handler.request.path}"
 
-    def deliver(self, envelope: Envelope) -> None:
+    def deliver(self, delivery: Delivery) -> None:
         """Queue a broadcast: encoded once and shared by every receiver without compression."""
         if self.server_terminated or self._lost:
             return
         compressor = self._compressor
         if compressor is not None:
-            self.send_frame(self._deflated_frame(envelope, compressor))
+            self.send_frame(self._deflated_frame(delivery, compressor))
             return
-        frame = envelope.frame
+        frame = delivery.frame
         if frame is None:
-            opcode = OP_BINARY if envelope.binary else OP_TEXT
-            frame = envelope.frame = protocol.encode_frame(opcode, envelope.data)
+            opcode = OP_BINARY if delivery.binary else OP_TEXT
+            frame = delivery.frame = protocol.encode_frame(opcode, delivery.data)
         self.send_frame(frame)
 
-    def _deflated_frame(self, envelope: Envelope, compressor: deflate.Deflater) -> bytes:
-        opcode = OP_BINARY if envelope.binary else OP_TEXT
+    def _deflated_frame(self, delivery: Delivery, compressor: deflate.Deflater) -> bytes:
+        opcode = OP_BINARY if delivery.binary else OP_TEXT
         if not compressor.shared:  # context takeover: a stream of its own
-            return protocol.encode_frame(opcode, compressor.compress(envelope.data), True)
+            return protocol.encode_frame(opcode, compressor.compress(delivery.data), True)
         window = compressor.window_bits
-        cached = envelope.deflated
+        cached = delivery.deflated
         if cached is not None and cached[0] == window:
             return cached[1]
-        frame = protocol.encode_frame(opcode, compressor.compress(envelope.data), True)
-        envelope.deflated = (window, frame)
+        frame = protocol.encode_frame(opcode, compressor.compress(delivery.data), True)
+        delivery.deflated = (window, frame)
         return frame
 
     def flush(self) -> None:

@@ -23,8 +23,8 @@ from tornado.log import app_log
 from tornado.websocket import _WebSocketParams
 
 from echoserver import __version__
-from echoserver.brokers.base import BrokerUnavailable
 from echoserver.connection import WebSocketConnection
+from echoserver.hub import HubUnavailable
 from echoserver.metrics import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
@@ -282,11 +282,11 @@ class ChannelSocket(BaseSocket):
         """
         sender = self.member.sub_id if self.member is not None else None
         try:
-            outcome = self.application.hub.submit(self.channel, data, binary, sender)
-        except BrokerUnavailable as exc:
+            outcome = self.application.hub.publish(self.channel, data, binary, sender)
+        except HubUnavailable as exc:
             self.not_delivered(exc)
             return None
-        if outcome is None:
+        if isinstance(outcome, int):
             return None
         self._in_flight += 1
         outcome.add_done_callback(self._published)
@@ -295,13 +295,13 @@ class ChannelSocket(BaseSocket):
         self._drained = asyncio.get_running_loop().create_future()
         return self._drained
 
-    def _published(self, outcome: asyncio.Future[None]) -> None:
+    def _published(self, outcome: asyncio.Future[int]) -> None:
         self._in_flight -= 1
-        if not outcome.cancelled() and outcome.exception() is not None:
-            error = outcome.exception()
-            if not isinstance(error, BrokerUnavailable):
+        error = None if outcome.cancelled() else outcome.exception()
+        if error is not None:
+            if not isinstance(error, HubUnavailable):
                 log.error("publishing on %s failed: %r", self.channel, error)
-            self.not_delivered(error)  # type: ignore[arg-type]
+            self.not_delivered(error)
         drained = self._drained
         if drained is not None and self._in_flight <= MAX_PUBLISHES_IN_FLIGHT // 2:
             self._drained = None
@@ -361,10 +361,10 @@ class MixedSocket(ChannelSocket):
         hub = self.application.hub
         sender = self.member.sub_id if self.member is not None else None
         try:
-            outcome = hub.submit(self.channel, payload, False, sender)
-            if outcome is not None:
+            outcome = hub.publish(self.channel, payload, False, sender)
+            if not isinstance(outcome, int):
                 await outcome
-        except BrokerUnavailable as exc:
+        except HubUnavailable as exc:
             self.not_delivered(exc)
             return
         listeners = await hub.members(self.channel)

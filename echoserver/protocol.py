@@ -1,308 +1,188 @@
-"""RFC 6455 framing without I/O: a strict frame parser for client frames and frame encoders.
+"""One server-side WebSocket connection's protocol state, without I/O (RFC 6455 and 7692).
 
-FrameParser.receive(data) takes whatever bytes arrived and returns the events that every
-complete frame in them produced, in order: whole messages (fragments joined, text checked
-for UTF-8), pings, pongs, a close, or one protocol failure with its close code, after
-which it parses nothing more. Text that is not UTF-8 fails (1007) as soon as the bytes that
-make it invalid arrive: a fragmented or partly received text message is checked as it comes
-in (compressed messages once inflated, whole). Unmasking uses Tornado's C speedup. The
-encoders build unmasked server frames; a broadcast is encoded once and the same bytes go to
-every receiver.
+ServerProtocol takes the bytes a peer sent and returns what the application must see
+(messages and pongs); what has to go back (pongs, close frames, replies, broadcasts) is
+queued in `out` for the I/O adapter to write in one go. It owns the rules that do not
+depend on sockets or clocks:
+
+- pings are answered; a close frame from the peer is echoed (its code, or an empty close
+  for an empty one) and ends the connection (state CLOSED: the adapter closes the socket);
+- a frame that breaks the protocol fails the connection with its close code (1002, 1007,
+  1009); after the server has sent its close frame (state CLOSING) every data frame is
+  discarded and only the peer's close frame matters; if the peer's stream cannot be
+  parsed any more (`discarding`), the adapter waits for it to fall quiet instead;
+- which close code the connection ended with, for logs and metrics.
+
+Timers (the closing timeout, keepalive pings) and policy (rate limits) belong to the adapter
+in connection.py, which calls close() or fail() when they fire.
 """
 
 from __future__ import annotations
 
-import codecs
-import struct
-import zlib
-from collections.abc import Callable
 from typing import Final
 
-from tornado.util import _websocket_mask as unmask  # the C speedup when it is built
+from echoserver.deflate import Deflater
+from echoserver.framing import (
+    CLOSE,
+    FAIL,
+    MESSAGE,
+    OP_BINARY,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    PING,
+    CloseCode,
+    Event,
+    FrameParser,
+    encode_close,
+    encode_frame,
+)
 
-OP_CONT: Final = 0x0
-OP_TEXT: Final = 0x1
-OP_BINARY: Final = 0x2
-OP_CLOSE: Final = 0x8
-OP_PING: Final = 0x9
-OP_PONG: Final = 0xA
-
-# Event kinds returned by FrameParser.receive: (kind, opcode_or_code, payload_or_reason).
-MESSAGE: Final = 0  # (MESSAGE, OP_TEXT | OP_BINARY, payload bytes)
-PING: Final = 1  # (PING, 0, payload)
-PONG: Final = 2  # (PONG, 0, payload)
-CLOSE: Final = 3  # (CLOSE, code or 1005 when absent, reason bytes)
-FAIL: Final = 4  # (FAIL, close code to send, reason str)
-
-CLOSE_NORMAL: Final = 1000
-CLOSE_PROTOCOL_ERROR: Final = 1002
-CLOSE_NO_STATUS: Final = 1005
-CLOSE_INVALID_DATA: Final = 1007
-CLOSE_TOO_BIG: Final = 1009
-
-Event = tuple[int, int, bytes | str]
+OPEN: Final = 0
+CLOSING: Final = 1  # our close frame is queued; waiting for the peer's
+CLOSED: Final = 2  # both close frames exchanged (or given up): close the socket
 
 
-def close_code_allowed(code: int) -> bool:
-    """Whether a peer may send this close code on the wire (RFC 6455 7.4, IANA registry)."""
-    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
-
-
-def is_utf8(data: bytes) -> bool:
-    try:
-        data.decode()
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-_Utf8Decoder = codecs.getincrementaldecoder("utf-8")
-
-
-def utf8_goes_on(decoder: codecs.IncrementalDecoder, data: bytes, final: bool) -> bool:
-    """Feed a piece of text to `decoder`: False once the text can no longer be valid UTF-8."""
-    try:
-        decoder.decode(data, final)
-    except UnicodeDecodeError:
-        return False
-    # CPython holds ED A0..ED BF (a UTF-16 surrogate) until its third byte; it is already wrong.
-    pending = decoder.getstate()[0]
-    return not (len(pending) > 1 and pending[0] == 0xED and pending[1] >= 0xA0)
-
-
-class FrameParser:
-    """Client-to-server frames in, events out. One parser per connection."""
+class ServerProtocol:
+    """The protocol state of one connection: bytes in, events out, frames queued in `out`."""
 
     __slots__ = (
-        "_buffer",
-        "_checked",
-        "_compressed",
-        "_fragments",
-        "_fragments_size",
-        "_message_opcode",
-        "_need",
-        "_text",
-        "_text_at",
-        "decompress",
-        "failed",
-        "max_size",
+        "close_reason",
+        "close_received",
+        "close_sent",
+        "deflater",
+        "out",
+        "out_size",
+        "parser",
+        "peer_initiated",
+        "state",
     )
 
-    def __init__(self, max_size: int, decompress: Callable[[bytes], bytes] | None = None) -> None:
-        self.max_size = max_size
-        # Set when permessage-deflate was negotiated; raises ValueError past max_size
-        # and zlib.error on a corrupt stream.
-        self.decompress = decompress
-        self.failed = False
-        self._buffer = bytearray()
-        self._need = 0  # bytes the buffered frame needs before parsing is worth trying
-        self._fragments: list[bytes] | None = None
-        self._fragments_size = 0
-        self._message_opcode = 0
-        self._compressed = False
-        # Text checked as it arrives (fragmented, or a frame over several reads): the
-        # decoder, where the pending frame's payload starts in the buffer (0 = no pending
-        # text frame to check) and how much of that payload has been checked.
-        self._text: codecs.IncrementalDecoder | None = None
-        self._text_at = 0
-        self._checked = 0
+    def __init__(self, parser: FrameParser, deflater: Deflater | None = None) -> None:
+        self.parser = parser
+        self.deflater = deflater  # set when permessage-deflate was negotiated
+        self.state = OPEN
+        self.out: list[bytes] = []  # encoded frames not yet handed to the transport
+        self.out_size = 0
+        self.close_sent: int | None = None  # the code of our close frame (None: empty close)
+        self.close_received: int | None = None  # the peer's (1005 for an empty close)
+        self.close_reason = ""
+        self.peer_initiated = False  # the peer sent the first close frame
+
+    # --- bytes in -------------------------------------------------------------------------
 
     def receive(self, data: bytes) -> list[Event]:
-        """Parse every complete frame now buffered; keep the rest for the next call."""
-        if self.failed:
+        """Parse `data`; return the events the application handles: MESSAGE and PONG.
+
+        Pings, the peer's close and protocol failures are handled here. Nothing is returned
+        once the server has sent its close frame.
+        """
+        if self.state != OPEN:
+            self._receive_closing(data)
             return []
-        if self._buffer:
-            self._buffer += data
-            if len(self._buffer) < self._need:
-                return self._check_partial() if self._text_at else []
-            data = bytes(self._buffer)
-            self._buffer.clear()
-            self._need = 0
-        events: list[Event] = []
-        pos = 0
-        end = len(data)
-        while end - pos >= 2:
-            first = data[pos]
-            second = data[pos + 1]
-            length = second & 0x7F
-            header = 6
-            if length == 126:
-                header = 8
-                if end - pos < 8:
-                    break
-                length = int.from_bytes(data[pos + 2 : pos + 4], "big")
-            elif length == 127:
-                header = 14
-                if end - pos < 14:
-                    break
-                length = int.from_bytes(data[pos + 2 : pos + 10], "big")
-            failure = self._check_header(first, second, length)
-            if failure is not None:
-                events.append(failure)
-                self.failed = True
-                return events
-            frame_end = pos + header + length
-            if frame_end > end:
-                self._need = frame_end - pos
-                if self._is_plain_text(first):
-                    self._buffer += data[pos:] if pos else data
-                    self._text_at = header
-                    if self._text is None:
-                        self._text = _Utf8Decoder()
-                    events += self._check_partial()
-                    return events
-                break
-            mask = data[pos + header - 4 : pos + header]
-            payload = unmask(mask, data[pos + header : frame_end]) if length else b""
-            pos = frame_end
-            event = self._on_frame(first, payload)
-            if event is not None:
-                events.append(event)
-                if event[0] == FAIL:
-                    self.failed = True
-                    return events
-        if pos < end:
-            self._buffer += data[pos:] if pos else data
+        events = self.parser.receive(data)
+        for index, event in enumerate(events):
+            if event[0] != MESSAGE:
+                return self._with_control(events, index)
         return events
 
-    def _is_plain_text(self, first: int) -> bool:
-        """Whether a data frame carries uncompressed text (text is checked after inflating)."""
-        opcode = first & 0x0F
-        if opcode == OP_TEXT:
-            return not first & 0x40
-        return opcode == OP_CONT and self._message_opcode == OP_TEXT and not self._compressed
+    def _with_control(self, events: list[Event], index: int) -> list[Event]:
+        """The events from `index` on include control frames: act on them in order."""
+        kept = events[:index]
+        for event in events[index:]:
+            kind = event[0]
+            if kind == PING:
+                self.send_frame(encode_frame(OP_PONG, event[2]))  # type: ignore[arg-type]
+            elif kind == CLOSE:
+                self._peer_closed(event[1], event[2])  # type: ignore[arg-type]
+                break
+            elif kind == FAIL:
+                self.fail(event[1], event[2])  # type: ignore[arg-type]
+                break
+            else:  # MESSAGE or PONG
+                kept.append(event)
+        return kept
 
-    def _check_partial(self) -> list[Event]:
-        """Check the text that has arrived of a frame still incomplete in the buffer."""
-        start = self._text_at + self._checked
-        if len(self._buffer) <= start:
-            return []
-        at = self._text_at
-        turn = self._checked % 4
-        mask = bytes(self._buffer[at - 4 + turn : at] + self._buffer[at - 4 : at - 4 + turn])
-        assert self._text is not None
-        chunk = bytes(self._buffer[start:])
-        self._checked += len(chunk)
-        if utf8_goes_on(self._text, unmask(mask, chunk), False):
-            return []
-        self.failed = True
-        return [(FAIL, CLOSE_INVALID_DATA, "text message is not valid UTF-8")]
+    def _receive_closing(self, data: bytes) -> None:
+        if self.state == CLOSED or self.parser.failed:
+            return
+        for event in self.parser.receive(data):
+            if event[0] == CLOSE:
+                self._peer_closed(event[1], event[2])  # type: ignore[arg-type]
+                return
 
-    def _check_header(self, first: int, second: int, length: int) -> Event | None:
-        """Everything that can be judged before the payload has arrived."""
-        opcode = first & 0x0F
-        if not second & 0x80:
-            return (FAIL, CLOSE_PROTOCOL_ERROR, "client frame not masked")
-        rsv = first & 0x70
-        if opcode >= OP_CLOSE:
-            if opcode > OP_PONG:
-                return (FAIL, CLOSE_PROTOCOL_ERROR, f"reserved opcode {opcode:#x}")
-            if rsv:
-                return (FAIL, CLOSE_PROTOCOL_ERROR, "reserved bits set on a control frame")
-            if not first & 0x80:
-                return (FAIL, CLOSE_PROTOCOL_ERROR, "fragmented control frame")
-            if length > 125:
-                return (FAIL, CLOSE_PROTOCOL_ERROR, "control frame over 125 bytes")
-            return None
-        if opcode > OP_BINARY:
-            return (FAIL, CLOSE_PROTOCOL_ERROR, f"reserved opcode {opcode:#x}")
-        if length >> 63:
-            return (FAIL, CLOSE_PROTOCOL_ERROR, "64-bit payload length with its top bit set")
-        if rsv and not (rsv == 0x40 and opcode != OP_CONT and self.decompress is not None):
-            return (FAIL, CLOSE_PROTOCOL_ERROR, "reserved bits set")
-        if opcode == OP_CONT:
-            if self._fragments is None:
-                return (FAIL, CLOSE_PROTOCOL_ERROR, "continuation without a message to continue")
-        elif self._fragments is not None:
-            return (FAIL, CLOSE_PROTOCOL_ERROR, "new message inside a fragmented message")
-        if self._fragments_size + length > self.max_size:
-            return (FAIL, CLOSE_TOO_BIG, f"message over {self.max_size} bytes")
-        return None
+    def _peer_closed(self, code: int, reason: bytes) -> None:
+        self.close_received = int(code)
+        self.close_reason = reason.decode()
+        if self.state == OPEN:
+            self.peer_initiated = True
+            # Echo the peer's code (RFC 6455 5.5.1); an empty close answers an empty close.
+            self._queue_close(None if code == CloseCode.NO_STATUS else int(code), "")
+        self.state = CLOSED
 
-    def _on_frame(self, first: int, payload: bytes) -> Event | None:
-        opcode = first & 0x0F
-        fin = first & 0x80
-        if opcode >= OP_CLOSE:
-            return self._on_control(opcode, payload)
-        if opcode != OP_CONT:
-            self._message_opcode = opcode
-            self._compressed = bool(first & 0x40)
-            if fin and self._text is None:  # the common case: a whole message in one read
-                return self._message(payload, False)
-        checked = self._message_opcode == OP_TEXT and not self._compressed
-        if checked and (self._text is not None or not payload.isascii()):
-            # (ASCII so far needs no decoder: it leaves no code point half done.)
-            if self._text is None:
-                self._text = _Utf8Decoder()
-            done = self._checked
-            self._checked = self._text_at = 0
-            if not utf8_goes_on(self._text, payload[done:] if done else payload, bool(fin)):
-                return (FAIL, CLOSE_INVALID_DATA, "text message is not valid UTF-8")
-            if fin:
-                self._text = None
-        if not fin:
-            if self._fragments is None:
-                self._fragments = [payload]
-            else:
-                self._fragments.append(payload)
-            self._fragments_size += len(payload)
-            return None
-        if self._fragments is not None:
-            self._fragments.append(payload)
-            payload = b"".join(self._fragments)
-            self._fragments = None
-            self._fragments_size = 0
-        return self._message(payload, checked)
+    # --- frames out -----------------------------------------------------------------------
 
-    def _message(self, payload: bytes, checked: bool) -> Event:
-        opcode = self._message_opcode
-        if self._compressed:
-            assert self.decompress is not None
-            try:
-                payload = self.decompress(payload)
-            except zlib.error as error:
-                return (FAIL, CLOSE_INVALID_DATA, f"cannot inflate: {error}")
-            except ValueError as error:
-                return (FAIL, CLOSE_TOO_BIG, str(error))
-        if opcode == OP_TEXT and not checked and not is_utf8(payload):
-            return (FAIL, CLOSE_INVALID_DATA, "text message is not valid UTF-8")
-        return (MESSAGE, opcode, payload)
+    def send_frame(self, frame: bytes) -> None:
+        """Queue an encoded frame (a broadcast's, shared by every receiver)."""
+        self.out.append(frame)
+        self.out_size += len(frame)
 
-    @staticmethod
-    def _on_control(opcode: int, payload: bytes) -> Event:
-        if opcode == OP_PING:
-            return (PING, 0, payload)
-        if opcode == OP_PONG:
-            return (PONG, 0, payload)
-        if not payload:
-            return (CLOSE, CLOSE_NO_STATUS, b"")
-        if len(payload) == 1:
-            return (FAIL, CLOSE_PROTOCOL_ERROR, "close payload of one byte")
-        code = int.from_bytes(payload[:2], "big")
-        if not close_code_allowed(code):
-            return (FAIL, CLOSE_PROTOCOL_ERROR, f"invalid close code {code}")
-        reason = payload[2:]
-        if not is_utf8(reason):
-            return (FAIL, CLOSE_INVALID_DATA, "close reason is not valid UTF-8")
-        return (CLOSE, code, reason)
+    def send(self, payload: bytes, binary: bool) -> None:
+        """Queue one message (a text payload must already be UTF-8)."""
+        opcode = OP_BINARY if binary else OP_TEXT
+        if self.deflater is not None:
+            self.send_frame(encode_frame(opcode, self.deflater.compress(payload), True))
+        else:
+            self.send_frame(encode_frame(opcode, payload))
 
+    def ping(self, data: bytes = b"") -> None:
+        self.send_frame(encode_frame(OP_PING, data))
 
-def encode_frame(opcode: int, payload: bytes, rsv1: bool = False) -> bytes:
-    """One unmasked, final server frame."""
-    first = 0x80 | opcode | (0x40 if rsv1 else 0)
-    length = len(payload)
-    if length < 126:
-        return bytes((first, length)) + payload
-    if length < 65536:
-        return struct.pack("!BBH", first, 126, length) + payload
-    return struct.pack("!BBQ", first, 127, length) + payload
+    def take_output(self) -> bytes:
+        """Everything queued, as one write; the queue is then empty."""
+        out = self.out
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        self.out_size = 0
+        return data
 
+    # --- closing ---------------------------------------------------------------------------
 
-def encode_close(code: int | None, reason: str = "") -> bytes:
-    """A close frame; its reason is cut so the payload stays within 125 bytes."""
-    if code is None:
-        return encode_frame(OP_CLOSE, b"")
-    body = reason.encode()[:123]
-    while not is_utf8(body):  # never cut a code point in half
-        body = body[:-1]
-    return encode_frame(OP_CLOSE, code.to_bytes(2, "big") + body)
+    def close(self, code: int | None = CloseCode.NORMAL, reason: str = "") -> None:
+        """Start the closing handshake (once): queue the close frame, then wait for the peer's."""
+        if self.state == OPEN:
+            self._queue_close(code, reason)
+            self.state = CLOSING
+
+    def fail(self, code: int, reason: str) -> None:
+        """The peer broke the rules (or a policy): close with `code`."""
+        self.close(code, reason)
+
+    def _queue_close(self, code: int | None, reason: str) -> None:
+        self.close_sent = None if code is None else int(code)
+        self.send_frame(encode_close(code, reason))
+
+    def give_up(self) -> None:
+        """Stop waiting for the peer (timeout, a peer that is not there): close the socket."""
+        self.state = CLOSED
+
+    @property
+    def closing(self) -> bool:
+        """True once no more messages are taken from the peer."""
+        return self.state != OPEN
+
+    @property
+    def discarding(self) -> bool:
+        """True while closing after a frame that could not be parsed: the peer's close frame
+        cannot be found, so the adapter closes once the peer falls quiet."""
+        return self.state == CLOSING and self.parser.failed
+
+    @property
+    def close_code(self) -> int:
+        """The code the connection ended with: the peer's when it closed first, else ours;
+        1006 when no close frame was exchanged."""
+        if self.peer_initiated:
+            return self.close_received  # type: ignore[return-value]
+        if self.state != OPEN:
+            return CloseCode.NO_STATUS if self.close_sent is None else self.close_sent
+        return CloseCode.ABNORMAL

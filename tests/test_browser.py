@@ -515,7 +515,7 @@ def test_log_tags_line_up_in_every_entry(tabs, mixed_server):
     t.page.select_option("#envelope", "echo")
     t.send("aligned")
     t.entry("in", "aligned")
-    t.page.evaluate("window.__sockets[window.__sockets.length - 1].send('{\"type\":\"nope\"}')")
+    t.page.evaluate('window.__sockets[window.__sockets.length - 1].send(\'{"type":"nope"}\')')
     t.entry("error", "unknown type")
     rows = t.page.evaluate(
         """() => [...document.querySelectorAll('#log .entry')].filter(e => e.querySelector('.tag'))
@@ -625,7 +625,9 @@ def test_refused_token_waits_for_the_user(tabs):
         t.page.fill("#token", "wrong")
         t.page.click("#connect")
         t.page.locator('#log .entry[data-dir="error"]', has_text="wrong token").wait_for()
-        t.page.wait_for_function("document.querySelector('#status').textContent.includes('token refused')")
+        t.page.wait_for_function(
+            "document.querySelector('#status').textContent.includes('token refused')"
+        )
         t.shot("desktop-token-refused.png")
         t.page.fill("#token", "s3cret")
         t.page.click("#connect")
@@ -680,7 +682,7 @@ def test_health_line_follows_a_broker_outage(tabs, redis):
         # No reload: the page polls /healthz by itself.
         for tab in (t, phone):
             _wait_health(tab, "degraded", 20_000)
-            status, text = _health(tab)
+            _status, text = _health(tab)
             assert "degraded" in text and "redis" in text, text
         # A broadcast the server could not deliver: its notice is an error, not a message.
         t.page.select_option("#envelope", "broadcast")
@@ -710,7 +712,9 @@ def test_broadcast_not_delivered_close_is_an_error(tabs, redis):
         sender.send("lost in the outage")
         closed = sender.entry("error", "1013").first
         assert "not delivered" in closed.text_content()
-        assert sender.page.locator('#log .entry[data-dir="in"]', has_text="not delivered").count() == 0
+        assert (
+            sender.page.locator('#log .entry[data-dir="in"]', has_text="not delivered").count() == 0
+        )
         sender.shot("desktop-broadcast-not-delivered.png")
         sender.wait_state("open", timeout=20_000)  # it reconnects by itself
         assert receiver.page.get_attribute("#status", "data-state") == "open"

@@ -16,7 +16,7 @@ from websockets.exceptions import ConnectionClosedError
 from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
 
 from echoserver.deflate import Deflater, Inflater, negotiate, parse_extensions
-from echoserver.protocol import FAIL, MESSAGE, OP_TEXT, FrameParser
+from echoserver.framing import FAIL, MESSAGE, OP_TEXT, FrameParser
 from tests.conftest import ROOT, ServerProcess, run
 from tests.wsraw import build_frame
 

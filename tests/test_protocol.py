@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from echoserver.protocol import (
+from echoserver.framing import (
     CLOSE,
     FAIL,
     MESSAGE,

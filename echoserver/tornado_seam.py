@@ -1,0 +1,50 @@
+"""Every Tornado internal the server relies on, and nothing else.
+
+Tornado does the HTTP side (the listener, request parsing, routing, static files); the
+WebSocket handshake and everything after it is the server's own code. Where the fast path
+needs something Tornado does not expose, it is reached here and only here, so a new Tornado
+release that changes one of them fails tests/test_tornado_seam.py loudly instead of
+changing behaviour at run time. INTERNALS lists each with the signature relied on.
+
+Supported: the current Tornado release series and the one before it (see setup.cfg).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import tornado.iostream
+import tornado.web
+from tornado.util import _websocket_mask
+
+# XOR-unmasking of a client frame's payload: Tornado's C speedup when built (else Python).
+websocket_mask: Callable[[bytes, bytes], bytes] = _websocket_mask
+
+
+def take_read_buffer(stream: tornado.iostream.IOStream) -> bytes:
+    """What Tornado read from the socket past the HTTP request (frames sent right after
+    the handshake), taken out of its buffer so the connection can parse it."""
+    return stream._consume(stream._read_buffer_size)
+
+
+def unsent_bytes(stream: tornado.iostream.IOStream) -> int:
+    """Bytes written to the stream that have not reached the socket yet."""
+    return stream._total_write_index - stream._total_write_done_index
+
+
+def forget_response_headers(handler: tornado.web.RequestHandler) -> None:
+    """The 101's headers are sent: drop them (memory held for the connection's lifetime)."""
+    handler._headers = None  # type: ignore[assignment]
+
+
+# (owner, attribute, the parameter names relied on, or None for an attribute that an
+# instance sets). tests/test_tornado_seam.py checks each against the installed Tornado.
+INTERNALS: list[tuple[Any, str, tuple[str, ...] | None]] = [
+    (tornado.util, "_websocket_mask", ("mask", "data")),
+    (tornado.iostream.BaseIOStream, "_consume", ("self", "loc")),
+    (tornado.iostream.BaseIOStream, "_read_buffer_size", None),
+    (tornado.iostream.BaseIOStream, "_total_write_index", None),
+    (tornado.iostream.BaseIOStream, "_total_write_done_index", None),
+    (tornado.web.RequestHandler, "_headers", None),
+]
