@@ -1,8 +1,8 @@
 """make_app(settings) -> the tornado Application: routes, static files and server state.
 
 The Application owns everything that lives as long as the server: the settings, the hub,
-the metrics registry and the set of open connections. Handlers reach it through
-self.application; nothing is kept in module or class attributes.
+the metrics registry and the set of open connections. Handlers reach it as a
+context.ServerContext; nothing is kept in module or class attributes.
 """
 
 from __future__ import annotations
@@ -17,17 +17,14 @@ from typing import Any
 import tornado.web
 
 from echoserver import handlers, routes
+from echoserver.access import log_request
 from echoserver.brokers import Broker, MemoryBroker
 from echoserver.config import Settings
-from echoserver.connection import Flusher, Keepalive
+from echoserver.handshake import normalise_origin
 from echoserver.hub import Hub
 from echoserver.metrics import Metrics
-
-_SOCKETS: dict[str, type[handlers.BaseSocket]] = {
-    "echo": handlers.EchoSocket,
-    "broadcast": handlers.BroadcastSocket,
-    "mixed": handlers.MixedSocket,
-}
+from echoserver.scheduling import Flusher, Keepalive
+from echoserver.sockets import SOCKETS, BaseSocket
 
 
 def static_dir(settings: Settings) -> Path:
@@ -44,27 +41,28 @@ class EchoServerApp(tornado.web.Application):
     def __init__(self, config: Settings, hub: Hub) -> None:
         self.config = config
         self.hub = hub
-        self.connections: set[handlers.BaseSocket] = set()
+        self.connections: set[BaseSocket] = set()
         self.metrics = Metrics(self._open_connections, lambda: hub.stats)
         self.flusher = Flusher()
         ws = config.websocket
         self.keepalive = Keepalive(ws.ping_interval, ws.ping_timeout)
         self.allowed_origins = frozenset(
-            origin.rstrip("/").lower() for origin in config.websocket.allowed_origins
+            normalise_origin(origin) for origin in config.websocket.allowed_origins
         )
         self.draining = False
-        self.handshakes = 0  # WebSocket handshakes past prepare(), not yet open
+        self.handshakes = 0  # WebSocket handshakes under way, not yet open
         self.started = time.monotonic()
         self._tasks: set[asyncio.Task[Any]] = set()
         page = static_dir(config)
         ws_path = config.websocket.path
-        socket = _SOCKETS[config.mode]
+        socket = SOCKETS[config.mode]
         page_files = {"path": str(page), "default_filename": "index.html"}
         rules: list[Any] = [
             # An empty file path: the handler serves default_filename.
             (rf"{routes.exact(routes.PAGE)}()", handlers.PageHandler, page_files),
             (routes.exact(routes.HEALTH), handlers.HealthHandler),
             (routes.exact(routes.METRICS), handlers.MetricsHandler),
+            (routes.exact(routes.PROTOCOL), handlers.ProtocolHandler),
             (routes.with_channel(routes.CHANNELS), handlers.ChannelHandler),
             (routes.exact(ws_path), socket),
         ]
@@ -76,8 +74,8 @@ class EchoServerApp(tornado.web.Application):
             static_path=str(page),
             static_url_prefix=routes.STATIC + "/",
             static_handler_class=handlers.PageHandler,
-            log_function=handlers.log_request,
-            websocket_max_message_size=ws.max_message_size,
+            log_function=log_request,
+            access_log=config.log.access,
         )
 
     def _open_connections(self) -> Counter[tuple[str, str]]:

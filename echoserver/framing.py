@@ -36,7 +36,6 @@ CLOSE: Final = 3  # (CLOSE, code or 1005 when absent, reason bytes)
 FAIL: Final = 4  # (FAIL, close code to send, reason str)
 
 
-
 class CloseCode(IntEnum):
     """Close codes (RFC 6455 7.4.1 and the IANA registry) with the names the page shows."""
 

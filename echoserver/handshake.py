@@ -102,4 +102,4 @@ def token_matches(given: str, expected: str) -> bool:
 def bearer_token(authorization: str | None) -> str:
     """The token of an `Authorization: Bearer <token>` header, or ""."""
     value = authorization or ""
-    return value[7:].strip() if value[:7].lower() == "bearer " else ""
+    return value[7:] if value[:7].lower() == "bearer " else ""

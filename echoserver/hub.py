@@ -157,6 +157,15 @@ class Hub:
         await self.broker.close()
         self._channels.clear()
 
+    @property
+    def healthy(self) -> bool:
+        """False while the broker cannot deliver (e.g. Redis unreachable)."""
+        return self.broker.healthy
+
+    @property
+    def health_reason(self) -> str:
+        return self.broker.health_reason
+
     def new_subscriber_id(self) -> str:
         """An id unique across every process sharing the broker."""
         return f"{self._node}:{next(self._ids)}"

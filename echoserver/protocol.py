@@ -1,8 +1,9 @@
 """One server-side WebSocket connection's protocol state, without I/O (RFC 6455 and 7692).
 
-ServerProtocol takes the bytes a peer sent and returns what the application must see
-(messages and pongs); what has to go back (pongs, close frames, replies, broadcasts) is
-queued in `out` for the I/O adapter to write in one go. It owns the rules that do not
+ServerProtocol takes the bytes a peer sent and returns the events they make; the I/O
+adapter hands messages to the application and control events back to handle(), in order.
+What has to go back (pongs, close frames, replies, broadcasts) is queued in `out` for the
+adapter to write in one go. It owns the rules that do not
 depend on sockets or clocks:
 
 - pings are answered; a close frame from the peer is echoed (its code, or an empty close
@@ -25,7 +26,6 @@ from echoserver.deflate import Deflater
 from echoserver.framing import (
     CLOSE,
     FAIL,
-    MESSAGE,
     OP_BINARY,
     OP_PING,
     OP_PONG,
@@ -72,36 +72,31 @@ class ServerProtocol:
     # --- bytes in -------------------------------------------------------------------------
 
     def receive(self, data: bytes) -> list[Event]:
-        """Parse `data`; return the events the application handles: MESSAGE and PONG.
+        """Parse `data` into events, in order; none once the server has sent its close frame
+        (then only the peer's close frame is looked for).
 
-        Pings, the peer's close and protocol failures are handled here. Nothing is returned
-        once the server has sent its close frame.
+        MESSAGE and PONG events are the application's. Every other event (PING, CLOSE,
+        FAIL) goes to handle() in its turn, after the messages before it, so that replies
+        to those messages leave before a pong or a close frame.
         """
         if self.state != OPEN:
             self._receive_closing(data)
             return []
-        events = self.parser.receive(data)
-        for index, event in enumerate(events):
-            if event[0] != MESSAGE:
-                return self._with_control(events, index)
-        return events
+        return self.parser.receive(data)
 
-    def _with_control(self, events: list[Event], index: int) -> list[Event]:
-        """The events from `index` on include control frames: act on them in order."""
-        kept = events[:index]
-        for event in events[index:]:
-            kind = event[0]
-            if kind == PING:
-                self.send_frame(encode_frame(OP_PONG, event[2]))  # type: ignore[arg-type]
-            elif kind == CLOSE:
-                self._peer_closed(event[1], event[2])  # type: ignore[arg-type]
-                break
-            elif kind == FAIL:
-                self.fail(event[1], event[2])  # type: ignore[arg-type]
-                break
-            else:  # MESSAGE or PONG
-                kept.append(event)
-        return kept
+    def handle(self, event: Event) -> bool:
+        """Act on a control event; True when the events after it must be ignored."""
+        kind = event[0]
+        if kind == PING:
+            self.send_frame(encode_frame(OP_PONG, event[2]))  # type: ignore[arg-type]
+            return False
+        if kind == CLOSE:
+            self._peer_closed(event[1], event[2])  # type: ignore[arg-type]
+            return True
+        if kind == FAIL:
+            self.fail(event[1], event[2])  # type: ignore[arg-type]
+            return True
+        return False  # MESSAGE and PONG: nothing for the protocol to do
 
     def _receive_closing(self, data: bytes) -> None:
         if self.state == CLOSED or self.parser.failed:

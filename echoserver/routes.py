@@ -18,12 +18,13 @@ STATIC = "/static"  # the page's assets (Tornado's static_url_prefix, without it
 HEALTH = "/healthz"
 METRICS = "/metrics"
 CHANNELS = "/api/channels"  # /api/channels/<channel>; POST .../<channel>/messages is coming
+PROTOCOL = "/api/protocol"  # channel names and close codes, for clients such as the page
 SSE = "/sse"  # coming: /sse and /sse/<channel>
 # Tornado serves these two from the static directory as well.
 STATIC_FILES = ("/favicon.ico", "/robots.txt")
 
 # Every prefix the WebSocket path may not equal, fall under or contain.
-RESERVED: tuple[str, ...] = (STATIC, *STATIC_FILES, HEALTH, METRICS, CHANNELS, SSE)
+RESERVED: tuple[str, ...] = (STATIC, *STATIC_FILES, HEALTH, METRICS, CHANNELS, PROTOCOL, SSE)
 
 
 def exact(path: str) -> str:

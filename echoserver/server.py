@@ -29,7 +29,7 @@ from echoserver import __version__
 from echoserver.app import EchoServerApp, make_app
 from echoserver.brokers import create_broker
 from echoserver.config import Settings, describe
-from echoserver.handlers import CLOSE_GOING_AWAY
+from echoserver.framing import CloseCode
 
 log = logging.getLogger("echoserver")
 
@@ -317,7 +317,7 @@ async def drain(app: EchoServerApp, server: tornado.httpserver.HTTPServer, timeo
     log.info("draining %d connections (up to %.1fs)", len(app.connections), timeout)
     app.draining = True
     for connection in list(app.connections):
-        connection.close(CLOSE_GOING_AWAY, "server shutting down")
+        connection.close(CloseCode.GOING_AWAY, "server shutting down")
     deadline = time.monotonic() + timeout
     while app.connections and time.monotonic() < deadline:
         await asyncio.sleep(0.05)

@@ -102,6 +102,7 @@ def test_tokens() -> None:
     assert bearer_token("bearer s3cret") == "s3cret"
     assert bearer_token("Basic abc") == ""
     assert bearer_token(None) == ""
+    assert bearer_token("Bearer  s3cret") == " s3cret"  # not the token: nothing is trimmed
     assert token_matches("s3cret", "s3cret")
     assert not token_matches("s3cre", "s3cret")
     assert not token_matches("", "s3cret")

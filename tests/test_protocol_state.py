@@ -11,7 +11,7 @@ import struct
 
 import pytest
 
-from echoserver.framing import MESSAGE, PONG, FrameParser
+from echoserver.framing import MESSAGE, PONG, Event, FrameParser
 from echoserver.protocol import CLOSED, CLOSING, OPEN, ServerProtocol
 from tests.wsraw import build_frame, close_payload
 
@@ -41,6 +41,17 @@ def server_frames(data: bytes) -> list[tuple[int, bytes]]:
     return frames
 
 
+def drive(protocol: ServerProtocol, data: bytes) -> list[Event]:
+    """What the I/O adapter does with a read: the application's events, control handled."""
+    for_application = []
+    for event in protocol.receive(data):
+        if event[0] in (MESSAGE, PONG):
+            for_application.append(event)
+        elif protocol.handle(event):
+            break
+    return for_application
+
+
 def sent(protocol: ServerProtocol) -> list[tuple[int, bytes]]:
     return server_frames(protocol.take_output()) if protocol.out else []
 
@@ -53,7 +64,7 @@ def close_code_of(frames: list[tuple[int, bytes]]) -> int | None:
 
 def fails_with(data: bytes, code: int) -> None:
     protocol = new_protocol()
-    assert protocol.receive(data) == []
+    assert drive(protocol, data) == []
     assert close_code_of(sent(protocol)) == code
     assert protocol.state == CLOSING
     assert protocol.close_code == code
@@ -119,10 +130,11 @@ def test_invalid_utf8_text() -> None:
 def test_code_point_split_across_fragments_is_fine_when_valid() -> None:
     euro = "\u20ac".encode()
     protocol = new_protocol()
-    events = protocol.receive(
+    events = drive(
+        protocol,
         build_frame(0x1, b"price " + euro[:1], fin=False)
         + build_frame(0x0, euro[1:2], fin=False)
-        + build_frame(0x0, euro[2:] + b"!")
+        + build_frame(0x0, euro[2:] + b"!"),
     )
     assert events == [(MESSAGE, 0x1, "price \u20ac!".encode())]
 
@@ -166,7 +178,7 @@ def test_fragments_adding_up_over_the_limit() -> None:
 
 def test_message_at_the_limit_is_fine() -> None:
     protocol = new_protocol()
-    assert protocol.receive(build_frame(0x2, b"y" * MAX_SIZE)) == [(MESSAGE, 0x2, b"y" * MAX_SIZE)]
+    assert drive(protocol, build_frame(0x2, b"y" * MAX_SIZE)) == [(MESSAGE, 0x2, b"y" * MAX_SIZE)]
 
 
 # --- what must work --------------------------------------------------------------------
@@ -174,14 +186,15 @@ def test_message_at_the_limit_is_fine() -> None:
 
 def test_ping_gets_a_pong_with_the_same_payload() -> None:
     protocol = new_protocol()
-    assert protocol.receive(build_frame(0x9, b"are you there")) == []
+    assert drive(protocol, build_frame(0x9, b"are you there")) == []
     assert sent(protocol) == [(0xA, b"are you there")]
 
 
 def test_ping_between_fragments() -> None:
     protocol = new_protocol()
-    events = protocol.receive(
-        build_frame(0x1, b"frag", fin=False) + build_frame(0x9, b"p") + build_frame(0x0, b"ment")
+    events = drive(
+        protocol,
+        build_frame(0x1, b"frag", fin=False) + build_frame(0x9, b"p") + build_frame(0x0, b"ment"),
     )
     assert events == [(MESSAGE, 0x1, b"fragment")]
     assert sent(protocol) == [(0xA, b"p")]
@@ -189,28 +202,28 @@ def test_ping_between_fragments() -> None:
 
 def test_unsolicited_pong_reaches_the_application() -> None:
     protocol = new_protocol()
-    events = protocol.receive(build_frame(0xA, b"nobody asked") + build_frame(0x1, b"after"))
+    events = drive(protocol, build_frame(0xA, b"nobody asked") + build_frame(0x1, b"after"))
     assert events == [(PONG, 0, b"nobody asked"), (MESSAGE, 0x1, b"after")]
 
 
 def test_pipelined_messages_in_order() -> None:
     protocol = new_protocol()
     data = b"".join(build_frame(0x1, f"msg {n}".encode()) for n in range(200))
-    assert [e[2] for e in protocol.receive(data)] == [f"msg {n}".encode() for n in range(200)]
+    assert [e[2] for e in drive(protocol, data)] == [f"msg {n}".encode() for n in range(200)]
 
 
 def test_frames_split_at_every_byte_still_parse() -> None:
     protocol = new_protocol()
     events = []
     for byte in build_frame(0x2, bytes(range(200))):
-        events += protocol.receive(bytes([byte]))
+        events += drive(protocol, bytes([byte]))
     assert events == [(MESSAGE, 0x2, bytes(range(200)))]
 
 
 @pytest.mark.parametrize("code", [1000, 1001, 1003, 1011, 3000, 4999])
 def test_valid_close_is_echoed(code: int) -> None:
     protocol = new_protocol()
-    assert protocol.receive(build_frame(0x8, close_payload(code, b"bye"))) == []
+    assert drive(protocol, build_frame(0x8, close_payload(code, b"bye"))) == []
     assert close_code_of(sent(protocol)) == code
     assert protocol.state == CLOSED
     assert (protocol.close_code, protocol.close_reason) == (code, "bye")
@@ -218,7 +231,7 @@ def test_valid_close_is_echoed(code: int) -> None:
 
 def test_empty_close_gets_an_empty_close() -> None:
     protocol = new_protocol()
-    protocol.receive(build_frame(0x8, b""))
+    drive(protocol, build_frame(0x8, b""))
     assert close_code_of(sent(protocol)) is None
     assert protocol.state == CLOSED
     assert protocol.close_code == 1005
@@ -232,9 +245,9 @@ def test_after_our_close_data_is_discarded_until_the_peers_close() -> None:
     protocol.close(1001, "server shutting down")
     assert close_code_of(sent(protocol)) == 1001
     assert protocol.state == CLOSING and not protocol.discarding
-    assert protocol.receive(build_frame(0x1, b"late") + build_frame(0x9, b"p")) == []
+    assert drive(protocol, build_frame(0x1, b"late") + build_frame(0x9, b"p")) == []
     assert sent(protocol) == []  # no echo, no pong once closing
-    protocol.receive(build_frame(0x8, close_payload(1001)))
+    drive(protocol, build_frame(0x8, close_payload(1001)))
     assert protocol.state == CLOSED
     assert sent(protocol) == []  # the peer's close answers ours: nothing more to send
     assert protocol.close_code == 1001
@@ -242,9 +255,9 @@ def test_after_our_close_data_is_discarded_until_the_peers_close() -> None:
 
 def test_a_failure_leaves_the_stream_unparseable() -> None:
     protocol = new_protocol()
-    protocol.receive(build_frame(0x1, b"x", masked=False))
+    drive(protocol, build_frame(0x1, b"x", masked=False))
     assert protocol.discarding  # the adapter waits for the peer to fall quiet
-    protocol.receive(build_frame(0x8, close_payload(1002)))
+    drive(protocol, build_frame(0x8, close_payload(1002)))
     assert protocol.state == CLOSING  # its close frame cannot be told from garbage
 
 

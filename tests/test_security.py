@@ -278,16 +278,16 @@ def settings():
 @pytest.mark.gen_test
 async def test_token_comparison_is_constant_time(http_server, http_port, monkeypatch):
     """The handshake compares tokens with hmac.compare_digest, whatever their length."""
-    from echoserver import handlers
+    from echoserver import handshake
 
     seen: list[tuple[bytes, bytes]] = []
-    real = handlers.hmac.compare_digest
+    real = handshake.hmac.compare_digest
 
     def spy(a: bytes, b: bytes) -> bool:
         seen.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(handlers.hmac, "compare_digest", spy)
+    monkeypatch.setattr(handshake.hmac, "compare_digest", spy)
     with pytest.raises(HTTPClientError) as refused:
         await websocket_connect(f"ws://127.0.0.1:{http_port}/ws?token=x")
     assert refused.value.code == 401

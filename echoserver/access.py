@@ -1,0 +1,55 @@
+"""The access log: one line per HTTP request, and one per WebSocket connection when it ends.
+
+A WebSocket's line is written when it closes, so it carries the close code; health probes
+and metric scrapes log at debug unless they fail. request.path has no query string, so a
+?token= never reaches the log. The JSON formatter keeps the fields apart (extra["access"]).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import tornado.httputil
+import tornado.web
+
+access_log = logging.getLogger("echoserver.access")
+
+
+def log_request(handler: tornado.web.RequestHandler) -> None:
+    """The Application's log_function."""
+    if not handler.application.settings.get("access_log", True):
+        return
+    status = handler.get_status()
+    if status == 101 and getattr(handler, "logs_own_access", False):
+        return  # logged when the connection closes, with its close code
+    # Probes and scrapes come every few seconds: only worth a line when they fail.
+    quiet = getattr(handler, "quiet_when_ok", False) and status < 500
+    write_access_line(handler.request, status, level=logging.DEBUG if quiet else None)
+
+
+def write_access_line(
+    request: tornado.httputil.HTTPServerRequest,
+    status: int,
+    close: int | None = None,
+    level: int | None = None,
+) -> None:
+    fields: dict[str, Any] = {
+        "peer": request.remote_ip,
+        "method": request.method,
+        "path": request.path,
+        "origin": request.headers.get("Origin"),
+        "status": status,
+        "duration": round(request.request_time(), 6),
+    }
+    text = (
+        "%(peer)s %(method)s %(path)s status=%(status)d origin=%(origin)s duration=%(duration).3fs"
+    )
+    if close is not None:
+        fields["close"] = int(close)
+        text += " close=%(close)d"
+    if level is None:
+        level = logging.INFO if status < 500 else logging.WARNING
+    access_log.log(
+        level, text, {**fields, "origin": fields["origin"] or "-"}, extra={"access": fields}
+    )

@@ -1,0 +1,32 @@
+"""What request handlers may use of the server, as a protocol the Application satisfies.
+
+Handlers reach the server-wide state (settings, hub, metrics, open connections, the drain
+flag) through ServerContext instead of importing app.py, so imports flow one way:
+app -> handlers and sockets -> context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Coroutine
+from typing import Any, Protocol
+
+from echoserver.config import Settings
+from echoserver.hub import Hub
+from echoserver.metrics import Metrics
+from echoserver.scheduling import Flusher, Keepalive
+
+
+class ServerContext(Protocol):
+    config: Settings
+    hub: Hub
+    metrics: Metrics
+    connections: set[Any]  # the open WebSocket endpoints (sockets.BaseSocket)
+    draining: bool  # SIGTERM received: refuse new clients, close the rest with 1001
+    handshakes: int  # WebSocket handshakes under way, counted against max_connections
+    flusher: Flusher
+    keepalive: Keepalive
+    allowed_origins: frozenset[str]  # normalised websocket.allowed_origins
+    started: float  # time.monotonic() at start
+
+    def spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        """Run a coroutine in the background, keeping a reference until it ends."""

@@ -1,0 +1,402 @@
+"""The WebSocket endpoints: echo, broadcast and mixed, and the handshake they share.
+
+Each endpoint is a plain Tornado RequestHandler whose GET is the opening handshake, decided
+in our own code (handshake.py: policy, upgrade checks, origin) before anything is upgraded;
+the 101 is written by Tornado, then the stream is detached and served by a
+connection.WebSocketConnection. Endpoints are thin: they turn messages into hub calls and
+hub deliveries into frames. A channel member joins before its 101 is sent, so a client
+that has its 101 is a member (with a remote broker, subscribed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable
+from typing import Any, cast
+
+import tornado.web
+from tornado.log import app_log
+
+from echoserver import deflate
+from echoserver.access import write_access_line
+from echoserver.connection import WebSocketConnection
+from echoserver.context import ServerContext
+from echoserver.framing import CloseCode, FrameParser
+from echoserver.handshake import (
+    VERSIONS,
+    Refusal,
+    accept_value,
+    bearer_token,
+    check_upgrade,
+    origin_allowed,
+    request_origin,
+    token_matches,
+)
+from echoserver.hub import HubUnavailable
+from echoserver.protocol import ServerProtocol
+from echoserver.tornado_seam import forget_response_headers
+
+log = logging.getLogger("echoserver.ws")
+
+# A sender's broadcasts that a remote broker may hold unanswered before we stop reading it.
+MAX_PUBLISHES_IN_FLIGHT = 64
+
+
+class RateLimit:
+    """A token bucket: `rate` messages a second, bursts of up to one second's worth."""
+
+    __slots__ = ("_last", "_tokens", "burst", "rate")
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.burst = max(1.0, rate)
+        self._tokens = self.burst
+        self._last = time.monotonic()
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+
+class BaseSocket(tornado.web.RequestHandler):
+    """What every WebSocket endpoint shares: the handshake and the connection's bookkeeping."""
+
+    logs_own_access = True  # one access line when the connection ends, with its close code
+    shares_frames = False  # see ChannelSocket
+    channel = "default"
+    connection: WebSocketConnection | None = None
+    close_code: int | None = None
+    _reserved = False  # holds one of server.handshakes until the connection opens
+    _gone = False  # the client went away during the handshake
+    _closed = False
+
+    @property
+    def server(self) -> ServerContext:
+        return cast(ServerContext, self.application)
+
+    @property
+    def peer(self) -> str:
+        return f"{self.request.remote_ip} {self.request.path}"
+
+    # --- the opening handshake ------------------------------------------------------------
+
+    async def get(self, channel: str | None = None) -> None:
+        refusal = self._refusal()
+        if refusal is not None:
+            self._refuse(refusal)
+            return
+        # Handshakes in flight count against max_connections, so a burst cannot overshoot.
+        self.server.handshakes += 1
+        self._reserved = True
+        self.connection = connection = self._new_connection()
+        try:
+            await self.before_upgrade(channel or "default")
+        except Exception:
+            log.exception("%s: the handshake could not complete", self.peer)
+            if not self._gone:
+                self._release()
+                self._refuse(Refusal(503, "unavailable", "try again later"))
+            return
+        if self._gone:
+            return
+        self.clear_header("Content-Type")
+        self.set_status(101)
+        self.set_header("Upgrade", "websocket")
+        self.set_header("Connection", "Upgrade")
+        self.set_header(
+            "Sec-WebSocket-Accept", accept_value(self.request.headers["Sec-WebSocket-Key"])
+        )
+        self.finish()
+        stream = self.detach()
+        self._forget_http()
+        await connection.run(stream)
+
+    def _refusal(self) -> Refusal | None:
+        """Why this handshake is refused, or None: policy first, then the request itself."""
+        server = self.server
+        ws = server.config.websocket
+        if server.draining:
+            return Refusal(503, "draining", "server is shutting down")
+        if ws.auth_token and not self._token_ok(ws.auth_token):
+            return Refusal(401, "auth", "missing or wrong token")
+        if ws.max_connections and len(server.connections) + server.handshakes >= ws.max_connections:
+            return Refusal(503, "full", "server is full")
+        headers = self.request.headers
+        refusal = check_upgrade(self.request.method or "", headers.get)
+        if refusal is not None:
+            return refusal
+        origin = request_origin(headers.get)
+        if not origin_allowed(origin, server.allowed_origins, self.request.host):
+            return Refusal(403, "origin", f"origin {origin!r} not allowed")
+        return None
+
+    def _token_ok(self, expected: str) -> bool:
+        given = bearer_token(self.request.headers.get("Authorization"))
+        if not given:
+            try:
+                given = self.get_query_argument("token", "")
+            except tornado.web.HTTPError:  # not UTF-8: a wrong token, and not for the log
+                return False
+        return token_matches(given, expected)
+
+    def _refuse(self, refusal: Refusal) -> None:
+        self.server.metrics.handshakes_refused[refusal.reason] += 1
+        log.info(
+            "refused %s from %s: %s", self.request.path, self.request.remote_ip, refusal.message
+        )
+        self.set_status(refusal.status)
+        if refusal.status == 426:
+            self.set_header("Sec-WebSocket-Version", ", ".join(reversed(VERSIONS)))
+        self.finish(refusal.message)
+
+    def _new_connection(self) -> WebSocketConnection:
+        server = self.server
+        ws = server.config.websocket
+        parser = FrameParser(ws.max_message_size)
+        deflater = None
+        if ws.compression:
+            agreement = deflate.negotiate(
+                self.request.headers.get("Sec-WebSocket-Extensions"),
+                # Every message compressed alone (RFC 7692 7.1.1.1 lets the server ask): one
+                # deflated frame then serves every receiver with the same window.
+                server_no_context_takeover=self.shares_frames,
+            )
+            if agreement is not None:
+                self.set_header("Sec-WebSocket-Extensions", agreement.response())
+                deflater = agreement.deflater()
+                parser.decompress = agreement.inflater(ws.max_message_size).decompress
+        limit = RateLimit(ws.rate_limit) if ws.rate_limit > 0 else None
+        protocol = ServerProtocol(parser, deflater)
+        return WebSocketConnection(self, protocol, server.flusher, server.keepalive, limit)
+
+    async def before_upgrade(self, channel: str) -> None:
+        """Runs before the 101 is sent: what a client may count on once it has its 101."""
+
+    def _forget_http(self) -> None:
+        """Drop what the handler kept of the HTTP exchange and no longer needs (memory)."""
+        self.request.connection = None  # the detached HTTP/1 connection
+        self.request.server_connection = None  # its server side, holding the old stream
+        forget_response_headers(self)
+
+    def on_connection_close(self) -> None:
+        """Tornado: the client went away before the handshake was over."""
+        self._gone = True
+        if self.connection is not None:
+            self.connection.abort()  # tells on_connection_closed
+        else:
+            self._release()
+
+    def _release(self) -> None:
+        if self._reserved:
+            self._reserved = False
+            self.server.handshakes -= 1
+
+    def _request_summary(self) -> str:
+        # Tornado's summary (in its error and warning lines) has the query, so ?token=.
+        return f"{self.request.method} {self.request.path} ({self.request.remote_ip})"
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, tornado.web.HTTPError):
+            super().log_exception(typ, value, tb)
+        else:  # Tornado's own also logs repr(request), whose uri has the query
+            summary = self._request_summary()
+            app_log.error("Uncaught exception %s", summary, exc_info=(typ, value, tb))
+
+    # --- the connection's life (connection.Endpoint) ----------------------------------------
+
+    def on_open(self) -> None:
+        self._release()
+        self.server.connections.add(self)
+        if self.server.draining:  # the handshake began before the drain
+            self.close(CloseCode.GOING_AWAY, "server shutting down")
+
+    def on_raw_message(self, payload: bytes, binary: bool) -> Awaitable[None] | None:
+        raise NotImplementedError
+
+    def on_connection_closed(self, code: int) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.close_code = code
+        server = self.server
+        self._release()
+        server.connections.discard(self)
+        server.metrics.closes[code] += 1
+        if server.config.log.access:
+            write_access_line(self.request, 101, close=code)
+
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Close the connection (the server's drain, a lost broadcast)."""
+        if self.connection is not None:
+            self.connection.close(code, reason)
+
+    def send(self, data: bytes, binary: bool) -> None:
+        """Queue one message to this client (text as UTF-8); a closed connection drops it."""
+        connection = self.connection
+        if connection is None or connection.is_closing():
+            return
+        metrics = self.server.metrics
+        metrics.messages_out += 1
+        metrics.bytes_out += len(data)
+        connection.send(data, binary)
+
+    def count_in(self, data: bytes) -> None:
+        metrics = self.server.metrics
+        metrics.messages_in += 1
+        metrics.bytes_in += len(data)
+
+
+class EchoSocket(BaseSocket):
+    """Each message goes back to its sender, same bytes, same type."""
+
+    def on_raw_message(self, payload: bytes, binary: bool) -> None:
+        self.count_in(payload)
+        self.send(payload, binary)
+
+
+class ChannelSocket(BaseSocket):
+    """A member of one channel: its connection is the hub's subscriber."""
+
+    # Broadcasts are deflated once for every receiver (see connection.py).
+    shares_frames = True
+
+    member: WebSocketConnection | None = None
+    _in_flight = 0  # publishes handed to the broker and not yet answered
+    _drained: asyncio.Future[None] | None = None
+
+    async def before_upgrade(self, channel: str) -> None:
+        """Join the channel before the 101: a client that has its 101 is a member, and with
+        a remote broker its subscription is active, so it cannot miss the next broadcast."""
+        self.channel = channel
+        hub = self.server.hub
+        member = self.connection
+        assert member is not None
+        member.sub_id = hub.new_subscriber_id()
+        self.member = member
+        await hub.join(channel, member, self.before_replay)
+
+    def before_replay(self, count: int) -> None:
+        """Kept history is about to be replayed to this member (count messages)."""
+
+    def on_connection_closed(self, code: int) -> None:
+        first = not self._closed
+        super().on_connection_closed(code)
+        if first and self.member is not None:
+            self.server.spawn(self.server.hub.leave(self.channel, self.member))
+
+    def publish(self, data: bytes, binary: bool) -> Awaitable[None] | None:
+        """Publish to this channel without waiting for the broker.
+
+        The memory broker delivers synchronously. A remote broker gets up to
+        MAX_PUBLISHES_IN_FLIGHT of this sender's messages at once (in order); past that the
+        returned future makes the connection stop reading until half have been answered.
+        A message the broker could not take is reported to the sender, never silently lost.
+        """
+        sender = self.member.sub_id if self.member is not None else None
+        try:
+            outcome = self.server.hub.publish(self.channel, data, binary, sender)
+        except HubUnavailable as exc:
+            self.not_delivered(exc)
+            return None
+        if isinstance(outcome, int):
+            return None
+        self._in_flight += 1
+        outcome.add_done_callback(self._published)
+        if self._in_flight < MAX_PUBLISHES_IN_FLIGHT:
+            return None
+        self._drained = asyncio.get_running_loop().create_future()
+        return self._drained
+
+    def _published(self, outcome: asyncio.Future[int]) -> None:
+        self._in_flight -= 1
+        error = None if outcome.cancelled() else outcome.exception()
+        if error is not None:
+            if not isinstance(error, HubUnavailable):
+                log.error("publishing on %s failed: %r", self.channel, error)
+            self.not_delivered(error)
+        drained = self._drained
+        if drained is not None and self._in_flight <= MAX_PUBLISHES_IN_FLIGHT // 2:
+            self._drained = None
+            if not drained.done():
+                drained.set_result(None)
+
+    def not_delivered(self, error: BaseException) -> None:
+        """Tell the sender; mixed mode's JSON notices cannot be forged by peers, whose
+        messages reach others only inside broadcast envelopes."""
+        message = {"type": "error", "error": f"not delivered: {error}"}
+        self.send(json.dumps(message).encode(), False)
+
+
+class BroadcastSocket(ChannelSocket):
+    """Each message goes to every member of the channel."""
+
+    def not_delivered(self, error: BaseException) -> None:
+        """In a raw relay any peer can send any text, so a notice in a frame could be
+        forged: a sender whose message was lost is closed with 1013 (try again later),
+        which no peer can fake. Receivers stay connected."""
+        connection = self.connection
+        if connection is not None and not connection.is_closing():
+            log.info("closing %s: not delivered: %s", self.peer, error)
+            connection.close(CloseCode.TRY_AGAIN_LATER, f"not delivered: {error}")
+
+    def on_raw_message(self, payload: bytes, binary: bool) -> Awaitable[None] | None:
+        self.count_in(payload)
+        return self.publish(payload, binary)
+
+
+class MixedSocket(ChannelSocket):
+    """The websocket-shootout protocol: a JSON envelope chooses echo or broadcast."""
+
+    def before_replay(self, count: int) -> None:
+        self.send(json.dumps({"type": "history", "count": count}).encode(), False)
+
+    def on_raw_message(self, payload: bytes, binary: bool) -> Awaitable[None] | None:
+        self.count_in(payload)
+        if binary:
+            self._error("binary messages are not supported in mixed mode; send JSON text")
+            return None
+        try:
+            request = json.loads(payload)
+            kind = request["type"] if isinstance(request, dict) else None
+        except (ValueError, KeyError):
+            self._error("expected a JSON object with a type")
+            return None
+        if kind == "echo":
+            self.send(payload, False)  # the reply is the request, byte for byte
+            return None
+        if kind == "broadcast":
+            return self._broadcast(payload, request.get("payload"))
+        self._error(f"unknown type {kind!r}; expected 'echo' or 'broadcast'")
+        return None
+
+    async def _broadcast(self, payload: bytes, inner: Any) -> None:
+        hub = self.server.hub
+        sender = self.member.sub_id if self.member is not None else None
+        try:
+            outcome = hub.publish(self.channel, payload, False, sender)
+            if not isinstance(outcome, int):
+                await outcome
+        except HubUnavailable as exc:
+            self.not_delivered(exc)
+            return
+        listeners = await hub.members(self.channel)
+        result = {"type": "broadcastResult", "payload": inner, "listenCount": listeners}
+        self.send(json.dumps(result).encode(), False)
+
+    def _error(self, text: str) -> None:
+        self.send(json.dumps({"type": "error", "error": text}).encode(), False)
+
+
+SOCKETS: dict[str, type[BaseSocket]] = {
+    "echo": EchoSocket,
+    "broadcast": BroadcastSocket,
+    "mixed": MixedSocket,
+}
