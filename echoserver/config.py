@@ -377,8 +377,11 @@ class Key:
 def _key(name: str, doc: str, rule: Rule, *, secret: bool = False) -> Key:
     section, _, attr = name.rpartition(".")
     fld = {f.name: f for f in dataclasses.fields(SECTIONS[section])}[attr]
-    missing = fld.default is dataclasses.MISSING
-    default = fld.default_factory() if missing else fld.default  # type: ignore[misc]
+    if fld.default is dataclasses.MISSING:
+        assert fld.default_factory is not dataclasses.MISSING, name
+        default = fld.default_factory()
+    else:
+        default = fld.default
     prefix = "" if section in _UNPREFIXED_FLAG_SECTIONS else section + "-"
     return Key(
         name=name,

@@ -515,7 +515,7 @@ def reset_on_close(transport: Transport) -> None:
     """Make the coming close a reset (SO_LINGER 0): a plain close of a socket whose peer
     stopped reading keeps its unsent megabytes in the kernel (FIN-WAIT-1) for minutes."""
     sock = transport.get_extra_info("socket")
-    if sock is None:
+    if not isinstance(sock, socket.socket) and not hasattr(sock, "setsockopt"):
         return
     with contextlib.suppress(OSError):  # already closed
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

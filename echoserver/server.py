@@ -53,8 +53,10 @@ class JSONFormatter(logging.Formatter):
             entry.update(access)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        elif isinstance(getattr(record, "exception", None), str):  # a cause without traceback
-            entry["exception"] = record.exception
+        else:
+            cause = getattr(record, "exception", None)
+            if isinstance(cause, str):  # a cause without its traceback
+                entry["exception"] = cause
         return json.dumps(entry)
 
 
@@ -210,21 +212,21 @@ def fork_workers(count: int, shutdown_timeout: float) -> int:
             pid, status = os.wait()
         except ChildProcessError:
             break
-        index = workers.pop(pid, None)
-        if index is None:
+        dead = workers.pop(pid, None)
+        if dead is None:
             continue
         code = os.waitstatus_to_exitcode(status)
         if stopping or code == 0:
             continue
         if restarts >= _MAX_RESTARTS:
-            log.error("worker %d (pid %d) exited with %d; too many restarts", index, pid, code)
+            log.error("worker %d (pid %d) exited with %d; too many restarts", dead, pid, code)
             gave_up = True
             continue
         restarts += 1
-        log.warning("worker %d (pid %d) exited with %d; restarting it", index, pid, code)
+        log.warning("worker %d (pid %d) exited with %d; restarting it", dead, pid, code)
         time.sleep(0.2)  # no tight loop when a worker dies at once
-        if not stopping and spawn(index) is not None:
-            return index
+        if not stopping and spawn(dead) is not None:
+            return dead
     signal.alarm(0)
     log.info("all workers stopped")
     sys.exit(1 if gave_up and not stopping else 0)

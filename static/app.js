@@ -11,15 +11,24 @@
   var TEXT_PREVIEW_CHARS = 4000;
   var HEX_PREVIEW_BYTES = 256;
   var MAX_PENDING_KEYS = 1000;
-  var CHANNEL_RE = /^[A-Za-z0-9_.\-]{1,64}$/;
+  // Learned from the server (GET /api/protocol), their one source: the channel-name rule
+  // and the names of close codes. Until then any non-empty channel name is let through (the
+  // server refuses a bad one) and close codes show as numbers.
+  var CHANNEL_RE = null;
+  var CLOSE_NAMES = {};
 
-  var CLOSE_NAMES = {
-    1000: "normal closure", 1001: "going away", 1002: "protocol error",
-    1003: "unsupported data", 1005: "no status", 1006: "abnormal closure",
-    1007: "invalid data", 1008: "policy violation", 1009: "message too big",
-    1010: "missing extension", 1011: "internal error", 1012: "service restart",
-    1013: "try again later", 1015: "TLS handshake failed"
-  };
+  function channelOk(name) { return CHANNEL_RE ? CHANNEL_RE.test(name) : name.length > 0; }
+
+  function learnProtocol() {
+    return fetch("/api/protocol", { cache: "no-store" })
+      .then(function (r) { return r.ok ? r.json() : null; })
+      .then(function (p) {
+        if (!p) return;
+        if (p.channel_pattern) CHANNEL_RE = new RegExp("^(?:" + p.channel_pattern + ")$");
+        CLOSE_NAMES = p.close_codes || {};
+      })
+      .catch(function () { /* an older server: keep the defaults */ });
+  }
 
   function $(id) { return document.getElementById(id); }
   var el = {};
@@ -288,7 +297,7 @@
 
   function openSocket() {
     var channel = currentChannel();
-    if (isChannelMode() && !CHANNEL_RE.test(channel)) {
+    if (isChannelMode() && !channelOk(channel)) {
       validateChannel();
       state.wanted = false;
       setStatus("closed", "Closed · invalid channel");
@@ -341,7 +350,7 @@
       var label = closeLabel(ev.code, ev.reason);
       state.closedText = "Closed · " + label;
       if (!wasOpen) logSys("Could not connect: " + label);
-      else if (SERVER_ERROR_CODES[ev.code]) logError("The server closed the connection: " + label);
+      else if (isErrorClose(ev.code)) logError("The server closed the connection: " + label);
       else logSys("Connection closed: " + label);
       setStatus("closed", state.closedText);
       // What the server says now (degraded, draining, gone), and, for a refused handshake,
@@ -399,9 +408,11 @@
     }
   }
 
-  var SERVER_ERROR_CODES = {
-    1002: 1, 1003: 1, 1007: 1, 1008: 1, 1009: 1, 1010: 1, 1011: 1, 1013: 1, 1014: 1, 1015: 1
-  };
+  // A close the server made because something went wrong: anything but a normal close,
+  // the server going away, or a close without a code or without a close frame.
+  function isErrorClose(code) {
+    return code !== 1000 && code !== 1001 && code !== 1005 && code !== 1006;
+  }
 
   function scheduleReconnect() {
     clearRetry();
@@ -441,7 +452,7 @@
   /* ---------- channel & members ---------- */
 
   function validateChannel() {
-    var ok = CHANNEL_RE.test(currentChannel());
+    var ok = channelOk(currentChannel());
     el.channel.setAttribute("aria-invalid", ok ? "false" : "true");
     el.channelHelp.textContent = ok
       ? "A–Z a–z 0–9 _ . - (1–64); changing it reconnects"
@@ -853,14 +864,15 @@
   /* ---------- start ---------- */
 
   (function init() {
-    var params = new URLSearchParams(location.search);
-    var ch = params.get("channel");
-    if (ch && CHANNEL_RE.test(ch)) el.channel.value = ch;
     updateComposerHints();
-    validateChannel();
     flush();
-    connect();   // talk to the server right away
     startHealthPolling();
+    learnProtocol().then(function () {
+      var ch = new URLSearchParams(location.search).get("channel");
+      if (ch && channelOk(ch)) el.channel.value = ch;
+      validateChannel();
+      connect();   // talk to the server right away
+    });
     document.addEventListener("visibilitychange", pollHealth);
   })();
 })();

@@ -45,7 +45,12 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_report_header(config: pytest.Config) -> str:
-    return f"event loops: {TEST_LOOP} in-process, {SERVER_LOOP} in server subprocesses"
+    import tornado
+
+    return (
+        f"event loops: {TEST_LOOP} in-process, {SERVER_LOOP} in server subprocesses; "
+        f"tornado {tornado.version}"
+    )
 
 
 def make_settings(**changes: Any) -> Settings:

@@ -206,3 +206,27 @@ async def test_metrics_count_messages(http_server, http_port, http_client):
     assert "echoserver_received_bytes_total 3.0" in text
     assert 'echoserver_connections{channel="default",mode="echo"} 1.0' in text
     connection.close()
+
+
+# --- one source for each fact ------------------------------------------------------------
+
+
+@pytest.mark.gen_test
+async def test_protocol_route_serves_the_channel_rule_and_close_codes(http_client, base_url):
+    from echoserver.framing import CloseCode
+    from echoserver.routes import CHANNEL_PATTERN
+
+    response = await http_client.fetch(base_url + "/api/protocol")
+    body = json.loads(response.body)
+    assert body["channel_pattern"] == CHANNEL_PATTERN
+    assert body["close_codes"]["1009"] == "message too big"
+    assert set(body["close_codes"]) == {str(int(code)) for code in CloseCode}
+
+
+def test_the_page_repeats_neither_the_channel_rule_nor_the_close_codes():
+    from tests.conftest import ROOT
+
+    script = (ROOT / "static" / "app.js").read_text()
+    assert "A-Za-z0-9" not in script
+    assert "message too big" not in script and "1009" not in script
+    assert "/api/protocol" in script
