@@ -7,6 +7,10 @@ TOML file < ``ECHOSERVER_*`` environment < command-line flags, then validation) 
 all derive from ``KEYS``. Checks that need no socket happen here, so ``--check-config``
 finds them: the TLS files load and match, the page exists, the WebSocket path clashes with
 no other route. It imports only ``routes``, itself a leaf.
+
+Why one long module: most of its length is the KEYS table (a docstring, a rule and a
+default per key) and the rules it names; splitting the table from the loader would put
+one fact (a key) in two places.
 """
 
 from __future__ import annotations

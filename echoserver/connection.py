@@ -16,6 +16,10 @@ Tornado's stream through stream_io.StreamIO. Either way:
 
 As a hub subscriber it shares one encoded frame (and one deflated frame per window size)
 among every receiver of a broadcast.
+
+Why one module of this length: reading, writing, pausing and closing act on the same few
+fields of one object on the hot path (a method call per message is the cost that matters
+here), so they stay together; the protocol rules themselves are in protocol.py.
 """
 
 from __future__ import annotations

@@ -24,6 +24,9 @@ while this one is cut off are not replayed (Redis pub/sub delivers at most once)
 Wire format of one message (also the history list's items):
 ``<seq>:<kind><n>:<sender><data>`` where kind is ``t`` (text) or ``b`` (binary), n is the
 sender id's length in bytes (0 = no sender) and data is the raw payload, up to the end.
+
+Why one module of this length: the connection supervisor, the pipelined command queue and
+the subscriber reader share the connection state they recover together after an outage.
 """
 
 from __future__ import annotations
