@@ -64,6 +64,7 @@ class EchoServerApp(tornado.web.Application):
             (routes.exact(routes.METRICS), handlers.MetricsHandler),
             (routes.exact(routes.PROTOCOL), handlers.ProtocolHandler),
             (routes.with_channel(routes.CHANNELS), handlers.ChannelHandler),
+            (routes.channel_messages(), handlers.PublishHandler),
             (routes.exact(ws_path), socket),
         ]
         if config.mode != "echo":
@@ -94,6 +95,7 @@ def make_app(settings: Settings, broker: Broker | None = None) -> EchoServerApp:
         broker or MemoryBroker(),
         include_sender=settings.broadcast.include_sender,
         history=settings.broadcast.history,
+        history_ttl=settings.broadcast.history_ttl,
         max_queue_bytes=settings.broadcast.max_queue_bytes,
         slow_client=settings.broadcast.slow_client,
     )

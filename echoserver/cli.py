@@ -16,6 +16,7 @@ _SECTION_TITLES = {
     "": "general",
     "websocket": "[websocket]",
     "broadcast": "[broadcast]",
+    "api": "[api]",
     "tls": "[tls]",
     "log": "[log]",
 }

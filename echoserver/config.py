@@ -39,6 +39,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 __all__ = [
     "KEYS",
     "SECTIONS",
+    "APISettings",
     "BroadcastSettings",
     "ConfigError",
     "Key",
@@ -77,7 +78,13 @@ class BroadcastSettings:
     max_queue_bytes: int = 1048576
     slow_client: str = "drop"
     history: int = 0
+    history_ttl: float = 0.0
     broker: str = "memory"
+
+
+@dataclass(frozen=True)
+class APISettings:
+    key: str = ""
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,7 @@ class Settings:
     loop: str = "auto"
     websocket: WebSocketSettings = field(default_factory=WebSocketSettings)
     broadcast: BroadcastSettings = field(default_factory=BroadcastSettings)
+    api: APISettings = field(default_factory=APISettings)
     tls: TLSSettings = field(default_factory=TLSSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
@@ -113,6 +121,7 @@ SECTIONS: dict[str, type] = {
     "": Settings,
     "websocket": WebSocketSettings,
     "broadcast": BroadcastSettings,
+    "api": APISettings,
     "tls": TLSSettings,
     "log": LogSettings,
 }
@@ -256,6 +265,10 @@ def _check_token(v: str) -> str | None:
 
 _TOKEN = Rule(
     'a string of visible ASCII characters without spaces, or "" for no auth',
+    _check_token,
+)
+_API_KEY = Rule(
+    'a string of visible ASCII characters without spaces, or "" to turn the publish API off',
     _check_token,
 )
 
@@ -499,13 +512,27 @@ KEYS: tuple[Key, ...] = (
     ),
     _key(
         "broadcast.history",
-        "Recent messages per channel (0..10000) replayed to a client when it joins; 0 = none.",
+        "Messages kept per channel (0..10000): the last ones are replayed to a client when "
+        "it joins, and a client resuming with ?since=N gets the kept ones after N; 0 = none.",
         _int_range(0, 10000),
+    ),
+    _key(
+        "broadcast.history_ttl",
+        "Seconds a kept message stays in the history (and can be replayed or recovered); "
+        "0 = no age limit.",
+        _number(0),
     ),
     _key(
         "broadcast.broker",
         'Message broker: "memory" (one process) or redis://, rediss://, unix:// URL.',
         _BROKER,
+    ),
+    _key(
+        "api.key",
+        "Secret a backend sends as Authorization: Bearer <key> to POST messages to "
+        '/api/channels/<channel>/messages; "" = the publish API is off (404).',
+        _API_KEY,
+        secret=True,
     ),
     _key(
         "tls.certfile",

@@ -29,7 +29,7 @@ import contextlib
 import logging
 import socket
 import struct
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import tornado.iostream
@@ -143,6 +143,7 @@ class WebSocketConnection:
         "keepalive",
         "protocol",
         "rate_limit",
+        "render",
         "sub_id",
         "transport",
     )
@@ -162,6 +163,9 @@ class WebSocketConnection:
         self.rate_limit = rate_limit
         self.transport: Transport | None = None
         self.sub_id = ""  # its id as a hub subscriber
+        # How a broadcast's payload is wrapped for this client (mixed mode's JSON envelope,
+        # cached on the Delivery); None = sent as is. Returning None skips the message.
+        self.render: Callable[[Delivery], bytes | None] | None = None
         self.awaiting_pong = False
         self._dirty = False  # marked with the flusher
         self._feeding = False  # inside feed(): it writes once at its end
@@ -375,24 +379,32 @@ class WebSocketConnection:
             return
         deflater = self.protocol.deflater
         if deflater is not None:
-            self.send_frame(self._deflated_frame(delivery, deflater))
-            return
-        frame = delivery.frame
-        if frame is None:
-            opcode = OP_BINARY if delivery.binary else OP_TEXT
-            frame = delivery.frame = encode_frame(opcode, delivery.data)
-        self.send_frame(frame)
+            frame = self._deflated_frame(delivery, deflater)
+        else:
+            frame = delivery.frame
+            if frame is None:
+                data = delivery.data if self.render is None else self.render(delivery)
+                if data is None:
+                    return
+                opcode = OP_BINARY if delivery.binary else OP_TEXT
+                frame = delivery.frame = encode_frame(opcode, data)
+        if frame is not None:
+            self.send_frame(frame)
 
-    def _deflated_frame(self, delivery: Delivery, deflater: Deflater) -> bytes:
+    def _deflated_frame(self, delivery: Delivery, deflater: Deflater) -> bytes | None:
+        shared = deflater.shared
+        if shared:
+            window = deflater.window_bits
+            cached = delivery.deflated
+            if cached is not None and cached[0] == window:
+                return cached[1]
+        data = delivery.data if self.render is None else self.render(delivery)
+        if data is None:
+            return None
         opcode = OP_BINARY if delivery.binary else OP_TEXT
-        if not deflater.shared:  # context takeover: a stream of its own
-            return encode_frame(opcode, deflater.compress(delivery.data), True)
-        window = deflater.window_bits
-        cached = delivery.deflated
-        if cached is not None and cached[0] == window:
-            return cached[1]
-        frame = encode_frame(opcode, deflater.compress(delivery.data), True)
-        delivery.deflated = (window, frame)
+        frame = encode_frame(opcode, deflater.compress(data), True)
+        if shared:  # without context takeover the same bytes serve every such receiver
+            delivery.deflated = (deflater.window_bits, frame)
         return frame
 
     def queued_bytes(self) -> int:

@@ -1,4 +1,5 @@
-"""The plain HTTP routes: the page and its assets, /healthz, /metrics, the channel API.
+"""The plain HTTP routes: the page and its assets, /healthz, /metrics, the channel API and
+the publish API (POST /api/channels/<channel>/messages).
 
 The WebSocket endpoints are in sockets.py. Handlers reach the server-wide state through
 context.ServerContext, which the Application satisfies.
@@ -15,6 +16,9 @@ import tornado.web
 from echoserver import __version__, routes
 from echoserver.context import ServerContext
 from echoserver.framing import CloseCode
+from echoserver.handshake import bearer_token, token_matches
+from echoserver.hub import HubUnavailable
+from echoserver.messages import Refused, body_message
 from echoserver.metrics import CONTENT_TYPE_LATEST
 
 
@@ -70,6 +74,95 @@ class ChannelHandler(JSONHandler):
     async def get(self, channel: str) -> None:
         members = await self.server.hub.members(channel)
         self.write_json({"channel": channel, "members": members})
+
+
+CHUNK_SLACK = 64 * 1024  # bytes a chunked publish body may run past the limit before 413
+
+
+@tornado.web.stream_request_body
+class PublishHandler(JSONHandler):
+    """POST /api/channels/<channel>/messages: a backend publishes the body to the channel.
+
+    It only maps outcomes to statuses: the body's rules are in messages.py, publishing is
+    the hub's. The body is streamed in, so a request refused by its headers (no API key,
+    wrong key, too big) is answered before its body is read, and the server's small body
+    cap for other routes is raised to websocket.max_message_size here only.
+    """
+
+    _body: list[bytes]
+    _size = 0
+    _refused = False
+
+    def prepare(self) -> None:
+        self._body = []
+        refused = self._check_headers()
+        if refused is not None:
+            self._refuse(refused)
+            return
+        set_max_body_size = getattr(self.request.connection, "set_max_body_size", None)
+        if set_max_body_size is not None:
+            # A chunked body is counted in data_received, which answers 413; the slack lets
+            # the chunk that crosses the limit arrive (past it Tornado closes with 400).
+            limit = self.server.config.websocket.max_message_size
+            set_max_body_size(limit + CHUNK_SLACK)
+
+    def _check_headers(self) -> Refused | None:
+        config = self.server.config
+        if config.mode == "echo":
+            return Refused(404, "no channels in echo mode")
+        if not config.api.key:
+            return Refused(404, "the publish API is off (no api.key)")
+        given = bearer_token(self.request.headers.get("Authorization"))
+        if not token_matches(given, config.api.key):
+            return Refused(401, "missing or wrong API key")
+        length = self.request.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > config.websocket.max_message_size:
+            return self._too_big()
+        return None
+
+    def _too_big(self) -> Refused:
+        limit = self.server.config.websocket.max_message_size
+        return Refused(413, f"the message is over websocket.max_message_size ({limit} bytes)")
+
+    def data_received(self, chunk: bytes) -> None:
+        if self._refused:
+            return
+        self._size += len(chunk)
+        if self._size > self.server.config.websocket.max_message_size:
+            self._refuse(self._too_big())  # a chunked body, without Content-Length
+            return
+        self._body.append(chunk)
+
+    async def post(self, channel: str) -> None:
+        if self._refused:
+            return
+        mixed = self.server.config.mode == "mixed"
+        content_type = self.request.headers.get("Content-Type")
+        try:
+            data, binary = body_message(b"".join(self._body), content_type, mixed)
+            posted = await self.server.hub.post(channel, data, binary)
+        except Refused as refused:
+            self._refuse(refused)
+            return
+        except HubUnavailable as exc:
+            self._refuse(Refused(503, f"not published: {exc}"))
+            return
+        body = {
+            "channel": channel,
+            "offset": posted.offset,
+            "local_receivers": posted.local_receivers,
+            "receivers": posted.receivers,
+        }
+        self.write_json(body)
+
+    def _refuse(self, refused: Refused) -> None:
+        self._refused = True
+        if refused.status == 401:
+            self.set_header("WWW-Authenticate", 'Bearer realm="echoserver"')
+        self.write_json({"error": refused.message}, refused.status)
+
+    def on_finish(self) -> None:
+        self.server.metrics.api_requests[self.get_status()] += 1
 
 
 class MetricsHandler(tornado.web.RequestHandler):

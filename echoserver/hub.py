@@ -6,6 +6,12 @@ serves one embedded process and a Redis-backed cluster. Every subscriber on a ch
 that channel's messages in the broker's order; a joiner gets the broker's kept history
 first, then the live stream, spliced by offset so nothing is lost or repeated.
 
+Offsets are the broker's per-channel numbers (1, 2, ...), the same on every process. A
+joiner that gives `since` (a WebSocket client's ?since=, an SSE client's Last-Event-ID)
+gets every kept message after that offset, then the live stream, and a Replay saying
+whether that was everything it missed (`recovered`): the history (its size and age limit)
+must still reach back to since + 1, or nothing may have been published since.
+
 Handlers see only this module: publish() is the one way to send (it never waits, and keeps
 call order), a failure is a HubUnavailable, and each receiver gets a Delivery, the hub's
 own object per fan-out, never the broker's Envelope. A Delivery carries a frame cache that
@@ -25,9 +31,10 @@ import itertools
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
-from echoserver.brokers.base import Broker, BrokerUnavailable, Envelope
+from echoserver.brokers.base import Backlog, Broker, BrokerUnavailable, Envelope
 
 log = logging.getLogger("echoserver.hub")
 
@@ -51,15 +58,40 @@ class Delivery:
     size), the others reuse it. The broker's Envelope is never handed out.
     """
 
-    __slots__ = ("binary", "data", "deflated", "envelope", "frame", "seq")
+    __slots__ = ("binary", "data", "deflated", "envelope", "frame", "rendered", "seq")
 
     def __init__(self, envelope: Envelope) -> None:
         self.envelope = envelope
         self.data = envelope.data
         self.binary = envelope.binary
         self.seq = envelope.seq  # the message's offset on its channel
+        # The message as the receivers' protocol wraps it (mixed mode's JSON envelope).
+        self.rendered: bytes | None = None
         self.frame: bytes | None = None  # the encoded WebSocket frame
         self.deflated: tuple[int, bytes] | None = None  # (window bits, deflated frame)
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """What a joiner was given before the live stream (see Hub.join)."""
+
+    since: int | None  # the offset the joiner asked to resume after; None = plain join
+    count: int  # messages replayed
+    first: int | None  # offset of the first replayed message; None when none was
+    # The channel's latest offset when the history was read: the live stream goes on from
+    # the next one. None when not read (no history, no since) or the broker could not tell.
+    last: int | None
+    # With since: every message after it was replayed (or none was published); else None.
+    recovered: bool | None
+
+
+@dataclass(frozen=True, slots=True)
+class Posted:
+    """A message published on behalf of no member (the publish API)."""
+
+    offset: int
+    local_receivers: int  # members on this process
+    receivers: int  # members across every process, as far as presence knows
 
 
 class Subscriber(Protocol):
@@ -114,11 +146,21 @@ class _Joining:
         self.subscriber.close_slow()
 
 
+def _recovered(since: int, past: list[Envelope], last: int | None) -> bool:
+    """Whether a replay after `since` holds every message published after it."""
+    if last is None or last < since:
+        return False  # unknown, or the channel was numbered again from 1
+    if last == since:
+        return True  # nothing was published after it
+    return bool(past) and past[0].seq == since + 1
+
+
 class Hub:
     """Local channel membership and fan-out over one broker.
 
     `history`, when given, sets how many messages the broker keeps per channel (its
-    history_size), which joiners get first.
+    history_size), which joiners get first; `history_ttl`, when given, how many seconds
+    they stay kept (0 = no age limit).
     """
 
     def __init__(
@@ -127,6 +169,7 @@ class Hub:
         *,
         include_sender: bool = True,
         history: int | None = None,
+        history_ttl: float | None = None,
         max_queue_bytes: int = 1 << 20,
         slow_client: str = "drop",
     ) -> None:
@@ -134,6 +177,8 @@ class Hub:
         broker.unavailable = HubUnavailable
         if history is not None:
             broker.history_size = history
+        if history_ttl is not None:
+            broker.history_ttl = history_ttl
         self.presence = broker.presence
         self.include_sender = include_sender
         self.max_queue_bytes = max_queue_bytes
@@ -174,13 +219,16 @@ class Hub:
         self,
         channel: str,
         subscriber: Subscriber,
-        before_replay: Callable[[int], None] | None = None,
-    ) -> None:
-        """Add a subscriber: history first (if configured), then the live stream.
+        before_replay: Callable[[Replay], None] | None = None,
+        since: int | None = None,
+    ) -> Replay:
+        """Add a subscriber: kept messages first, then the live stream.
 
-        Returns once the subscriber is a member whose broker subscription is active, so a
-        message published after join() returns reaches it (the handshake's 101 waits for
-        this). before_replay(n) is called before n > 0 kept messages are replayed.
+        Without `since`, the last `history` kept messages are replayed; with it, every kept
+        message with an offset above it. Returns once the subscriber is a member whose
+        broker subscription is active, so a message published after join() returns reaches
+        it (the handshake's 101 waits for this). before_replay(replay) is called once, just
+        before the replayed messages are delivered (also when there are none).
         """
         if not self._started:
             await self.start()
@@ -189,34 +237,62 @@ class Hub:
         if members is None:
             members = self._channels[channel] = {}
         kept = self.broker.history_size
-        if kept <= 0:
+        if kept <= 0 and since is None:
             members[subscriber.sub_id] = subscriber
             await self._subscribed(channel, first)
+            replay = Replay(None, 0, None, None, None)
+            if before_replay is not None:
+                before_replay(replay)
             await self.presence.set_local(channel, len(members))
-            return
+            return replay
         joining = _Joining(subscriber)
         members[subscriber.sub_id] = joining
         try:
             await self._subscribed(channel, first)
-            past = await self.broker.history(channel, kept)
+            backlog = await self._backlog(channel, since, kept)
         finally:
             # The subscriber may have left (or the hub closed) while history was fetched.
             now = self._channels.get(channel)
             still_joining = now is not None and now.get(subscriber.sub_id) is joining
             if now is not None and still_joining:
                 now[subscriber.sub_id] = subscriber
+        past = backlog.envelopes if backlog is not None else []
+        last = backlog.last if backlog is not None else None
+        replay = Replay(
+            since,
+            len(past),
+            past[0].seq if past else None,
+            last,
+            None if since is None else _recovered(since, past, last),
+        )
         if now is None or not still_joining:
-            return
-        last_seq = past[-1].seq if past else 0
-        live = [d for d in joining.buffered if d.seq > last_seq or d.seq == 0]
-        if before_replay is not None and past:
-            before_replay(len(past))
+            return replay
+        # Live messages already in the read history (or older) are not delivered again.
+        floor = last if last is not None else (past[-1].seq if past else since or 0)
+        live = [d for d in joining.buffered if d.seq > floor or d.seq == 0]
+        if before_replay is not None:
+            before_replay(replay)
         stats = self._stats(channel)
         for envelope in past:
             self._offer(subscriber, Delivery(envelope), stats)
         for delivery in live:
             self._offer(subscriber, delivery, stats)
         await self.presence.set_local(channel, len(now))
+        return replay
+
+    async def _backlog(self, channel: str, since: int | None, kept: int) -> Backlog | None:
+        """What to replay to a joiner; None when the broker cannot tell (unreachable)."""
+        broker = self.broker
+        try:
+            backlog = await broker.backlog(channel, since or 0, kept)
+            if since is not None and backlog.last < since:
+                # An offset ahead of the channel: its broker lost its state (a restarted
+                # memory broker, a flushed Redis) and numbers from 1 again: replay what
+                # is kept of the new numbering (not recovered).
+                backlog = await broker.backlog(channel, 0, kept)
+        except BrokerUnavailable:
+            return None
+        return backlog
 
     async def _subscribed(self, channel: str, first: bool) -> None:
         """Wait until the broker delivers the channel to this process.
@@ -259,6 +335,15 @@ class Hub:
         down; the future fails with HubUnavailable when the message could not be published.
         """
         return self.broker.publish(Envelope(channel, data, binary, sender))
+
+    async def post(self, channel: str, data: bytes, binary: bool) -> Posted:
+        """Publish from outside the channel (the publish API): like a member's message, it
+        reaches every member on every process and is kept in history. Raises HubUnavailable
+        when the broker could not take it."""
+        outcome = self.publish(channel, data, binary, None)
+        offset = outcome if isinstance(outcome, int) else await outcome
+        local = len(self._channels.get(channel) or ())
+        return Posted(offset, local, await self.members(channel))
 
     async def members(self, channel: str) -> int:
         """The channel's members across every process."""

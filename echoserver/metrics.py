@@ -44,6 +44,7 @@ class Metrics(Collector):
         self.bytes_out = 0
         self.handshakes_refused: Counter[str] = Counter()
         self.closes: Counter[int] = Counter()
+        self.api_requests: Counter[int] = Counter()  # publish API requests, by status
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(self)
 
@@ -108,6 +109,13 @@ class Metrics(Collector):
                 "Closed WebSocket connections, by close code.",
                 "code",
                 self.closes,
+            ),
+            (
+                "echoserver_api_publish_requests",
+                "Publish API requests (POST /api/channels/<channel>/messages), by status; "
+                "200 = published.",
+                "status",
+                self.api_requests,
             ),
         ):
             family = CounterMetricFamily(name, doc, labels=[label])

@@ -17,7 +17,8 @@ PAGE = "/"  # the page itself; only "/" exactly, so it reserves nothing below it
 STATIC = "/static"  # the page's assets (Tornado's static_url_prefix, without its "/")
 HEALTH = "/healthz"
 METRICS = "/metrics"
-CHANNELS = "/api/channels"  # /api/channels/<channel>; POST .../<channel>/messages is coming
+CHANNELS = "/api/channels"  # /api/channels/<channel>, POST /api/channels/<channel>/messages
+MESSAGES = "messages"  # the publish API's last path segment, below a channel
 PROTOCOL = "/api/protocol"  # channel names and close codes, for clients such as the page
 SSE = "/sse"  # coming: /sse and /sse/<channel>
 # Tornado serves these two from the static directory as well.
@@ -35,6 +36,11 @@ def exact(path: str) -> str:
 def with_channel(prefix: str) -> str:
     """The Tornado pattern for prefix/<channel>, the channel captured."""
     return rf"{re.escape(prefix)}/({CHANNEL_PATTERN})"
+
+
+def channel_messages() -> str:
+    """The Tornado pattern for the publish API, /api/channels/<channel>/messages."""
+    return rf"{with_channel(CHANNELS)}/{re.escape(MESSAGES)}"
 
 
 def clash(path: str) -> str | None:

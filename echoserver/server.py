@@ -282,8 +282,9 @@ async def serve(
         app,
         ssl_options=context,
         xheaders=False,
-        # No route takes a request body, and a client that dribbles its headers (or sits
-        # idle between requests) should not hold a descriptor for Tornado's default hour.
+        # Only the publish API takes a request body (it raises the cap for itself), and a
+        # client that dribbles its headers (or sits idle between requests) should not hold
+        # a descriptor for Tornado's default hour.
         max_body_size=HTTP_MAX_BODY,
         idle_connection_timeout=HTTP_IDLE_TIMEOUT,
     )

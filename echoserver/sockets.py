@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable
 from typing import Any, cast
@@ -35,7 +36,8 @@ from echoserver.handshake import (
     request_origin,
     token_matches,
 )
-from echoserver.hub import HubUnavailable
+from echoserver.hub import HubUnavailable, Replay
+from echoserver.messages import mixed_broadcast, mixed_payload
 from echoserver.protocol import ServerProtocol
 from echoserver.tornado_seam import forget_response_headers
 
@@ -43,6 +45,9 @@ log = logging.getLogger("echoserver.ws")
 
 # A sender's broadcasts that a remote broker may hold unanswered before we stop reading it.
 MAX_PUBLISHES_IN_FLIGHT = 64
+# ?since=N: an offset, a non-negative integer (Redis counts to 2**63 - 1).
+SINCE = re.compile(rb"[0-9]{1,18}")
+BAD_SINCE = Refusal(400, "bad_request", "since must be an offset: a non-negative integer")
 
 
 class RateLimit:
@@ -269,8 +274,20 @@ class ChannelSocket(BaseSocket):
     shares_frames = True
 
     member: WebSocketConnection | None = None
+    since: int | None = None  # ?since=N: resume after offset N
     _in_flight = 0  # publishes handed to the broker and not yet answered
     _drained: asyncio.Future[None] | None = None
+
+    def _refusal(self) -> Refusal | None:
+        refusal = super()._refusal()
+        if refusal is not None:
+            return refusal
+        values = self.request.query_arguments.get("since")
+        if values is not None:
+            if len(values) != 1 or not SINCE.fullmatch(values[0]):
+                return BAD_SINCE
+            self.since = int(values[0])
+        return None
 
     async def before_upgrade(self, channel: str) -> None:
         """Join the channel before the 101: a client that has its 101 is a member, and with
@@ -281,10 +298,18 @@ class ChannelSocket(BaseSocket):
         assert member is not None
         member.sub_id = hub.new_subscriber_id()
         self.member = member
-        await hub.join(channel, member, self.before_replay)
+        await hub.join(channel, member, self.before_replay, self.since)
 
-    def before_replay(self, count: int) -> None:
-        """Kept history is about to be replayed to this member (count messages)."""
+    def before_replay(self, replay: Replay) -> None:
+        """Kept messages are about to be replayed to this member: the 101's headers say
+        where its stream starts, for clients that cannot see offsets in the frames."""
+        if replay.last is not None:
+            self.set_header("Echoserver-Last-Offset", str(replay.last))
+            self.set_header("Echoserver-Replayed", str(replay.count))
+        if replay.first is not None:
+            self.set_header("Echoserver-First-Offset", str(replay.first))
+        if replay.recovered is not None:
+            self.set_header("Echoserver-Recovered", "true" if replay.recovered else "false")
 
     def on_connection_closed(self, code: int) -> None:
         first = not self._closed
@@ -355,8 +380,24 @@ class BroadcastSocket(ChannelSocket):
 class MixedSocket(ChannelSocket):
     """The websocket-shootout protocol: a JSON envelope chooses echo or broadcast."""
 
-    def before_replay(self, count: int) -> None:
-        self.send(json.dumps({"type": "history", "count": count}).encode(), False)
+    async def before_upgrade(self, channel: str) -> None:
+        member = self.connection
+        assert member is not None
+        member.render = mixed_broadcast  # payloads go out in broadcast envelopes
+        await super().before_upgrade(channel)
+
+    def before_replay(self, replay: Replay) -> None:
+        super().before_replay(replay)
+        if replay.since is not None:
+            recovery = {
+                "type": "recovery",
+                "recovered": replay.recovered,
+                "since": replay.since,
+                "first": replay.first,
+            }
+            self.send(json.dumps(recovery).encode(), False)
+        elif replay.count:
+            self.send(json.dumps({"type": "history", "count": replay.count}).encode(), False)
 
     def on_raw_message(self, payload: bytes, binary: bool) -> Awaitable[None] | None:
         self.count_in(payload)
@@ -373,22 +414,28 @@ class MixedSocket(ChannelSocket):
             self.send(payload, False)  # the reply is the request, byte for byte
             return None
         if kind == "broadcast":
-            return self._broadcast(payload, request.get("payload"))
+            return self._broadcast(request.get("payload"))
         self._error(f"unknown type {kind!r}; expected 'echo' or 'broadcast'")
         return None
 
-    async def _broadcast(self, payload: bytes, inner: Any) -> None:
+    async def _broadcast(self, inner: Any) -> None:
+        """Publish the payload (receivers get it in an envelope with its offset), then
+        tell the sender its offset and how many members the channel has."""
         hub = self.server.hub
         sender = self.member.sub_id if self.member is not None else None
         try:
-            outcome = hub.publish(self.channel, payload, False, sender)
-            if not isinstance(outcome, int):
-                await outcome
+            outcome = hub.publish(self.channel, mixed_payload(inner), False, sender)
+            offset = outcome if isinstance(outcome, int) else await outcome
         except HubUnavailable as exc:
             self.not_delivered(exc)
             return
         listeners = await hub.members(self.channel)
-        result = {"type": "broadcastResult", "payload": inner, "listenCount": listeners}
+        result = {
+            "type": "broadcastResult",
+            "payload": inner,
+            "listenCount": listeners,
+            "offset": offset,
+        }
         self.send(json.dumps(result).encode(), False)
 
     def _error(self, text: str) -> None:

@@ -184,6 +184,7 @@ def test_mixed_mode_counts_listeners_and_refuses_binary(run_server):
             assert json.loads(await client.read_message()) == {
                 "type": "broadcast",
                 "payload": "hi",
+                "offset": 1,
             }
         result = json.loads(await clients[0].read_message())
         await clients[1].write_message(b"\x01\x02", binary=True)
@@ -193,5 +194,5 @@ def test_mixed_mode_counts_listeners_and_refuses_binary(run_server):
         return result, error
 
     result, error = asyncio.run(scenario())
-    assert result == {"type": "broadcastResult", "payload": "hi", "listenCount": 3}
+    assert result == {"type": "broadcastResult", "payload": "hi", "listenCount": 3, "offset": 1}
     assert error["type"] == "error"

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import pytest
 
 from echoserver.brokers import create_broker
-from echoserver.brokers.base import Broker, BrokerUnavailable, Envelope, Published
+from echoserver.brokers.base import Backlog, Broker, BrokerUnavailable, Envelope, Published
 from echoserver.brokers.memory import MemoryBroker
 from echoserver.brokers.redis import RedisBroker, decode, encode
 from echoserver.hub import Delivery, Hub, HubUnavailable
@@ -70,7 +70,9 @@ class Kit:
 
     def new(self, **options: Any) -> Broker:
         if self.redis is None:
-            return MemoryBroker(history=options.get("history", 0))
+            return MemoryBroker(
+                history=options.get("history", 0), history_ttl=options.get("history_ttl", 0.0)
+            )
         options.setdefault("backoff_cap", 0.5)
         options.setdefault("op_timeout", 2.0)
         return RedisBroker(self.redis.url, **options)
@@ -322,6 +324,100 @@ def test_history_is_capped_and_oldest_first(kit: Kit) -> None:
     assert [e.data for e in result["last2"]] == [b"m8", b"m9"]
     assert [e.data for e in result["more"]] == [b"m6", b"m7", b"m8", b"m9"]
     assert result["zero"] == result["unknown"] == result["none"] == []
+
+
+def test_backlog_is_what_is_kept_after_an_offset_and_the_last_offset(kit: Kit) -> None:
+    async def scenario() -> dict[str, Backlog]:
+        broker, _ = await started(kit, history=5)
+        for n in range(8):
+            await publish(broker, Envelope("b", b"m%d" % n, False))
+        unkept, _ = await started(kit)
+        for _ in range(3):
+            await publish(unkept, Envelope("u", b"not kept", False))
+        result = {
+            "all": await broker.backlog("b", 0, 5),
+            "after6": await broker.backlog("b", 6, 5),
+            "after8": await broker.backlog("b", 8, 5),
+            "limit": await broker.backlog("b", 1, 2),
+            "none": await broker.backlog("b", 2, 0),
+            "unknown": await broker.backlog("never-used", 0, 5),
+            "unkept": await unkept.backlog("u", 0, 5),
+        }
+        await broker.close()
+        await unkept.close()
+        return result
+
+    got = run(scenario())
+    offsets = {name: [e.seq for e in backlog.envelopes] for name, backlog in got.items()}
+    assert offsets == {
+        "all": [4, 5, 6, 7, 8],
+        "after6": [7, 8],
+        "after8": [],
+        "limit": [7, 8],
+        "none": [],
+        "unknown": [],
+        "unkept": [],
+    }
+    assert [e.data for e in got["after6"].envelopes] == [b"m6", b"m7"]
+    assert {name: backlog.last for name, backlog in got.items()} == {
+        "all": 8,
+        "after6": 8,
+        "after8": 8,
+        "limit": 8,
+        "none": 8,
+        "unknown": 0,
+        "unkept": 3,
+    }
+
+
+def test_history_ttl_forgets_old_messages_but_not_the_offset(kit: Kit) -> None:
+    async def scenario() -> tuple[Backlog, Backlog, Backlog]:
+        broker, _ = await started(kit, history=10, history_ttl=0.4)
+        for n in range(3):
+            await publish(broker, Envelope("t", b"old%d" % n, False))
+        await asyncio.sleep(0.6)
+        for n in range(2):
+            await publish(broker, Envelope("t", b"new%d" % n, False))
+        newer = await broker.backlog("t", 0, 10)
+        since_old = await broker.backlog("t", 1, 10)
+        await asyncio.sleep(0.6)
+        expired = await broker.backlog("t", 0, 10)
+        await broker.close()
+        return newer, since_old, expired
+
+    newer, since_old, expired = run(scenario())
+    assert [e.data for e in newer.envelopes] == [b"new0", b"new1"]
+    assert [e.seq for e in since_old.envelopes] == [4, 5]  # 2 and 3 are gone: a gap
+    assert (expired.envelopes, expired.last) == ([], 5)
+
+
+def test_a_channels_keys_share_one_cluster_slot(kit: Kit) -> None:
+    """Counter, history and pub/sub name carry {channel} as a hash tag (Redis Cluster)."""
+    kit.need_shared()
+    assert kit.redis is not None
+
+    async def scenario() -> tuple[list[bytes], int]:
+        import redis.asyncio
+
+        broker, _ = await started(kit, history=3, history_ttl=0.5)
+        await broker.subscribe("news")
+        await publish(broker, Envelope("news", b"x", False))
+        client = redis.asyncio.from_url(kit.redis.url)
+        keys = sorted(await client.keys("echoserver:*news*"))
+        channels = await client.pubsub_channels("*news*")
+        await asyncio.sleep(0.8)
+        after_ttl = await client.exists("echoserver:{news}:history")
+        await client.aclose()
+        await broker.close()
+        return [*keys, *channels], after_ttl
+
+    names, after_ttl = run(scenario())
+    assert names == [
+        b"echoserver:{news}:history",
+        b"echoserver:{news}:seq",
+        b"echoserver:0:ch:{news}",
+    ]
+    assert after_ttl == 0  # the history list expires with its newest message
 
 
 def test_history_is_the_same_from_every_process(kit: Kit) -> None:

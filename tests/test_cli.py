@@ -124,8 +124,8 @@ def test_print_config_round_trips_a_full_config(tmp_path: Path) -> None:
         "--allowed-origins", "https://a.example,https://b.example:8443",
         "--auth-token", "t0ken", "--rate-limit", "100",
         "--no-include-sender", "--max-queue-bytes", "4096", "--slow-client", "disconnect",
-        "--history", "10", "--broker", "redis://127.0.0.1:6379/0",
-        "--tls-certfile", cert, "--tls-keyfile", key,
+        "--history", "10", "--history-ttl", "60", "--broker", "redis://127.0.0.1:6379/0",
+        "--api-key", "t0ken", "--tls-certfile", cert, "--tls-keyfile", key,
         "--log-level", "debug", "--log-format", "json", "--no-log-access",
     ]  # fmt: skip
     proc = run([*args, "--print-config"])
@@ -582,6 +582,7 @@ def test_every_flag_sets_exactly_its_key(
         "websocket.ping_interval": "30",  # above the default ping_timeout: it stays put
         "websocket.ping_timeout": "1",
         "websocket.auth_token": "s3cr3t",
+        "api.key": "k3y",
         "broadcast.max_queue_bytes": "2048",
         "broadcast.slow_client": "disconnect",
         "broadcast.broker": "redis://h/0",

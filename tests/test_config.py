@@ -584,7 +584,8 @@ def test_the_app_serves_nothing_outside_the_route_table(mode: str) -> None:
     """Every route of the Application lies inside routes.RESERVED (or is the page, or
     the WebSocket path): the table config checks against is the one the app is built from."""
     app = make_app(config.load(env={}, flags={"mode": mode, "websocket.path": "/sock"}))
-    samples = [f"{prefix}{tail}" for prefix in routes.RESERVED for tail in ("", "/x")]
+    tails = ("", "/x", "/x/messages")
+    samples = [f"{prefix}{tail}" for prefix in routes.RESERVED for tail in tails]
     seen_ws = 0
     for rule in app.wildcard_router.rules:
         regex = rule.matcher.regex  # type: ignore[attr-defined]
@@ -701,6 +702,7 @@ def test_to_toml_round_trips_defaults(tmp_path: Path) -> None:
     assert set(tomllib.loads(text)) == {k.name for k in KEYS if "." not in k.name} | {
         "websocket",
         "broadcast",
+        "api",
         "tls",
         "log",
     }

@@ -137,12 +137,14 @@ class TestMixed:
         await a.write_message(json.dumps({"type": "echo", "payload": {"n": 1}}))
         assert await read_json(a) == {"type": "echo", "payload": {"n": 1}}
         await a.write_message(json.dumps({"type": "broadcast", "payload": [1, 2]}))
-        assert await read_json(b) == {"type": "broadcast", "payload": [1, 2]}
-        assert await read_json(a) == {"type": "broadcast", "payload": [1, 2]}
+        envelope = {"type": "broadcast", "payload": [1, 2], "offset": 1}
+        assert await read_json(b) == envelope
+        assert await read_json(a) == envelope
         assert await read_json(a) == {
             "type": "broadcastResult",
             "payload": [1, 2],
             "listenCount": 2,
+            "offset": 1,
         }
 
     @pytest.mark.gen_test

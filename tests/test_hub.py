@@ -10,8 +10,8 @@ import asyncio
 
 import pytest
 
-from echoserver.brokers import Envelope, MemoryBroker
-from echoserver.hub import Delivery, Hub, HubUnavailable
+from echoserver.brokers import Backlog, Envelope, MemoryBroker
+from echoserver.hub import Delivery, Hub, HubUnavailable, Replay
 
 
 class Recorder:
@@ -139,8 +139,8 @@ def test_history_is_per_channel():
 class SlowHistoryBroker(MemoryBroker):
     """History that takes a loop pass, so live messages can arrive meanwhile (as with Redis)."""
 
-    async def history(self, channel: str, limit: int) -> list[Envelope]:
-        past = await super().history(channel, limit)
+    async def backlog(self, channel: str, after: int, limit: int) -> Backlog:
+        past = await super().backlog(channel, after, limit)
         await asyncio.sleep(0.01)
         return past
 
@@ -294,8 +294,8 @@ def test_counters_of_channels_past_the_bound_are_shared(monkeypatch):
     assert hub.stats["(other)"].deliveries == 3
 
 
-def test_a_channel_nobody_is_on_keeps_nothing_but_its_history(monkeypatch):
-    monkeypatch.setattr("echoserver.brokers.memory.MAX_HISTORY_CHANNELS", 2)
+def test_channels_nobody_is_on_keep_their_offsets_and_history_up_to_a_bound(monkeypatch):
+    monkeypatch.setattr("echoserver.brokers.memory.MAX_CHANNELS", 2)
 
     async def scenario():
         broker = MemoryBroker(history=5)
@@ -313,9 +313,10 @@ def test_a_channel_nobody_is_on_keeps_nothing_but_its_history(monkeypatch):
         return broker, plain.broker
 
     with_history, without = run(scenario())
-    assert list(with_history._history) == ["c2", "c3"]
-    assert set(with_history._last_seq) == {"c2", "c3"}
-    assert without._last_seq == {}
+    assert list(with_history._channels) == ["c2", "c3"]
+    assert [len(c.kept) for c in with_history._channels.values()] == [1, 1]
+    # Without history a channel keeps only its last offset, so a client can resume.
+    assert [(c.last, len(c.kept)) for c in without._channels.values()] == [(1, 0)]
 
 
 def test_publish_returns_each_message_offset_per_channel():
@@ -408,3 +409,155 @@ def test_history_given_to_the_hub_configures_its_broker():
     assert broker.history_size == 7
     Hub(broker)
     assert broker.history_size == 7
+
+
+# --- offsets and recovery (since) -----------------------------------------------------------
+
+
+class Offsets(Recorder):
+    """A subscriber that keeps the offsets it gets."""
+
+    def __init__(self, hub: Hub) -> None:
+        super().__init__(hub)
+        self.offsets: list[int] = []
+
+    def deliver(self, delivery: Delivery) -> None:
+        super().deliver(delivery)
+        self.offsets.append(delivery.seq)
+
+
+async def published(hub: Hub, channel: str, count: int) -> None:
+    for n in range(count):
+        hub.publish(channel, f"m{n}".encode(), False, None)
+
+
+def replays(history: int, since: int, count: int = 10) -> tuple[Replay, list[int]]:
+    """Publish `count` messages, join with `since`, publish one more: (replay, offsets got)."""
+
+    async def scenario() -> tuple[Replay, list[int]]:
+        hub = Hub(MemoryBroker(history=history))
+        await published(hub, "room", count)
+        joiner = Offsets(hub)
+        replay = await hub.join("room", joiner, since=since)
+        hub.publish("room", b"live", False, None)
+        return replay, joiner.offsets
+
+    return run(scenario())
+
+
+def test_since_replays_every_kept_message_after_it_then_live():
+    replay, offsets = replays(history=10, since=4)
+    assert replay == Replay(since=4, count=6, first=5, last=10, recovered=True)
+    assert offsets == list(range(5, 12))
+
+
+def test_since_older_than_the_history_is_not_recovered():
+    replay, offsets = replays(history=3, since=4)
+    assert replay == Replay(since=4, count=3, first=8, last=10, recovered=False)
+    assert offsets == [8, 9, 10, 11]
+
+
+def test_since_at_the_last_offset_is_recovered_with_nothing_to_replay():
+    for history in (0, 5):
+        replay, offsets = replays(history=history, since=10)
+        assert replay == Replay(since=10, count=0, first=None, last=10, recovered=True)
+        assert offsets == [11]
+
+
+def test_without_history_since_is_recovered_only_when_nothing_was_missed():
+    replay, offsets = replays(history=0, since=9)
+    assert replay == Replay(since=9, count=0, first=None, last=10, recovered=False)
+    assert offsets == [11]
+
+
+def test_since_on_a_channel_never_published_to():
+    replay, offsets = replays(history=5, since=0, count=0)
+    assert replay == Replay(since=0, count=0, first=None, last=0, recovered=True)
+    assert offsets == [1]
+
+
+def test_since_ahead_of_the_channel_means_it_was_numbered_again():
+    """A restarted server numbers from 1 again: the client's offset is from before."""
+    replay, offsets = replays(history=5, since=50, count=3)
+    assert replay == Replay(since=50, count=3, first=1, last=3, recovered=False)
+    assert offsets == [1, 2, 3, 4]
+
+
+def test_without_since_the_last_history_messages_are_replayed():
+    async def scenario() -> tuple[Replay, list[int]]:
+        hub = Hub(MemoryBroker(history=3))
+        await published(hub, "room", 5)
+        joiner = Offsets(hub)
+        return await hub.join("room", joiner), joiner.offsets
+
+    replay, offsets = run(scenario())
+    assert replay == Replay(since=None, count=3, first=3, last=5, recovered=None)
+    assert offsets == [3, 4, 5]
+
+
+def test_before_replay_is_told_once_before_the_replayed_messages():
+    calls: list[tuple[Replay, int]] = []
+
+    async def scenario() -> None:
+        hub = Hub(MemoryBroker(history=5))
+        await published(hub, "room", 4)
+        joiner = Offsets(hub)
+        await hub.join("room", joiner, lambda r: calls.append((r, len(joiner.offsets))), 2)
+        plain = Offsets(Hub(MemoryBroker()))
+        await Hub(MemoryBroker()).join("room", plain, lambda r: calls.append((r, 0)))
+
+    run(scenario())
+    assert calls == [
+        (Replay(since=2, count=2, first=3, last=4, recovered=True), 0),
+        (Replay(since=None, count=0, first=None, last=None, recovered=None), 0),
+    ]
+
+
+def test_since_while_the_history_is_fetched_loses_and_repeats_nothing():
+    async def scenario() -> Offsets:
+        hub = Hub(SlowHistoryBroker(history=100))
+        await published(hub, "room", 10)
+        joiner = Offsets(hub)
+        joining = asyncio.ensure_future(hub.join("room", joiner, since=3))
+        for _ in range(5):
+            await asyncio.sleep(0)
+            hub.publish("room", b"during", False, None)
+        replay = await joining
+        assert replay.recovered and replay.first == 4
+        hub.publish("room", b"after", False, None)
+        return joiner
+
+    assert run(scenario()).offsets == list(range(4, 17))
+
+
+def test_a_broker_that_cannot_tell_gives_recovered_false():
+    class Unreachable(MemoryBroker):
+        async def backlog(self, channel: str, after: int, limit: int) -> Backlog:
+            raise self.unavailable("redis down")
+
+    async def scenario() -> tuple[Replay, Offsets]:
+        hub = Hub(Unreachable(history=5))
+        joiner = Offsets(hub)
+        replay = await hub.join("room", joiner, since=3)
+        hub.publish("room", b"live", False, None)
+        return replay, joiner
+
+    replay, joiner = run(scenario())
+    assert replay == Replay(since=3, count=0, first=None, last=None, recovered=False)
+    assert joiner.offsets == [1]
+
+
+def test_post_publishes_and_counts_receivers():
+    async def scenario():
+        hub = Hub(MemoryBroker(history=5))
+        members = [Recorder(hub) for _ in range(3)]
+        for member in members:
+            await hub.join("room", member)
+        first = await hub.post("room", b"one", False)
+        second = await hub.post("empty", b"two", True)
+        return first, second, members
+
+    first, second, members = run(scenario())
+    assert (first.offset, first.local_receivers, first.receivers) == (1, 3, 3)
+    assert (second.offset, second.local_receivers, second.receivers) == (1, 0, 0)
+    assert all(member.got == [b"one"] for member in members)

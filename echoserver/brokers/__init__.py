@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from echoserver.brokers.base import Broker, BrokerUnavailable, Envelope, Presence
+from echoserver.brokers.base import Backlog, Broker, BrokerUnavailable, Envelope, Presence
 from echoserver.brokers.memory import MemoryBroker
 
 __all__ = [
+    "Backlog",
     "Broker",
     "BrokerUnavailable",
     "Envelope",
@@ -15,10 +16,11 @@ __all__ = [
 ]
 
 
-def create_broker(url: str, *, history: int = 0) -> Broker:
-    """The broker named by the `broadcast.broker` setting, keeping `history` per channel."""
+def create_broker(url: str, *, history: int = 0, history_ttl: float = 0.0) -> Broker:
+    """The broker named by the `broadcast.broker` setting, keeping `history` per channel
+    for at most `history_ttl` seconds (0 = no age limit)."""
     if url == "memory":
-        return MemoryBroker(history=history)
+        return MemoryBroker(history=history, history_ttl=history_ttl)
     from echoserver.brokers.redis import RedisBroker
 
-    return RedisBroker(url, history=history)
+    return RedisBroker(url, history=history, history_ttl=history_ttl)

@@ -2,9 +2,11 @@
 
 A broker carries published messages to every hub subscribed to the channel (its own
 included) in one order per channel, numbers them (the offset, per channel: 1, 2, ...),
-keeps a channel's last `history_size` messages, and, through its `presence`, counts a
-channel's members across processes. The memory broker does this inside one process; the
-Redis broker does it across processes and hosts.
+keeps a channel's last `history_size` messages (no older than `history_ttl` seconds when
+that is set), and, through its `presence`, counts a channel's members across processes.
+Kept messages are always the newest ones, so their offsets follow each other without gap:
+a reader can tell whether they reach back to a given offset. The memory broker does this
+inside one process; the Redis broker does it across processes and hosts.
 """
 
 from __future__ import annotations
@@ -28,6 +30,14 @@ class Envelope:
     # (1, 2, ...); 0 = not yet published. Lets a joiner splice history and live messages
     # without gap or repeat.
     seq: int = 0
+
+
+@dataclass(slots=True)
+class Backlog:
+    """What a channel keeps after an offset, read at one instant."""
+
+    envelopes: list[Envelope]  # oldest first, offsets consecutive
+    last: int  # the channel's latest offset at that instant; 0 = nothing published yet
 
 
 OnEnvelope = Callable[[Envelope], None]
@@ -61,6 +71,8 @@ class Broker(abc.ABC):
     presence: Presence
     # Messages kept per channel for joiners (0 = none); configuration, set before start().
     history_size: int = 0
+    # Seconds a kept message stays kept (0 = no age limit); configuration, like history_size.
+    history_ttl: float = 0.0
     # What publish() raises and its futures fail with. The owner may set a subclass of its
     # own, so its callers see that type without a translation per message.
     unavailable: type[BrokerUnavailable] = BrokerUnavailable
@@ -93,8 +105,19 @@ class Broker(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def backlog(self, channel: str, after: int, limit: int) -> Backlog:
+        """The kept envelopes with an offset above `after` (the newest `limit` of them at
+        most), and the channel's latest offset, as one consistent read. Raises
+        `unavailable` when the broker cannot tell (e.g. Redis unreachable)."""
+
     async def history(self, channel: str, limit: int) -> list[Envelope]:
-        """The channel's last `limit` kept envelopes, oldest first."""
+        """The channel's last `limit` kept envelopes, oldest first; empty when unknown."""
+        if limit <= 0:
+            return []
+        try:
+            return (await self.backlog(channel, 0, limit)).envelopes
+        except BrokerUnavailable:
+            return []
 
     @property
     @abc.abstractmethod

@@ -4,18 +4,21 @@ Publishing calls the hub back synchronously, so a channel's order is simply the 
 publish() calls, publish() returns the offset itself (never a future), and a joiner that
 reads the history and subscribes in one loop pass can neither miss nor repeat a message.
 
-A channel's history outlives its members (a later joiner still gets it), so the number of
-channels that keep one is capped: past MAX_HISTORY_CHANNELS the least recently used goes.
-Nothing else is kept for a channel nobody is on.
+A channel's offset counter and history outlive its members (a client that comes back
+resumes from its offset, a later joiner still gets the history), so the number of
+channels remembered is capped: past MAX_CHANNELS the least recently published-to channel
+that nobody here is subscribed to is forgotten (its offsets then start again at 1).
 """
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict, deque
+from itertools import islice
 
-from echoserver.brokers.base import Broker, Envelope, OnEnvelope, Presence
+from echoserver.brokers.base import Backlog, Broker, Envelope, OnEnvelope, Presence
 
-MAX_HISTORY_CHANNELS = 10_000
+MAX_CHANNELS = 10_000
 
 
 class MemoryPresence(Presence):
@@ -34,14 +37,24 @@ class MemoryPresence(Presence):
         return self._members.get(channel, 0)
 
 
+class _Channel:
+    """A channel's last offset and its kept messages with the time each was published."""
+
+    __slots__ = ("kept", "last")
+
+    def __init__(self) -> None:
+        self.last = 0
+        self.kept: deque[tuple[float, Envelope]] = deque()
+
+
 class MemoryBroker(Broker):
-    def __init__(self, *, history: int = 0) -> None:
+    def __init__(self, *, history: int = 0, history_ttl: float = 0.0) -> None:
         self.history_size = history
+        self.history_ttl = history_ttl
         self.presence = MemoryPresence()
         self._on_envelope: OnEnvelope | None = None
         self._subscribed: set[str] = set()
-        self._history: OrderedDict[str, deque[Envelope]] = OrderedDict()
-        self._last_seq: dict[str, int] = {}
+        self._channels: OrderedDict[str, _Channel] = OrderedDict()
 
     async def start(self, on_envelope: OnEnvelope) -> None:
         self._on_envelope = on_envelope
@@ -55,35 +68,57 @@ class MemoryBroker(Broker):
 
     async def unsubscribe(self, channel: str) -> None:
         self._subscribed.discard(channel)
-        if channel not in self._history:
-            self._last_seq.pop(channel, None)
 
     def publish(self, envelope: Envelope) -> int:
-        seq = envelope.seq = self._last_seq.get(envelope.channel, 0) + 1
-        self._last_seq[envelope.channel] = seq
-        if self.history_size > 0:
-            self._keep(envelope, self.history_size)
-        if self._on_envelope is not None and envelope.channel in self._subscribed:
+        name = envelope.channel
+        channel = self._channels.get(name)
+        if channel is None:
+            channel = self._channels[name] = _Channel()
+            if len(self._channels) > MAX_CHANNELS:
+                self._forget_one()
+        else:
+            self._channels.move_to_end(name)
+        seq = envelope.seq = channel.last = channel.last + 1
+        size = self.history_size
+        if size > 0:
+            now = time.monotonic()
+            kept = channel.kept
+            kept.append((now, envelope))
+            while len(kept) > size:
+                kept.popleft()
+            self._expire(channel, now)
+        elif channel.kept:
+            channel.kept.clear()
+        if self._on_envelope is not None and name in self._subscribed:
             self._on_envelope(envelope)
         return seq
 
-    def _keep(self, envelope: Envelope, size: int) -> None:
-        channel = envelope.channel
-        kept = self._history.get(channel)
-        if kept is None or kept.maxlen != size:
-            kept = self._history[channel] = deque(kept or (), maxlen=size)
-        self._history.move_to_end(channel)
-        kept.append(envelope)
-        if len(self._history) > MAX_HISTORY_CHANNELS:
-            oldest, _ = self._history.popitem(last=False)
-            if oldest not in self._subscribed:
-                self._last_seq.pop(oldest, None)
+    def _forget_one(self) -> None:
+        """Forget the least recently used channel nobody here is subscribed to."""
+        for name in self._channels:
+            if name not in self._subscribed:
+                del self._channels[name]
+                return
 
-    async def history(self, channel: str, limit: int) -> list[Envelope]:
-        kept = self._history.get(channel)
-        if not kept or limit <= 0:
-            return []
-        return list(kept)[-limit:]
+    def _expire(self, channel: _Channel, now: float) -> None:
+        ttl = self.history_ttl
+        if ttl > 0:
+            kept = channel.kept
+            while kept and now - kept[0][0] > ttl:
+                kept.popleft()
+
+    async def backlog(self, channel: str, after: int, limit: int) -> Backlog:
+        state = self._channels.get(channel)
+        if state is None:
+            return Backlog([], 0)
+        self._expire(state, time.monotonic())
+        kept = state.kept
+        # Kept offsets are consecutive and end at `last`: the wanted ones are the newest n.
+        count = min(state.last - after, limit, len(kept))
+        if count <= 0:
+            return Backlog([], state.last)
+        wanted = islice(kept, len(kept) - count, None)
+        return Backlog([envelope for _, envelope in wanted], state.last)
 
     @property
     def healthy(self) -> bool:

@@ -16,14 +16,19 @@ for processes whose heartbeat key is alive; this broker refreshes the heartbeat 
 `presence_ttl`), so a crashed worker's members disappear within that time.
 
 Failures: while Redis is unreachable, `healthy` is False (with `health_reason`), publish()
-raises BrokerUnavailable at once, history() is empty and presence counts this process
-only. A supervisor task reconnects with exponential backoff and full jitter, re-subscribes
-every channel and re-writes this process's presence. Messages other processes publish
-while this one is cut off are not replayed (Redis pub/sub delivers at most once).
+raises BrokerUnavailable at once, backlog() raises it too (history() is empty) and
+presence counts this process only. A supervisor task reconnects with exponential backoff
+and full jitter, re-subscribes every channel and re-writes this process's presence.
+Messages other processes publish while this one is cut off do not reach its members live
+(Redis pub/sub delivers at most once); a client that comes back with ?since= gets the
+kept ones.
 
-Wire format of one message (also the history list's items):
+Wire format of one message:
 ``<seq>:<kind><n>:<sender><data>`` where kind is ``t`` (text) or ``b`` (binary), n is the
 sender id's length in bytes (0 = no sender) and data is the raw payload, up to the end.
+A history list item is ``<ms> <message>``: Redis's clock when it was published, for the
+age limit (`history_ttl`). A channel's keys and pub/sub name carry ``{channel}`` as a hash
+tag, so its counter, history and publish share one Redis Cluster slot.
 
 Why one module of this length: the connection supervisor, the pipelined command queue and
 the subscriber reader share the connection state they recover together after an outage.
@@ -48,26 +53,57 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.retry import Retry
 
-from echoserver.brokers.base import Broker, BrokerUnavailable, Envelope, OnEnvelope
+from echoserver.brokers.base import Backlog, Broker, BrokerUnavailable, Envelope, OnEnvelope
 from echoserver.brokers.redis_presence import COUNT_SCRIPT, RedisPresence
 
 log = logging.getLogger("echoserver.broker")
 
-# KEYS: seq, history. ARGV: pub/sub channel, header (kind, sender), data, history cap.
+# KEYS: seq, history. ARGV: pub/sub channel, header (kind, sender), data, history cap,
+# history age limit in ms (0 = none). History items are the message after Redis's time in
+# ms and a space; the age limit trims the oldest ones, and the list expires with its newest.
 _PUBLISH = b"""
 local seq = redis.call('INCR', KEYS[1])
 local message = string.format('%d', seq) .. ':' .. ARGV[2] .. ARGV[3]
 local cap = tonumber(ARGV[4])
 if cap > 0 then
-  redis.call('LPUSH', KEYS[2], message)
+  local time = redis.call('TIME')
+  local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  redis.call('LPUSH', KEYS[2], string.format('%.0f', now) .. ' ' .. message)
   redis.call('LTRIM', KEYS[2], 0, cap - 1)
+  local ttl = tonumber(ARGV[5])
+  if ttl > 0 then
+    for _ = 1, cap do
+      local oldest = redis.call('LINDEX', KEYS[2], -1)
+      local at = oldest and tonumber(string.match(oldest, '^(%d+) '))
+      if not at or now - at <= ttl then break end
+      redis.call('RPOP', KEYS[2])
+    end
+    redis.call('PEXPIRE', KEYS[2], ttl)
+  end
 end
 redis.call('PUBLISH', ARGV[1], message)
 return seq
 """
 
-_SCRIPTS = {hashlib.sha1(body).hexdigest().encode(): body for body in (_PUBLISH, COUNT_SCRIPT)}
-_PUBLISH_SHA = next(iter(_SCRIPTS))
+# KEYS: seq, history. ARGV: after (offset), limit. Returns {last offset, now in ms, items
+# newest first}: kept offsets are consecutive and end at the last, so the items above
+# `after` are the first (last - after) of the list.
+_BACKLOG = b"""
+local last = tonumber(redis.call('GET', KEYS[1]) or '0')
+local want = math.min(last - tonumber(ARGV[1]), tonumber(ARGV[2]))
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local items = {}
+if want > 0 then
+  items = redis.call('LRANGE', KEYS[2], 0, want - 1)
+end
+return {last, now, items}
+"""
+
+_SCRIPTS = {
+    hashlib.sha1(body).hexdigest().encode(): body for body in (_PUBLISH, _BACKLOG, COUNT_SCRIPT)
+}
+_PUBLISH_SHA, _BACKLOG_SHA = list(_SCRIPTS)[:2]
 
 _MAX_BATCH = 512
 _RESTORE_PASSES = 10
@@ -93,6 +129,12 @@ def decode(channel: str, message: bytes) -> Envelope:
     return Envelope(channel, message[start:], binary, sender, seq)
 
 
+def decode_kept(channel: str, item: bytes) -> tuple[int, Envelope]:
+    """(when it was published, in Redis's ms, and the envelope) of one history item."""
+    space = item.index(b" ")
+    return int(item[:space]), decode(channel, item[space + 1 :])
+
+
 def _jittered(attempt: int, cap: float) -> float:
     """Full jitter over an exponential ceiling: spreads reconnecting processes apart."""
     return random.uniform(0, min(cap, _BACKOFF_BASE * 2**attempt))
@@ -108,6 +150,7 @@ class RedisBroker(Broker):
         url: str,
         *,
         history: int = 0,
+        history_ttl: float = 0.0,
         prefix: str = "echoserver",
         presence_ttl: float = 10.0,
         op_timeout: float = 3.0,
@@ -132,6 +175,7 @@ class RedisBroker(Broker):
             self.where = f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{db}"
         self.process_id = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
         self.history_size = history
+        self.history_ttl = history_ttl
         self._prefix = prefix
         # Pub/sub ignores the database number, so it is part of the channel name.
         self._pubsub_prefix = f"{prefix}:{db}:ch:"
@@ -217,25 +261,41 @@ class RedisBroker(Broker):
         """A future of the offset: queued synchronously, so the queue's order is the call order."""
         header, data = encode(envelope)
         name, seq_key, history_key = self._keys(envelope.channel)
+        ttl_ms = int(self.history_ttl * 1000)
         return self._command(
-            "EVALSHA", _PUBLISH_SHA, 2, seq_key, history_key, name, header, data, self.history_size
+            "EVALSHA",
+            _PUBLISH_SHA,
+            2,
+            seq_key,
+            history_key,
+            name,
+            header,
+            data,
+            self.history_size,
+            ttl_ms,
         )
 
-    async def history(self, channel: str, limit: int) -> list[Envelope]:
-        """Oldest first; empty while Redis is unreachable (a joiner then misses history)."""
-        if limit <= 0:
-            return []
+    async def backlog(self, channel: str, after: int, limit: int) -> Backlog:
+        """Raises `unavailable` while Redis is unreachable."""
         waiters = self._sub_waiters.get(channel)
         if waiters:
             # Another joiner's SUBSCRIBE is still on its way: read history only once it is
             # active, or a message published in between would be in neither history nor live.
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(waiters[-1]), self._op_timeout)
-        try:
-            items = await self._command("LRANGE", self._keys(channel)[2], 0, limit - 1)
-        except BrokerUnavailable:
-            return []
-        return [decode(channel, item) for item in reversed(items)]
+        _, seq_key, history_key = self._keys(channel)
+        last, now, items = await self._command(
+            "EVALSHA", _BACKLOG_SHA, 2, seq_key, history_key, after, max(limit, 0)
+        )
+        ttl_ms = int(self.history_ttl * 1000)
+        envelopes = []
+        for item in items:  # newest first: stop at the first one too old
+            at, envelope = decode_kept(channel, item)
+            if ttl_ms > 0 and now - at > ttl_ms:
+                break
+            envelopes.append(envelope)
+        envelopes.reverse()
+        return Backlog(envelopes, int(last))
 
     @property
     def healthy(self) -> bool:
@@ -248,21 +308,24 @@ class RedisBroker(Broker):
     # -- names ------------------------------------------------------------------------
 
     def _keys(self, channel: str) -> tuple[str, str, str]:
-        """(pub/sub channel, seq key, history key) of a channel."""
+        """(pub/sub channel, seq key, history key) of a channel.
+
+        All three carry the channel as a hash tag, so they share one Redis Cluster slot.
+        """
         keys = self._key_cache.get(channel)
         if keys is None:
             if len(self._key_cache) >= 10000:
                 self._key_cache.clear()
-            prefix = self._prefix
+            tag = f"{{{channel}}}"
             keys = self._key_cache[channel] = (
-                self._pubsub_prefix + channel,
-                f"{prefix}:seq:{channel}",
-                f"{prefix}:history:{channel}",
+                self._pubsub_prefix + tag,
+                f"{self._prefix}:{tag}:seq",
+                f"{self._prefix}:{tag}:history",
             )
         return keys
 
     def _pubsub_name(self, channel: str) -> str:
-        return self._pubsub_prefix + channel
+        return f"{self._pubsub_prefix}{{{channel}}}"
 
     # -- commands: a queue sent as pipelined batches over the command connection ------
 
@@ -390,7 +453,7 @@ class RedisBroker(Broker):
                     if channel is not None and self._on_envelope is not None:
                         self._deliver(channel, reply[2])
                 elif kind == b"subscribe":
-                    channel = reply[1].decode()[len(self._pubsub_prefix) :]
+                    channel = reply[1].decode()[len(self._pubsub_prefix) + 1 : -1]
                     waiters = self._sub_waiters.get(channel)
                     if waiters:
                         waiter = waiters.popleft()
