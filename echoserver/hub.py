@@ -40,6 +40,9 @@ log = logging.getLogger("echoserver.hub")
 
 MAX_TRACKED_CHANNELS = 1000  # channels with counters of their own in /metrics
 OTHER_CHANNELS = "(other)"  # where the rest are counted
+# Bytes a replayed message may take beyond its payload in a receiver's queue: a frame
+# header and mixed mode's {"type":"broadcast","payload":...,"offset":N} around it.
+REPLAY_OVERHEAD = 64
 
 
 class HubUnavailable(BrokerUnavailable):
@@ -258,6 +261,10 @@ class Hub:
                 now[subscriber.sub_id] = subscriber
         past = backlog.envelopes if backlog is not None else []
         last = backlog.last if backlog is not None else None
+        if past and now is not None and still_joining:
+            # Only what fits under the joiner's queue cap: the newest kept messages, never
+            # a replay that loses messages on its way (a since join is then not recovered).
+            past = self._fitting(past, self.max_queue_bytes - subscriber.queued_bytes())
         replay = Replay(
             since,
             len(past),
@@ -279,6 +286,19 @@ class Hub:
             self._offer(subscriber, delivery, stats)
         await self.presence.set_local(channel, len(now))
         return replay
+
+    @staticmethod
+    def _fitting(past: list[Envelope], budget: int) -> list[Envelope]:
+        """The newest of `past` whose frames fit in `budget` bytes (each counted with
+        REPLAY_OVERHEAD for its frame header and envelope)."""
+        start = len(past)
+        while start > 0:
+            size = len(past[start - 1].data) + REPLAY_OVERHEAD
+            if size > budget:
+                break
+            budget -= size
+            start -= 1
+        return past[start:] if start else past
 
     async def _backlog(self, channel: str, since: int | None, kept: int) -> Backlog | None:
         """What to replay to a joiner; None when the broker cannot tell (unreachable)."""

@@ -241,7 +241,23 @@ def test_history_replay_respects_the_cap():
         return joiner
 
     joiner = run(scenario())
-    assert joiner.got == [b"%099d" % n for n in range(3)]
+    # The newest that fit (100 bytes each, counted with REPLAY_OVERHEAD): nothing dropped
+    # on the way, so a replay is always the latest messages without a hole.
+    assert joiner.got == [b"%099d" % 9]
+
+
+def test_a_since_replay_over_the_cap_is_trimmed_to_the_newest_and_not_recovered():
+    async def scenario() -> tuple[Replay, Offsets]:
+        hub = Hub(MemoryBroker(history=10), max_queue_bytes=500)
+        for n in range(10):
+            hub.publish("room", b"%099d" % n, False, None)
+        joiner = Offsets(hub)
+        joiner.reads = False
+        return await hub.join("room", joiner, since=2), joiner
+
+    replay, joiner = run(scenario())
+    assert replay == Replay(since=2, count=3, first=8, last=10, recovered=False)
+    assert joiner.offsets == [8, 9, 10]
 
 
 def test_one_delivery_object_per_fan_out_reaches_every_receiver():

@@ -22,7 +22,10 @@ from echoserver import config
 from echoserver.app import make_app
 from echoserver.brokers import Envelope, MemoryBroker
 from echoserver.config import Settings
-from tests.conftest import ROOT, make_settings, metric
+from tests.conftest import ROOT, make_settings, metric, wait_until
+from tests.redis_server import redis_server
+
+__all__ = ["redis_server"]  # the fixture
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -304,3 +307,18 @@ def test_print_config_hides_the_api_key() -> None:
     assert KEY not in proc.stdout
     assert "# api.key is set but not printed" in proc.stdout
     assert tomllib.loads(proc.stdout)["api"]["key"] == config.HIDDEN
+
+
+@pytest.mark.redis
+def test_503_while_redis_is_down_then_published_again(run_server, redis_server) -> None:
+    server = run_server("--mode", "broadcast", "--api-key", KEY, "--broker", redis_server.url)
+    url = f"{server.url}/api/channels/news/messages"
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "text/plain"}
+    assert http_post(url, b"before", headers)[0] == 200
+    redis_server.stop()
+    assert wait_until(lambda: http_post(url, b"during", headers)[0] == 503, 10)
+    status, body = http_post(url, b"during", headers)
+    assert status == 503 and "not published" in body["error"]
+    redis_server.start()  # same port, empty: offsets start again at 1
+    assert wait_until(lambda: http_post(url, b"after", headers)[0] == 200, 15)
+    assert metric(server, "echoserver_api_publish_requests_total", status="503") >= 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -250,3 +251,35 @@ def test_a_client_away_during_1000_messages_gets_each_once_in_order(
     )
     member_order = [p for p in payloads if p.startswith("m")]
     assert member_order == [f"m{n}" for n in range(total // 2)]  # a sender's order is kept
+
+
+@pytest.mark.redis
+def test_an_offset_from_before_redis_lost_its_data_is_not_recovered(
+    run_server: Any, redis_server: RedisServer
+) -> None:
+    server = mixed(run_server, "--broker", redis_server.url, "--history", "10")
+
+    def publish_when_up(payload: Any) -> int:
+        for _ in range(100):
+            try:
+                return publish(server, payload)
+            except urllib.error.HTTPError as error:
+                assert error.code == 503
+                time.sleep(0.1)
+        raise AssertionError("the broker did not come back")
+
+    async def scenario() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        for n in range(5):
+            await asyncio.to_thread(publish, server, n)
+        await asyncio.to_thread(redis_server.stop)
+        await asyncio.to_thread(redis_server.start)  # same port, empty
+        await asyncio.to_thread(publish_when_up, "new")
+        back = await connect(server, since=5)
+        recovery = await read_json(back)
+        replayed = await broadcasts(back, 1)
+        back.close()
+        return recovery, replayed
+
+    recovery, replayed = run(scenario())
+    assert recovery == {"type": "recovery", "recovered": False, "since": 5, "first": 1}
+    assert replayed == [{"type": "broadcast", "payload": "new", "offset": 1}]
