@@ -577,3 +577,26 @@ def test_post_publishes_and_counts_receivers():
     assert (first.offset, first.local_receivers, first.receivers) == (1, 3, 3)
     assert (second.offset, second.local_receivers, second.receivers) == (1, 0, 0)
     assert all(member.got == [b"one"] for member in members)
+
+
+def test_the_mixed_envelope_is_built_once_per_fan_out():
+    """Every receiver of one fan-out gets the same envelope bytes, with the offset."""
+    from echoserver.messages import mixed_broadcast, mixed_payload
+
+    seen: list[bytes | None] = []
+
+    class Mixed(Recorder):
+        def deliver(self, delivery: Delivery) -> None:
+            seen.append(mixed_broadcast(delivery))
+
+    async def scenario() -> None:
+        hub = Hub(MemoryBroker())
+        for _ in range(3):
+            await hub.join("room", Mixed(hub))
+        hub.publish("room", mixed_payload({"n": "é"}), False, None)
+        hub.publish("room", b"\x00", True, None)  # binary: not carried in mixed mode
+
+    run(scenario())
+    assert seen[0] == '{"type":"broadcast","payload":{"n":"é"},"offset":1}'.encode()
+    assert seen[1] is seen[0] and seen[2] is seen[0]
+    assert seen[3:] == [None, None, None]
