@@ -83,9 +83,11 @@ class BaseSocket(tornado.web.RequestHandler):
     _gone = False  # the client went away during the handshake
     _closed = False
 
-    @property
-    def server(self) -> ServerContext:
-        return cast(ServerContext, self.application)
+    server: ServerContext  # the Application, seen as what handlers may use of it
+
+    def initialize(self) -> None:
+        # An attribute, not a property: it is read on every message.
+        self.server = cast(ServerContext, self.application)
 
     @property
     def peer(self) -> str:

@@ -198,6 +198,14 @@ def socket_memory(port: int, peer_port: int) -> tuple[str, int] | None:
     return state, int(queued.group(1)) if queued else 0
 
 
+def broadcast_server(run_server: Any, slow_client: str, loop: str) -> ServerProcess:
+    """A broadcast server with a 256 KiB queue cap per client and this slow-client policy."""
+    return run_server(
+        *("--mode", "broadcast", "--max-queue-bytes", str(256 * 1024)),
+        *("--slow-client", slow_client, "--loop", loop),
+    )
+
+
 def never_reading_peer(server: ServerProcess, channel: str) -> Peer:
     return Peer(server.port, f"/ws/{channel}", receive_buffer=4096)
 
@@ -212,17 +220,7 @@ def flood(server: ServerProcess, channel: str, megabytes: int) -> None:
 
 @LOOPS
 def test_a_never_reading_client_costs_a_bounded_amount(run_server: Any, loop: str) -> None:
-    queue_cap = 256 * 1024
-    server = run_server(
-        "--mode",
-        "broadcast",
-        "--max-queue-bytes",
-        str(queue_cap),
-        "--slow-client",
-        "drop",
-        "--loop",
-        loop,
-    )
+    server = broadcast_server(run_server, "drop", loop)
     peer = never_reading_peer(server, "slow")
     flood(server, "slow", 16)
     state, queued = socket_memory(server.port, peer.sock.getsockname()[1])
@@ -237,16 +235,7 @@ def test_a_never_reading_client_costs_a_bounded_amount(run_server: Any, loop: st
 def test_a_slow_client_closed_with_1013_is_reset_not_left_lingering(
     run_server: Any, loop: str
 ) -> None:
-    server = run_server(
-        "--mode",
-        "broadcast",
-        "--max-queue-bytes",
-        "262144",
-        "--slow-client",
-        "disconnect",
-        "--loop",
-        loop,
-    )
+    server = broadcast_server(run_server, "disconnect", loop)
     peer = never_reading_peer(server, "slow")
     flood(server, "slow", 8)
     assert "(1013)" in server.log()
