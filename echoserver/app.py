@@ -25,6 +25,7 @@ from echoserver.hub import Hub
 from echoserver.metrics import Metrics
 from echoserver.scheduling import Flusher, Keepalive
 from echoserver.sockets import SOCKETS, BaseSocket
+from echoserver.sse import EventStream
 
 
 def static_dir(settings: Settings) -> Path:
@@ -41,7 +42,7 @@ class EchoServerApp(tornado.web.Application):
     def __init__(self, config: Settings, hub: Hub) -> None:
         self.config = config
         self.hub = hub
-        self.connections: set[BaseSocket] = set()
+        self.connections: set[BaseSocket | EventStream] = set()
         self.metrics = Metrics(self._open_connections, lambda: hub.stats)
         self.flusher = Flusher()
         ws = config.websocket
@@ -69,6 +70,9 @@ class EchoServerApp(tornado.web.Application):
         ]
         if config.mode != "echo":
             rules.append((routes.with_channel(ws_path), socket))
+            # A channel as Server-Sent Events: /sse is channel "default".
+            rules.append((routes.exact(routes.SSE), EventStream))
+            rules.append((routes.with_channel(routes.SSE), EventStream))
         super().__init__(
             rules,
             # Tornado adds STATIC/(.*) and STATIC_FILES for static_path.

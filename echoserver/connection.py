@@ -390,22 +390,40 @@ class WebSocketConnection:
         return self.endpoint.peer
 
     def deliver(self, delivery: Delivery) -> None:
-        """Queue a broadcast: encoded once and shared by every receiver without compression."""
-        if self.protocol.state != OPEN or self._lost:
+        """Queue a broadcast: encoded once and shared by every receiver without compression.
+
+        Called once per receiver of every broadcast: it queues the frame itself (as
+        send_frame does) to save a call per delivery.
+        """
+        protocol = self.protocol
+        if protocol.state:  # not OPEN (CLOSED once the socket is lost)
             return
+        frame = delivery.frame
+        if frame is None or protocol.deflater is not None:
+            frame = self._frame_for(delivery)
+            if frame is None:
+                return
+        protocol.out.append(frame)
+        protocol.out_size += len(frame)
+        if not self._dirty:
+            self._dirty = True
+            if not self._feeding:
+                self.flusher.mark(self)
+
+    def _frame_for(self, delivery: Delivery) -> bytes | None:
+        """This receiver's frame of a delivery: the shared one, encoded (or deflated) by
+        the first receiver that needs it; None when this receiver skips the message."""
         deflater = self.protocol.deflater
         if deflater is not None:
-            frame = self._deflated_frame(delivery, deflater)
-        else:
-            frame = delivery.frame
-            if frame is None:
-                data = delivery.data if self.render is None else self.render(delivery)
-                if data is None:
-                    return
-                opcode = OP_BINARY if delivery.binary else OP_TEXT
-                frame = delivery.frame = encode_frame(opcode, data)
-        if frame is not None:
-            self.send_frame(frame)
+            return self._deflated_frame(delivery, deflater)
+        frame = delivery.frame
+        if frame is None:
+            data = delivery.data if self.render is None else self.render(delivery)
+            if data is None:
+                return None
+            opcode = OP_BINARY if delivery.binary else OP_TEXT
+            frame = delivery.frame = encode_frame(opcode, data)
+        return frame
 
     def _deflated_frame(self, delivery: Delivery, deflater: Deflater) -> bytes | None:
         shared = deflater.shared

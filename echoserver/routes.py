@@ -20,7 +20,7 @@ METRICS = "/metrics"
 CHANNELS = "/api/channels"  # /api/channels/<channel>, POST /api/channels/<channel>/messages
 MESSAGES = "messages"  # the publish API's last path segment, below a channel
 PROTOCOL = "/api/protocol"  # channel names and close codes, for clients such as the page
-SSE = "/sse"  # coming: /sse and /sse/<channel>
+SSE = "/sse"  # /sse and /sse/<channel>: a channel as Server-Sent Events
 # Tornado serves these two from the static directory as well.
 STATIC_FILES = ("/favicon.ico", "/robots.txt")
 

@@ -15,7 +15,7 @@ from echoserver.framing import CloseCode
 
 
 class Flushable(Protocol):
-    def flush(self) -> None:
+    def flush(self) -> object:
         """Write what is queued, in one write."""
 
 

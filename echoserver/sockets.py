@@ -13,28 +13,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
 from collections.abc import Awaitable
-from typing import Any, cast
-
-import tornado.web
-from tornado.log import app_log
+from typing import Any
 
 from echoserver import deflate
 from echoserver.access import write_access_line
+from echoserver.admission import AdmittedHandler
 from echoserver.connection import WebSocketConnection
-from echoserver.context import ServerContext
 from echoserver.framing import CloseCode, FrameParser
 from echoserver.handshake import (
     VERSIONS,
     Refusal,
     accept_value,
-    bearer_token,
     check_upgrade,
-    origin_allowed,
-    request_origin,
-    token_matches,
 )
 from echoserver.hub import HubUnavailable, Replay
 from echoserver.messages import mixed_broadcast, mixed_payload
@@ -45,9 +37,6 @@ log = logging.getLogger("echoserver.ws")
 
 # A sender's broadcasts that a remote broker may hold unanswered before we stop reading it.
 MAX_PUBLISHES_IN_FLIGHT = 64
-# ?since=N: an offset, a non-negative integer (Redis counts to 2**63 - 1).
-SINCE = re.compile(rb"[0-9]{1,18}")
-BAD_SINCE = Refusal(400, "bad_request", "since must be an offset: a non-negative integer")
 
 
 class RateLimit:
@@ -71,7 +60,7 @@ class RateLimit:
         return True
 
 
-class BaseSocket(tornado.web.RequestHandler):
+class BaseSocket(AdmittedHandler):
     """What every WebSocket endpoint shares: the handshake and the connection's bookkeeping."""
 
     logs_own_access = True  # one access line when the connection ends, with its close code
@@ -83,22 +72,12 @@ class BaseSocket(tornado.web.RequestHandler):
     _gone = False  # the client went away during the handshake
     _closed = False
 
-    server: ServerContext  # the Application, seen as what handlers may use of it
-
-    def initialize(self) -> None:
-        # An attribute, not a property: it is read on every message.
-        self.server = cast(ServerContext, self.application)
-
-    @property
-    def peer(self) -> str:
-        return f"{self.request.remote_ip} {self.request.path}"
-
     # --- the opening handshake ------------------------------------------------------------
 
     async def get(self, channel: str | None = None) -> None:
         refusal = self._refusal()
         if refusal is not None:
-            self._refuse(refusal)
+            self.refuse(refusal)
             return
         # Handshakes in flight count against max_connections, so a burst cannot overshoot.
         self.server.handshakes += 1
@@ -110,7 +89,7 @@ class BaseSocket(tornado.web.RequestHandler):
             log.exception("%s: the handshake could not complete", self.peer)
             if not self._gone:
                 self._release()
-                self._refuse(Refusal(503, "unavailable", "try again later"))
+                self.refuse(Refusal(503, "unavailable", "try again later"))
             return
         if self._gone:
             return
@@ -128,41 +107,15 @@ class BaseSocket(tornado.web.RequestHandler):
 
     def _refusal(self) -> Refusal | None:
         """Why this handshake is refused, or None: policy first, then the request itself."""
-        server = self.server
-        ws = server.config.websocket
-        if server.draining:
-            return Refusal(503, "draining", "server is shutting down")
-        if ws.auth_token and not self._token_ok(ws.auth_token):
-            return Refusal(401, "auth", "missing or wrong token")
-        if ws.max_connections and len(server.connections) + server.handshakes >= ws.max_connections:
-            return Refusal(503, "full", "server is full")
-        headers = self.request.headers
-        refusal = check_upgrade(self.request.method or "", headers.get)
-        if refusal is not None:
-            return refusal
-        origin = request_origin(headers.get)
-        if not origin_allowed(origin, server.allowed_origins, self.request.host):
-            return Refusal(403, "origin", f"origin {origin!r} not allowed")
-        return None
+        refusal = self.policy_refusal(reserved=self.server.handshakes)
+        if refusal is None:
+            refusal = check_upgrade(self.request.method or "", self.request.headers.get)
+        return refusal
 
-    def _token_ok(self, expected: str) -> bool:
-        given = bearer_token(self.request.headers.get("Authorization"))
-        if not given:
-            try:
-                given = self.get_query_argument("token", "")
-            except tornado.web.HTTPError:  # not UTF-8: a wrong token, and not for the log
-                return False
-        return token_matches(given, expected)
-
-    def _refuse(self, refusal: Refusal) -> None:
-        self.server.metrics.handshakes_refused[refusal.reason] += 1
-        log.info(
-            "refused %s from %s: %s", self.request.path, self.request.remote_ip, refusal.message
-        )
-        self.set_status(refusal.status)
+    def refuse(self, refusal: Refusal) -> None:
         if refusal.status == 426:
             self.set_header("Sec-WebSocket-Version", ", ".join(reversed(VERSIONS)))
-        self.finish(refusal.message)
+        super().refuse(refusal)
 
     def _new_connection(self) -> WebSocketConnection:
         server = self.server
@@ -205,17 +158,6 @@ class BaseSocket(tornado.web.RequestHandler):
         if self._reserved:
             self._reserved = False
             self.server.handshakes -= 1
-
-    def _request_summary(self) -> str:
-        # Tornado's summary (in its error and warning lines) has the query, so ?token=.
-        return f"{self.request.method} {self.request.path} ({self.request.remote_ip})"
-
-    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
-        if isinstance(value, tornado.web.HTTPError):
-            super().log_exception(typ, value, tb)
-        else:  # Tornado's own also logs repr(request), whose uri has the query
-            summary = self._request_summary()
-            app_log.error("Uncaught exception %s", summary, exc_info=(typ, value, tb))
 
     # --- the connection's life (connection.Endpoint) ----------------------------------------
 
@@ -284,11 +226,10 @@ class ChannelSocket(BaseSocket):
         refusal = super()._refusal()
         if refusal is not None:
             return refusal
-        values = self.request.query_arguments.get("since")
-        if values is not None:
-            if len(values) != 1 or not SINCE.fullmatch(values[0]):
-                return BAD_SINCE
-            self.since = int(values[0])
+        since = self.offset_argument("since")
+        if isinstance(since, Refusal):
+            return since
+        self.since = since
         return None
 
     async def before_upgrade(self, channel: str) -> None:

@@ -1,0 +1,105 @@
+"""Who may open a long-lived connection: a WebSocket (sockets.py) or an event stream (sse.py).
+
+AdmittedHandler is the base of both endpoints. It owns the server's admission policy, in
+this order: a draining server answers 503, a missing or wrong token 401, a full server 503,
+and a browser origin that is not allowed 403. Each refusal is counted by reason in
+/metrics and logged without the query string (it may hold the token). The decisions
+themselves (token comparison, the origin rule) are handshake.py's.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, cast
+
+import tornado.web
+from tornado.log import app_log
+
+from echoserver.context import ServerContext
+from echoserver.handshake import (
+    Refusal,
+    bearer_token,
+    origin_allowed,
+    request_origin,
+    token_matches,
+)
+
+log = logging.getLogger("echoserver.ws")
+
+# An offset a client resumes after (?since=N, Last-Event-ID): a non-negative integer
+# (Redis counts to 2**63 - 1).
+OFFSET = re.compile(r"[0-9]{1,18}")
+BAD_OFFSET = Refusal(400, "bad_request", "since must be an offset: a non-negative integer")
+
+
+class AdmittedHandler(tornado.web.RequestHandler):
+    """A handler whose connections count against max_connections and obey the policy."""
+
+    server: ServerContext  # the Application, seen as what handlers may use of it
+
+    def initialize(self) -> None:
+        # An attribute, not a property: endpoints read it on every message.
+        self.server = cast(ServerContext, self.application)
+
+    @property
+    def peer(self) -> str:
+        return f"{self.request.remote_ip} {self.request.path}"
+
+    def policy_refusal(self, reserved: int = 0) -> Refusal | None:
+        """Why the server will not take this connection now, or None.
+
+        `reserved`: connections under way that count against max_connections besides the
+        open ones (WebSocket handshakes in flight).
+        """
+        server = self.server
+        ws = server.config.websocket
+        if server.draining:
+            return Refusal(503, "draining", "server is shutting down")
+        if ws.auth_token and not self._token_ok(ws.auth_token):
+            return Refusal(401, "auth", "missing or wrong token")
+        if ws.max_connections and len(server.connections) + reserved >= ws.max_connections:
+            return Refusal(503, "full", "server is full")
+        origin = request_origin(self.request.headers.get)
+        if not origin_allowed(origin, server.allowed_origins, self.request.host):
+            return Refusal(403, "origin", f"origin {origin!r} not allowed")
+        return None
+
+    def _token_ok(self, expected: str) -> bool:
+        given = bearer_token(self.request.headers.get("Authorization"))
+        if not given:
+            try:
+                given = self.get_query_argument("token", "")
+            except tornado.web.HTTPError:  # not UTF-8: a wrong token, and not for the log
+                return False
+        return token_matches(given, expected)
+
+    def offset_argument(self, *names: str) -> int | Refusal | None:
+        """The first of the query arguments `names` as an offset; None when absent."""
+        for name in names:
+            values = self.request.query_arguments.get(name)
+            if values is None:
+                continue
+            text = values[0].decode("latin-1")
+            if len(values) != 1 or not OFFSET.fullmatch(text):
+                return BAD_OFFSET
+            return int(text)
+        return None
+
+    def refuse(self, refusal: Refusal) -> None:
+        self.server.metrics.handshakes_refused[refusal.reason] += 1
+        request = self.request
+        log.info("refused %s from %s: %s", request.path, request.remote_ip, refusal.message)
+        self.set_status(refusal.status)
+        self.finish(refusal.message)
+
+    def _request_summary(self) -> str:
+        # Tornado's summary (in its error and warning lines) has the query, so ?token=.
+        return f"{self.request.method} {self.request.path} ({self.request.remote_ip})"
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, tornado.web.HTTPError):
+            super().log_exception(typ, value, tb)
+        else:  # Tornado's own also logs repr(request), whose uri has the query
+            summary = self._request_summary()
+            app_log.error("Uncaught exception %s", summary, exc_info=(typ, value, tb))
