@@ -299,3 +299,54 @@ def publish_to(server: Server, text: str) -> None:
             pass
     except urllib.error.HTTPError as error:  # pragma: no cover - shows the refusal
         raise AssertionError(f"publish refused: {error.code} {error.read()!r}") from None
+
+
+@pytest.mark.redis
+def test_a_stream_away_during_1000_messages_gets_each_once_in_order(
+    run_server: Any, redis_server: RedisServer
+) -> None:
+    """Published by a WebSocket member on one server and by the API on both, while the
+    event-stream reader leaves the first server and comes back to the second (and then
+    with curl) with Last-Event-ID."""
+    a, b = (
+        run_server("--mode", "broadcast", "--broker", redis_server.url, "--history", "2000",
+                   "--api-key", KEY)
+        for _ in "ab"
+    )  # fmt: skip
+    total = 1000
+    reader = Reader(a.port, "/sse/news")
+    try:
+        assert wait_until(lambda: members(a) == 1, 10)
+        with ws_connect(f"{b.ws_url}/ws/news") as member:
+            for n in range(200):
+                member.send(f"m{n}")
+            first = reader.events(200)
+            reader.close()
+            for n in range(200, total):  # while the reader is away
+                if n % 2:
+                    member.send(f"m{n}")
+                else:
+                    publish(a if n % 4 else b, b"m%d" % n)
+        last_seen = first[-1]["id"]
+        reader = Reader(b.port, "/sse/news", {"Last-Event-ID": last_seen})
+        rest = reader.events(1 + total - len(first), timeout=20)
+    finally:
+        reader.close()
+    recovery, rest = rest[0], rest[1:]
+    assert recovery["event"] == "recovery"
+    assert json.loads(recovery["data"])["recovered"] is True
+    got = first + rest
+    assert [int(e["id"]) for e in got] == list(range(1, total + 1))
+    assert sorted(e["data"] for e in got) == sorted(f"m{n}" for n in range(total))
+    member_order = [e["data"] for e in got if int(e["data"][1:]) < 200 or int(e["data"][1:]) % 2]
+    assert member_order == [f"m{n}" for n in range(total) if n < 200 or n % 2]
+
+    # curl resumes the same way, from any offset still kept.
+    done = subprocess.run(
+        ["curl", "-sN", "--max-time", "3", "-H", "Last-Event-ID: 990", f"{a.url}/sse/news"],
+        capture_output=True,
+        timeout=30,
+    )
+    tail = parse_events(done.stdout)
+    assert json.loads(tail[0]["data"]) == {"recovered": True, "since": 990, "first": 991}
+    assert [e["id"] for e in tail[1:]] == [str(n) for n in range(991, 1001)]
