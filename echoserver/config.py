@@ -91,6 +91,7 @@ class APISettings:
 class TLSSettings:
     certfile: str = ""
     keyfile: str = ""
+    min_version: str = "1.2"
 
 
 @dataclass(frozen=True)
@@ -543,6 +544,11 @@ KEYS: tuple[Key, ...] = (
         "tls.keyfile",
         'PEM private key of certfile, without a passphrase; "" = plain HTTP. Set with certfile.',
         _READABLE_FILE,
+    ),
+    _key(
+        "tls.min_version",
+        "Oldest TLS version a client may use: 1.2 or 1.3. SIGHUP reloads certfile/keyfile.",
+        _choice("1.2", "1.3"),
     ),
     _key(
         "log.level",

@@ -99,6 +99,8 @@ def ssl_context(
     if not settings.tls.certfile:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = TLS_VERSIONS[settings.tls.min_version]
+    context.set_alpn_protocols(["http/1.1"])  # the only protocol served
     try:
         # config has checked the files; this catches one changed since. A key with a
         # passphrase fails here instead of OpenSSL prompting on the terminal.
@@ -108,6 +110,27 @@ def ssl_context(
         key = describe(settings, "tls.keyfile", sources)
         raise StartupError(f"cannot load TLS files: {cert}, {key}: {err}") from err
     return context
+
+
+TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def reload_tls(server: tornado.httpserver.HTTPServer, settings: Settings) -> None:
+    """SIGHUP: load certfile/keyfile again (a renewed certificate) for new connections.
+
+    Open connections keep the certificate they were made with. A file that does not load
+    is logged and the current certificate kept: never a crash, never a port without TLS.
+    """
+    if not settings.tls.certfile:
+        log.info("SIGHUP: no TLS configured, nothing to reload")
+        return
+    try:
+        context = ssl_context(settings)
+    except StartupError as error:
+        log.error("SIGHUP: keeping the current certificate: %s", error)
+        return
+    server.ssl_options = context  # read for every new connection
+    log.info("SIGHUP: reloaded the TLS certificate from %s", settings.tls.certfile)
 
 
 def listen(settings: Settings, sources: Mapping[str, str] | None = None) -> list[socket.socket]:
@@ -158,6 +181,7 @@ def fork_workers(count: int, shutdown_timeout: float) -> int:
     """Fork `count` workers sharing the bound sockets; return the worker's index in each.
 
     The parent never returns: it restarts workers that crash (up to _MAX_RESTARTS), forwards
+    SIGHUP (reload the certificate) to every worker, forwards
     SIGTERM/SIGINT as SIGTERM to every worker so each drains its clients, kills workers still
     running shutdown_timeout + 5 s later, and exits 0 once all are gone after a stop signal
     (1 if they all died on their own). tornado.process.fork_processes forwards no signals.
@@ -176,6 +200,11 @@ def fork_workers(count: int, shutdown_timeout: float) -> int:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
 
+    def reload(signum: int, frame: object) -> None:
+        for pid in workers:  # each worker reloads its own certificate
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+
     def kill_all(signum: int, frame: object) -> None:
         log.warning("killing %d workers that did not stop in time", len(workers))
         for pid in workers:
@@ -192,6 +221,7 @@ def fork_workers(count: int, shutdown_timeout: float) -> int:
         if pid == 0:
             for signum in _STOP_SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until serve() handles it
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
             _die_with_parent(parent)
             return index
@@ -201,6 +231,7 @@ def fork_workers(count: int, shutdown_timeout: float) -> int:
 
     for signum in _STOP_SIGNALS:
         signal.signal(signum, stop)
+    signal.signal(signal.SIGHUP, reload)
     for index in range(count):
         if spawn(index) is not None:
             return index
@@ -247,6 +278,8 @@ def run(settings: Settings, sources: Mapping[str, str] | None = None) -> int:
     ``sources`` (from config.resolve) says where each setting came from, for the error line.
     """
     configure_logging(settings)
+    # Until serve() handles it, a SIGHUP (a certificate reload) must not end the process.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         context = ssl_context(settings, sources)
         sockets = listen(settings, sources)
@@ -275,6 +308,11 @@ async def serve(
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    if context is not None and settings.processes != 1:
+        # A worker may start long after the supervisor loaded the files (a restart after a
+        # crash): it loads them again, so it serves what a reload would, not the original.
+        with contextlib.suppress(StartupError):
+            context = ssl_context(settings)
     broker = create_broker(settings.broadcast.broker)
     app = make_app(settings, broker)
     await app.hub.start()
@@ -289,6 +327,7 @@ async def serve(
         idle_connection_timeout=HTTP_IDLE_TIMEOUT,
     )
     server.add_sockets(sockets)
+    loop.add_signal_handler(signal.SIGHUP, reload_tls, server, settings)
     scheme = "https" if context else "http"
     # Where a local browser reaches it: a wildcard address means this machine.
     host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(settings.host, settings.host)
