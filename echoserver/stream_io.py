@@ -40,6 +40,10 @@ class StreamIO:
                 await self._reading.wait()
                 data = await self.stream.read_bytes(65536, partial=True)
                 self.reader.feed(data)
+                # read_bytes answers at once while Tornado holds decrypted data, so without
+                # this a busy peer would be served read after read, never yielding to the
+                # loop: one read per connection per loop pass, as on the plain path.
+                await asyncio.sleep(0)
 
     def write(self, data: bytes) -> None:
         if not self.stream.closed():
