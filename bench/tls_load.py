@@ -5,9 +5,9 @@
 
 Prints "window" when the measured window starts and when it ends (the benchmark reads the
 server's CPU time then), then one JSON line. echo: replies per second in the window,
-round-trip p50/p99 and Jain's index over connections. broadcast: one sender publishes (a message carries its sequence
-number and send time); a broadcast completes when every receiver has it; deliveries/s and
-completion p50/p99 over the window. Every wait is bounded.
+round-trip p50/p99 and Jain's index over connections. broadcast: one sender publishes (a
+message carries its sequence number); a broadcast completes when every receiver has it;
+deliveries/s and completion p50/p99 over the window. Every wait is bounded.
 """
 
 from __future__ import annotations
