@@ -38,7 +38,8 @@
     "server-about", "health", "server-stats",
     "composer", "msgtype-field", "msgtype", "encoding-field", "encoding", "envelope-field", "envelope",
     "message", "message-help", "file-field", "file", "send", "compose-error", "log", "log-count",
-    "filter", "clear", "autoscroll"
+    "filter", "clear", "autoscroll", "offsets-note", "cli-card", "cli-channel", "curl-publish",
+    "curl-subscribe", "copy-publish", "copy-subscribe", "copy-status"
   ].forEach(function (id) { el[id.replace(/-(\w)/g, function (_, c) { return c.toUpperCase(); })] = $(id); });
 
   var state = {
@@ -57,6 +58,13 @@
     healthInflight: null,  // the GET /healthz under way, shared by every caller
     authRequired: null,    // does the server require a token? null = not known yet
     replayLeft: 0,         // messages still to come of a history replay (mixed mode)
+    // Resuming (mixed mode): the offset of the last broadcast seen on offsetChannel. A
+    // reconnect to that channel asks for what came after it with ?since=; another channel
+    // (or a page load) starts fresh.
+    lastOffset: null,
+    offsetChannel: null,
+    recovery: null,        // a ?since= replay under way: {since, recovered, first, count, from, to, syncId}
+    syncSeq: 0,
     composeErrorKind: "",  // "not-connected" is cleared once a connection opens
     wsPath: "/ws",         // the WebSocket endpoint; channels are <wsPath>/<channel>
     channel: "default",    // the channel of the current/last connection
@@ -183,6 +191,9 @@
     el.msgtypeField.hidden = mixed;
     el.encodingField.hidden = mixed;
     el.fileField.hidden = mixed;
+    el.offsetsNote.hidden = state.mode !== "broadcast";
+    el.cliCard.hidden = !channels;
+    renderCli();
     updateComposerHints();
   }
 
@@ -246,6 +257,7 @@
   function setAuthRequired(required) {
     state.authRequired = required;
     setText(el.tokenNeed, required ? "(required)" : "(not required)");
+    renderCli();
   }
 
   /* ---------- connection ---------- */
@@ -255,16 +267,23 @@
     return v === "" ? "default" : v;
   }
 
-  function buildUrl(channel) {
+  function buildUrl(channel, since) {
     var path = isChannelMode() ? state.wsPath + "/" + channel : state.wsPath;
     var url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + path;
     var token = el.token.value;
-    var shown = url;
-    if (token) {
-      url += "?token=" + encodeURIComponent(token);
-      shown += "?token=•••";
+    var query = [], shownQuery = [];
+    if (since !== null) {
+      query.push("since=" + since);
+      shownQuery.push("since=" + since);
     }
-    return { url: url, shown: shown };
+    if (token) {
+      query.push("token=" + encodeURIComponent(token));
+      shownQuery.push("token=•••");
+    }
+    return {
+      url: url + (query.length ? "?" + query.join("&") : ""),
+      shown: url + (shownQuery.length ? "?" + shownQuery.join("&") : "")
+    };
   }
 
   function clearRetry() {
@@ -304,8 +323,12 @@
       return;
     }
     state.channel = channel;
-    var target = buildUrl(channel);
+    // Another channel than the offsets seen were on: a fresh join, no since.
+    if (state.offsetChannel !== channel) { state.lastOffset = null; state.offsetChannel = channel; }
+    var since = state.mode === "mixed" && state.lastOffset !== null ? state.lastOffset : null;
+    var target = buildUrl(channel, since);
     el.url.textContent = target.shown;
+    renderCli();
     var ws;
     try {
       ws = new WebSocket(target.url);
@@ -325,6 +348,7 @@
       state.opened = true;
       state.attempt = 0;
       state.replayLeft = 0;
+      state.recovery = null;
       showHint("");
       el.token.removeAttribute("aria-invalid");
       if (!el.token.value && state.authRequired === null) setAuthRequired(false);
@@ -345,6 +369,7 @@
       state.ws = null;
       state.opened = false;
       state.replayLeft = 0;
+      state.recovery = null;
       pending.clear();
       stopMembers();
       var label = closeLabel(ev.code, ev.reason);
@@ -632,18 +657,34 @@
             return;
           }
           if (msg.type === "recovery" && !replayed) {
-            logSys(msg.recovered ? "Recovered the messages after offset " + msg.since + "."
-              : "Could not recover every message after offset " + msg.since + ": the server kept them from offset " + msg.first + ".");
+            startRecovery(msg);
             return;
           }
           var p = msg.payload;
+          if (msg.type === "echo" && isSync(p)) {
+            if (state.recovery && p.echoserverPageSync === state.recovery.syncId) endRecovery();
+            return;
+          }
           var ptext = typeof p === "string" ? p : JSON.stringify(p);
+          var offset = typeof msg.offset === "number" ? msg.offset : null;
           if (msg.type === "echo") {
             add({ dir: "in", kind: "text", size: size, text: ptext, tag: "echo", rtt: takePending("e:" + ptext) });
             return;
           }
           if (msg.type === "broadcast") {
-            add({ dir: "in", kind: "text", size: size, text: ptext, tag: "broadcast" });
+            var entry = { dir: "in", kind: "text", size: size, text: ptext, tag: "broadcast", offset: offset };
+            // Only the channel's own stream moves the resume point: it arrives in offset order.
+            if (offset !== null) state.lastOffset = offset;
+            var rec = state.recovery;
+            if (rec && !replayed) {
+              entry.replayed = true;
+              entry.replayKind = "recovery";
+              entry.rtt = null;
+              rec.count++;
+              if (rec.from === null) rec.from = offset;
+              rec.to = offset;
+            }
+            add(entry);
             return;
           }
           if (msg.type === "broadcastResult") {
@@ -651,6 +692,7 @@
             add({
               dir: "in", kind: "text", size: size, text: ptext, tag: "broadcastResult",
               extra: typeof n === "number" ? "delivered to " + n + " listener" + (n === 1 ? "" : "s") : null,
+              offset: offset,
               rtt: takePending("r:" + ptext)
             });
             return;
@@ -664,6 +706,113 @@
     }
     var bytes = new Uint8Array(data);
     add({ dir: "in", kind: "binary", size: bytes.length, bytes: bytes, rtt: replayed ? null : takePending(binaryKey(bytes)) });
+  }
+
+  /* ---------- resuming with ?since= (mixed mode) ---------- */
+
+  // The server answers a ?since= join with {"type":"recovery",...} and then replays the kept
+  // messages after `since`; it does not say how many. So the page sends an echo of its own
+  // right away: the server queues its reply behind everything already queued for this
+  // connection, so the broadcasts that arrive before it are the replay (plus any published
+  // in the moment the page was reconnecting, which it had missed all the same).
+  function isSync(p) {
+    return !!p && typeof p === "object" && !Array.isArray(p) && typeof p.echoserverPageSync === "number";
+  }
+
+  function range(a, b) { return a === b ? "offset " + a : "offsets " + a + "–" + b; }
+  function plural(n, word) { return n + " " + word + (n === 1 ? "" : "s"); }
+
+  function startRecovery(msg) {
+    var since = typeof msg.since === "number" ? msg.since : null;
+    var first = typeof msg.first === "number" ? msg.first : null;
+    var recovered = msg.recovered === true;
+    if (!recovered) {
+      var limits = " The server keeps a bounded history per channel (the last broadcast.history " +
+        "messages, for at most broadcast.history_ttl seconds), and a replay must fit the client's queue.";
+      if (first !== null && since !== null && first <= since) {
+        logError("Some messages were missed: the channel's offsets started again from 1 (the server lost " +
+          "its state: a restart with the memory broker, or a flushed Redis), so what came after offset " +
+          since + " cannot be told apart. Replaying what is kept from offset " + first + ".");
+      } else if (first !== null && since !== null && first > since + 1) {
+        logError("Some messages were missed: " + range(since + 1, first - 1) + " (" +
+          plural(first - since - 1, "message") + ") are no longer kept." + limits +
+          " Replaying what is kept from offset " + first + ".");
+      } else if (first === null) {
+        logError("Some messages may have been missed: the server could replay none of those after offset " + since +
+          "." + limits + " With history off, while the broker is unreachable, or after a restart that lost the " +
+          "channel's offsets, nothing is kept to replay.");
+      } else {
+        logError("Could not recover every message after offset " + since + "." + limits);
+      }
+    }
+    if (first === null) {
+      if (recovered) logSys("Resumed after offset " + since + ": nothing was published meanwhile.");
+      return;
+    }
+    var id = ++state.syncSeq;
+    state.recovery = { since: since, recovered: recovered, first: first, count: 0, from: null, to: null, syncId: id };
+    if (isOpen()) state.ws.send(JSON.stringify({ type: "echo", payload: { echoserverPageSync: id } }));
+  }
+
+  function endRecovery() {
+    var rec = state.recovery;
+    state.recovery = null;
+    var what = rec.count ? plural(rec.count, "message") + " (" + range(rec.from, rec.to) + ")" : "no messages";
+    logSys((rec.recovered
+      ? "Recovered " + what + " published while disconnected"
+      : "Replayed the " + what + " still kept") + "; live messages follow.");
+  }
+
+  /* ---------- publishing and subscribing with curl ---------- */
+
+  function renderCli() {
+    if (el.cliCard.hidden) return;
+    var base = location.protocol + "//" + location.host;
+    var channel = state.channel;
+    var mixed = state.mode === "mixed";
+    setText(el.cliChannel, channel);
+    setText(el.curlPublish, "curl -H \"Authorization: Bearer $ECHOSERVER_API_KEY\" " +
+      (mixed ? "-H 'Content-Type: application/json' --data '{\"text\":\"hello\"}'"
+             : "-H 'Content-Type: text/plain' --data 'hello'") +
+      " " + base + "/api/channels/" + channel + "/messages");
+    setText(el.curlSubscribe, "curl -N " +
+      (state.authRequired ? "-H \"Authorization: Bearer $ECHOSERVER_TOKEN\" " : "") +
+      base + "/sse/" + channel);
+  }
+
+  var copyTimer = null;
+
+  function copyCommand(btn) {
+    var pre = $(btn.getAttribute("data-copy"));
+    var text = pre.textContent;
+    var what = btn.getAttribute("data-what");
+    var said = function (ok) {
+      el.copyStatus.textContent = ok
+        ? "Copied the " + what + " command."
+        : "Selected the " + what + " command: press Ctrl+C (⌘C on a Mac) to copy it.";
+      btn.textContent = ok ? "Copied" : "Selected";
+      if (copyTimer) clearTimeout(copyTimer);
+      copyTimer = setTimeout(function () {
+        el.copyPublish.textContent = el.copySubscribe.textContent = "Copy";
+      }, 2000);
+    };
+    var fallback = function () {
+      // No clipboard API (a page served over plain http from another host): select the
+      // command, and try the older copy command on the selection.
+      var sel = window.getSelection();
+      var r = document.createRange();
+      r.selectNodeContents(pre);
+      sel.removeAllRanges();
+      sel.addRange(r);
+      var ok = false;
+      try { ok = document.execCommand("copy"); } catch (e) { ok = false; }
+      said(ok);
+    };
+    if (navigator.clipboard && typeof navigator.clipboard.writeText === "function") {
+      navigator.clipboard.writeText(text).then(function () { said(true); }, fallback);
+    } else {
+      fallback();
+    }
   }
 
   /* ---------- log (bounded, batched with requestAnimationFrame) ---------- */
@@ -696,7 +845,9 @@
         ? "… +" + (t.length - TEXT_PREVIEW_CHARS).toLocaleString("en-US") + " more characters" : "";
       e.text = null;
     }
-    e.search = (DIR_LABEL[e.dir] + " " + e.kind + " " + (e.tag || "") + " " + (e.replayed ? "replayed " : "") +
+    e.search = (DIR_LABEL[e.dir] + " " + e.kind + " " + (e.tag || "") + " " +
+      (e.offset !== null && e.offset !== undefined ? "offset " + e.offset + " " : "") +
+      (e.replayed ? (e.replayKind === "recovery" ? "recovered replayed " : "replayed ") : "") +
       (e.extra || "") + " " + e.display).toLowerCase();
     entries.push(e);
     if (entries.length > MAX_ENTRIES) entries.shift();
@@ -733,9 +884,18 @@
     if (e.kind) appendSpan(meta, "kind", e.kind);
     if (e.size !== null && e.size !== undefined) appendSpan(meta, "size", fmtBytes(e.size));
     if (e.tag) appendSpan(meta, "tag", e.tag);
+    if (e.offset !== null && e.offset !== undefined) {
+      appendSpan(meta, "offset", "offset " + e.offset).title = "The message's position on its channel";
+    }
     if (e.replayed) {
       div.setAttribute("data-replayed", "true");
-      appendSpan(meta, "tag replay", "replayed").title = "Sent before you joined; replayed from the server's kept history";
+      if (e.replayKind === "recovery") {
+        div.setAttribute("data-replay", "recovery");
+        appendSpan(meta, "tag replay", "recovered").title = "Published while disconnected; recovered on reconnecting";
+      } else {
+        div.setAttribute("data-replay", "history");
+        appendSpan(meta, "tag replay", "replayed").title = "Sent before you joined; replayed from the server's kept history";
+      }
     }
     if (e.extra) appendSpan(meta, "extra", e.extra);
     if (e.rtt !== null && e.rtt !== undefined) {
@@ -857,6 +1017,8 @@
     state.total = 0;
     rerender();
   });
+  el.copyPublish.addEventListener("click", function () { copyCommand(el.copyPublish); });
+  el.copySubscribe.addEventListener("click", function () { copyCommand(el.copySubscribe); });
   el.autoscroll.addEventListener("change", function () {
     if (el.autoscroll.checked) el.log.scrollTop = el.log.scrollHeight;
   });

@@ -6,6 +6,7 @@ Screenshots go to tests/artifacts/.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -743,5 +744,203 @@ def test_replayed_history_is_marked(tabs):
         live = b.entry("in", "live now").first
         assert live.get_attribute("data-replayed") is None
         b.shot("desktop-history.png")
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------- offsets, resume, curl
+
+API_KEY = "browser-test-key"
+
+# The received broadcasts in the log, oldest first: text, offset shown, and how it is marked.
+RECEIVED_BROADCASTS = """() => [...document.querySelectorAll('#log .entry[data-dir="in"]')]
+  .filter(e => e.querySelector('.tag').textContent === 'broadcast')
+  .map(e => [e.querySelector('.content').textContent,
+             e.querySelector('.offset') ? e.querySelector('.offset').textContent : null,
+             e.dataset.replay || null])"""
+
+
+def _publish(server: Server, channel: str, body: str, content_type: str = "text/plain") -> int:
+    """POST to the publish API; returns the message's offset."""
+    request = urllib.request.Request(
+        f"{server.url}/api/channels/{channel}/messages",
+        data=body.encode(),
+        method="POST",
+        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": content_type},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())["offset"]
+
+
+def _socket_urls(t: Tab) -> list[str]:
+    return t.page.evaluate("window.__sockets.map(s => s.url)")
+
+
+def test_offsets_are_shown_in_mixed_mode_only(tabs, mixed_server, broadcast_server):
+    t = tabs().open(mixed_server, "?channel=offsets-shown")
+    assert t.page.is_hidden("#offsets-note")
+    t.page.select_option("#envelope", "broadcast")
+    for text in ("first", "second"):
+        t.send(text)
+        t.page.locator('#log .entry[data-dir="in"]', has_text="broadcastResult").filter(
+            has_text=text
+        ).wait_for()
+    assert t.page.evaluate(RECEIVED_BROADCASTS) == [
+        ["first", "offset 1", None],
+        ["second", "offset 2", None],
+    ]
+    results = t.page.locator('#log .entry[data-dir="in"]', has_text="broadcastResult")
+    assert [results.nth(i).locator(".offset").text_content() for i in range(2)] == [
+        "offset 1",
+        "offset 2",
+    ]
+    assert t.page.text_content("#url").endswith("/ws/offsets-shown")  # a fresh join: no since
+    t.shot("desktop-offsets.png")
+    # Broadcast mode is a raw relay: no offsets in the frames, and the page says so.
+    b = tabs().open(broadcast_server, "?channel=offsets-raw")
+    assert b.page.is_visible("#offsets-note")
+    assert "mixed mode only" in b.page.text_content("#offsets-note")
+    b.send("raw")
+    b.entry("in", "raw")
+    assert b.page.locator("#log .entry .offset").count() == 0
+
+
+def test_reconnect_resumes_from_the_last_offset_through_redis(tabs, redis):
+    """Two servers share Redis; the page's server dies, messages are published through the
+    other, and the page, reconnecting by itself to the restarted server, gets every one of
+    them exactly once, in order, marked as recovered, then the live stream."""
+    args = ("--broker", redis.url, "--history", "100", "--api-key", API_KEY)
+    a = Server("mixed", port=_free_port(), extra_args=args).start()
+    b = Server("mixed", extra_args=args).start()
+    try:
+        t = tabs()
+        t.page.add_init_script(CAPTURE_SOCKETS)
+        t.open(a, "?channel=resume")
+        for i in (1, 2):
+            _publish(b, "resume", f"before {i}")
+        t.entry("in", "before 2")
+        a.kill()
+        t.wait_state("closed")
+        missed = [_publish(b, "resume", f"missed {i}") for i in range(1, 6)]
+        assert missed == [3, 4, 5, 6, 7]
+        a.start()  # the same port
+        t.wait_state("open", timeout=20_000)  # no click: it reconnected by itself
+        t.entry("sys", "Recovered 5 messages (offsets 3\u20137) published while disconnected")
+        assert _publish(b, "resume", "live after") == 8
+        t.entry("in", "live after")
+        urls = _socket_urls(t)
+        assert urls[0].endswith("/ws/resume"), urls
+        assert len(urls) >= 2 and all(u.endswith("/ws/resume?since=2") for u in urls[1:]), urls
+        assert "?since=2" in t.page.text_content("#url")
+        assert t.page.evaluate(RECEIVED_BROADCASTS) == [
+            ["before 1", "offset 1", None],
+            ["before 2", "offset 2", None],
+            *[[f"missed {i}", f"offset {i + 2}", "recovery"] for i in range(1, 6)],
+            ["live after", "offset 8", None],
+        ]
+        recovered = t.page.locator('#log .entry[data-replay="recovery"]').first
+        assert "recovered" in recovered.locator(".meta").text_content()
+        assert t.page.locator('#log .entry[data-dir="error"]').count() == 0
+        t.shot("desktop-recovered.png")
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_recovery_says_what_was_missed_when_history_is_too_short(tabs):
+    server = Server("mixed", extra_args=("--history", "3", "--api-key", API_KEY)).start()
+    try:
+        t = tabs(PHONE)
+        t.page.add_init_script(CAPTURE_SOCKETS)
+        t.open(server, "?channel=short")
+        for i in (1, 2):
+            _publish(server, "short", f"seen {i}")
+        t.entry("in", "seen 2")
+        # Drop the page's connection while the server stays up; it reconnects once allowed.
+        t.page.uncheck("#reconnect")
+        t.page.evaluate("window.__sockets[window.__sockets.length - 1].close()")
+        t.wait_state("closed")
+        for i in range(1, 6):
+            _publish(server, "short", f"gone {i}")  # offsets 3..7; only 5..7 are kept
+        t.page.check("#reconnect")
+        t.wait_state("open", timeout=20_000)
+        assert _socket_urls(t)[-1].endswith("/ws/short?since=2")
+        missed = t.entry("error", "Some messages were missed").first.text_content()
+        assert "offsets 3\u20134 (2 messages) are no longer kept" in missed, missed
+        assert "broadcast.history" in missed
+        t.entry("sys", "Replayed the 3 messages (offsets 5\u20137) still kept")
+        assert t.page.evaluate(RECEIVED_BROADCASTS) == [
+            ["seen 1", "offset 1", None],
+            ["seen 2", "offset 2", None],
+            ["gone 3", "offset 5", "recovery"],
+            ["gone 4", "offset 6", "recovery"],
+            ["gone 5", "offset 7", "recovery"],
+        ]
+        width = t.page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 390, width
+        t.shot("phone-not-recovered.png")
+    finally:
+        server.stop()
+
+
+def test_curl_lines_name_this_server_and_channel_and_copy(tabs, echo_server):
+    server = Server("mixed", extra_args=("--api-key", API_KEY)).start()
+    try:
+        t = tabs()
+        t.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
+        t.open(server, "?channel=cli-room")
+        base = f"http://127.0.0.1:{server.port}"
+        publish = t.page.text_content("#curl-publish")
+        assert publish == (
+            'curl -H "Authorization: Bearer $ECHOSERVER_API_KEY" '
+            "-H 'Content-Type: application/json' --data '{\"text\":\"hello\"}' "
+            f"{base}/api/channels/cli-room/messages"
+        )
+        assert t.page.text_content("#curl-subscribe") == f"curl -N {base}/sse/cli-room"
+        # Named buttons, reachable by role: "Copy" plus what it copies.
+        t.page.get_by_role("button", name="Copy Publish a message").click()
+        t.page.wait_for_function(
+            "document.querySelector('#copy-status').textContent === 'Copied the publish command.'"
+        )
+        assert t.page.evaluate("navigator.clipboard.readText()") == publish
+        t.page.focus("#copy-subscribe")
+        t.page.keyboard.press("Enter")
+        t.page.wait_for_function(
+            "document.querySelector('#copy-status').textContent.includes('subscribe')"
+        )
+        assert t.page.evaluate("navigator.clipboard.readText()") == f"curl -N {base}/sse/cli-room"
+        # The line works as it stands, given the key in the environment.
+        env = {**os.environ, "ECHOSERVER_API_KEY": API_KEY}
+        subprocess.run(["bash", "-c", publish], env=env, check=True, capture_output=True)
+        t.entry("in", '{"text":"hello"}')
+        t.shot("desktop-cli.png")
+        # Another channel: the lines follow.
+        t.page.fill("#channel", "elsewhere")
+        t.page.press("#channel", "Enter")
+        t.page.wait_for_function(
+            "document.querySelector('#curl-publish').textContent.endsWith"
+            "('/api/channels/elsewhere/messages')"
+        )
+        assert t.page.text_content("#curl-subscribe") == f"curl -N {base}/sse/elsewhere"
+
+        # Without the clipboard API (plain http from another host), the command is selected.
+        f = tabs(PHONE)
+        f.page.add_init_script(
+            "Object.defineProperty(Navigator.prototype, 'clipboard', {get: () => undefined})"
+        )
+        f.open(server, "?channel=" + "c" * 64)
+        f.page.click("#copy-publish")
+        f.page.wait_for_function("document.querySelector('#copy-status').textContent !== ''")
+        assert f.page.evaluate("String(window.getSelection())") == f.page.text_content(
+            "#curl-publish"
+        )
+        assert "publish command" in f.page.text_content("#copy-status")
+        width = f.page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 390, f"horizontal scroll at 390px: scrollWidth={width}"
+        f.page.locator("#cli-card").scroll_into_view_if_needed()
+        f.shot("phone-cli.png")
+        # Echo mode has no channels: no card.
+        e = tabs().open(echo_server)
+        assert e.page.is_hidden("#cli-card") and e.page.is_hidden("#offsets-note")
     finally:
         server.stop()
