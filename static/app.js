@@ -727,8 +727,8 @@
     var first = typeof msg.first === "number" ? msg.first : null;
     var recovered = msg.recovered === true;
     if (!recovered) {
-      var limits = " The server keeps a bounded history per channel (the last broadcast.history " +
-        "messages, for at most broadcast.history_ttl seconds), and a replay must fit the client's queue.";
+      var limits = " The server keeps a bounded history per channel (broadcast.history messages, " +
+        "for up to broadcast.history_ttl seconds).";
       if (first !== null && since !== null && first <= since) {
         logError("Some messages were missed: the channel's offsets started again from 1 (the server lost " +
           "its state: a restart with the memory broker, or a flushed Redis), so what came after offset " +
@@ -736,7 +736,7 @@
       } else if (first !== null && since !== null && first > since + 1) {
         logError("Some messages were missed: " + range(since + 1, first - 1) + " (" +
           plural(first - since - 1, "message") + ") are no longer kept." + limits +
-          " Replaying what is kept from offset " + first + ".");
+          " Replaying the rest from offset " + first + ".");
       } else if (first === null) {
         logError("Some messages may have been missed: the server could replay none of those after offset " + since +
           "." + limits + " With history off, while the broker is unreachable, or after a restart that lost the " +
@@ -771,13 +771,24 @@
     var channel = state.channel;
     var mixed = state.mode === "mixed";
     setText(el.cliChannel, channel);
-    setText(el.curlPublish, "curl -H \"Authorization: Bearer $ECHOSERVER_API_KEY\" " +
-      (mixed ? "-H 'Content-Type: application/json' --data '{\"text\":\"hello\"}'"
-             : "-H 'Content-Type: text/plain' --data 'hello'") +
-      " " + base + "/api/channels/" + channel + "/messages");
-    setText(el.curlSubscribe, "curl -N " +
-      (state.authRequired ? "-H \"Authorization: Bearer $ECHOSERVER_TOKEN\" " : "") +
-      base + "/sse/" + channel);
+    showCommand(el.curlPublish, ["curl", "-H \"Authorization: Bearer $ECHOSERVER_API_KEY\"",
+      mixed ? "-H 'Content-Type: application/json'" : "-H 'Content-Type: text/plain'",
+      mixed ? "--data '{\"text\":\"hello\"}'" : "--data 'hello'",
+      base + "/api/channels/" + channel + "/messages"]);
+    showCommand(el.curlSubscribe, ["curl -N"].concat(
+      state.authRequired ? ["-H \"Authorization: Bearer $ECHOSERVER_TOKEN\""] : [],
+      [base + "/sse/" + channel]));
+  }
+
+  // One unbreakable box per argument, so a line wraps between arguments (or inside one
+  // wider than the line), never at the hyphen of "Content-Type"; the text stays the command.
+  function showCommand(pre, args) {
+    if (pre.textContent === args.join(" ")) return;
+    pre.textContent = "";
+    args.forEach(function (arg, i) {
+      if (i) pre.appendChild(document.createTextNode(" "));
+      appendSpan(pre, "arg", arg);
+    });
   }
 
   var copyTimer = null;
@@ -790,6 +801,7 @@
       el.copyStatus.textContent = ok
         ? "Copied the " + what + " command."
         : "Selected the " + what + " command: press Ctrl+C (⌘C on a Mac) to copy it.";
+      el.copyPublish.textContent = el.copySubscribe.textContent = "Copy";
       btn.textContent = ok ? "Copied" : "Selected";
       if (copyTimer) clearTimeout(copyTimer);
       copyTimer = setTimeout(function () {

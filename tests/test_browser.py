@@ -909,10 +909,27 @@ def test_curl_lines_name_this_server_and_channel_and_copy(tabs, echo_server):
             "document.querySelector('#copy-status').textContent.includes('subscribe')"
         )
         assert t.page.evaluate("navigator.clipboard.readText()") == f"curl -N {base}/sse/cli-room"
-        # The line works as it stands, given the key in the environment.
+        assert t.page.text_content("#copy-subscribe") == "Copied"
+        assert t.page.text_content("#copy-publish") == "Copy"  # only the last one says so
+        # Both lines work as they stand (given the key in the environment): what the one
+        # publishes, the page and the other show.
+        subscribe = t.page.text_content("#curl-subscribe")
         env = {**os.environ, "ECHOSERVER_API_KEY": API_KEY}
-        subprocess.run(["bash", "-c", publish], env=env, check=True, capture_output=True)
-        t.entry("in", '{"text":"hello"}')
+        with subprocess.Popen(
+            ["bash", "-c", subscribe + " --silent --max-time 10"],
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+        ) as curl:
+            t.page.wait_for_function("document.querySelector('#members').textContent === '2'")
+            subprocess.run(["bash", "-c", publish], env=env, check=True, capture_output=True)
+            t.entry("in", '{"text":"hello"}')
+            assert curl.stdout is not None
+            streamed = b""
+            while b'data: {"text":"hello"}' not in streamed:
+                line = curl.stdout.readline()
+                assert line, f"the stream ended: {streamed!r}"
+                streamed += line
+            curl.terminate()
         t.shot("desktop-cli.png")
         # Another channel: the lines follow.
         t.page.fill("#channel", "elsewhere")
