@@ -5,8 +5,6 @@ Also tls.min_version and ALPN. On both event loops, and with worker processes.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import shutil
 import signal
 import socket
@@ -16,46 +14,12 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from websockets.sync.client import connect
 
+from tests.certs import make_certificate
 from tests.conftest import ServerProcess, wait_until
 
 LOOPS = pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
-
-
-def make_certificate(directory: Path, name: str) -> tuple[Path, Path, int]:
-    """A self-signed certificate for 127.0.0.1: (certfile, keyfile, serial number)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"echoserver {name}")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    serial = x509.random_serial_number()
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(serial)
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    certfile, keyfile = directory / f"{name}.crt", directory / f"{name}.key"
-    certfile.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    keyfile.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return certfile, keyfile, serial
 
 
 def insecure_context(**options: Any) -> ssl.SSLContext:
