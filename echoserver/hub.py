@@ -61,7 +61,7 @@ class Delivery:
     size), the others reuse it. The broker's Envelope is never handed out.
     """
 
-    __slots__ = ("binary", "data", "deflated", "envelope", "frame", "rendered", "seq")
+    __slots__ = ("binary", "data", "deflated", "envelope", "event", "frame", "rendered", "seq")
 
     def __init__(self, envelope: Envelope) -> None:
         self.envelope = envelope
@@ -72,6 +72,7 @@ class Delivery:
         self.rendered: bytes | None = None
         self.frame: bytes | None = None  # the encoded WebSocket frame
         self.deflated: tuple[int, bytes] | None = None  # (window bits, deflated frame)
+        self.event: bytes | None = None  # the Server-Sent Events chunk (sse.py)
 
 
 @dataclass(frozen=True, slots=True)

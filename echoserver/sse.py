@@ -123,7 +123,10 @@ class EventStream(AdmittedHandler):
 
     def deliver(self, delivery: Delivery) -> None:
         if not self._ended:
-            self._queue(message_event(delivery))
+            chunk = delivery.event
+            if chunk is None:  # the first stream of this fan-out builds it for the rest
+                chunk = delivery.event = message_event(delivery)
+            self._queue(chunk)
 
     def queued_bytes(self) -> int:
         stream = getattr(self.request.connection, "stream", None)  # HTTP1Connection's
