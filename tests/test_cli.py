@@ -126,7 +126,8 @@ def test_print_config_round_trips_a_full_config(tmp_path: Path) -> None:
         "--no-include-sender", "--max-queue-bytes", "4096", "--slow-client", "disconnect",
         "--history", "10", "--history-ttl", "60", "--broker", "redis://127.0.0.1:6379/0",
         "--api-key", "t0ken", "--tls-certfile", cert, "--tls-keyfile", key,
-        "--tls-min-version", "1.3", "--log-level", "debug", "--log-format", "json", "--no-log-access",
+        "--tls-min-version", "1.3",
+        "--log-level", "debug", "--log-format", "json", "--no-log-access",
     ]  # fmt: skip
     proc = run([*args, "--print-config"])
     assert (proc.returncode, proc.stderr) == (0, "")
