@@ -72,9 +72,11 @@ class EventStream(AdmittedHandler):
             refusal = since
         header = self.request.headers.get("Last-Event-ID")
         if refusal is None and header is not None:
-            since = self._header_offset(header)
-            if isinstance(since, Refusal):
-                refusal = since
+            resumed = self._header_offset(header)  # the header wins: it is the newest
+            if isinstance(resumed, Refusal):
+                refusal = resumed
+            elif resumed is not None:
+                since = resumed
         if refusal is not None:
             self.refuse(refusal)
             return
@@ -105,10 +107,10 @@ class EventStream(AdmittedHandler):
         await server.hub.leave(self.channel, self)
 
     @staticmethod
-    def _header_offset(value: str) -> int | Refusal:
+    def _header_offset(value: str) -> int | Refusal | None:
         value = value.strip()
         if value == "":
-            return 0
+            return None  # an EventSource that saw no id yet: a plain join
         if not value.isdigit() or len(value) > 18:
             return Refusal(400, "bad_request", "Last-Event-ID must be an offset")
         return int(value)

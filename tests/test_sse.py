@@ -350,3 +350,18 @@ def test_a_stream_away_during_1000_messages_gets_each_once_in_order(
     tail = parse_events(done.stdout)
     assert json.loads(tail[0]["data"]) == {"recovered": True, "since": 990, "first": 991}
     assert [e["id"] for e in tail[1:]] == [str(n) for n in range(991, 1001)]
+
+
+def test_the_last_event_id_header_wins_over_the_query(run_server: Any) -> None:
+    """An EventSource made with ?since=N sends Last-Event-ID on its reconnects: that one
+    is where it really is. An empty header (no id seen yet) changes nothing."""
+    server = run_server("--mode", "broadcast", "--api-key", KEY, "--history", "100")
+    for n in range(1, 6):
+        publish(server, b"m%d" % n)
+    for headers, first in (({"Last-Event-ID": "3"}, 4), ({"Last-Event-ID": ""}, 2)):
+        reader = Reader(server.port, "/sse/news?since=1", headers)
+        try:
+            recovery = reader.events(1)[0]
+        finally:
+            reader.close()
+        assert json.loads(recovery["data"])["first"] == first, headers
