@@ -15,6 +15,7 @@ import errno
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -131,6 +132,36 @@ def reload_tls(server: tornado.httpserver.HTTPServer, settings: Settings) -> Non
         return
     server.ssl_options = context  # read for every new connection
     log.info("SIGHUP: reloaded the TLS certificate from %s", settings.tls.certfile)
+
+
+# Descriptors a process needs besides one per client: listeners, Redis, logs, the loop.
+SPARE_FILES = 64
+
+
+def check_open_files(settings: Settings) -> None:
+    """Raise the soft open-files limit toward what max_connections needs, and say clearly
+    when the hard limit stops short (a client past it would be refused by accept())."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = settings.websocket.max_connections
+    # 0 = no cap on connections: as many files as the hard limit allows.
+    target = wanted + SPARE_FILES if wanted else hard
+    if hard != resource.RLIM_INFINITY:
+        target = min(target, hard)
+    if soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    if wanted and soft < wanted + SPARE_FILES:
+        log.warning(
+            "websocket.max_connections = %d needs about %d open files per process, but the "
+            "limit is %d (hard %d): raise it (ulimit -n, or LimitNOFILE= in the systemd unit) "
+            "or lower websocket.max_connections to %d",
+            wanted,
+            wanted + SPARE_FILES,
+            soft,
+            hard,
+            max(1, soft - SPARE_FILES),
+        )
 
 
 def listen(settings: Settings, sources: Mapping[str, str] | None = None) -> list[socket.socket]:
@@ -278,6 +309,7 @@ def run(settings: Settings, sources: Mapping[str, str] | None = None) -> int:
     ``sources`` (from config.resolve) says where each setting came from, for the error line.
     """
     configure_logging(settings)
+    check_open_files(settings)
     # Until serve() handles it, a SIGHUP (a certificate reload) must not end the process.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
