@@ -33,6 +33,11 @@ OFFSET = re.compile(r"[0-9]{1,18}")
 BAD_OFFSET = Refusal(400, "bad_request", "since must be an offset: a non-negative integer")
 
 
+def parse_offset(text: str) -> int | Refusal:
+    """An offset a client resumes after, or the 400 that refuses it."""
+    return int(text) if OFFSET.fullmatch(text) else BAD_OFFSET
+
+
 class AdmittedHandler(tornado.web.RequestHandler):
     """A handler whose connections count against max_connections and obey the policy."""
 
@@ -80,10 +85,7 @@ class AdmittedHandler(tornado.web.RequestHandler):
             values = self.request.query_arguments.get(name)
             if values is None:
                 continue
-            text = values[0].decode("latin-1")
-            if len(values) != 1 or not OFFSET.fullmatch(text):
-                return BAD_OFFSET
-            return int(text)
+            return parse_offset(values[0].decode("latin-1")) if len(values) == 1 else BAD_OFFSET
         return None
 
     def refuse(self, refusal: Refusal) -> None:

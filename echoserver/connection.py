@@ -336,8 +336,8 @@ class WebSocketConnection:
     # --- writing -------------------------------------------------------------------------
 
     # send_frame is the hot path (a call per message costs a measurable share of an echo):
-    # it queues into the protocol's `out` itself rather than through
-    # ServerProtocol.send_frame, which does the same.
+    # it queues into the protocol's `out` itself rather than calling
+    # ServerProtocol.send_frame, which does the same for the protocol's own frames.
 
     def send_frame(self, frame: bytes) -> None:
         """Queue an encoded frame; it leaves with the others queued this loop pass."""
@@ -351,12 +351,7 @@ class WebSocketConnection:
 
     def send(self, payload: bytes, binary: bool) -> None:
         """Queue one message (text payloads must already be UTF-8)."""
-        protocol = self.protocol
-        opcode = OP_BINARY if binary else OP_TEXT
-        if protocol.deflater is None:
-            self.send_frame(encode_frame(opcode, payload))
-        else:
-            self.send_frame(encode_frame(opcode, protocol.deflater.compress(payload), True))
+        self.send_frame(self.protocol.encode(payload, binary))
 
     def ping(self) -> None:
         self.protocol.ping()
@@ -390,11 +385,7 @@ class WebSocketConnection:
         return self.endpoint.peer
 
     def deliver(self, delivery: Delivery) -> None:
-        """Queue a broadcast: encoded once and shared by every receiver without compression.
-
-        Called once per receiver of every broadcast: it queues the frame itself (as
-        send_frame does) to save a call per delivery.
-        """
+        """Queue a broadcast: encoded once and shared by every receiver without compression."""
         protocol = self.protocol
         if protocol.state:  # not OPEN (CLOSED once the socket is lost)
             return
@@ -403,12 +394,7 @@ class WebSocketConnection:
             frame = self._frame_for(delivery)
             if frame is None:
                 return
-        protocol.out.append(frame)
-        protocol.out_size += len(frame)
-        if not self._dirty:
-            self._dirty = True
-            if not self._feeding:
-                self.flusher.mark(self)
+        self.send_frame(frame)
 
     def _frame_for(self, delivery: Delivery) -> bytes | None:
         """This receiver's frame of a delivery: the shared one, encoded (or deflated) by

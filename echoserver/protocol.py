@@ -125,13 +125,13 @@ class ServerProtocol:
         self.out.append(frame)
         self.out_size += len(frame)
 
-    def send(self, payload: bytes, binary: bool) -> None:
-        """Queue one message (a text payload must already be UTF-8)."""
+    def encode(self, payload: bytes, binary: bool) -> bytes:
+        """One message as this connection's frame: deflated when that was negotiated (a
+        text payload must already be UTF-8)."""
         opcode = OP_BINARY if binary else OP_TEXT
         if self.deflater is not None:
-            self.send_frame(encode_frame(opcode, self.deflater.compress(payload), True))
-        else:
-            self.send_frame(encode_frame(opcode, payload))
+            return encode_frame(opcode, self.deflater.compress(payload), True)
+        return encode_frame(opcode, payload)
 
     def ping(self, data: bytes = b"") -> None:
         self.send_frame(encode_frame(OP_PING, data))
@@ -163,11 +163,6 @@ class ServerProtocol:
     def give_up(self) -> None:
         """Stop waiting for the peer (timeout, a peer that is not there): close the socket."""
         self._leave(CLOSED)
-
-    @property
-    def closing(self) -> bool:
-        """True once no more messages are taken from the peer."""
-        return self.state != OPEN
 
     @property
     def discarding(self) -> bool:

@@ -22,7 +22,7 @@ import json
 import logging
 import re
 
-from echoserver.admission import AdmittedHandler
+from echoserver.admission import AdmittedHandler, parse_offset
 from echoserver.handshake import Refusal
 from echoserver.hub import Delivery, Replay
 from echoserver.scheduling import Flusher
@@ -111,9 +111,7 @@ class EventStream(AdmittedHandler):
         value = value.strip()
         if value == "":
             return None  # an EventSource that saw no id yet: a plain join
-        if not value.isdigit() or len(value) > 18:
-            return Refusal(400, "bad_request", "Last-Event-ID must be an offset")
-        return int(value)
+        return parse_offset(value)
 
     def _before_replay(self, replay: Replay) -> None:
         if replay.since is None:
