@@ -72,7 +72,7 @@ class AdmittedHandler(tornado.web.RequestHandler):
 
     def _token_ok(self, expected: str) -> bool:
         given = bearer_token(self.request.headers.get("Authorization"))
-        if not given:
+        if given is None:
             try:
                 given = self.get_query_argument("token", "")
             except tornado.web.HTTPError:  # not UTF-8: a wrong token, and not for the log

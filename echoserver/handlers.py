@@ -113,7 +113,7 @@ class PublishHandler(JSONHandler):
         if not config.api.key:
             return Refused(404, "the publish API is off (no api.key)")
         given = bearer_token(self.request.headers.get("Authorization"))
-        if not token_matches(given, config.api.key):
+        if given is None or not token_matches(given, config.api.key):
             return Refused(401, "missing or wrong API key")
         length = self.request.headers.get("Content-Length", "")
         if length.isdigit() and int(length) > config.websocket.max_message_size:

@@ -99,7 +99,16 @@ def token_matches(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode(), expected.encode())
 
 
-def bearer_token(authorization: str | None) -> str:
-    """The token of an `Authorization: Bearer <token>` header, or ""."""
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header; None when the header does not
+    name the Bearer scheme.
+
+    A header that names it is the credential even when the token is empty ("Bearer", as
+    HTTP parsers leave "Bearer " once trailing space is stripped): it is then a wrong
+    token, never a reason to look for one elsewhere (?token=).
+    """
     value = authorization or ""
-    return value[7:] if value[:7].lower() == "bearer " else ""
+    scheme = value[:6]
+    if scheme.lower() != "bearer" or value[6:7] not in ("", " "):
+        return None
+    return value[7:]

@@ -393,6 +393,7 @@ def handshake_request(port: int, changes: dict[str, Any]) -> tuple[bytes, dict[s
 @settings(deadline=None, max_examples=EXAMPLES * 3)
 @example(changes={"Origin": "http://["})
 @example(changes={"path": "/ws?token=%ff", "Authorization": None})
+@example(changes={"path": f"/ws?token={TOKEN}", "Authorization": "Bearer "})
 @example(changes={"Sec-WebSocket-Extensions": "permessage-deflate; client_max_window_bits=7"})
 @given(changes=CHANGES)
 def test_handshake_headers(server: ServerProcess, bystander: Peer, changes: dict[str, Any]) -> None:

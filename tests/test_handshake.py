@@ -100,8 +100,13 @@ def test_origin_policy(origin: str | None, allowed: list[str], ok: bool) -> None
 def test_tokens() -> None:
     assert bearer_token("Bearer s3cret") == "s3cret"
     assert bearer_token("bearer s3cret") == "s3cret"
-    assert bearer_token("Basic abc") == ""
-    assert bearer_token(None) == ""
+    assert bearer_token("Basic abc") is None
+    assert bearer_token(None) is None
+    assert bearer_token("Bearerabc") is None  # another scheme's name
+    # The scheme with no token (what "Bearer " is once trailing space is stripped): an
+    # empty, so wrong, credential, not an absent one.
+    assert bearer_token("Bearer") == ""
+    assert bearer_token("Bearer ") == ""
     assert bearer_token("Bearer  s3cret") == " s3cret"  # not the token: nothing is trimmed
     assert token_matches("s3cret", "s3cret")
     assert not token_matches("s3cre", "s3cret")

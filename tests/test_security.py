@@ -209,6 +209,9 @@ def test_token_is_required_in_header_or_query(run_server):
         # A bearer header, when there is one, is the credential: a wrong one is not
         # rescued by a right ?token=.
         (f"/ws?token={TOKEN}", {"Authorization": "Bearer wrong"}),
+        # Nor is an empty one ("Bearer " arrives as "Bearer" once its space is stripped).
+        (f"/ws?token={TOKEN}", {"Authorization": "Bearer "}),
+        (f"/ws?token={TOKEN}", {"Authorization": "Bearer"}),
         ("/ws", {"Authorization": f"Bearer {TOKEN[:-1]}"}),
         ("/ws", {"Authorization": f"Bearer {TOKEN}x"}),
         ("/ws", {"Authorization": f"Bearer  {TOKEN}"}),
