@@ -132,6 +132,17 @@ def wait_workers(server: common.Server, count: int, timeout: float) -> list[int]
         time.sleep(0.1)
 
 
+def tcp_memory_kb() -> int:
+    """Kernel memory of every TCP socket of the machine (/proc/net/sockstat `TCP: ... mem`,
+    in pages): the socket buffers, which no process's RSS counts."""
+    with open("/proc/net/sockstat") as f:
+        for line in f:
+            if line.startswith("TCP:"):
+                fields = line.split()
+                return int(fields[fields.index("mem") + 1]) * common.PAGE_KB
+    return 0
+
+
 def open_files(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -216,6 +227,7 @@ def run(args: argparse.Namespace, broker: str, redis_pid: int | None) -> dict[st
         time.sleep(1.0)  # every worker in its loop, listening
         fds_before = {pid: open_files(pid) for pid in workers}
         rss_before = settled_sum_rss(workers, 0.5)
+        tcp_before = tcp_memory_kb()
         redis_rss_before = common.read_rss_kb(redis_pid) if redis_pid else None
 
         counts = split(args.connections, per_load(args))
@@ -240,11 +252,15 @@ def run(args: argparse.Namespace, broker: str, redis_pid: int | None) -> dict[st
         opened = members.wait_open(args.connect_timeout + 60)
         m1 = meter.read()
         opened.update(meter.window(m0, m1))
+        if opened["opened"]:
+            opened["workers_us_per_handshake"] = 1e6 * opened["workers_cpu_s"] / opened["opened"]
+            opened["load_us_per_handshake"] = 1e6 * opened["load_cpu_s"] / opened["opened"]
         common.say(
             f"{opened['opened']:,} open ({opened['failed']:,} failed) in "
             f"{opened['connect_s']:.1f}s: {opened['accept_per_s'] or 0:,.0f}/s"
         )
         rss_after = settled_sum_rss(workers, args.settle)
+        tcp_after = tcp_memory_kb()
         per_worker = [
             {
                 "pid": pid,
@@ -257,6 +273,10 @@ def run(args: argparse.Namespace, broker: str, redis_pid: int | None) -> dict[st
             "workers_rss_before_kb": rss_before,
             "workers_rss_after_kb": rss_after,
             "kb_per_connection": (rss_after - rss_before) / opened["opened"]
+            if opened["opened"]
+            else None,
+            # Both ends of every connection are on this machine: per connection, not per socket.
+            "tcp_kernel_kb_per_connection": (tcp_after - tcp_before) / opened["opened"]
             if opened["opened"]
             else None,
             "redis_rss_before_kb": redis_rss_before,
@@ -276,6 +296,9 @@ def run(args: argparse.Namespace, broker: str, redis_pid: int | None) -> dict[st
             received = result["received"]
             result["workers_us_per_delivery"] = (
                 1e6 * result["workers_cpu_s"] / received if received else None
+            )
+            result["load_us_per_delivery"] = (
+                1e6 * result["load_cpu_s"] / received if received else None
             )
             if redis_pid:
                 result["redis_us_per_broadcast"] = 1e6 * result["redis_cpu_s"]
@@ -319,6 +342,11 @@ def run(args: argparse.Namespace, broker: str, redis_pid: int | None) -> dict[st
             "workers_us_per_delivery_median": common.median(
                 [b["workers_us_per_delivery"] for b in broadcasts]
             ),
+            "load_us_per_delivery_median": common.median(
+                [b["load_us_per_delivery"] for b in broadcasts]
+            ),
+            "workers_us_per_handshake": opened.get("workers_us_per_handshake"),
+            "tcp_kernel_kb_per_connection": memory["tcp_kernel_kb_per_connection"],
             "delivered_pct": 100 * received / expected if expected else 0.0,
             "all_delivered": expected > 0 and received == expected,
             "others_cpu_pct_open": opened["others_cpu_pct"],
@@ -342,12 +370,15 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> None:
         ["time to open all, s", fmt(s["open_s"], 1)],
         ["handshakes/s", fmt(s["accept_per_s"], 0)],
         ["workers' RSS per connection, KB", fmt(s["kb_per_connection"], 2)],
+        ["kernel TCP memory per connection, KB", fmt(s["tcp_kernel_kb_per_connection"], 2)],
+        ["workers' CPU µs per handshake", fmt(s["workers_us_per_handshake"], 0)],
         [
             "send to last receiver, ms (median / max)",
             f"{fmt(s['last_ms_median'], 0)} / {fmt(s['last_ms_max'], 0)}",
         ],
         ["send to first receiver, ms (median)", fmt(s["first_ms_median"], 1)],
         ["workers' CPU µs per delivery (median)", fmt(s["workers_us_per_delivery_median"], 2)],
+        ["load's CPU µs per delivery (median)", fmt(s["load_us_per_delivery_median"], 2)],
         ["delivered %", fmt(s["delivered_pct"], 3)],
         [
             "other processes' CPU %, open / broadcasts",

@@ -18,6 +18,7 @@ files); the server's and the load's run-queue waits mark disturbed runs as elsew
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,9 @@ METRICS = [
     Metric("open s", lambda r: r["connect"]["connect_s"], 2),
     Metric("server CPU % open", lambda r: r["connect"]["server_cpu_pct"], 0, ratio=False),
     Metric("load CPU % open", lambda r: r["connect"]["load_cpu_pct"], 0, ratio=False),
+    Metric("µs/handshake", lambda r: r["connect"]["server_us_per_handshake"], 0),
     Metric("µs/delivery", "server_us_per_delivery", 2),
+    Metric("load µs/delivery", "load_us_per_delivery", 2, ratio=False),
     Metric("last receiver ms", "last_ms", 1),
     Metric("first receiver ms", "first_ms", 2),
     Metric("delivered %", "delivered_pct", 2, ratio=False),
@@ -126,23 +129,28 @@ def one_run(kind: str, count: int, args: argparse.Namespace) -> Result:
             elapsed = time.monotonic() - t0
             connect.update(window(w0, waits(*pids), elapsed))
             # Who limited the accept rate: the server near 100 % of its CPU, or the load.
+            c1 = cpu_ns(*pids)
+            opened = connect["opened"] or 1
             connect.update(
-                server_cpu_pct=(cpu_ns(*pids)[0] - c0[0]) / 1e7 / elapsed,
-                load_cpu_pct=(cpu_ns(*pids)[1] - c0[1]) / 1e7 / elapsed,
+                server_cpu_pct=(c1[0] - c0[0]) / 1e7 / elapsed,
+                load_cpu_pct=(c1[1] - c0[1]) / 1e7 / elapsed,
+                server_us_per_handshake=(c1[0] - c0[0]) / 1e3 / opened,
+                load_us_per_handshake=(c1[1] - c0[1]) / 1e3 / opened,
             )
             rss_after = common.settled_rss(server.pid, args.settle)
             seq, probe = members.probe(0, args.broadcast_timeout)
             broadcasts = []
             w0, t0 = waits(*pids), time.monotonic()
             for _ in range(args.broadcasts):
-                cpu0 = common.read_cpu_ns(server.pid)
+                cpu0 = cpu_ns(*pids)
                 result = members.broadcast(seq, args.broadcast_timeout)
-                cpu = common.read_cpu_ns(server.pid) - cpu0
+                cpu1 = cpu_ns(*pids)
                 seq += 1
-                result["server_cpu_ms"] = cpu / 1e6
-                result["server_us_per_delivery"] = (
-                    cpu / 1e3 / result["received"] if result["received"] else None
-                )
+                received = result["received"] or 1
+                result["server_cpu_ms"] = (cpu1[0] - cpu0[0]) / 1e6
+                result["server_us_per_delivery"] = (cpu1[0] - cpu0[0]) / 1e3 / received
+                # The busiest load process: the whole load when one process holds them all.
+                result["load_us_per_delivery"] = (cpu1[1] - cpu0[1]) / 1e3 / received
                 broadcasts.append(result)
             phase = window(w0, waits(*pids), time.monotonic() - t0)
             loads = members.finish(30)
@@ -163,6 +171,7 @@ def one_run(kind: str, count: int, args: argparse.Namespace) -> Result:
         "probe": probe,
         "broadcasts": broadcasts,
         "server_us_per_delivery": common.median([b["server_us_per_delivery"] for b in broadcasts]),
+        "load_us_per_delivery": common.median([b["load_us_per_delivery"] for b in broadcasts]),
         "last_ms": common.median([b["last_ms"] for b in broadcasts]),
         "first_ms": common.median([b["first_ms"] for b in broadcasts]),
         "delivered_pct": 100 * received / (opened * len(broadcasts)) if opened else 0.0,
@@ -246,6 +255,11 @@ def draw(
 
 def main() -> None:
     args = parse_args()
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(f"stopped by signal {signum}")  # so every server and load is stopped
+
+    signal.signal(signal.SIGTERM, stop)
     kinds = common.kinds_to_run(args.only)
     names = {k: common.kind_label(k, args.server_cmd) for k in kinds}
     all_results: dict[int, dict[str, list[Result]]] = {}
@@ -268,7 +282,9 @@ def main() -> None:
     print(
         "\nKB/conn = server VmRSS growth / connections opened; handshakes/s = connections / "
         "time to open them all; µs/delivery = server CPU time over one broadcast (from "
-        "/proc/<pid>/task/*/schedstat) / members that got it, median over the broadcasts; "
+        "/proc/<pid>/task/*/schedstat) / members that got it, median over the broadcasts "
+        "(load µs/delivery: the same for the load process); µs/handshake = server CPU time "
+        "while opening / connections; "
         "last / first receiver ms = from the send to the last / first member's receipt "
         "(CLOCK_MONOTONIC in the load); delivered % = deliveries / (members x broadcasts).\n"
     )
