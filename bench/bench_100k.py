@@ -132,15 +132,19 @@ def wait_workers(server: common.Server, count: int, timeout: float) -> list[int]
         time.sleep(0.1)
 
 
-def tcp_memory_kb() -> int:
-    """Kernel memory of every TCP socket of the machine (/proc/net/sockstat `TCP: ... mem`,
-    in pages): the socket buffers, which no process's RSS counts."""
+def kernel_memory_kb() -> tuple[int, int]:
+    """(socket buffers, slab) of the whole machine in KB: the memory of connections that no
+    process's RSS counts. Buffers: /proc/net/sockstat `TCP: ... mem` (pages); slab:
+    /proc/meminfo `Slab` (socket, inode, file and epoll structures, among everything else)."""
+    buffers = 0
     with open("/proc/net/sockstat") as f:
         for line in f:
             if line.startswith("TCP:"):
                 fields = line.split()
-                return int(fields[fields.index("mem") + 1]) * common.PAGE_KB
-    return 0
+                buffers = int(fields[fields.index("mem") + 1]) * common.PAGE_KB
+    with open("/proc/meminfo") as f:
+        slab = next(int(line.split()[1]) for line in f if line.startswith("Slab:"))
+    return buffers, slab
 
 
 def open_files(pid: int) -> int:
@@ -227,7 +231,7 @@ def run(args: argparse.Namespace, broker: str, redis_pid: int | None) -> dict[st
         time.sleep(1.0)  # every worker in its loop, listening
         fds_before = {pid: open_files(pid) for pid in workers}
         rss_before = settled_sum_rss(workers, 0.5)
-        tcp_before = tcp_memory_kb()
+        kernel_before = kernel_memory_kb()
         redis_rss_before = common.read_rss_kb(redis_pid) if redis_pid else None
 
         counts = split(args.connections, per_load(args))
@@ -260,7 +264,7 @@ def run(args: argparse.Namespace, broker: str, redis_pid: int | None) -> dict[st
             f"{opened['connect_s']:.1f}s: {opened['accept_per_s'] or 0:,.0f}/s"
         )
         rss_after = settled_sum_rss(workers, args.settle)
-        tcp_after = tcp_memory_kb()
+        kernel_after = kernel_memory_kb()
         per_worker = [
             {
                 "pid": pid,
@@ -275,10 +279,12 @@ def run(args: argparse.Namespace, broker: str, redis_pid: int | None) -> dict[st
             "kb_per_connection": (rss_after - rss_before) / opened["opened"]
             if opened["opened"]
             else None,
-            # Both ends of every connection are on this machine: per connection, not per socket.
-            "tcp_kernel_kb_per_connection": (tcp_after - tcp_before) / opened["opened"]
-            if opened["opened"]
-            else None,
+            # Both ends of every connection are on this machine: per connection, not per
+            # socket, and the slab also holds the load's side.
+            "tcp_buffers_kb_per_connection": (kernel_after[0] - kernel_before[0])
+            / max(1, opened["opened"]),
+            "slab_kb_per_connection": (kernel_after[1] - kernel_before[1])
+            / max(1, opened["opened"]),
             "redis_rss_before_kb": redis_rss_before,
             "redis_rss_after_kb": common.read_rss_kb(redis_pid) if redis_pid else None,
         }
@@ -346,7 +352,8 @@ def run(args: argparse.Namespace, broker: str, redis_pid: int | None) -> dict[st
                 [b["load_us_per_delivery"] for b in broadcasts]
             ),
             "workers_us_per_handshake": opened.get("workers_us_per_handshake"),
-            "tcp_kernel_kb_per_connection": memory["tcp_kernel_kb_per_connection"],
+            "tcp_buffers_kb_per_connection": memory["tcp_buffers_kb_per_connection"],
+            "slab_kb_per_connection": memory["slab_kb_per_connection"],
             "delivered_pct": 100 * received / expected if expected else 0.0,
             "all_delivered": expected > 0 and received == expected,
             "others_cpu_pct_open": opened["others_cpu_pct"],
@@ -370,7 +377,8 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> None:
         ["time to open all, s", fmt(s["open_s"], 1)],
         ["handshakes/s", fmt(s["accept_per_s"], 0)],
         ["workers' RSS per connection, KB", fmt(s["kb_per_connection"], 2)],
-        ["kernel TCP memory per connection, KB", fmt(s["tcp_kernel_kb_per_connection"], 2)],
+        ["kernel socket buffers per connection, KB", fmt(s["tcp_buffers_kb_per_connection"], 2)],
+        ["kernel slab per connection (both ends), KB", fmt(s["slab_kb_per_connection"], 2)],
         ["workers' CPU µs per handshake", fmt(s["workers_us_per_handshake"], 0)],
         [
             "send to last receiver, ms (median / max)",
