@@ -495,7 +495,9 @@ def main() -> None:
     def stop(signum: int, frame: object) -> None:
         raise SystemExit(f"stopped by signal {signum}")
 
-    signal.signal(signal.SIGTERM, stop)
+    # Ctrl-C too, even where the shell started this with SIGINT ignored (in the background).
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
     busy = common.cpu_busy_pct(1.0)
     common.say(f"machine {busy:.0f}% busy before the run")
     with tempfile.TemporaryDirectory(prefix="bench-100k-") as tmp, contextlib.ExitStack() as stack:

@@ -257,9 +257,12 @@ def main() -> None:
     args = parse_args()
 
     def stop(signum: int, frame: object) -> None:
-        raise SystemExit(f"stopped by signal {signum}")  # so every server and load is stopped
+        # Not SystemExit: run_interleaved() counts that as one failed run and goes on.
+        raise KeyboardInterrupt(f"signal {signum}")  # every server and load is stopped
 
-    signal.signal(signal.SIGTERM, stop)
+    # Ctrl-C too, even where the shell started this with SIGINT ignored (in the background).
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
     kinds = common.kinds_to_run(args.only)
     names = {k: common.kind_label(k, args.server_cmd) for k in kinds}
     all_results: dict[int, dict[str, list[Result]]] = {}
@@ -311,4 +314,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt as exc:
+        sys.exit(f"stopped ({exc or 'Ctrl-C'})")
