@@ -15,6 +15,7 @@ reports the median.
     python bench/bench_brokers.py                       # about a minute
     python bench/bench_brokers.py --receivers 500 --seconds 10 --runs 5
     python bench/bench_brokers.py --only redis --receivers 0 --senders 32   # Redis per message
+    python bench/bench_brokers.py --only redis --receivers 0 --senders 32 --redis-processes 1,2,6
 """
 
 from __future__ import annotations
@@ -243,9 +244,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured time per run")
     parser.add_argument("--runs", type=int, default=3, help="runs per configuration")
     parser.add_argument("--only", choices=[kind for _, kind, _ in CONFIGS], help="one broker")
+    parser.add_argument(
+        "--redis-processes",
+        default="1,2",
+        help="worker process counts to run with Redis, comma-separated (default 1,2); each "
+        "is one more process subscribed to the channel, which Redis writes every message to",
+    )
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    try:
+        bad_processes = not all(1 <= int(n) <= 32 for n in args.redis_processes.split(","))
+    except ValueError:
+        bad_processes = True
+    if bad_processes:
+        parser.error("--redis-processes takes numbers from 1 to 32, comma-separated")
     if not 1 <= args.senders <= 255 or args.size < 1 or args.runs < 1 or args.seconds > 600:
         parser.error("need 1..255 senders, size >= 1, runs >= 1 and at most 600 seconds")
     return args
@@ -262,7 +275,9 @@ def main() -> None:
             pass
         print(json.dumps(asyncio.run(client(args))))
         return
-    configs = [c for c in CONFIGS if args.only in (None, c[1])]
+    counts = sorted({int(n) for n in args.redis_processes.split(",")})
+    redis_configs = [(f"redis, {n} process{'es' if n > 1 else ''}", "redis", n) for n in counts]
+    configs = [c for c in CONFIGS[:1] + redis_configs if args.only in (None, c[1])]
     if any(kind == "redis" for _, kind, _ in configs) and shutil.which("redis-server") is None:
         print("redis-server is not installed: measuring the memory broker only", file=sys.stderr)
         configs = [c for c in configs if c[1] == "memory"]
