@@ -14,6 +14,8 @@ reports the median.
 
     python bench/bench_brokers.py                       # about a minute
     python bench/bench_brokers.py --receivers 500 --seconds 10 --runs 5
+    python bench/bench_brokers.py --only redis --receivers 0 --senders 32   # Redis per message
+    python bench/bench_brokers.py --only redis --receivers 0 --senders 32 --redis-processes 1,2,6
 """
 
 from __future__ import annotations
@@ -206,7 +208,15 @@ async def client(args: argparse.Namespace) -> dict[str, Any]:
         "deliveries_per_s": deliveries / elapsed,
         "messages_per_s": messages / elapsed,
         "seconds": elapsed,
+        "messages_total": echoed[0],
     }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (/proc/<pid>/stat utime+stime)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_client(port: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -234,9 +244,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured time per run")
     parser.add_argument("--runs", type=int, default=3, help="runs per configuration")
     parser.add_argument("--only", choices=[kind for _, kind, _ in CONFIGS], help="one broker")
+    parser.add_argument(
+        "--redis-processes",
+        default="1,2",
+        help="worker process counts to run with Redis, comma-separated (default 1,2); each "
+        "is one more process subscribed to the channel, which Redis writes every message to",
+    )
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    try:
+        bad_processes = not all(1 <= int(n) <= 32 for n in args.redis_processes.split(","))
+    except ValueError:
+        bad_processes = True
+    if bad_processes:
+        parser.error("--redis-processes takes numbers from 1 to 32, comma-separated")
     if not 1 <= args.senders <= 255 or args.size < 1 or args.runs < 1 or args.seconds > 600:
         parser.error("need 1..255 senders, size >= 1, runs >= 1 and at most 600 seconds")
     return args
@@ -253,7 +275,9 @@ def main() -> None:
             pass
         print(json.dumps(asyncio.run(client(args))))
         return
-    configs = [c for c in CONFIGS if args.only in (None, c[1])]
+    counts = sorted({int(n) for n in args.redis_processes.split(",")})
+    redis_configs = [(f"redis, {n} process{'es' if n > 1 else ''}", "redis", n) for n in counts]
+    configs = [c for c in CONFIGS[:1] + redis_configs if args.only in (None, c[1])]
     if any(kind == "redis" for _, kind, _ in configs) and shutil.which("redis-server") is None:
         print("redis-server is not installed: measuring the memory broker only", file=sys.stderr)
         configs = [c for c in configs if c[1] == "memory"]
@@ -269,7 +293,17 @@ def main() -> None:
                     broker = redis.url if kind == "redis" and redis else "memory"
                     server = Echoserver(broker, processes, directory / "server.log")
                     try:
+                        redis_cpu = cpu_seconds(redis.proc.pid) if kind == "redis" and redis else 0
                         result = run_client(server.port, args)
+                        if kind == "redis" and redis:
+                            # Redis's CPU over the whole client run (connect, warm-up, window)
+                            # per message published in it: what one message costs a shard.
+                            redis_cpu = cpu_seconds(redis.proc.pid) - redis_cpu
+                            result["redis_us_per_message"] = (
+                                1e6 * redis_cpu / result["messages_total"]
+                                if result["messages_total"]
+                                else None
+                            )
                     finally:
                         server.stop()
                     runs[label].append(result)
@@ -289,13 +323,20 @@ def main() -> None:
         f"{args.seconds:g} s measured per run, median of {args.runs} runs; server, "
         f"redis-server and load client share {cpus} CPUs on 127.0.0.1.\n"
     )
-    print("| broker | deliveries/s | messages/s | runs (deliveries/s) |")
-    print("|---|---:|---:|---|")
+    print("| broker | deliveries/s | messages/s | Redis CPU µs/message | runs (deliveries/s) |")
+    print("|---|---:|---:|---:|---|")
     for label, runs in rows:
         deliveries = statistics.median(r["deliveries_per_s"] for r in runs)
         messages = statistics.median(r["messages_per_s"] for r in runs)
+        costs = [r["redis_us_per_message"] for r in runs if r.get("redis_us_per_message")]
+        cost = f"{statistics.median(costs):.1f}" if costs else "-"
         each = ", ".join(f"{r['deliveries_per_s']:,.0f}" for r in runs)
-        print(f"| {label} | {deliveries:,.0f} | {messages:,.0f} | {each} |")
+        print(f"| {label} | {deliveries:,.0f} | {messages:,.0f} | {cost} | {each} |")
+    print(
+        "\nRedis CPU µs/message: redis-server's CPU time (utime+stime) over a whole client run "
+        "/ messages published in it (an upper bound: connecting and Redis's own timers are "
+        "in it); 1e6 / it is the messages/s one Redis core (one shard) could take."
+    )
     print(f"\nCommand: python bench/bench_brokers.py {shlex.join(sys.argv[1:])}".rstrip())
 
 

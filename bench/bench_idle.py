@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -50,31 +49,17 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def settled_rss(server: common.Server, settle: float) -> int:
-    """The server's RSS once it has stopped moving (or after `settle` * 3 seconds)."""
-    time.sleep(settle)
-    rss = server.rss_kb()
-    deadline = time.monotonic() + settle * 2
-    while time.monotonic() < deadline:
-        time.sleep(0.5)
-        now = server.rss_kb()
-        if abs(now - rss) < 256:
-            return now
-        rss = now
-    return rss
-
-
 def one_run(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     with common.started_server(
         kind, args.mode, uvloop=args.uvloop, custom=args.server_cmd
     ) as server:
-        before = settled_rss(server, args.settle / 2)
+        before = common.settled_rss(server.pid, args.settle / 2)
         load = common.LoadProcess(
             ["idle", "--port", str(server.port), "--count", str(args.connections)]
         )
         try:
             opened = json.loads(load.read_line("OPEN", timeout=180))
-            after = settled_rss(server, args.settle)
+            after = common.settled_rss(server.pid, args.settle)
             result = load.finish(timeout=60)
         finally:
             load.kill()

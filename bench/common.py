@@ -165,7 +165,7 @@ def _preexec_server() -> None:
 class Server:
     """A server under test: started pinned to SERVER_CPU, ready when it answers HTTP."""
 
-    def __init__(self, cmd: Sequence[str], port: int, *, cpu: int = SERVER_CPU) -> None:
+    def __init__(self, cmd: Sequence[str], port: int, *, cpu: int | None = SERVER_CPU) -> None:
         self.cmd = list(cmd)
         self.port = port
         self.cpu = cpu
@@ -180,7 +180,7 @@ class Server:
     def start(self, timeout: float = 15.0) -> Server:
         self._log = tempfile.TemporaryFile(prefix="bench-server-")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(
-            pinned(self.cmd, self.cpu),
+            self.cmd if self.cpu is None else pinned(self.cmd, self.cpu),
             cwd=REPO_DIR,
             stdin=subprocess.DEVNULL,
             stdout=self._log,
@@ -259,36 +259,65 @@ def run_load(args: Sequence[str], timeout: float) -> dict[str, Any]:
 
 
 class LoadProcess:
-    """bench/load.py pinned to LOAD_CPU, for a benchmark that talks to it while it runs:
-    lines from its stdout, EOF on its stdin to release it, stderr kept in a file."""
+    """bench/load.py pinned to LOAD_CPU (or unpinned with cpu=None), for a benchmark that talks
+    to it while it runs: lines from its stdout, commands to its stdin, EOF on its stdin to
+    release it, stderr kept in a file."""
 
-    def __init__(self, args: Sequence[str]) -> None:
+    def __init__(self, args: Sequence[str], *, cpu: int | None = LOAD_CPU) -> None:
         self.stderr = tempfile.TemporaryFile(prefix="bench-load-")  # noqa: SIM115 (closed in kill)
+        cmd = [sys.executable, str(LOAD_SCRIPT), *args]
         self.proc = subprocess.Popen(
-            pinned([sys.executable, str(LOAD_SCRIPT), *args], LOAD_CPU),
+            cmd if cpu is None else pinned(cmd, cpu),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.stderr,
             preexec_fn=_preexec_load,
         )
         self.lines: list[str] = []
+        self._unread = b""  # read from the pipe, not yet returned as a line
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def send(self, line: str) -> None:
+        """One command line to its stdin."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
 
     def read_line(self, prefix: str, timeout: float) -> str:
         """The next stdout line starting with `prefix` (its rest), within `timeout` seconds."""
         assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
         deadline = time.monotonic() + timeout
         with selectors.DefaultSelector() as selector:
-            selector.register(self.proc.stdout, selectors.EVENT_READ)
-            while time.monotonic() < deadline:
-                if not selector.select(max(0.0, deadline - time.monotonic())):
+            selector.register(fd, selectors.EVENT_READ)
+            while True:
+                # Lines already read come first: the pipe is read in chunks, which may hold
+                # several lines, so waiting on the pipe alone could miss one.
+                while b"\n" in self._unread:
+                    raw, self._unread = self._unread.split(b"\n", 1)
+                    line = raw.decode() + "\n"
+                    self.lines.append(line)
+                    if line.startswith(prefix + " "):
+                        return line[len(prefix) + 1 :].rstrip("\n")
+                left = deadline - time.monotonic()
+                if left <= 0 or not selector.select(left):
                     break
-                line = self.proc.stdout.readline().decode()
-                if not line:
+                chunk = os.read(fd, 65536)
+                if not chunk:
                     raise RuntimeError(f"load exited before {prefix!r}:\n{self.stderr_tail()}")
-                self.lines.append(line)
-                if line.startswith(prefix + " "):
-                    return line[len(prefix) + 1 :]
+                self._unread += chunk
         raise RuntimeError(f"no {prefix!r} line from the load within {timeout:.0f}s")
+
+    def release(self) -> None:
+        """EOF on its stdin, the signal to stop; finish() then collects its RESULT.
+
+        Releasing several processes first lets them all wind down at once."""
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+            self.proc.stdin = None  # so communicate() does not flush it again
 
     def finish(self, timeout: float) -> dict[str, Any]:
         """Close its stdin (the signal to stop) and return its RESULT."""
@@ -298,7 +327,9 @@ class LoadProcess:
             self.kill()
             raise RuntimeError(f"load did not finish within {timeout:.0f}s") from exc
         return parse_result(
-            "".join(self.lines) + out.decode(), self.stderr_tail(), self.proc.returncode
+            "".join(self.lines) + (self._unread + out).decode(),
+            self.stderr_tail(),
+            self.proc.returncode,
         )
 
     def stderr_tail(self, limit: int = 3000) -> str:
@@ -334,6 +365,22 @@ def read_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def read_cpu_ns(pid: int) -> int:
+    """CPU time of every thread of a process, in ns (/proc/<pid>/task/*/schedstat).
+
+    The scheduler's own account (user + system together), to the nanosecond: utime+stime
+    in /proc/<pid>/stat counts in clock ticks (10 ms), too coarse for one broadcast.
+    """
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, IndexError, ValueError):
+            pass  # a thread that ended meanwhile
+    return total
+
+
 def read_run_delay(pid: int | str = "self") -> float:
     """Seconds a process's threads have waited on a run queue (/proc/<pid>/schedstat).
 
@@ -358,6 +405,33 @@ def read_status_kb(pid: int, key: str) -> int:
 
 def read_rss_kb(pid: int) -> int:
     return read_status_kb(pid, "VmRSS")
+
+
+def settled_rss(pid: int, settle: float) -> int:
+    """A process's VmRSS once it has stopped moving (or after `settle` * 3 seconds)."""
+    time.sleep(settle)
+    rss = read_rss_kb(pid)
+    deadline = time.monotonic() + settle * 2
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = read_rss_kb(pid)
+        if abs(now - rss) < 256:
+            return now
+        rss = now
+    return rss
+
+
+def machine_cpu_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, over all CPUs (/proc/stat).
+
+    Busy minus the CPU time of the processes a benchmark started is what everyone else on
+    the machine took meanwhile: the noise of a benchmark that uses every CPU.
+    """
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already in user
+    return (total - idle) / CLOCK_TICKS, total / CLOCK_TICKS
 
 
 def cpu_busy_pct(sample: float = 0.5) -> float:

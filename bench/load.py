@@ -7,6 +7,7 @@ subcommand logs progress on stderr and prints one line `RESULT {json}` on stdout
     python bench/load.py handshakes --port N [--count 500 --timeout 5]
     python bench/load.py broadcast --port N [--receivers 1000 --inflight 4 --size 200 ...]
     python bench/load.py idle --port N [--count 10000]   (holds them until stdin closes)
+    python bench/load.py fanout --port N [--count 1000]  (broadcasts on command from stdin)
 
 Every message carries what is needed to check it: echo payloads start with the send time
 (perf_counter_ns, little-endian int64), broadcast payloads with a sequence number and the
@@ -43,6 +44,7 @@ PING = WSMsgType.PING
 STAMP = struct.Struct("<q")  # echo: send time in ns
 SEQ_STAMP = struct.Struct("<qq")  # broadcast: sequence number, send time in ns
 perf_counter_ns = time.perf_counter_ns
+monotonic_ns = time.monotonic_ns  # CLOCK_MONOTONIC on Linux: one clock for every process
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
 
@@ -650,18 +652,24 @@ async def broadcast_main(args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- idle
 
 
-def source_socket_factory(count: int, per_address: int) -> Callable[[int], socket.socket]:
-    """Bind connection i to 127.0.0.(2 + i // per_address), so ports never run out."""
+def source_socket_factory(
+    count: int, per_address: int, first: int = 2
+) -> Callable[[int], socket.socket]:
+    """Bind connection i to 127.0.0.(first + i // per_address), so ports never run out.
+
+    Load processes that run side by side give each a different `first`, so that no two
+    share an address (one address has ~28,000 ephemeral ports for one server port).
+    """
 
     def make(i: int) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-        sock.bind((f"127.0.0.{2 + i // per_address}", 0))
+        sock.bind((f"127.0.0.{first + i // per_address}", 0))
         sock.setblocking(False)
         return sock
 
-    if 2 + (count - 1) // per_address > 254:
-        raise SystemExit("load: too many connections for 127.0.0.2-254")
+    if first < 2 or first + (count - 1) // per_address > 254:
+        raise SystemExit(f"load: too many connections for 127.0.0.{first}-254")
     return make
 
 
@@ -720,6 +728,176 @@ async def idle_main(args: argparse.Namespace) -> dict[str, Any]:
         "still_open_at_end": still_open,
         "server_closes": counters.server_closes,
         "released_by_stdin": held,
+    }
+
+
+# ---------------------------------------------------------------------------- fanout
+
+
+class FanoutRun:
+    """One load process's share of a channel: per broadcast, how many of its connections got
+    it and when the first and the last did (CLOCK_MONOTONIC, the same clock in every process
+    of the machine, so the processes' timestamps compare)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, list[int]] = {}  # seq -> [count, first ns, last ns]
+        self.repeats = 0
+        self.server_closes = 0
+        self.disconnects = 0
+
+    def delivered(self, seq: int) -> None:
+        now = monotonic_ns()
+        entry = self.seen.get(seq)
+        if entry is None:
+            self.seen[seq] = [1, now, now]
+        else:
+            entry[0] += 1
+            entry[2] = now
+
+
+class FanoutReceiver(Closing):
+    """A member that records each broadcast's arrival; a repeated or older one is counted."""
+
+    def __init__(self, run: FanoutRun) -> None:
+        self.run = run
+        self.expected = 0
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.msg_type not in (BINARY, WSMsgType.TEXT):
+            self.control(transport, frame)
+            return
+        seq = SEQ_STAMP.unpack_from(frame.get_payload_as_memoryview())[0]
+        if seq < self.expected:
+            self.run.repeats += 1
+            return
+        self.expected = seq + 1
+        self.run.delivered(seq)
+
+
+def fanout_payload(seq: int, size: int) -> bytes:
+    """A broadcast: sequence number and send time (CLOCK_MONOTONIC ns), padded to `size`."""
+    return SEQ_STAMP.pack(seq, monotonic_ns()).ljust(size, b"x")
+
+
+class StdinLines:
+    """Lines from stdin without blocking the loop; None at EOF."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[str | None] = asyncio.Queue()
+        self.buffer = b""
+        self.eof = False
+        self.fd = sys.stdin.fileno()
+        asyncio.get_running_loop().add_reader(self.fd, self._readable)
+
+    def _readable(self) -> None:
+        data = os.read(self.fd, 4096)
+        if not data:
+            asyncio.get_running_loop().remove_reader(self.fd)
+            self.eof = True
+            self.queue.put_nowait(None)
+            return
+        self.buffer += data
+        *lines, self.buffer = self.buffer.split(b"\n")
+        for line in lines:
+            self.queue.put_nowait(line.decode().strip())
+
+    async def next(self, timeout: float) -> str | None:
+        try:
+            return await asyncio.wait_for(self.queue.get(), timeout)
+        except asyncio.TimeoutError:
+            return None
+
+
+async def fanout_main(args: argparse.Namespace) -> dict[str, Any]:
+    """Open `count` members of one channel, then broadcast on command (several of these
+    processes can share a channel; the script that runs them sends the commands):
+
+        OPEN {...}  printed once every connection is open (or failed, or timed out)
+        SEND <seq>  the first connection sends broadcast <seq>; prints SENT {"seq", "sent_ns"}
+        WAIT <seq> <seconds>  wait until every open connection has <seq> (bounded); prints
+                    GOT {"seq", "received", "expected", "first_ns", "last_ns"}
+        EOF         close everything, print RESULT
+    """
+    if args.size < SEQ_STAMP.size:
+        raise SystemExit(f"load: --size must be at least {SEQ_STAMP.size}")
+    limit = common.raise_nofile()
+    if args.count + 100 > limit:
+        raise SystemExit(f"load: RLIMIT_NOFILE is {limit}, too low for {args.count} connections")
+    run = FanoutRun()
+    url = f"ws://{args.host}:{args.port}{args.path}/{args.channel}"
+    start_ns = monotonic_ns()
+    results = await connect_many(
+        url,
+        lambda _i: FanoutReceiver(run),
+        args.count,
+        concurrency=args.concurrency,
+        timeout=args.connect_timeout,
+        socket_factory=source_socket_factory(args.count, args.per_address, args.first_address),
+        read_buffer=1024,
+    )
+    end_ns = monotonic_ns()
+    transports = [r[0] for r in results if not isinstance(r, BaseException)]
+    errors: dict[str, int] = {}
+    for r in results:
+        if isinstance(r, BaseException):
+            errors[type(r).__name__] = errors.get(type(r).__name__, 0) + 1
+    emit(
+        "OPEN",
+        {
+            "opened": len(transports),
+            "failed": len(results) - len(transports),
+            "errors": errors,
+            "connect_s": (end_ns - start_ns) / 1e9,
+            "start_ns": start_ns,
+            "end_ns": end_ns,
+        },
+    )
+    log(f"{len(transports)} members of {args.channel} open in {(end_ns - start_ns) / 1e9:.1f}s")
+
+    commands = StdinLines()
+    deadline = time.monotonic() + args.hold
+    released = False
+    while time.monotonic() < deadline:
+        line = await commands.next(max(0.0, deadline - time.monotonic()))
+        if line is None:
+            released = commands.eof
+            break
+        verb, *rest = line.split()
+        if verb == "SEND" and transports:
+            seq = int(rest[0])
+            payload = fanout_payload(seq, args.size)
+            transports[0].send(BINARY, payload)
+            emit("SENT", {"seq": seq, "sent_ns": SEQ_STAMP.unpack_from(payload)[1]})
+        elif verb == "WAIT":
+            seq, timeout = int(rest[0]), min(float(rest[1]), args.hold)
+
+            def open_count() -> int:
+                return len(transports) - run.disconnects
+
+            def complete(seq: int = seq) -> bool:
+                return run.seen.get(seq, [0])[0] >= open_count()
+
+            await wait_until(complete, timeout, step=0.002)
+            count, first, last = run.seen.get(seq, [0, 0, 0])
+            emit(
+                "GOT",
+                {
+                    "seq": seq,
+                    "received": count,
+                    "expected": open_count(),
+                    "first_ns": first or None,
+                    "last_ns": last or None,
+                },
+            )
+    still_open = sum(1 for t in transports if not t.is_disconnected)
+    for transport in transports:
+        transport.disconnect()
+    return {
+        "opened": len(transports),
+        "still_open_at_end": still_open,
+        "repeated_or_reordered": run.repeats,
+        "server_closes": run.server_closes,
+        "released_by_stdin": released,
     }
 
 
@@ -828,6 +1006,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--slow-rcvbuf", type=int, default=4096, help="their SO_RCVBUF")
     p.add_argument("--rss-limit-mb", type=int, default=4096, help="stop if the server grows past")
 
+    p = sub.add_parser("fanout", help="N members of one channel, broadcasts on command")
+    target(p)
+    p.add_argument("--channel", default="bench")
+    p.add_argument("--count", type=int, default=1000)
+    p.add_argument("--size", type=int, default=100, help="broadcast payload bytes (>= 16)")
+    p.add_argument("--concurrency", type=int, default=500, help="handshakes at a time")
+    p.add_argument("--per-address", type=int, default=5000, help="connections per source IP")
+    p.add_argument("--first-address", type=int, default=2, help="first source: 127.0.0.N")
+    p.add_argument("--connect-timeout", type=float, default=120)
+    p.add_argument("--hold", type=float, default=900, help="longest life in seconds")
+
     p = sub.add_parser("server", help="reference picows server (checks the load client)")
     p.add_argument("--host", default=common.HOST)
     p.add_argument("--port", type=int, required=True)
@@ -850,6 +1039,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "handshakes": handshakes_main,
         "broadcast": broadcast_main,
         "idle": idle_main,
+        "fanout": fanout_main,
         "server": server_main,
     }
     result = uvloop.run(handlers[args.command](args))

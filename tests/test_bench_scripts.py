@@ -1,0 +1,98 @@
+"""The scale benchmarks still run: bench_scale.py and bench_100k.py at a tiny scale.
+
+CI does not run the benchmarks; these run each script as a real subprocess, as a person
+would, with a few dozen or hundred connections, and check the figures in its JSON output,
+so that a change to the server, the load or the harness cannot leave them broken unnoticed.
+They check that every member got every broadcast and that the figures are present and
+positive, never how large or small they are.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.redis_server import require_redis_server
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def run_script(script: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [sys.executable, str(BENCH / script), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert done.returncode == 0, f"{script} exited {done.returncode}:\n{done.stderr[-3000:]}"
+    return done
+
+
+def positive(value: Any) -> bool:
+    return isinstance(value, int | float) and value > 0
+
+
+def test_bench_scale_measures_every_figure_at_a_tiny_scale(tmp_path: Path) -> None:
+    pytest.importorskip("picows")
+    out = tmp_path / "scale.json"
+    args = ["--counts", "50", "--runs", "1", "--only", "ours", "--broadcasts", "2"]
+    args += ["--quiet-wait", "0", "--settle", "0.2", "--json", str(out)]
+    png = tmp_path / "scale.png"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        pass  # the drawing is in the bench extra, not the test one
+    else:
+        args += ["--png", str(png)]
+    done = run_script("bench_scale.py", *args)
+
+    report = json.loads(out.read_text())
+    assert "bench/bench_scale.py" in report["command"]
+    (run,) = report["results"]["50"]["ours"]
+    assert "error" not in run, run
+    assert run["connect"]["opened"] == 50 and run["connect"]["failed"] == 0
+    assert positive(run["connect"]["accept_per_s"])
+    assert positive(run["kb_per_connection"]) or run["kb_per_connection"] == 0
+    assert run["all_delivered"] and run["delivered_pct"] == 100
+    assert len(run["broadcasts"]) == 2
+    for broadcast in run["broadcasts"]:
+        assert broadcast["received"] == broadcast["expected"] == 50
+        assert positive(broadcast["server_us_per_delivery"])
+        assert positive(broadcast["last_ms"])
+        assert broadcast["first_ms"] <= broadcast["last_ms"]
+    assert run["load"][0]["repeated_or_reordered"] == 0
+    assert "| 50 " in done.stdout and "ours (1/1 runs)" in done.stdout
+    if "--png" in args:
+        assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_bench_100k_holds_and_reaches_every_connection_at_a_tiny_scale(tmp_path: Path) -> None:
+    pytest.importorskip("picows")
+    require_redis_server()
+    out = tmp_path / "100k.json"
+    args = ["--connections", "200", "--processes", "2", "--load-processes", "1"]
+    args += ["--broadcasts", "2", "--pause", "0", "--settle", "0.2", "--json", str(out)]
+    done = run_script("bench_100k.py", *args)
+
+    report = json.loads(out.read_text())
+    summary = report["summary"]
+    assert summary["connections"] == 200 and summary["failed"] == 0
+    assert summary["all_delivered"] and summary["delivered_pct"] == 100
+    assert positive(summary["accept_per_s"]) and positive(summary["last_ms_median"])
+    assert positive(summary["workers_us_per_delivery_median"])
+    assert len(report["workers"]) == 2
+    assert sum(w["connections"] for w in report["workers"]) >= 200
+    for broadcast in report["broadcasts"]:
+        assert broadcast["received"] == broadcast["expected"] == 200
+    assert [load["repeated_or_reordered"] for load in report["load"]] == [0]
+    assert "200 connections on 2 worker processes" in done.stdout
