@@ -29,14 +29,20 @@ def free_port() -> int:
 class RedisServer:
     """redis-server without persistence, bound to 127.0.0.1 only."""
 
-    def __init__(self, directory: Path, port: int = 0) -> None:
+    def __init__(self, directory: Path, port: int = 0, args: tuple[str, ...] = ()) -> None:
         self.directory = directory
         self.port = port or free_port()
+        self.args = args  # more redis-server options
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def address(self) -> str:
+        """host:port, as a broker's health reason names it."""
+        return f"127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         assert REDIS_SERVER is not None
@@ -55,6 +61,7 @@ class RedisServer:
                 str(self.directory),
                 "--logfile",
                 str(self.directory / "redis.log"),
+                *self.args,
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

@@ -154,13 +154,15 @@ class RedisClusterBroker(Broker):
         self._presence_ttl = presence_ttl
         self._op_timeout = op_timeout
         self._backoff_cap = backoff_cap
-        self._new_client(options)  # a bad URL option fails here, not in every reconnect
+        # One client for the broker's life: its first discovery also reads the server's
+        # command table (tens of ms), later ones only the topology.
+        self._client = self._new_client(options)  # a bad URL option fails here
+        self._discovered = False
 
         self._on_envelope: OnEnvelope | None = None
         self._channels: set[str] = set()  # what this process wants to receive
         self._names: dict[bytes, str] = {}  # shard channel name -> channel, while wanted
         self._sub_waiters: dict[str, deque[asyncio.Future[None]]] = {}
-        self._client: RedisCluster | None = None
         self._shards: dict[str, _Shard] = {}
 
         self._healthy = False
@@ -198,6 +200,8 @@ class RedisClusterBroker(Broker):
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
+        with contextlib.suppress(Exception):
+            await self._client.aclose()
         self._on_envelope = None
         self._channels.clear()
         self._names.clear()
@@ -355,12 +359,9 @@ class RedisClusterBroker(Broker):
 
     def _shard_of(self, channel: str) -> _Shard | None:
         """The subscriber connection to the channel's primary; None once the map is stale."""
-        client = self._client
-        if client is None:
-            return None
         slot = key_slot(self._keys.pubsub(channel).encode())
         try:
-            node = client.nodes_manager.get_node_from_slot(slot)
+            node = self._client.nodes_manager.get_node_from_slot(slot)
         except Exception:  # an uncovered slot
             return None
         return self._shards.get(node.name)
@@ -518,14 +519,12 @@ class RedisClusterBroker(Broker):
     async def _supervise(self) -> None:
         attempt = 0
         down_since = time.monotonic()
+        client = self._client
         while not self._closing:
-            client: RedisCluster | None = None
             shards: list[_Shard] = []
             tasks: list[asyncio.Task[None]] = []
             try:
-                client = self._new_client(self._options)
                 shards = await self._connect(client)
-                self._client = client
                 self._shards = {shard.name: shard for shard in shards}
                 self._reshaped.clear()
                 tasks += [asyncio.ensure_future(self._read_messages(shard)) for shard in shards]
@@ -563,13 +562,9 @@ class RedisClusterBroker(Broker):
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
                 self._shards = {}
-                self._client = None
                 for shard in shards:
                     with contextlib.suppress(Exception):
                         await shard.connection.disconnect(nowait=True)
-                if client is not None:
-                    with contextlib.suppress(Exception):
-                        await client.aclose()
             self._first_attempt.set()
             await asyncio.sleep(jittered(attempt, self._backoff_cap))
             attempt += 1
@@ -581,7 +576,9 @@ class RedisClusterBroker(Broker):
 
     async def _connect(self, client: RedisCluster) -> list[_Shard]:
         """Discover the topology; connect to every primary once it says the cluster is ok."""
-        await asyncio.wait_for(client.initialize(), 3 * self._op_timeout)
+        discovering = client.nodes_manager if self._discovered else client
+        await asyncio.wait_for(discovering.initialize(), 3 * self._op_timeout)
+        self._discovered = True
         nodes = client.get_nodes()
         for node in nodes:  # any of them can tell the topology next time
             address = (node.host, int(node.port))
@@ -630,7 +627,6 @@ class RedisClusterBroker(Broker):
             subscribed = wanted
             if presence:
                 # Not through the queue (it opens once healthy): a pipeline of its own.
-                assert self._client is not None
                 results = await asyncio.wait_for(
                     self._pipeline(self._client, presence), self._op_timeout
                 )
