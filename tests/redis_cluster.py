@@ -14,11 +14,12 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import redis
+from redis.crc import key_slot
 
 from tests.redis_server import RedisServer, free_port, require_redis_server
 
@@ -117,28 +118,30 @@ class LocalCluster:
         return found
 
     def primary_of(self, key: str) -> RedisServer:
-        """The running node that serves the key's slot now."""
-        for node in self.primaries():
+        """The node that serves the key's slot now, as the running nodes tell."""
+        for node in self.running():
             with self.client(node) as client:
                 slot = client.execute_command("CLUSTER", "KEYSLOT", key)
-                if self._owns(client, slot):
-                    return node
-        raise AssertionError(f"no running primary serves {key!r}")
+                for start, end, primary, *_ in client.execute_command("CLUSTER", "SLOTS"):
+                    if start <= slot <= end:
+                        return next(n for n in self.nodes if n.port == primary[1])
+        raise AssertionError(f"no running node knows who serves {key!r}")
 
-    @staticmethod
-    def _owns(client: redis.Redis, slot: int) -> bool:
-        myself = next(
-            line
-            for line in client.execute_command("CLUSTER", "NODES").decode().splitlines()
-            if "myself" in line.split()[2]
-        )
-        for part in myself.split()[8:]:
-            if part.startswith("["):
-                continue  # a slot being migrated
-            start, _, end = part.partition("-")
-            if int(start) <= slot <= int(end or start):
-                return True
-        return False
+    def spread(self, pubsub_name: Callable[[str], str]) -> dict[int, str]:
+        """One channel name per primary: {primary's port: channel}, by the channel's
+        pub/sub name's slot."""
+        node = self.running()[0]
+        with self.client(node) as client:
+            ranges = client.execute_command("CLUSTER", "SLOTS")
+        found: dict[int, str] = {}
+        for n in range(1000):
+            channel = f"room{n}"
+            slot = key_slot(pubsub_name(channel).encode())
+            port = next(primary[1] for start, end, primary, *_ in ranges if start <= slot <= end)
+            found.setdefault(port, channel)
+            if len(found) == len(ranges):
+                break
+        return found
 
     def ok(self) -> bool:
         """Every running node says the cluster is ok, three primaries serve all slots and
