@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import ssl
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ import pytest
 import redis
 from redis.crc import key_slot
 
+from tests.certs import make_certificate
 from tests.redis_server import RedisServer, free_port, require_redis_server
 
 REDIS_CLI = shutil.which("redis-cli")
@@ -30,18 +32,32 @@ NODE_TIMEOUT_MS = 1000
 class LocalCluster:
     """Six cluster-enabled redis-servers without persistence, bound to 127.0.0.1."""
 
-    def __init__(self, directory: Path, seeds: int = 3) -> None:
+    def __init__(self, directory: Path, seeds: int = 3, tls: bool = False) -> None:
         self.directory = directory
         self.seeds = seeds
         self.nodes: list[RedisServer] = []
         self.created = False
+        self.cafile: Path | None = None
+        tls_args: tuple[str, ...] = ()
+        context = None
+        directory.mkdir(parents=True, exist_ok=True)
+        if tls:
+            # One self-signed CA certificate for 127.0.0.1 that every node presents and
+            # trusts: clients, replication and the cluster bus all speak TLS.
+            self.cafile, keyfile, _ = make_certificate(directory, "redis", ca=True)
+            context = ssl.create_default_context(cafile=str(self.cafile))
+            tls_args = ("--port", "0", "--tls-cert-file", str(self.cafile))
+            tls_args += ("--tls-key-file", str(keyfile), "--tls-ca-cert-file", str(self.cafile))
+            tls_args += ("--tls-auth-clients", "no", "--tls-cluster", "yes")
+            tls_args += ("--tls-replication", "yes")
         for n in range(6):
             path = directory / f"node{n}"
             path.mkdir(parents=True, exist_ok=True)
+            port = free_port()
             self.nodes.append(
                 RedisServer(
                     path,
-                    free_port(),
+                    port,
                     (
                         "--cluster-enabled",
                         "yes",
@@ -55,7 +71,10 @@ class LocalCluster:
                         # a replica takes over however stale it is: the tests kill primaries
                         "--cluster-replica-validity-factor",
                         "0",
+                        *tls_args,
+                        *(("--tls-port", str(port)) if tls else ()),
                     ),
+                    context,
                 )
             )
 
@@ -63,6 +82,8 @@ class LocalCluster:
     def url(self) -> str:
         """The broker URL: the first few nodes as seeds."""
         seeds = ",".join(node.address for node in self.nodes[: self.seeds])
+        if self.cafile:
+            return f"rediss-cluster://{seeds}?ssl_ca_certs={self.cafile}"
         return f"redis-cluster://{seeds}"
 
     @property
@@ -80,6 +101,8 @@ class LocalCluster:
             assert REDIS_CLI is not None
             addresses = [node.address for node in self.nodes]
             create = [REDIS_CLI, "--cluster", "create", *addresses]
+            if self.cafile:
+                create += ["--tls", "--cacert", str(self.cafile)]
             subprocess.run(
                 [*create, "--cluster-replicas", "1", "--cluster-yes"],
                 check=True,
@@ -106,6 +129,14 @@ class LocalCluster:
         return [node for node in self.nodes if node.proc is not None]
 
     def client(self, node: RedisServer) -> redis.Redis:
+        if self.cafile:
+            return redis.Redis(
+                host="127.0.0.1",
+                port=node.port,
+                socket_timeout=5,
+                ssl=True,
+                ssl_ca_certs=str(self.cafile),
+            )
         return redis.Redis(host="127.0.0.1", port=node.port, socket_timeout=5)
 
     def primaries(self) -> list[RedisServer]:
@@ -186,10 +217,10 @@ def require_redis_cluster_tools() -> None:
         pytest.skip(reason)
 
 
-def started_cluster(directory: Path) -> LocalCluster:
+def started_cluster(directory: Path, tls: bool = False) -> LocalCluster:
     """A new started cluster; tries again with other ports if one was taken meanwhile."""
     for attempt in range(3):
-        cluster = LocalCluster(directory / f"cluster{attempt}")
+        cluster = LocalCluster(directory / f"cluster{attempt}", tls=tls)
         try:
             return cluster.start()
         except (RuntimeError, subprocess.SubprocessError):
@@ -223,6 +254,17 @@ def own_redis_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
     """A cluster for one test that breaks it (kills a primary)."""
     require_redis_cluster_tools()
     cluster = started_cluster(tmp_path)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def tls_redis_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+    """A cluster for one test that speaks only TLS (rediss-cluster://)."""
+    require_redis_cluster_tools()
+    cluster = started_cluster(tmp_path, tls=True)
     try:
         yield cluster
     finally:

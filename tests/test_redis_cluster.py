@@ -23,11 +23,12 @@ from tests.redis_cluster import (
     clean_redis_cluster,
     own_redis_cluster,
     redis_cluster,
+    tls_redis_cluster,
 )
 from tests.test_broker_contract import Recorder, _async, eventually, offset, publish, run
 from tests.test_cluster import _all, _is, _status, connect, get_json, members, read, wait_for
 
-__all__ = ["clean_redis_cluster", "own_redis_cluster", "redis_cluster"]  # fixtures
+__all__ = ["clean_redis_cluster", "own_redis_cluster", "redis_cluster", "tls_redis_cluster"]
 
 pytestmark = pytest.mark.redis
 
@@ -102,6 +103,28 @@ def test_channels_spread_over_the_primaries_each_on_one_slot(
             assert client.exists(seq_key, history_key) == 2
             slots = {client.cluster("KEYSLOT", key) for key in (name, seq_key, history_key)}
             assert len(slots) == 1
+
+
+def test_rediss_cluster_speaks_tls_to_every_node(tls_redis_cluster: LocalCluster) -> None:
+    cluster = tls_redis_cluster
+    channels = list(cluster.spread(NAMES.pubsub).values())
+    assert cluster.url.startswith("rediss-cluster://")
+
+    async def scenario() -> tuple[list[list[bytes]], int]:
+        (a, _), (b, got_b) = await started(cluster.url), await started(cluster.url)
+        for channel in channels:
+            await b.subscribe(channel)
+            await publish(a, Envelope(channel, channel.encode(), False))
+        await a.presence.set_local(channels[0], 2)
+        seen = [[e.data for e in await got_b.wait(channel, 1)] for channel in channels]
+        count = await b.presence.count(channels[0])
+        await a.close()
+        await b.close()
+        return seen, count
+
+    seen, count = run(scenario())
+    assert seen == [[channel.encode()] for channel in channels]
+    assert count == 2
 
 
 def test_presence_adds_up_across_instances_and_shards(clean_redis_cluster: LocalCluster) -> None:
