@@ -42,9 +42,9 @@ from typing import Any
 
 from redis.asyncio import ConnectionPool
 from redis.asyncio.connection import AbstractConnection, parse_url
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
-from redis.retry import Retry
 
 from echoserver.brokers.base import Backlog, Broker, BrokerUnavailable, Envelope, OnEnvelope
 from echoserver.brokers.redis_presence import COUNT_SCRIPT, RedisPresence
