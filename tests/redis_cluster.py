@@ -223,9 +223,9 @@ def started_cluster(directory: Path, tls: bool = False) -> LocalCluster:
         cluster = LocalCluster(directory / f"cluster{attempt}", tls=tls)
         try:
             return cluster.start()
-        except (RuntimeError, subprocess.SubprocessError):
-            cluster.stop()
-            if attempt == 2:
+        except BaseException as error:
+            cluster.stop()  # whatever went wrong, no node is left behind
+            if attempt == 2 or not isinstance(error, (RuntimeError, subprocess.SubprocessError)):
                 raise
     raise AssertionError("unreachable")
 
