@@ -280,6 +280,8 @@ def _check_broker(v: str) -> str | None:
     if any(ch.isspace() for ch in v):
         return ""
     scheme, sep, rest = v.partition("://")
+    if sep and scheme in ("redis-cluster", "rediss-cluster"):
+        return _check_cluster_seeds(rest)
     if not sep or scheme not in ("redis", "rediss", "unix"):
         return ""
     if scheme == "unix" and not rest.strip("/"):
@@ -291,8 +293,22 @@ def _check_broker(v: str) -> str | None:
     return None
 
 
+def _check_cluster_seeds(rest: str) -> str | None:
+    """The seeds of a redis-cluster:// URL: [user[:password]@]host:port[,host:port...]."""
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    hosts = rest[:cut].rpartition("@")[2]
+    for seed in hosts.split(","):
+        host, colon, port = seed.rpartition(":")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            return f"{seed!r} is not host:port"
+    if rest[cut:].partition("?")[0] not in ("", "/", "/0"):
+        return "a Redis Cluster has database 0 only"
+    return None
+
+
 _BROKER = Rule(
-    '"memory" or a Redis URL starting with redis://, rediss:// or unix://',
+    '"memory" or a Redis URL starting with redis://, rediss://, unix://, '
+    "redis-cluster:// or rediss-cluster://",
     _check_broker,
 )
 
@@ -525,7 +541,8 @@ KEYS: tuple[Key, ...] = (
     ),
     _key(
         "broadcast.broker",
-        'Message broker: "memory" (one process) or redis://, rediss://, unix:// URL.',
+        'Message broker: "memory" (one process), a redis://, rediss://, unix:// URL, or a '
+        "Redis Cluster: redis-cluster://host:port[,host:port...] (rediss-cluster:// for TLS).",
         _BROKER,
     ),
     _key(
@@ -609,7 +626,7 @@ def format_value(value: Any) -> str:
     return repr(value)
 
 
-_URL_PASSWORD_RE = re.compile(r"^([a-z]+://[^/@]*?:)[^/@]*@")
+_URL_PASSWORD_RE = re.compile(r"^([a-z][a-z0-9+.-]*://[^/@]*?:)[^/@]*@")
 
 
 def _show(key: Key | None, value: Any) -> str:

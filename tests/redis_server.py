@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -29,14 +30,27 @@ def free_port() -> int:
 class RedisServer:
     """redis-server without persistence, bound to 127.0.0.1 only."""
 
-    def __init__(self, directory: Path, port: int = 0) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        port: int = 0,
+        args: tuple[str, ...] = (),
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.directory = directory
         self.port = port or free_port()
+        self.args = args  # more redis-server options
+        self.tls = tls  # how to reach the port when args make it a TLS port
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def address(self) -> str:
+        """host:port, as a broker's health reason names it."""
+        return f"127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         assert REDIS_SERVER is not None
@@ -55,6 +69,7 @@ class RedisServer:
                 str(self.directory),
                 "--logfile",
                 str(self.directory / "redis.log"),
+                *self.args,
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -72,7 +87,10 @@ class RedisServer:
 
     def ping(self) -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as conn:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as plain:
+                conn = (
+                    self.tls.wrap_socket(plain, server_hostname="127.0.0.1") if self.tls else plain
+                )
                 conn.sendall(b"PING\r\n")
                 return conn.recv(16).startswith(b"+PONG")
         except OSError:

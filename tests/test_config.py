@@ -513,6 +513,11 @@ BAD_VALUES = [
     ("broadcast.broker", "redis://h:99999", "Port out of range"),
     ("broadcast.broker", "unix://", "needs a socket path"),
     ("broadcast.broker", "Memory", 'must be "memory" or a Redis URL'),
+    ("broadcast.broker", "redis-cluster://", "'' is not host:port"),
+    ("broadcast.broker", "redis-cluster://h1:7000,h2", "'h2' is not host:port"),
+    ("broadcast.broker", "redis-cluster://h1:7000,,h2:7001", "'' is not host:port"),
+    ("broadcast.broker", "rediss-cluster://h1:70000", "'h1:70000' is not host:port"),
+    ("broadcast.broker", "redis-cluster://h1:7000/2", "database 0 only"),
     ("log.level", "verbose", 'must be one of "debug", "info", "warning", "error"'),
     ("log.level", "INFO", 'must be one of "debug", "info", "warning", "error"'),
     ("log.format", "xml", 'must be one of "text", "json"'),
@@ -550,6 +555,9 @@ def test_out_of_range_values_name_key_value_source_and_allowed(
         ("broadcast.broker", "redis://"),
         ("broadcast.broker", "rediss://:pw@redis.internal:6380/2"),
         ("broadcast.broker", "unix:///run/redis.sock?db=1"),
+        ("broadcast.broker", "redis-cluster://10.0.0.1:7000"),
+        ("broadcast.broker", "redis-cluster://10.0.0.1:7000,10.0.0.2:7001,h3:7002/0"),
+        ("broadcast.broker", "rediss-cluster://u:p@[::1]:7000,[::1]:7001?ssl_cert_reqs=none"),
     ],
 )
 def test_edge_values_are_accepted(name: str, value: Any) -> None:
@@ -602,6 +610,9 @@ def test_secrets_are_not_echoed_in_errors() -> None:
     assert "secret" not in message.replace("secret a client", "")
     message = error_of(flags={"broadcast.broker": "redis://:hunter2@h:99999/0"})
     assert "hunter2" not in message and "redis://:***@h:99999/0" in message
+    message = error_of(env={"ECHOSERVER_BROADCAST_BROKER": "rediss-cluster://u:hunter2@h1:1,h2"})
+    assert message.startswith("broadcast.broker = ") and "hunter2" not in message
+    assert "rediss-cluster://u:***@h1:1,h2" in message and "'h2' is not host:port" in message
 
 
 # --- cross-field checks ---------------------------------------------------------------

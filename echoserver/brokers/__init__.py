@@ -1,4 +1,4 @@
-"""Brokers: the memory (embedded) and Redis engines behind one interface."""
+"""Brokers: the memory (embedded), Redis and Redis Cluster engines behind one interface."""
 
 from __future__ import annotations
 
@@ -21,6 +21,10 @@ def create_broker(url: str, *, history: int = 0, history_ttl: float = 0.0) -> Br
     for at most `history_ttl` seconds (0 = no age limit)."""
     if url == "memory":
         return MemoryBroker(history=history, history_ttl=history_ttl)
+    if url.startswith(("redis-cluster://", "rediss-cluster://")):
+        from echoserver.brokers.redis_cluster import RedisClusterBroker
+
+        return RedisClusterBroker(url, history=history, history_ttl=history_ttl)
     from echoserver.brokers.redis import RedisBroker
 
     return RedisBroker(url, history=history, history_ttl=history_ttl)

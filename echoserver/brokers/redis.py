@@ -1,6 +1,6 @@
 """The Redis broker: broadcasts, history and presence shared by processes and hosts.
 
-This module owns RedisBroker and its wire format. Every echoserver channel is one Redis
+This module owns RedisBroker. Every echoserver channel is one Redis
 pub/sub channel, so Redis's publish order is the channel's order on every process. One Lua
 script per message INCRs the channel's sequence number, keeps the capped history list and
 PUBLISHes, so sequence order is publish order and a joiner can splice history and live
@@ -23,12 +23,7 @@ Messages other processes publish while this one is cut off do not reach its memb
 (Redis pub/sub delivers at most once); a client that comes back with ?since= gets the
 kept ones.
 
-Wire format of one message:
-``<seq>:<kind><n>:<sender><data>`` where kind is ``t`` (text) or ``b`` (binary), n is the
-sender id's length in bytes (0 = no sender) and data is the raw payload, up to the end.
-A history list item is ``<ms> <message>``: Redis's clock when it was published, for the
-age limit (`history_ttl`). A channel's keys and pub/sub name carry ``{channel}`` as a hash
-tag, so its counter, history and publish share one Redis Cluster slot.
+Wire format, scripts and key names: redis_wire.py (shared with the cluster broker).
 
 Why one module of this length: the connection supervisor, the pipelined command queue and
 the subscriber reader share the connection state they recover together after an outage.
@@ -38,10 +33,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
-import random
 import socket
 import time
 from collections import deque
@@ -49,95 +42,36 @@ from typing import Any
 
 from redis.asyncio import ConnectionPool
 from redis.asyncio.connection import AbstractConnection, parse_url
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
-from redis.retry import Retry
 
 from echoserver.brokers.base import Backlog, Broker, BrokerUnavailable, Envelope, OnEnvelope
 from echoserver.brokers.redis_presence import COUNT_SCRIPT, RedisPresence
+from echoserver.brokers.redis_wire import (
+    BACKLOG_SCRIPT,
+    KeyNames,
+    decode,
+    decode_kept,
+    encode,
+    jittered,
+    publish_script,
+    read_backlog,
+    sha1,
+)
 
 log = logging.getLogger("echoserver.broker")
 
-# KEYS: seq, history. ARGV: pub/sub channel, header (kind, sender), data, history cap,
-# history age limit in ms (0 = none). History items are the message after Redis's time in
-# ms and a space; the age limit trims the oldest ones, and the list expires with its newest.
-_PUBLISH = b"""
-local seq = redis.call('INCR', KEYS[1])
-local message = string.format('%d', seq) .. ':' .. ARGV[2] .. ARGV[3]
-local cap = tonumber(ARGV[4])
-if cap > 0 then
-  local time = redis.call('TIME')
-  local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-  redis.call('LPUSH', KEYS[2], string.format('%.0f', now) .. ' ' .. message)
-  redis.call('LTRIM', KEYS[2], 0, cap - 1)
-  local ttl = tonumber(ARGV[5])
-  if ttl > 0 then
-    for _ = 1, cap do
-      local oldest = redis.call('LINDEX', KEYS[2], -1)
-      local at = oldest and tonumber(string.match(oldest, '^(%d+) '))
-      if not at or now - at <= ttl then break end
-      redis.call('RPOP', KEYS[2])
-    end
-    redis.call('PEXPIRE', KEYS[2], ttl)
-  end
-end
-redis.call('PUBLISH', ARGV[1], message)
-return seq
-"""
-
-# KEYS: seq, history. ARGV: after (offset), limit. Returns {last offset, now in ms, items
-# newest first}: kept offsets are consecutive and end at the last, so the items above
-# `after` are the first (last - after) of the list.
-_BACKLOG = b"""
-local last = tonumber(redis.call('GET', KEYS[1]) or '0')
-local want = math.min(last - tonumber(ARGV[1]), tonumber(ARGV[2]))
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-local items = {}
-if want > 0 then
-  items = redis.call('LRANGE', KEYS[2], 0, want - 1)
-end
-return {last, now, items}
-"""
-
-_SCRIPTS = {
-    hashlib.sha1(body).hexdigest().encode(): body for body in (_PUBLISH, _BACKLOG, COUNT_SCRIPT)
-}
+_PUBLISH = publish_script(b"PUBLISH")
+_SCRIPTS = {sha1(body): body for body in (_PUBLISH, BACKLOG_SCRIPT, COUNT_SCRIPT)}
 _PUBLISH_SHA, _BACKLOG_SHA = list(_SCRIPTS)[:2]
 
 _MAX_BATCH = 512
 _RESTORE_PASSES = 10
-_BACKOFF_BASE = 0.1
 
-
-def encode(envelope: Envelope) -> tuple[bytes, bytes]:
-    """The message header after ``<seq>:`` and the payload, as the publish script joins them."""
-    sender = envelope.sender.encode() if envelope.sender else b""
-    kind = b"b" if envelope.binary else b"t"
-    return b"%s%d:%s" % (kind, len(sender), sender), envelope.data
-
-
-def decode(channel: str, message: bytes) -> Envelope:
-    """An envelope from one published message (see the module docstring for the format)."""
-    colon = message.index(b":")
-    seq = int(message[:colon])
-    binary = message[colon + 1] == 98  # ord("b")
-    end = message.index(b":", colon + 2)
-    size = int(message[colon + 2 : end])
-    start = end + 1 + size
-    sender = message[end + 1 : start].decode() if size else None
-    return Envelope(channel, message[start:], binary, sender, seq)
-
-
-def decode_kept(channel: str, item: bytes) -> tuple[int, Envelope]:
-    """(when it was published, in Redis's ms, and the envelope) of one history item."""
-    space = item.index(b" ")
-    return int(item[:space]), decode(channel, item[space + 1 :])
-
-
-def _jittered(attempt: int, cap: float) -> float:
-    """Full jitter over an exponential ceiling: spreads reconnecting processes apart."""
-    return random.uniform(0, min(cap, _BACKOFF_BASE * 2**attempt))
+# Kept under their old names for importers of this module.
+_jittered = jittered
+__all__ = ["RedisBroker", "decode", "decode_kept", "encode"]
 
 
 class RedisBroker(Broker):
@@ -179,6 +113,9 @@ class RedisBroker(Broker):
         self._prefix = prefix
         # Pub/sub ignores the database number, so it is part of the channel name.
         self._pubsub_prefix = f"{prefix}:{db}:ch:"
+        # (pub/sub channel, seq key, history key) of a channel, one Redis Cluster slot.
+        self._keys = KeyNames(prefix, self._pubsub_prefix)
+        self._pubsub_name = self._keys.pubsub
         heartbeat_prefix = f"{prefix}:proc:"
         self._heartbeat_key = heartbeat_prefix + self.process_id
         self.presence = RedisPresence(
@@ -195,7 +132,6 @@ class RedisBroker(Broker):
         self._channels: set[str] = set()  # what this process wants to receive
         self._names: dict[bytes, str] = {}  # pub/sub channel name -> channel, while wanted
         self._sub_waiters: dict[str, deque[asyncio.Future[None]]] = {}
-        self._key_cache: dict[str, tuple[str, str, str]] = {}
 
         self._healthy = False
         self._reason = f"redis {self.where}: not connected yet"
@@ -284,18 +220,10 @@ class RedisBroker(Broker):
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(waiters[-1]), self._op_timeout)
         _, seq_key, history_key = self._keys(channel)
-        last, now, items = await self._command(
+        reply = await self._command(
             "EVALSHA", _BACKLOG_SHA, 2, seq_key, history_key, after, max(limit, 0)
         )
-        ttl_ms = int(self.history_ttl * 1000)
-        envelopes = []
-        for item in items:  # newest first: stop at the first one too old
-            at, envelope = decode_kept(channel, item)
-            if ttl_ms > 0 and now - at > ttl_ms:
-                break
-            envelopes.append(envelope)
-        envelopes.reverse()
-        return Backlog(envelopes, int(last))
+        return read_backlog(channel, reply, int(self.history_ttl * 1000))
 
     @property
     def healthy(self) -> bool:
@@ -304,28 +232,6 @@ class RedisBroker(Broker):
     @property
     def health_reason(self) -> str:
         return "" if self._healthy else self._reason
-
-    # -- names ------------------------------------------------------------------------
-
-    def _keys(self, channel: str) -> tuple[str, str, str]:
-        """(pub/sub channel, seq key, history key) of a channel.
-
-        All three carry the channel as a hash tag, so they share one Redis Cluster slot.
-        """
-        keys = self._key_cache.get(channel)
-        if keys is None:
-            if len(self._key_cache) >= 10000:
-                self._key_cache.clear()
-            tag = f"{{{channel}}}"
-            keys = self._key_cache[channel] = (
-                self._pubsub_prefix + tag,
-                f"{self._prefix}:{tag}:seq",
-                f"{self._prefix}:{tag}:history",
-            )
-        return keys
-
-    def _pubsub_name(self, channel: str) -> str:
-        return f"{self._pubsub_prefix}{{{channel}}}"
 
     # -- commands: a queue sent as pipelined batches over the command connection ------
 
@@ -552,7 +458,7 @@ class RedisBroker(Broker):
                     with contextlib.suppress(Exception):
                         await connection.disconnect(nowait=True)
             self._first_attempt.set()
-            await asyncio.sleep(_jittered(attempt, self._backoff_cap))
+            await asyncio.sleep(jittered(attempt, self._backoff_cap))
             attempt += 1
 
     def _go_down(self, reason: str) -> None:

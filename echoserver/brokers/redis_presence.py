@@ -68,7 +68,7 @@ class RedisPresence(Presence):
         try:
             return int(
                 await self._command(
-                    "EVALSHA", _COUNT_SHA, 1, self._key_prefix + channel, self._heartbeat_prefix
+                    "EVALSHA", _COUNT_SHA, 1, self.key(channel), self._heartbeat_prefix
                 )
             )
         except BrokerUnavailable:
@@ -85,11 +85,15 @@ class RedisPresence(Presence):
 
     def removal(self) -> list[Command]:
         """The commands that take this process's members out of every channel (a clean exit)."""
-        return [("HDEL", self._key_prefix + channel, self._process_id) for channel in self.local]
+        return [("HDEL", self.key(channel), self._process_id) for channel in self.local]
+
+    def key(self, channel: str) -> str:
+        """The channel's presence hash."""
+        return self._key_prefix + channel
 
     def _write(self, channel: str) -> Command:
         members = self.local.get(channel, 0)
-        key = self._key_prefix + channel
+        key = self.key(channel)
         if members:
             return ("HSET", key, self._process_id, members)
         return ("HDEL", key, self._process_id)

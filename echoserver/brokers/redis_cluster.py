@@ -1,0 +1,636 @@
+"""The Redis Cluster broker: broadcasts, history and presence spread over a Redis Cluster.
+
+This module owns RedisClusterBroker and its URL (``redis-cluster://host:port[,host:port]``,
+``rediss-cluster://`` for TLS; any one node is enough to discover the cluster). Every
+echoserver channel is one sharded pub/sub channel (SSUBSCRIBE/SPUBLISH, Redis 7) whose name,
+sequence counter and history share one slot (hash tags, redis_wire.py), so the publish
+script INCRs, keeps and SPUBLISHes in one step on the channel's primary: sequence order is
+publish order, as on one Redis. Channels spread over the primaries by slot.
+
+Commands go through redis.asyncio's cluster client: one queue, sent as pipelined batches
+(the client splits a batch per primary and keeps each primary's commands in queue order),
+one batch in flight at a time, so a process's publishes keep their call order per channel.
+Receiving: one subscriber connection per primary, SSUBSCRIBEd to the channels of its slots;
+a reader task per connection hands every message to the hub synchronously.
+
+Presence (redis_cluster_presence.py): per-channel hashes whose entries carry a deadline,
+counted on the channel's own slot.
+
+Failures (a primary dies, its replica takes over; a resharding moves a slot): the first
+sign (the primary's connection closes, a command fails with a connection error, MOVED or
+CLUSTERDOWN, a PING goes unanswered) takes the whole broker down: `healthy` is False with
+the reason, publishes in flight and new ones fail with `unavailable` (their senders are
+told), backlog() raises it too, presence counts this process only; members stay connected.
+A supervisor task re-discovers the topology with exponential backoff and full jitter, and
+once every primary answers with cluster_state:ok it re-SSUBSCRIBEs every channel on its
+new primary and re-writes this process's presence: delivery resumes by itself. Offsets go
+on from the promoted replica's counter (replication is asynchronous: publishes acknowledged
+just before the primary died may be lost, and their offsets reused).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections import deque
+from typing import Any
+
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, parse_url
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.crc import key_slot
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+
+from echoserver.brokers.base import Backlog, Broker, BrokerUnavailable, Envelope, OnEnvelope
+from echoserver.brokers.redis_cluster_presence import (
+    COUNT_SCRIPT,
+    SET_SCRIPT,
+    ClusterPresence,
+)
+from echoserver.brokers.redis_wire import (
+    BACKLOG_SCRIPT,
+    KeyNames,
+    decode,
+    encode,
+    jittered,
+    publish_script,
+    read_backlog,
+    sha1,
+)
+
+log = logging.getLogger("echoserver.broker")
+
+_SPUBLISH = publish_script(b"SPUBLISH")
+_SCRIPTS = {sha1(body): body for body in (_SPUBLISH, BACKLOG_SCRIPT, COUNT_SCRIPT, SET_SCRIPT)}
+_PUBLISH_SHA, _BACKLOG_SHA = list(_SCRIPTS)[:2]
+
+_MAX_BATCH = 512
+_RESTORE_PASSES = 10
+# Replies that mean the cluster's shape changed or is changing: re-discover it.
+_TOPOLOGY_ERRORS = ("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN")
+
+SCHEMES = ("redis-cluster", "rediss-cluster")
+
+
+def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
+    """(seed nodes, connection options) of a ``redis-cluster://`` or ``rediss-cluster://`` URL.
+
+    ``[user[:password]@]host:port[,host:port...][/0][?option=value...]``: options and
+    credentials as in a ``redis://`` URL; a cluster has database 0 only.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in SCHEMES:
+        raise ValueError("a cluster URL starts with redis-cluster:// or rediss-cluster://")
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    netloc, tail = rest[:cut], rest[cut:]
+    userinfo, at, hosts = netloc.rpartition("@")
+    path = tail.partition("?")[0]
+    if path not in ("", "/", "/0"):
+        raise ValueError("a Redis Cluster has database 0 only")
+    seeds = []
+    for part in hosts.split(","):
+        host, colon, port = part.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{part!r} is not host:port")
+        seeds.append((host, int(port)))
+    base = "rediss" if scheme == "rediss-cluster" else "redis"
+    query = tail.partition("?")[2]
+    options = dict(parse_url(f"{base}://{userinfo}{at}seed:1/0" + (f"?{query}" if query else "")))
+    for name in ("host", "port", "db", "path"):
+        options.pop(name, None)
+    return seeds, options
+
+
+class _Shard:
+    """One primary's subscriber connection."""
+
+    def __init__(self, name: str, connection: AbstractConnection) -> None:
+        self.name = name
+        self.connection = connection
+        self.lock = asyncio.Lock()
+        self.pong = asyncio.Event()
+        # Our own SUNSUBSCRIBEs not yet confirmed, per name: any other confirmation is
+        # Redis dropping a subscription because the slot moved.
+        self.unsubscribing: dict[bytes, int] = {}
+
+
+class RedisClusterBroker(Broker):
+    """A broker on a Redis Cluster (``redis-cluster://`` or ``rediss-cluster://`` URL)."""
+
+    presence: ClusterPresence
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        history: int = 0,
+        history_ttl: float = 0.0,
+        prefix: str = "echoserver",
+        presence_ttl: float = 10.0,
+        op_timeout: float = 3.0,
+        backoff_cap: float = 3.0,
+    ) -> None:
+        seeds, options = parse_cluster_url(url)
+        self._tls = options.pop("connection_class", Connection) is SSLConnection
+        options.setdefault("client_name", f"echoserver:{os.getpid()}")
+        self._options = options
+        self._seeds = seeds
+        self._known: list[tuple[str, int]] = list(seeds)  # seeds, then every node seen
+        self.where = "cluster " + ",".join(f"{host}:{port}" for host, port in seeds)
+        self.process_id = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+        self.history_size = history
+        self.history_ttl = history_ttl
+        # A cluster has database 0 only; the name has the same form as on one Redis.
+        self._keys = KeyNames(prefix, f"{prefix}:0:ch:")
+        self.presence = ClusterPresence(
+            self._command, prefix=prefix, process_id=self.process_id, ttl=presence_ttl
+        )
+        self._presence_ttl = presence_ttl
+        self._op_timeout = op_timeout
+        self._backoff_cap = backoff_cap
+        # One client for the broker's life: its first discovery also reads the server's
+        # command table (tens of ms), later ones only the topology.
+        self._client = self._new_client(options)  # a bad URL option fails here
+        self._discovered = False
+
+        self._on_envelope: OnEnvelope | None = None
+        self._channels: set[str] = set()  # what this process wants to receive
+        self._names: dict[bytes, str] = {}  # shard channel name -> channel, while wanted
+        self._sub_waiters: dict[str, deque[asyncio.Future[None]]] = {}
+        self._shards: dict[str, _Shard] = {}
+
+        self._healthy = False
+        self._reason = f"redis {self.where}: not connected yet"
+        self._closing = False
+        self._supervisor: asyncio.Task[None] | None = None
+        self._first_attempt = asyncio.Event()
+        self._reshaped = asyncio.Event()
+        self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._in_flight: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._wake = asyncio.Event()
+        self._refusal_logged = -10.0
+        self._in_flight_since = 0.0
+
+    # -- Broker interface -------------------------------------------------------------
+
+    async def start(self, on_envelope: OnEnvelope) -> None:
+        """Connect; if the cluster is unreachable, start degraded and keep reconnecting."""
+        self._on_envelope = on_envelope
+        if self._supervisor is None:
+            self._supervisor = asyncio.ensure_future(self._supervise())
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._first_attempt.wait(), 3 * self._op_timeout)
+
+    async def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        if self._healthy:
+            # Leave nothing behind: others stop counting this process's members at once.
+            cleanup = [self._command(*command) for command in self.presence.removal()]
+            with contextlib.suppress(BrokerUnavailable, RedisError, asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*cleanup), self._op_timeout)
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        with contextlib.suppress(Exception):
+            await self._client.aclose()
+        self._on_envelope = None
+        self._channels.clear()
+        self._names.clear()
+
+    async def subscribe(self, channel: str) -> None:
+        """Returns once the channel's primary confirmed (or at once while degraded)."""
+        if channel in self._channels:
+            return
+        self._channels.add(channel)
+        self._names[self._keys.pubsub(channel).encode()] = channel
+        if self._healthy:
+            await self._send_subscriptions("SSUBSCRIBE", [channel])
+
+    async def unsubscribe(self, channel: str) -> None:
+        if channel not in self._channels:
+            return
+        self._channels.discard(channel)
+        # Dropping the name stops delivery now, before Redis confirms.
+        self._names.pop(self._keys.pubsub(channel).encode(), None)
+        if self._healthy:
+            await self._send_subscriptions("SUNSUBSCRIBE", [channel])
+
+    def publish(self, envelope: Envelope) -> asyncio.Future[int]:
+        """A future of the offset: queued synchronously, so the queue's order is the call order."""
+        header, data = encode(envelope)
+        name, seq_key, history_key = self._keys(envelope.channel)
+        return self._command(
+            "EVALSHA",
+            _PUBLISH_SHA,
+            2,
+            seq_key,
+            history_key,
+            name,
+            header,
+            data,
+            self.history_size,
+            int(self.history_ttl * 1000),
+        )
+
+    async def backlog(self, channel: str, after: int, limit: int) -> Backlog:
+        """Raises `unavailable` while the cluster is unreachable or failing over."""
+        waiters = self._sub_waiters.get(channel)
+        if waiters:
+            # Another joiner's SSUBSCRIBE is still on its way: read history only once it is
+            # active, or a message published in between would be in neither history nor live.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(waiters[-1]), self._op_timeout)
+        _, seq_key, history_key = self._keys(channel)
+        reply = await self._command(
+            "EVALSHA", _BACKLOG_SHA, 2, seq_key, history_key, after, max(limit, 0)
+        )
+        return read_backlog(channel, reply, int(self.history_ttl * 1000))
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    @property
+    def health_reason(self) -> str:
+        return "" if self._healthy else self._reason
+
+    # -- commands: a queue sent as pipelined batches through the cluster client -------
+
+    def _command(self, *args: Any) -> asyncio.Future[Any]:
+        """Queue one command; the future has its reply. Raises BrokerUnavailable when down."""
+        if not self._healthy:
+            raise self.unavailable(self._reason)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((args, future))
+        self._wake.set()
+        return future
+
+    async def _send_batches(self, client: RedisCluster) -> None:
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = self._in_flight = self._queue[:_MAX_BATCH]
+            del self._queue[:_MAX_BATCH]
+            # No wait_for here (a task per batch costs a loop pass): _heartbeat watches age.
+            self._in_flight_since = time.monotonic()
+            await self._round_trip(client, batch)
+            self._in_flight = []
+
+    async def _round_trip(
+        self, client: RedisCluster, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]
+    ) -> None:
+        """Send a batch and settle its futures. A topology error ends the connection."""
+        results = await self._pipeline(client, [args for args, _ in batch])
+        noscript = []
+        reshaped: Exception | None = None
+        for (args, future), result in zip(batch, results, strict=True):
+            if isinstance(result, NoScriptError):
+                noscript.append((args, future))
+            elif isinstance(result, Exception):
+                reshaped = self._refused(future, result) or reshaped
+            elif not future.done():
+                future.set_result(result)
+        if noscript:
+            # A primary's script cache was flushed (SCRIPT FLUSH, a promoted replica): EVAL
+            # loads and runs the scripts, in the same order, after the whole batch is read.
+            again = [(("EVAL", _SCRIPTS[args[1]], *args[2:]), future) for args, future in noscript]
+            results = await self._pipeline(client, [args for args, _ in again])
+            for (_, future), result in zip(again, results, strict=True):
+                if isinstance(result, Exception):
+                    reshaped = self._refused(future, result) or reshaped
+                elif not future.done():
+                    future.set_result(result)
+        if reshaped is not None:
+            raise reshaped
+
+    async def _pipeline(self, client: RedisCluster, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """One reply or error per command. The client keeps each primary's commands in
+        order; it does not follow redirections (a resend would come after later commands)."""
+        pipe = client.pipeline(transaction=False)
+        for args in commands:
+            pipe.execute_command(*args)
+        return await pipe.execute(raise_on_error=False, allow_redirections=False)
+
+    def _refused(self, future: asyncio.Future[Any], error: Exception) -> Exception | None:
+        """Tell the sender; return the error that ends the connection, if it is one."""
+        if not future.done():
+            future.set_exception(self.unavailable(f"redis {self.where}: {error}"))
+        message = str(error)
+        if isinstance(error, ResponseError) and not message.startswith(_TOPOLOGY_ERRORS):
+            # Reachable but refusing (OOM, ...): only that command failed.
+            now = time.monotonic()
+            if now - self._refusal_logged >= 10:  # at most one line per 10 s under load
+                self._refusal_logged = now
+                log.warning("redis %s refused a command: %s", self.where, error)
+            return None
+        return ConnectionError(f"{type(error).__name__}: {message}")
+
+    async def _call(self, connection: AbstractConnection, *args: Any) -> Any:
+        """One command on a subscriber connection, while (re)connecting."""
+        await connection.send_packed_command(connection.pack_command(*args), check_health=False)
+        return await asyncio.wait_for(
+            connection.read_response(disable_decoding=True), self._op_timeout
+        )
+
+    def _fail_pending(self, reason: str) -> None:
+        pending, self._queue = self._in_flight + self._queue, []
+        self._in_flight = []
+        for _, future in pending:
+            if not future.done():
+                future.set_exception(self.unavailable(reason))
+        for waiters in self._sub_waiters.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)  # re-subscribed when the cluster is back
+        self._sub_waiters.clear()
+
+    # -- the subscriber connections, one per primary ----------------------------------
+
+    def _shard_of(self, channel: str) -> _Shard | None:
+        """The subscriber connection to the channel's primary; None once the map is stale."""
+        slot = key_slot(self._keys.pubsub(channel).encode())
+        try:
+            node = self._client.nodes_manager.get_node_from_slot(slot)
+        except Exception:  # an uncovered slot
+            return None
+        return self._shards.get(node.name)
+
+    async def _send_subscriptions(
+        self, command: str, channels: list[str], strict: bool = False
+    ) -> None:
+        """Send S(UN)SUBSCRIBE per channel to its primary; SSUBSCRIBE waits for the
+        confirmations. Errors are left to the supervisor (it re-subscribes everything
+        after reconnecting) unless `strict`, as while restoring."""
+        by_shard: dict[_Shard, list[str]] = {}
+        for channel in channels:
+            shard = self._shard_of(channel)
+            if shard is None:
+                if strict:
+                    raise ConnectionError(f"no primary known for channel {channel!r}")
+                self._reshaped.set()  # re-subscribed once the topology is re-discovered
+                return
+            by_shard.setdefault(shard, []).append(channel)
+        waiters: list[asyncio.Future[None]] = []
+        if command == "SSUBSCRIBE":
+            loop = asyncio.get_running_loop()
+            for channel in channels:
+                waiter: asyncio.Future[None] = loop.create_future()
+                self._sub_waiters.setdefault(channel, deque()).append(waiter)
+                waiters.append(waiter)
+        try:
+            for shard, mine in by_shard.items():
+                names = [self._keys.pubsub(channel) for channel in mine]
+                if command == "SUNSUBSCRIBE":
+                    for name in names:
+                        key = name.encode()
+                        shard.unsubscribing[key] = shard.unsubscribing.get(key, 0) + 1
+                # One command per channel: the channels of one command must share a slot.
+                connection = shard.connection
+                packed = connection.pack_commands([(command, name) for name in names])
+                async with shard.lock:
+                    await connection.send_packed_command(packed, check_health=False)
+            if waiters:
+                await asyncio.wait_for(asyncio.gather(*waiters), self._op_timeout)
+        except (RedisError, OSError, asyncio.TimeoutError) as error:
+            if strict:
+                raise
+            log.debug("%s %s: %s", command, channels, error)
+
+    async def _read_messages(self, shard: _Shard) -> None:
+        read = shard.connection.read_response
+        names = self._names
+        while True:
+            reply = await read(disable_decoding=True)
+            if type(reply) is list:
+                kind = reply[0]
+                if kind == b"smessage":
+                    channel = names.get(reply[1])
+                    if channel is not None and self._on_envelope is not None:
+                        self._deliver(channel, reply[2])
+                elif kind == b"ssubscribe":
+                    channel = self._keys.channel_of(reply[1])
+                    waiters = self._sub_waiters.get(channel)
+                    if waiters:
+                        waiter = waiters.popleft()
+                        if not waiters:
+                            del self._sub_waiters[channel]
+                        if not waiter.done():
+                            waiter.set_result(None)
+                elif kind == b"sunsubscribe":
+                    pending = shard.unsubscribing.get(reply[1], 0)
+                    if pending > 1:
+                        shard.unsubscribing[reply[1]] = pending - 1
+                    elif pending:
+                        del shard.unsubscribing[reply[1]]
+                    elif reply[1] in names:
+                        raise ConnectionError(f"{shard.name} gave up {reply[1]!r}: its slot moved")
+                elif kind == b"pong":
+                    shard.pong.set()
+            elif reply == b"PONG":  # a PING while subscribed to nothing
+                shard.pong.set()
+
+    def _deliver(self, channel: str, message: bytes) -> None:
+        try:
+            envelope = decode(channel, message)
+        except (ValueError, IndexError, UnicodeDecodeError):
+            log.warning("ignoring a malformed message on %s: %r", channel, message[:64])
+            return
+        try:
+            self._on_envelope(envelope)  # type: ignore[misc]
+        except Exception:
+            log.exception("delivering a message on %s failed", channel)
+
+    # -- liveness ---------------------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        """Push this process's presence deadlines on and check every primary answers."""
+        interval = min(self._presence_ttl / 4, self._op_timeout / 2)
+        while True:
+            await asyncio.sleep(interval)
+            if self._in_flight and time.monotonic() - self._in_flight_since > self._op_timeout:
+                raise ConnectionError(f"no reply from the cluster in {self._op_timeout:g}s")
+            refresh = [self._command(*command) for command in self.presence.refresh()]
+            if refresh:
+                await asyncio.wait_for(asyncio.gather(*refresh), self._op_timeout)
+            await asyncio.gather(*(self._ping(shard) for shard in self._shards.values()))
+
+    async def _ping(self, shard: _Shard) -> None:
+        shard.pong.clear()
+        connection = shard.connection
+        async with shard.lock:
+            await connection.send_packed_command(
+                connection.pack_command("PING"), check_health=False
+            )
+        try:
+            await asyncio.wait_for(shard.pong.wait(), self._op_timeout)
+        except asyncio.TimeoutError:
+            raise ConnectionError(f"no reply to PING from {shard.name}") from None
+
+    async def _watch_shape(self) -> None:
+        """Ends the connection once a channel's primary is not among the connected ones."""
+        await self._reshaped.wait()
+        raise ConnectionError("the cluster's slots moved")
+
+    # -- connecting and reconnecting --------------------------------------------------
+
+    def _new_client(self, options: dict[str, Any]) -> RedisCluster:
+        kwargs = {
+            key: value
+            for key, value in options.items()
+            if key in ("username", "password", "client_name") or key.startswith("ssl_")
+        }
+        return RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in self._known],
+            ssl=self._tls,
+            # Our own timeouts, retries and re-discovery; RESP2 so replies are plain arrays.
+            protocol=2,
+            socket_timeout=self._op_timeout,
+            socket_connect_timeout=self._op_timeout,
+            retry=Retry(NoBackoff(), 0),
+            **kwargs,
+        )
+
+    def _new_connection(self, node: ClusterNode) -> AbstractConnection:
+        kind = SSLConnection if self._tls else Connection
+        return kind(
+            host=node.host,
+            port=node.port,
+            **{
+                **self._options,
+                "protocol": 2,
+                "socket_timeout": None,
+                "socket_connect_timeout": self._op_timeout,
+                "health_check_interval": 0,
+                "retry": Retry(NoBackoff(), 0),
+            },
+        )
+
+    async def _supervise(self) -> None:
+        attempt = 0
+        down_since = time.monotonic()
+        client = self._client
+        while not self._closing:
+            shards: list[_Shard] = []
+            tasks: list[asyncio.Task[None]] = []
+            try:
+                shards = await self._connect(client)
+                self._shards = {shard.name: shard for shard in shards}
+                self._reshaped.clear()
+                tasks += [asyncio.ensure_future(self._read_messages(shard)) for shard in shards]
+                # Everything this process had in the cluster may be gone (a failover).
+                self.presence.lost()
+                await self._restore()
+                tasks.append(asyncio.ensure_future(self._send_batches(client)))
+                tasks.append(asyncio.ensure_future(self._heartbeat()))
+                tasks.append(asyncio.ensure_future(self._watch_shape()))
+                self._healthy = True
+                self._first_attempt.set()
+                if attempt:
+                    log.info(
+                        "redis %s: connected again after %.1fs",
+                        self.where,
+                        time.monotonic() - down_since,
+                    )
+                attempt = 0
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                error = next(iter(done)).exception()
+                raise error or ConnectionError("connection closed")
+            except asyncio.CancelledError:
+                self._go_down(f"redis {self.where}: broker closed")
+                raise
+            except Exception as error:
+                reason = f"redis {self.where} unreachable: {error or type(error).__name__}"
+                if self._healthy or not attempt:
+                    log.warning("%s; reconnecting", reason)
+                    down_since = time.monotonic()
+                else:
+                    log.debug("%s (attempt %d)", reason, attempt + 1)
+                self._go_down(reason)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                self._shards = {}
+                for shard in shards:
+                    with contextlib.suppress(Exception):
+                        await shard.connection.disconnect(nowait=True)
+            self._first_attempt.set()
+            await asyncio.sleep(jittered(attempt, self._backoff_cap))
+            attempt += 1
+
+    def _go_down(self, reason: str) -> None:
+        self._healthy = False
+        self._reason = reason
+        self._fail_pending(reason)
+
+    async def _connect(self, client: RedisCluster) -> list[_Shard]:
+        """Discover the topology; connect to every primary once it says the cluster is ok."""
+        discovering = client.nodes_manager if self._discovered else client
+        await asyncio.wait_for(discovering.initialize(), 3 * self._op_timeout)
+        self._discovered = True
+        nodes = client.get_nodes()
+        for node in nodes:  # any of them can tell the topology next time
+            address = (node.host, int(node.port))
+            if address not in self._known:
+                self._known.append(address)
+        shards: list[_Shard] = []
+        try:
+            for node in nodes:
+                if node.server_type != "primary":
+                    continue
+                connection = self._new_connection(node)
+                shards.append(_Shard(node.name, connection))
+                await asyncio.wait_for(connection.connect(), self._op_timeout)
+                info = await self._call(connection, "CLUSTER", "INFO")
+                if b"cluster_state:ok" not in info:
+                    raise ConnectionError(f"{node.name} says the cluster is not ok")
+                for body in _SCRIPTS.values():
+                    await self._call(connection, "SCRIPT", "LOAD", body)
+        except BaseException:
+            for shard in shards:
+                with contextlib.suppress(Exception):
+                    await shard.connection.disconnect(nowait=True)
+            raise
+        if not shards:
+            raise ConnectionError("no primary node")
+        return shards
+
+    async def _restore(self) -> None:
+        """Re-subscribe every channel and re-write this process's presence.
+
+        Joins and leaves go on while this runs (they only record what they want while the
+        broker is down), so it repeats until nothing changed during a pass; the caller
+        marks the broker healthy right after, with no await in between.
+        """
+        subscribed: set[str] = set()
+        for _ in range(_RESTORE_PASSES):
+            wanted = set(self._channels)
+            added, dropped = sorted(wanted - subscribed), sorted(subscribed - wanted)
+            presence = self.presence.resync()
+            if not (added or dropped or presence):
+                return
+            for start in range(0, len(added), 1000):
+                await self._send_subscriptions("SSUBSCRIBE", added[start : start + 1000], True)
+            if dropped:
+                await self._send_subscriptions("SUNSUBSCRIBE", dropped, True)
+            subscribed = wanted
+            if presence:
+                # Not through the queue (it opens once healthy): a pipeline of its own.
+                results = await asyncio.wait_for(
+                    self._pipeline(self._client, presence), self._op_timeout
+                )
+                for result in results:
+                    if isinstance(result, Exception):
+                        raise ConnectionError(f"re-writing presence: {result}")
+        raise ConnectionError("channels kept changing while re-subscribing")

@@ -1,0 +1,148 @@
+"""What the Redis brokers share: the wire format, the Lua scripts, channel key names, backoff.
+
+A message as Redis carries it: ``<seq>:<kind><n>:<sender><data>`` where kind is ``t``
+(text) or ``b`` (binary), n is the sender id's length in bytes (0 = no sender) and data is
+the raw payload, up to the end. A history list item is ``<ms> <message>``: Redis's clock
+when it was published, for the age limit (`history_ttl`). A channel's keys and pub/sub name
+carry ``{channel}`` as a hash tag, so its counter, history and publish share one Redis
+Cluster slot: the publish script can INCR, keep and (S)PUBLISH in one step on every kind of
+deployment, so sequence order is publish order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from typing import Any
+
+from echoserver.brokers.base import Backlog, Envelope
+
+# KEYS: seq, history. ARGV: pub/sub channel, header (kind, sender), data, history cap,
+# history age limit in ms (0 = none). History items are the message after Redis's time in
+# ms and a space; the age limit trims the oldest ones, and the list expires with its newest.
+# PUBLISH_COMMAND is PUBLISH (one Redis) or SPUBLISH (a cluster: the shard channel is in
+# the script's slot, which Redis 7 allows).
+_PUBLISH_TEMPLATE = b"""
+local seq = redis.call('INCR', KEYS[1])
+local message = string.format('%d', seq) .. ':' .. ARGV[2] .. ARGV[3]
+local cap = tonumber(ARGV[4])
+if cap > 0 then
+  local time = redis.call('TIME')
+  local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  redis.call('LPUSH', KEYS[2], string.format('%.0f', now) .. ' ' .. message)
+  redis.call('LTRIM', KEYS[2], 0, cap - 1)
+  local ttl = tonumber(ARGV[5])
+  if ttl > 0 then
+    for _ = 1, cap do
+      local oldest = redis.call('LINDEX', KEYS[2], -1)
+      local at = oldest and tonumber(string.match(oldest, '^(%d+) '))
+      if not at or now - at <= ttl then break end
+      redis.call('RPOP', KEYS[2])
+    end
+    redis.call('PEXPIRE', KEYS[2], ttl)
+  end
+end
+redis.call('PUBLISH_COMMAND', ARGV[1], message)
+return seq
+"""
+
+
+def publish_script(command: bytes) -> bytes:
+    """The publish script for PUBLISH or SPUBLISH."""
+    return _PUBLISH_TEMPLATE.replace(b"PUBLISH_COMMAND", command)
+
+
+# KEYS: seq, history. ARGV: after (offset), limit. Returns {last offset, now in ms, items
+# newest first}: kept offsets are consecutive and end at the last, so the items above
+# `after` are the first (last - after) of the list.
+BACKLOG_SCRIPT = b"""
+local last = tonumber(redis.call('GET', KEYS[1]) or '0')
+local want = math.min(last - tonumber(ARGV[1]), tonumber(ARGV[2]))
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local items = {}
+if want > 0 then
+  items = redis.call('LRANGE', KEYS[2], 0, want - 1)
+end
+return {last, now, items}
+"""
+
+
+def sha1(body: bytes) -> bytes:
+    """The name EVALSHA knows a script by."""
+    return hashlib.sha1(body).hexdigest().encode()
+
+
+BACKOFF_BASE = 0.1
+
+
+def jittered(attempt: int, cap: float) -> float:
+    """Full jitter over an exponential ceiling: spreads reconnecting processes apart."""
+    return random.uniform(0, min(cap, BACKOFF_BASE * 2**attempt))
+
+
+def encode(envelope: Envelope) -> tuple[bytes, bytes]:
+    """The message header after ``<seq>:`` and the payload, as the publish script joins them."""
+    sender = envelope.sender.encode() if envelope.sender else b""
+    kind = b"b" if envelope.binary else b"t"
+    return b"%s%d:%s" % (kind, len(sender), sender), envelope.data
+
+
+def decode(channel: str, message: bytes) -> Envelope:
+    """An envelope from one published message (see the module docstring for the format)."""
+    colon = message.index(b":")
+    seq = int(message[:colon])
+    binary = message[colon + 1] == 98  # ord("b")
+    end = message.index(b":", colon + 2)
+    size = int(message[colon + 2 : end])
+    start = end + 1 + size
+    sender = message[end + 1 : start].decode() if size else None
+    return Envelope(channel, message[start:], binary, sender, seq)
+
+
+def decode_kept(channel: str, item: bytes) -> tuple[int, Envelope]:
+    """(when it was published, in Redis's ms, and the envelope) of one history item."""
+    space = item.index(b" ")
+    return int(item[:space]), decode(channel, item[space + 1 :])
+
+
+def read_backlog(channel: str, reply: Any, ttl_ms: int) -> Backlog:
+    """The Backlog from the backlog script's reply, without items older than `ttl_ms`."""
+    last, now, items = reply
+    envelopes = []
+    for item in items:  # newest first: stop at the first one too old
+        at, envelope = decode_kept(channel, item)
+        if ttl_ms > 0 and now - at > ttl_ms:
+            break
+        envelopes.append(envelope)
+    envelopes.reverse()
+    return Backlog(envelopes, int(last))
+
+
+class KeyNames:
+    """A channel's (pub/sub name, seq key, history key), all hash-tagged with {channel}."""
+
+    def __init__(self, prefix: str, pubsub_prefix: str) -> None:
+        self.prefix = prefix
+        self.pubsub_prefix = pubsub_prefix
+        self._cache: dict[str, tuple[str, str, str]] = {}
+
+    def __call__(self, channel: str) -> tuple[str, str, str]:
+        keys = self._cache.get(channel)
+        if keys is None:
+            if len(self._cache) >= 10000:
+                self._cache.clear()
+            tag = f"{{{channel}}}"
+            keys = self._cache[channel] = (
+                self.pubsub_prefix + tag,
+                f"{self.prefix}:{tag}:seq",
+                f"{self.prefix}:{tag}:history",
+            )
+        return keys
+
+    def pubsub(self, channel: str) -> str:
+        return f"{self.pubsub_prefix}{{{channel}}}"
+
+    def channel_of(self, pubsub_name: bytes) -> str:
+        """The channel a pub/sub name (as Redis sends it back) belongs to."""
+        return pubsub_name.decode()[len(self.pubsub_prefix) + 1 : -1]
