@@ -277,6 +277,8 @@ _API_KEY = Rule(
 def _check_broker(v: str) -> str | None:
     if v == "memory":
         return None
+    if HIDDEN in v:
+        return "its password is the placeholder --print-config prints instead of it"
     if any(ch.isspace() for ch in v):
         return ""
     scheme, sep, rest = v.partition("://")
@@ -945,9 +947,9 @@ def to_toml(settings: Settings, *, comments: bool = False, secrets: bool = False
     """The settings as TOML that load() reads back to equal settings.
 
     A secret that is set is printed as HIDDEN (which load() refuses), with a comment
-    saying so, unless ``secrets``. With ``comments``, each key gets a one-line comment
-    above it: its doc, its env var and its flag (this is how config/echoserver.toml is
-    written).
+    saying so, unless ``secrets``; so is the password in a URL (the broker's). With
+    ``comments``, each key gets a one-line comment above it: its doc, its env var and its
+    flag (this is how config/echoserver.toml is written).
     """
     lines: list[str] = []
     for section in SECTIONS:
@@ -965,5 +967,10 @@ def to_toml(settings: Settings, *, comments: bool = False, secrets: bool = False
                     f"# {key.name} is set but not printed: put its value here to reuse this file."
                 )
                 value = HIDDEN
+            elif isinstance(value, str) and not secrets and _URL_PASSWORD_RE.match(value):
+                lines.append(
+                    f"# {key.name}'s password is not printed: put it here to reuse this file."
+                )
+                value = _URL_PASSWORD_RE.sub(lambda m: f"{m.group(1)}{HIDDEN}@", value)
             lines.append(f"{key.field} = {format_value(value)}")
     return "\n".join(lines) + "\n"

@@ -760,6 +760,30 @@ def test_to_toml_hides_secrets_unless_asked(tmp_path: Path) -> None:
     assert 'auth_token = ""' in to_toml(Settings())  # nothing to hide
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:s3cr3t@127.0.0.1:6379/0",
+        "rediss://user:s3cr3t@redis.example:6380/1",
+        "redis-cluster://user:s3cr3t@127.0.0.1:7000,127.0.0.1:7001",
+    ],
+)
+def test_to_toml_hides_the_broker_password(tmp_path: Path, url: str) -> None:
+    settings = load(env={}, flags={"broadcast.broker": url})
+    text = to_toml(settings)
+    assert "s3cr3t" not in text
+    lines = text.splitlines()
+    printed = url.replace("s3cr3t", config.HIDDEN)
+    at = lines.index(f"broker = {config.format_value(printed)}")
+    assert lines[at - 1].startswith("# broadcast.broker's password is not printed")
+    # Reused as it is, the file fails loudly instead of connecting with a wrong password.
+    message = error_of(config_path=write(tmp_path, text))
+    assert message.startswith("broadcast.broker = ")
+    assert "placeholder" in message and "s3cr3t" not in message
+    assert f"broker = {config.format_value(url)}" in to_toml(settings, secrets=True)
+    assert load(config_path=write(tmp_path, to_toml(settings, secrets=True)), env={}) == settings
+
+
 def test_error_messages_are_one_line() -> None:
     err = ConfigError("a\nb\r\nc")
     assert str(err) == "a b c"
