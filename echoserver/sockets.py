@@ -18,7 +18,7 @@ from collections.abc import Awaitable
 from typing import Any
 
 from echoserver import deflate
-from echoserver.access import write_access_line
+from echoserver.access import RequestRecord, write_access_line
 from echoserver.admission import AdmittedHandler
 from echoserver.connection import WebSocketConnection
 from echoserver.framing import CloseCode, FrameParser
@@ -31,12 +31,15 @@ from echoserver.handshake import (
 from echoserver.hub import HubUnavailable, Replay
 from echoserver.messages import mixed_broadcast, mixed_payload
 from echoserver.protocol import ServerProtocol
-from echoserver.tornado_seam import forget_response_headers
+from echoserver.tornado_seam import forget_response
 
 log = logging.getLogger("echoserver.ws")
 
 # A sender's broadcasts that a remote broker may hold unanswered before we stop reading it.
 MAX_PUBLISHES_IN_FLIGHT = 64
+# What an open connection's handler keeps as path arguments: shared, never read again.
+NO_PATH_ARGS: list[str] = []
+NO_PATH_KWARGS: dict[str, str] = {}
 
 
 class RateLimit:
@@ -67,6 +70,7 @@ class BaseSocket(AdmittedHandler):
     shares_frames = False  # see ChannelSocket
     channel = "default"
     connection: WebSocketConnection | None = None
+    record: RequestRecord | None = None  # the request, once the handshake is over
     close_code: int | None = None
     _reserved = False  # holds one of server.handshakes until the connection opens
     _gone = False  # the client went away during the handshake
@@ -141,10 +145,31 @@ class BaseSocket(AdmittedHandler):
         """Runs before the 101 is sent: what a client may count on once it has its 101."""
 
     def _forget_http(self) -> None:
-        """Drop what the handler kept of the HTTP exchange and no longer needs (memory)."""
-        self.request.connection = None  # the detached HTTP/1 connection
-        self.request.server_connection = None  # its server side, holding the old stream
-        forget_response_headers(self)
+        """Drop what the handler kept of the HTTP exchange and no longer needs.
+
+        A connection lives for hours: the request (its headers, arguments, strings), the
+        response's buffers and the path arguments are ~2 KB and a dozen objects that every
+        full GC pass would visit. What the connection still needs of the request (peer,
+        path, origin, start time) is kept in a RequestRecord; self.request is gone.
+        """
+        self.record = RequestRecord(self.request)
+        del self.request
+        self.path_args = NO_PATH_ARGS
+        self.path_kwargs = NO_PATH_KWARGS
+        forget_response(self)
+
+    @property
+    def peer(self) -> str:
+        record = self.record
+        if record is None:
+            return super().peer
+        return f"{record.remote_ip} {record.path}"
+
+    def _request_summary(self) -> str:
+        record = self.record
+        if record is None:
+            return super()._request_summary()
+        return f"{record.method} {record.path} ({record.remote_ip})"
 
     def on_connection_close(self) -> None:
         """Tornado: the client went away before the handshake was over."""
@@ -180,7 +205,7 @@ class BaseSocket(AdmittedHandler):
         server.connections.discard(self)
         server.metrics.closes[code] += 1
         if server.config.log.access:
-            write_access_line(self.request, 101, close=code)
+            write_access_line(self.record or self.request, 101, close=code)
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Close the connection (the server's drain, a lost broadcast)."""
