@@ -58,7 +58,13 @@ class EchoServerApp(tornado.web.Application):
         ws_path = config.websocket.path
         socket = SOCKETS[config.mode]
         page_files = {"path": str(page), "default_filename": "index.html"}
-        rules: list[Any] = [
+        # The WebSocket routes first: a reconnect storm is thousands of handshakes a second,
+        # and each rule before them is one more regex tried per handshake. The order
+        # changes no match (config refuses a WebSocket path that overlaps another route).
+        rules: list[Any] = [(routes.exact(ws_path), socket)]
+        if config.mode != "echo":
+            rules.append((routes.with_channel(ws_path), socket))
+        rules += [
             # An empty file path: the handler serves default_filename.
             (rf"{routes.exact(routes.PAGE)}()", handlers.PageHandler, page_files),
             (routes.exact(routes.HEALTH), handlers.HealthHandler),
@@ -66,10 +72,8 @@ class EchoServerApp(tornado.web.Application):
             (routes.exact(routes.PROTOCOL), handlers.ProtocolHandler),
             (routes.with_channel(routes.CHANNELS), handlers.ChannelHandler),
             (routes.channel_messages(), handlers.PublishHandler),
-            (routes.exact(ws_path), socket),
         ]
         if config.mode != "echo":
-            rules.append((routes.with_channel(ws_path), socket))
             # A channel as Server-Sent Events: /sse is channel "default".
             rules.append((routes.exact(routes.SSE), EventStream))
             rules.append((routes.with_channel(routes.SSE), EventStream))

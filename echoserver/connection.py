@@ -178,10 +178,11 @@ class WebSocketConnection:
 
     # --- taking the socket over ----------------------------------------------------------
 
-    async def run(self, stream: tornado.iostream.IOStream) -> None:
-        """Take the socket off Tornado's stream (the 101 is written) and serve it."""
+    async def run(self, stream: tornado.iostream.IOStream, response: bytes = b"") -> None:
+        """Write the handshake's `response` (the 101) on Tornado's stream, then take the
+        socket off it and serve it."""
         try:
-            read_loop = await self._take_over(stream)
+            read_loop = await self._take_over(stream, response)
         except (OSError, tornado.iostream.StreamClosedError):
             self.connection_lost()
             return
@@ -198,9 +199,11 @@ class WebSocketConnection:
         if read_loop is not None:
             await read_loop
 
-    async def _take_over(self, stream: tornado.iostream.IOStream) -> Awaitable[None] | None:
+    async def _take_over(
+        self, stream: tornado.iostream.IOStream, response: bytes
+    ) -> Awaitable[None] | None:
         """Move the socket to an asyncio transport; return a read loop if it stays on stream."""
-        await stream.write(b"")  # the 101 response has left
+        await stream.write(response)  # the 101 response has left
         self._pending = take_read_buffer(stream)  # frames sent right after the handshake
         if isinstance(stream, tornado.iostream.SSLIOStream):
             io = StreamIO(stream, self, self.connection_lost)

@@ -390,16 +390,19 @@ class Hub:
         stats = self._stats(envelope.channel)
         skip = None if self.include_sender else envelope.sender
         limit = self.max_queue_bytes - len(envelope.data)
+        dropping = self._dropping
         delivered = 0
-        # A copy, because closing a slow receiver may make it leave the channel.
-        for sub_id, subscriber in list(members.items()):
-            if sub_id == skip:
+        # A copy, because closing a slow receiver may make it leave the channel. Of the
+        # values, not the items: a (key, value) tuple per member is an allocation the
+        # cyclic GC counts, so a fan-out to 19,000 members set off ~30 collections.
+        for subscriber in list(members.values()):
+            if skip is not None and subscriber.sub_id == skip:
                 continue
             if subscriber.queued_bytes() > limit:
                 self._fall_behind(subscriber, stats)
             else:
-                if self._dropping and sub_id in self._dropping:
-                    self._dropping.discard(sub_id)
+                if dropping and subscriber.sub_id in dropping:
+                    dropping.discard(subscriber.sub_id)
                     log.info("%s on %s caught up", subscriber.peer, envelope.channel)
                 subscriber.deliver(delivery)
                 delivered += 1

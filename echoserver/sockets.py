@@ -18,7 +18,7 @@ from collections.abc import Awaitable
 from typing import Any
 
 from echoserver import deflate
-from echoserver.access import write_access_line
+from echoserver.access import RequestRecord, write_access_line
 from echoserver.admission import AdmittedHandler
 from echoserver.connection import WebSocketConnection
 from echoserver.framing import CloseCode, FrameParser
@@ -31,12 +31,16 @@ from echoserver.handshake import (
 from echoserver.hub import HubUnavailable, Replay
 from echoserver.messages import mixed_broadcast, mixed_payload
 from echoserver.protocol import ServerProtocol
-from echoserver.tornado_seam import forget_response_headers
+from echoserver.tornado_seam import forget_response
 
 log = logging.getLogger("echoserver.ws")
 
 # A sender's broadcasts that a remote broker may hold unanswered before we stop reading it.
 MAX_PUBLISHES_IN_FLIGHT = 64
+# What an open connection's handler keeps as path arguments: shared, never read again.
+NO_PATH_ARGS: list[str] = []
+NO_PATH_KWARGS: dict[str, str] = {}
+NO_HEADERS: list[tuple[str, str]] = []  # never appended to (see add_upgrade_header)
 
 
 class RateLimit:
@@ -67,8 +71,10 @@ class BaseSocket(AdmittedHandler):
     shares_frames = False  # see ChannelSocket
     channel = "default"
     connection: WebSocketConnection | None = None
+    record: RequestRecord | None = None  # the request, once the handshake is over
     close_code: int | None = None
     _reserved = False  # holds one of server.handshakes until the connection opens
+    _upgrade_headers: list[tuple[str, str]] = NO_HEADERS  # the 101's, past the fixed ones
     _gone = False  # the client went away during the handshake
     _closed = False
 
@@ -93,17 +99,34 @@ class BaseSocket(AdmittedHandler):
             return
         if self._gone:
             return
-        self.clear_header("Content-Type")
-        self.set_status(101)
-        self.set_header("Upgrade", "websocket")
-        self.set_header("Connection", "Upgrade")
-        self.set_header(
-            "Sec-WebSocket-Accept", accept_value(self.request.headers["Sec-WebSocket-Key"])
-        )
-        self.finish()
+        response = self._switching_protocols()
         stream = self.detach()
         self._forget_http()
-        await connection.run(stream)
+        await connection.run(stream, response)
+
+    def _switching_protocols(self) -> bytes:
+        """The 101 response, written by the connection on the detached stream.
+
+        Not through RequestHandler.finish(): its flush, header formatting, log call and
+        stream write were ~8% of a handshake's CPU in a reconnect storm, for a response
+        that is a few fixed lines.
+        """
+        key = self.request.headers["Sec-WebSocket-Key"]
+        lines = [
+            "HTTP/1.1 101 Switching Protocols",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            f"Sec-WebSocket-Accept: {accept_value(key)}",
+        ]
+        lines += [f"{name}: {value}" for name, value in self._upgrade_headers]
+        lines.append("\r\n")
+        return "\r\n".join(lines).encode("latin-1")
+
+    def add_upgrade_header(self, name: str, value: str) -> None:
+        """A header for the 101 (values are the server's own: no CR or LF)."""
+        if self._upgrade_headers is NO_HEADERS:
+            self._upgrade_headers = []
+        self._upgrade_headers.append((name, value))
 
     def _refusal(self) -> Refusal | None:
         """Why this handshake is refused, or None: policy first, then the request itself."""
@@ -130,7 +153,7 @@ class BaseSocket(AdmittedHandler):
                 server_no_context_takeover=self.shares_frames,
             )
             if agreement is not None:
-                self.set_header("Sec-WebSocket-Extensions", agreement.response())
+                self.add_upgrade_header("Sec-WebSocket-Extensions", agreement.response())
                 deflater = agreement.deflater()
                 parser.decompress = agreement.inflater(ws.max_message_size).decompress
         limit = RateLimit(ws.rate_limit) if ws.rate_limit > 0 else None
@@ -141,10 +164,35 @@ class BaseSocket(AdmittedHandler):
         """Runs before the 101 is sent: what a client may count on once it has its 101."""
 
     def _forget_http(self) -> None:
-        """Drop what the handler kept of the HTTP exchange and no longer needs (memory)."""
-        self.request.connection = None  # the detached HTTP/1 connection
-        self.request.server_connection = None  # its server side, holding the old stream
-        forget_response_headers(self)
+        """Drop what the handler kept of the HTTP exchange and no longer needs.
+
+        A connection lives for hours: the request (its headers, arguments, strings), the
+        response's buffers and the path arguments are ~2 KB and a dozen objects that every
+        full GC pass would visit. What the connection still needs of the request (peer,
+        path, origin, start time) is kept in a RequestRecord; self.request is gone.
+        """
+        self.record = RequestRecord(self.request)
+        del self.request
+        self.path_args = NO_PATH_ARGS
+        self.path_kwargs = NO_PATH_KWARGS
+        self._upgrade_headers = NO_HEADERS
+        # What finish() would have done: the UI namespace's closures refer back to the
+        # handler, a cycle only the GC could free.
+        self.ui = None  # type: ignore[assignment]
+        forget_response(self)
+
+    @property
+    def peer(self) -> str:
+        record = self.record
+        if record is None:
+            return super().peer
+        return f"{record.remote_ip} {record.path}"
+
+    def _request_summary(self) -> str:
+        record = self.record
+        if record is None:
+            return super()._request_summary()
+        return f"{record.method} {record.path} ({record.remote_ip})"
 
     def on_connection_close(self) -> None:
         """Tornado: the client went away before the handshake was over."""
@@ -180,7 +228,7 @@ class BaseSocket(AdmittedHandler):
         server.connections.discard(self)
         server.metrics.closes[code] += 1
         if server.config.log.access:
-            write_access_line(self.request, 101, close=code)
+            write_access_line(self.record or self.request, 101, close=code)
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Close the connection (the server's drain, a lost broadcast)."""
@@ -247,12 +295,12 @@ class ChannelSocket(BaseSocket):
         """Kept messages are about to be replayed to this member: the 101's headers say
         where its stream starts, for clients that cannot see offsets in the frames."""
         if replay.last is not None:
-            self.set_header("Echoserver-Last-Offset", str(replay.last))
-            self.set_header("Echoserver-Replayed", str(replay.count))
+            self.add_upgrade_header("Echoserver-Last-Offset", str(replay.last))
+            self.add_upgrade_header("Echoserver-Replayed", str(replay.count))
         if replay.first is not None:
-            self.set_header("Echoserver-First-Offset", str(replay.first))
+            self.add_upgrade_header("Echoserver-First-Offset", str(replay.first))
         if replay.recovered is not None:
-            self.set_header("Echoserver-Recovered", "true" if replay.recovered else "false")
+            self.add_upgrade_header("Echoserver-Recovered", "true" if replay.recovered else "false")
 
     def on_connection_closed(self, code: int) -> None:
         first = not self._closed

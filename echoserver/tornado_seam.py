@@ -33,9 +33,11 @@ def unsent_bytes(stream: tornado.iostream.IOStream) -> int:
     return stream._total_write_index - stream._total_write_done_index
 
 
-def forget_response_headers(handler: tornado.web.RequestHandler) -> None:
-    """The 101's headers are sent: drop them (memory held for the connection's lifetime)."""
+def forget_response(handler: tornado.web.RequestHandler) -> None:
+    """The 101 is sent: drop its headers and the (empty) output buffer, held for the
+    connection's lifetime otherwise."""
     handler._headers = None  # type: ignore[assignment]
+    handler._write_buffer = None  # type: ignore[assignment]
 
 
 # (owner, attribute, the parameter names relied on, or None for an attribute that an
@@ -47,4 +49,5 @@ INTERNALS: list[tuple[Any, str, tuple[str, ...] | None]] = [
     (tornado.iostream.BaseIOStream, "_total_write_index", None),
     (tornado.iostream.BaseIOStream, "_total_write_done_index", None),
     (tornado.web.RequestHandler, "_headers", None),
+    (tornado.web.RequestHandler, "_write_buffer", None),
 ]
