@@ -1,4 +1,4 @@
-"""The scale benchmarks still run: bench_scale.py and bench_100k.py at a tiny scale.
+"""The scale benchmarks still run: bench_scale.py, bench_100k.py and bench_storm.py, tiny.
 
 CI does not run the benchmarks; these run each script as a real subprocess, as a person
 would, with a few dozen or hundred connections, and check the figures in its JSON output,
@@ -96,3 +96,20 @@ def test_bench_100k_holds_and_reaches_every_connection_at_a_tiny_scale(tmp_path:
         assert broadcast["received"] == broadcast["expected"] == 200
     assert [load["repeated_or_reordered"] for load in report["load"]] == [0]
     assert "200 connections on 2 worker processes" in done.stdout
+
+
+def test_bench_storm_opens_every_connection_at_a_tiny_scale(tmp_path: Path) -> None:
+    out = tmp_path / "storm.json"
+    args = ["--count", "100", "--concurrency", "20", "--runs", "1"]
+    args += ["--quiet-wait", "0", "--json", str(out)]
+    done = run_script("bench_storm.py", *args)
+
+    report = json.loads(out.read_text())
+    assert "bench/bench_storm.py" in report["command"]
+    for kind in ("ours", "baseline"):
+        (run,) = report["results"][kind]
+        assert "error" not in run, run
+        assert run["opened"] == 100 and run["failures"] == {}
+        assert positive(run["handshakes_per_s"]) and positive(run["server_us_per_handshake"])
+        assert positive(run["client_us_per_handshake"])
+    assert "ours / baseline" in done.stdout

@@ -1,0 +1,242 @@
+"""Reconnect storm: how fast one server process accepts a crowd of WebSocket handshakes.
+
+After a restart every client comes back at once. Per run and server (ours and the baseline,
+alternating, each fresh, pinned to CPU 0), this script's own client (pinned to CPU 1) opens
+`--count` (19,000) connections to one channel with `--concurrency` (500) handshakes in
+flight, from source addresses 127.0.0.2, 127.0.0.3, ... (5000 per address), and holds them
+until all are open. Reported: handshakes/s (connections / seconds from the first connect to
+the last 101), the server's and the client's CPU µs per handshake (schedstat), and how busy
+each was: a side near 100 % is the limit of that run.
+
+The client is lean on purpose, so that it is not the limit: a plain asyncio protocol on
+uvloop that writes a prepared upgrade request (a fresh Sec-WebSocket-Key each) and checks
+the 101's status line, with a fixed pool of `--concurrency` workers rather than a task per
+connection. bench_scale.py opens its members with picows clients instead, which cost about
+300 µs per handshake themselves, so there the client, not the server, sets the rate.
+
+    python bench/bench_storm.py [--runs 3] [--count 19000] [--only ours|baseline]
+    python bench/bench_storm.py client --port N [--count 19000]   (the client, by hand)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common
+
+IP_BIND_ADDRESS_NO_PORT = 24  # Linux: pick the source port at connect(), per destination
+
+
+class Upgrade(asyncio.Protocol):
+    """One client: sends the upgrade request, then waits for the 101's head."""
+
+    def __init__(self, request: bytes, done: asyncio.Future[bool]) -> None:
+        self.done = done
+        self.head = b""
+        self.request = request
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.write(self.request)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        if self.done.done():
+            return  # a ping, later on: the run is over before an answer is due
+        self.head += data
+        if b"\r\n\r\n" in self.head:
+            self.done.set_result(self.head.startswith(b"HTTP/1.1 101 "))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(False)
+
+
+async def storm(args: argparse.Namespace) -> dict[str, Any]:
+    common.raise_nofile()
+    loop = asyncio.get_running_loop()
+    head = (
+        f"GET {args.path} HTTP/1.1\r\nHost: {common.HOST}:{args.port}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: "
+    ).encode()
+    transports: list[asyncio.BaseTransport] = []
+    failures: dict[str, int] = {}
+    indexes = iter(range(args.count))
+    deadline = time.monotonic() + args.timeout
+
+    async def worker() -> None:
+        for i in indexes:
+            if time.monotonic() > deadline:
+                failures["timeout"] = failures.get("timeout", 0) + 1
+                continue
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((f"127.0.0.{2 + i // args.per_address}", 0))
+            sock.setblocking(False)
+            request = head + base64.b64encode(os.urandom(16)) + b"\r\n\r\n"
+            done: asyncio.Future[bool] = loop.create_future()
+            upgrade = Upgrade(request, done)
+            try:
+                await loop.sock_connect(sock, (common.HOST, args.port))
+                transport, _ = await loop.create_connection(lambda u=upgrade: u, sock=sock)
+            except OSError as exc:
+                sock.close()
+                failures[type(exc).__name__] = failures.get(type(exc).__name__, 0) + 1
+                continue
+            transports.append(transport)
+            try:
+                ok = await asyncio.wait_for(done, max(0.1, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                ok = False
+            if not ok:
+                failures["refused"] = failures.get("refused", 0) + 1
+
+    cpu0 = time.process_time()
+    start = time.monotonic()
+    await asyncio.gather(*(worker() for _ in range(min(args.concurrency, args.count))))
+    seconds = time.monotonic() - start
+    cpu = time.process_time() - cpu0
+    opened = args.count - sum(failures.values())
+    for transport in transports:
+        transport.abort()
+    return {
+        "count": args.count,
+        "opened": opened,
+        "failures": failures,
+        "seconds": seconds,
+        "client_cpu_s": cpu,
+    }
+
+
+def client_main(args: argparse.Namespace) -> None:
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    print("RESULT " + json.dumps(asyncio.run(storm(args))), flush=True)
+
+
+def one_run(args: argparse.Namespace, kind: str) -> dict[str, Any]:
+    port = common.free_port()
+    cmd = common.server_command(kind, "broadcast", port, uvloop=args.uvloop, custom=args.server_cmd)
+    with common.Server(cmd, port) as server:
+        rss0 = server.rss_kb()
+        cpu0 = common.read_cpu_ns(server.pid)
+        client = [
+            "client", "--port", str(port), "--count", str(args.count),
+            "--concurrency", str(args.concurrency), "--path", args.path,
+            "--per-address", str(args.per_address), "--timeout", str(args.timeout),
+        ]  # fmt: skip
+        cmd = common.pinned([sys.executable, __file__, *client], common.LOAD_CPU)
+        done = subprocess.run(cmd, capture_output=True, timeout=args.timeout + 30, check=False)
+        result = common.parse_result(done.stdout.decode(), done.stderr.decode(), done.returncode)
+        server_cpu_s = (common.read_cpu_ns(server.pid) - cpu0) / 1e9
+        rss1 = server.rss_kb()
+    opened = max(1, result["opened"])
+    seconds = result["seconds"]
+    return {
+        **result,
+        "handshakes_per_s": result["opened"] / seconds,
+        "server_us_per_handshake": server_cpu_s * 1e6 / opened,
+        "client_us_per_handshake": result["client_cpu_s"] * 1e6 / opened,
+        "server_cpu_pct": 100 * server_cpu_s / seconds,
+        "client_cpu_pct": 100 * result["client_cpu_s"] / seconds,
+        "rss_growth_mb": (rss1 - rss0) / 1024,
+    }
+
+
+METRICS = [
+    ("handshakes/s", "handshakes_per_s", 0),
+    ("seconds", "seconds", 2),
+    ("server µs/handshake", "server_us_per_handshake", 0),
+    ("client µs/handshake", "client_us_per_handshake", 0),
+    ("server CPU %", "server_cpu_pct", 0),
+    ("client CPU %", "client_cpu_pct", 0),
+    ("opened", "opened", 0),
+]
+
+
+def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) -> None:
+    headers = ["server (median)", *(name for name, _, _ in METRICS)]
+    rows = []
+    medians: dict[str, dict[str, float | None]] = {}
+    for kind, runs in results.items():
+        good = [r for r in runs if "error" not in r]
+        medians[kind] = {key: common.median([r[key] for r in good]) for _, key, _ in METRICS}
+        rows.append(
+            [f"{kind} ({len(good)}/{len(runs)} runs)"]
+            + [common.fmt(medians[kind][key], digits) for _, key, digits in METRICS]
+        )
+    if "ours" in medians and "baseline" in medians:
+        rows.append(
+            ["ours / baseline"]
+            + [
+                common.fmt_ratio(common.ratio(medians["ours"][key], medians["baseline"][key]))
+                if key != "opened"
+                else ""
+                for _, key, _ in METRICS
+            ]
+        )
+    print(f"\n## Reconnect storm: {args.count:,} connections, {args.concurrency} in flight\n")
+    print(common.markdown_table(headers, rows))
+    print("\nEvery run:\n")
+    every = [
+        [f"{kind} #{i}"]
+        + [
+            r.get("error", "")[:60] if "error" in r else common.fmt(r[key], d)
+            for _, key, d in METRICS
+        ]
+        for kind, runs in results.items()
+        for i, r in enumerate(runs, 1)
+    ]
+    print(common.markdown_table(["run", *(name for name, _, _ in METRICS)], every))
+    print(f"\n{common.environment_note(args.uvloop)}")
+    print(f"command: {common.command_line()}")
+    common.write_json(args.json, {"command": common.command_line(), "results": results})
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    client = argv[:1] == ["client"]
+    if client:
+        argv = argv[1:]
+        parser.add_argument("--port", type=int, required=True)
+    else:
+        common.add_server_args(parser)
+        parser.add_argument("--json", metavar="PATH", help="also write every run here")
+    parser.add_argument("--count", type=int, default=19_000, help="connections to open")
+    parser.add_argument("--concurrency", type=int, default=500, help="handshakes in flight")
+    parser.add_argument("--path", default="/ws/storm", help="the WebSocket path (a channel)")
+    parser.add_argument("--per-address", type=int, default=5000, help="connections per source")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds for all to open")
+    args = parser.parse_args(argv)
+    if 2 + (args.count - 1) // args.per_address > 254:
+        parser.error("--count / --per-address needs more than 127.0.0.2-254")
+    if client:
+        client_main(args)
+        return
+    common.apply_common_args(args)
+    common.check_runs(args.runs)
+    results = common.run_interleaved(
+        common.kinds_to_run(args.only),
+        args.runs,
+        lambda kind, _i: one_run(args, kind),
+        quiet_wait=args.quiet_wait,
+    )
+    report(args, results)
+
+
+if __name__ == "__main__":
+    main()
