@@ -15,7 +15,8 @@ connection. bench_scale.py opens its members with picows clients instead, which 
 300 µs per handshake themselves, so there the client, not the server, sets the rate.
 
     python bench/bench_storm.py [--runs 3] [--count 19000] [--only ours|baseline]
-    python bench/bench_storm.py client --port N [--count 19000]   (the client, by hand)
+    python bench/bench_storm.py client --port N [--count 19000]   (the client, by hand: it
+    prints OPEN {json} once all are open and holds them until its stdin closes)
 """
 
 from __future__ import annotations
@@ -107,16 +108,20 @@ async def storm(args: argparse.Namespace) -> dict[str, Any]:
     await asyncio.gather(*(worker() for _ in range(min(args.concurrency, args.count))))
     seconds = time.monotonic() - start
     cpu = time.process_time() - cpu0
-    opened = args.count - sum(failures.values())
-    for transport in transports:
-        transport.abort()
-    return {
+    result = {
         "count": args.count,
-        "opened": opened,
+        "opened": args.count - sum(failures.values()),
         "failures": failures,
         "seconds": seconds,
         "client_cpu_s": cpu,
     }
+    # The driver reads the server's CPU now, before the connections close (closing 19,000
+    # costs the server too, but is not part of accepting them); EOF on stdin releases us.
+    print("OPEN " + json.dumps(result), flush=True)
+    await loop.run_in_executor(None, sys.stdin.read)
+    for transport in transports:
+        transport.abort()
+    return result
 
 
 def client_main(args: argparse.Namespace) -> None:
@@ -124,7 +129,7 @@ def client_main(args: argparse.Namespace) -> None:
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    print("RESULT " + json.dumps(asyncio.run(storm(args))), flush=True)
+    asyncio.run(storm(args))
 
 
 def one_run(args: argparse.Namespace, kind: str) -> dict[str, Any]:
@@ -139,10 +144,21 @@ def one_run(args: argparse.Namespace, kind: str) -> dict[str, Any]:
             "--per-address", str(args.per_address), "--timeout", str(args.timeout),
         ]  # fmt: skip
         cmd = common.pinned([sys.executable, __file__, *client], common.LOAD_CPU)
-        done = subprocess.run(cmd, capture_output=True, timeout=args.timeout + 30, check=False)
-        result = common.parse_result(done.stdout.decode(), done.stderr.decode(), done.returncode)
-        server_cpu_s = (common.read_cpu_ns(server.pid) - cpu0) / 1e9
-        rss1 = server.rss_kb()
+        with subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        ) as proc:
+            assert proc.stdout is not None and proc.stdin is not None
+            line = proc.stdout.readline().decode()  # the client's own deadline bounds it
+            server_cpu_s = (common.read_cpu_ns(server.pid) - cpu0) / 1e9
+            rss1 = server.rss_kb()
+            try:
+                _, err = proc.communicate(timeout=30)  # closes stdin: the client lets go
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise RuntimeError("the storm client did not exit") from None
+        if not line.startswith("OPEN "):
+            raise RuntimeError(f"the storm client failed: {err.decode()[-500:]}")
+        result = json.loads(line[5:])
     opened = max(1, result["opened"])
     seconds = result["seconds"]
     return {
