@@ -14,9 +14,18 @@ then for each of K broadcasts of 100 bytes (sent by one member, or POSTed to the
 when `--api-key` is given) the time from the send to the first and to the last of all the
 receivers, and the CPU time the workers and Redis spent on it per delivery.
 
+Arrival: by default a member has a broadcast when its load process reads it, and that reading
+takes CPU the workers then do not get. With `--arrival kernel` the load processes stop reading
+before each send and read the broadcast only `--defer` seconds later, taking from every
+member's socket the kernel's receive timestamp (SO_TIMESTAMPNS): the time the message reached
+the receiver's socket, as it would with the clients on other machines. In that mode the
+server runs with `--ping-interval 0`, so that readers paused for a few seconds are not
+closed (pings cost nothing within a broadcast's window anyway).
+
     python bench/bench_100k.py                                  # 100,000 connections, 6 workers
     python bench/bench_100k.py --connections 20000 --processes 2
     python bench/bench_100k.py --broker redis://127.0.0.1:6379/0 --api-key KEY
+    python bench/bench_100k.py --arrival kernel --defer 2.5
 
 Noise: other people's processes on the machine are measured, not guessed: for every phase,
 the machine's busy CPU time (/proc/stat) minus what this run's processes used is what
@@ -100,6 +109,8 @@ def server_command(args: argparse.Namespace, port: int, broker: str) -> list[str
     cmd += ["--log-level", "warning"]
     if args.api_key:
         cmd += ["--api-key", args.api_key]
+    if args.arrival == "kernel":
+        cmd += ["--ping-interval", "0"]  # readers pause for --defer seconds
     return cmd + (args.server_args.split() if args.server_args else [])
 
 
@@ -246,7 +257,11 @@ def run(args: argparse.Namespace, broker: str, redis_pid: int | None) -> dict[st
             concurrency=args.concurrency,
             size=args.size,
             connect_timeout=args.connect_timeout,
-            hold=args.connect_timeout + args.broadcasts * (args.broadcast_timeout + 30) + 300,
+            hold=args.connect_timeout
+            + args.broadcasts * (args.broadcast_timeout + args.defer + 30)
+            + 300,
+            arrival=args.arrival,
+            defer=args.defer,
         )
         groups: dict[str, Sequence[int]] = {"workers": workers, "load": members.pids}
         if redis_pid:
@@ -354,6 +369,7 @@ def run(args: argparse.Namespace, broker: str, redis_pid: int | None) -> dict[st
             "workers_us_per_handshake": opened.get("workers_us_per_handshake"),
             "tcp_buffers_kb_per_connection": memory["tcp_buffers_kb_per_connection"],
             "slab_kb_per_connection": memory["slab_kb_per_connection"],
+            "arrival": args.arrival,
             "delivered_pct": 100 * received / expected if expected else 0.0,
             "all_delivered": expected > 0 and received == expected,
             "others_cpu_pct_open": opened["others_cpu_pct"],
@@ -372,6 +388,7 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> None:
         f"(broker {args.broker or 'a private redis-server'}), {args.broadcasts} broadcasts of "
         f"{args.size} bytes {'via the publish API' if args.api_key else 'from one member'}\n"
     )
+    print(f"arrival: {arrival_mode(args)}\n")
     rows = [
         ["connections open (failed)", f"{s['connections']:,} ({s['failed']:,})"],
         ["time to open all, s", fmt(s["open_s"], 1)],
@@ -388,6 +405,7 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> None:
         ["workers' CPU µs per delivery (median)", fmt(s["workers_us_per_delivery_median"], 2)],
         ["load's CPU µs per delivery (median)", fmt(s["load_us_per_delivery_median"], 2)],
         ["delivered %", fmt(s["delivered_pct"], 3)],
+        ["arrival mode", ARRIVAL_MODES[args.arrival]],
         [
             "other processes' CPU %, open / broadcasts",
             f"{fmt(s['others_cpu_pct_open'], 0)} / {fmt(s['others_cpu_pct_broadcasts'], 0)}",
@@ -433,11 +451,34 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> None:
         "member's receipt (the same clock, in whichever load process); µs per delivery = "
         "the workers' CPU time over the broadcast (schedstat) / members that got it. "
         "'other processes' = the machine's busy time (/proc/stat) minus this run's "
-        "processes: the noise of a shared machine. Workers, Redis and the load share the "
-        "CPUs, so the last receiver's time includes the load's own reading."
+        "processes: the noise of a shared machine. "
+        + (
+            "Receipt = the kernel's receive timestamp on the member's socket; the load "
+            "processes read nothing until the deferral is over, so the load's CPU is spent "
+            "after the fan-out, not during it."
+            if args.arrival == "kernel"
+            else "Workers, Redis and the load share the CPUs, so the last receiver's time "
+            "includes the load's own reading."
+        )
     )
     print(f"\n{environment()}")
     print(f"command: {common.command_line()}")
+
+
+ARRIVAL_MODES = {
+    "read": "read by the load process",
+    "kernel": "kernel receive timestamp, readers paused",
+}
+
+
+def arrival_mode(args: argparse.Namespace) -> str:
+    if args.arrival == "kernel":
+        return (
+            f"{ARRIVAL_MODES['kernel']} during the fan-out and read {args.defer:g} s after the "
+            "send; the server runs with --ping-interval 0 (no pings, so paused readers are "
+            "not closed)"
+        )
+    return ARRIVAL_MODES["read"]
 
 
 def per_load(args: argparse.Namespace) -> int:
@@ -475,6 +516,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pause", type=float, default=1.0, help="seconds between broadcasts")
     parser.add_argument("--settle", type=float, default=2.0, help="seconds before reading RSS")
     parser.add_argument("--server-args", help="more echoserver flags, space-separated")
+    parser.add_argument(
+        "--arrival",
+        choices=("read", "kernel"),
+        default="read",
+        help="a member's receipt: when its load process reads it (default), or the kernel's "
+        "receive timestamp with the readers paused during the fan-out (server pings off)",
+    )
+    parser.add_argument(
+        "--defer", type=float, default=2.5, help="kernel arrival: seconds before reading"
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the raw result here")
     args = parser.parse_args(argv)
     limit = common.raise_nofile()
@@ -482,6 +533,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"{per_load(args)} connections per load process need over {limit} files")
     if not 1 <= args.processes <= 64 or args.connections < 2 or args.size < SEQ_STAMP_SIZE:
         parser.error("need 1..64 processes, at least 2 connections, --size >= 16")
+    if not 0 < args.defer <= 60:
+        parser.error("--defer must be in (0, 60] seconds")
     if not 1 <= args.broadcasts <= 100 or args.connect_timeout > 3600:
         parser.error("--broadcasts must be 1..100 and --connect-timeout at most 3600")
     if 2 + sum(math.ceil(n / 5000) for n in split(args.connections, per_load(args))) > 255:

@@ -5,6 +5,11 @@ over disjoint sets of source addresses 127.0.0.x, wait until every connection is
 broadcast one message at a time and collect, from every process, how many members got it and
 when the last one did. Receive times are CLOCK_MONOTONIC, one clock for the whole machine, so
 "send to the last receiver" compares timestamps taken in different processes.
+
+With `arrival="kernel"` the receive time is the kernel's receive timestamp of each member's
+socket instead of the moment a load process read it: every process stops reading before the
+send (PAUSE), and reads the broadcast off the sockets only `defer` seconds later, so the load
+takes no CPU from the server during the fan-out (see load.py KernelArrival).
 """
 
 from __future__ import annotations
@@ -43,8 +48,12 @@ class Members:
         size: int = 100,
         connect_timeout: float = 120.0,
         hold: float = 900.0,
+        arrival: str = "read",
+        defer: float = 2.5,
     ) -> None:
         self.counts = list(counts)
+        self.arrival = arrival
+        self.defer = defer
         self.loads: list[common.LoadProcess] = []
         first = 2
         each = max(1, concurrency // len(self.counts))
@@ -54,6 +63,7 @@ class Members:
                 args += ["--size", str(size), "--concurrency", str(each)]
                 args += ["--per-address", str(per_address), "--first-address", str(first)]
                 args += ["--connect-timeout", str(connect_timeout), "--hold", str(hold)]
+                args += ["--arrival", arrival, "--defer", str(defer)]
                 self.loads.append(common.LoadProcess(args, cpu=cpu))
                 first += math.ceil(count / per_address)
         except BaseException:
@@ -91,7 +101,12 @@ class Members:
     ) -> dict[str, Any]:
         """Send broadcast `seq` (from the first process's first member, or via `publish`,
         which returns its send time in CLOCK_MONOTONIC ns) and wait, at most `timeout`
-        seconds, until every member has it."""
+        seconds, until every member has it (with kernel arrival: read it after the deferral)."""
+        if self.arrival == "kernel":
+            for load in self.loads:
+                load.send("PAUSE")
+            for load in self.loads:
+                load.read_line("PAUSED", 10)
         if publish is None:
             self.loads[0].send(f"SEND {seq}")
             sent_ns = json.loads(self.loads[0].read_line("SENT", 10))["sent_ns"]
@@ -100,7 +115,8 @@ class Members:
         for load in self.loads:
             load.send(f"WAIT {seq} {timeout}")
         reports = [
-            json.loads(load.read_line("GOT", timeout + REPORT_GRACE_S)) for load in self.loads
+            json.loads(load.read_line("GOT", timeout + self.defer + REPORT_GRACE_S))
+            for load in self.loads
         ]
         lasts = [r["last_ns"] for r in reports if r["last_ns"]]
         firsts = [r["first_ns"] for r in reports if r["first_ns"]]

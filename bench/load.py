@@ -8,6 +8,7 @@ subcommand logs progress on stderr and prints one line `RESULT {json}` on stdout
     python bench/load.py broadcast --port N [--receivers 1000 --inflight 4 --size 200 ...]
     python bench/load.py idle --port N [--count 10000]   (holds them until stdin closes)
     python bench/load.py fanout --port N [--count 1000]  (broadcasts on command from stdin)
+    python bench/load.py fanout --port N --arrival kernel --defer 2.5  (kernel receive times)
 
 Every message carries what is needed to check it: echo payloads start with the send time
 (perf_counter_ns, little-endian int64), broadcast payloads with a sequence number and the
@@ -46,6 +47,8 @@ SEQ_STAMP = struct.Struct("<qq")  # broadcast: sequence number, send time in ns
 perf_counter_ns = time.perf_counter_ns
 monotonic_ns = time.monotonic_ns  # CLOCK_MONOTONIC on Linux: one clock for every process
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # == SCM_TIMESTAMPNS
+TIMESPEC = struct.Struct("ll")  # struct timespec: seconds, nanoseconds (native longs)
 
 
 def log(text: str) -> None:
@@ -745,8 +748,9 @@ class FanoutRun:
         self.server_closes = 0
         self.disconnects = 0
 
-    def delivered(self, seq: int) -> None:
-        now = monotonic_ns()
+    def delivered(self, seq: int, now: int | None = None) -> None:
+        if now is None:
+            now = monotonic_ns()
         entry = self.seen.get(seq)
         if entry is None:
             self.seen[seq] = [1, now, now]
@@ -772,6 +776,134 @@ class FanoutReceiver(Closing):
             return
         self.expected = seq + 1
         self.run.delivered(seq)
+
+
+class KernelArrival:
+    """Arrival by the kernel's receive timestamp, with the readers off the CPUs meanwhile.
+
+    Before a broadcast every member stops reading (the transports are paused, so this
+    process does nothing while the server fans out); after a deferral longer than the fan-out,
+    each member's frame is read straight from its socket with recvmsg, whose SCM_TIMESTAMPNS
+    says when the kernel queued it on the socket (CLOCK_REALTIME, turned into CLOCK_MONOTONIC
+    here). Each socket is reached through a dup of its descriptor, one at a time, closed at
+    once: the process holds close to its limit of open files. The frame is consumed there, so
+    picows never sees it; reading resumes afterwards for whatever comes next.
+    """
+
+    def __init__(self, members: Sequence[tuple[WSTransport, FanoutReceiver]], size: int) -> None:
+        self.members = members
+        self.size = size
+        self.header = server_frame_header(size)
+        self.problems: dict[str, int] = {}
+
+    @staticmethod
+    def fd(transport: WSTransport) -> int:
+        return int(transport.underlying_transport.get_extra_info("socket").fileno())
+
+    def enable_timestamps(self) -> int:
+        """SO_TIMESTAMPNS on every member; the kernel turns receive stamping on lazily (from
+        a work queue) once some socket asks, so give it a moment before the first broadcast."""
+        enabled = 0
+        for transport, _listener in self.members:
+            if transport.is_disconnected:
+                continue
+            with socket.socket(fileno=os.dup(self.fd(transport))) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            enabled += 1
+        return enabled
+
+    def pause(self) -> None:
+        for transport, _listener in self.members:
+            if not transport.is_disconnected:
+                transport.underlying_transport.pause_reading()
+
+    def resume(self) -> None:
+        for transport, _listener in self.members:
+            if not transport.is_disconnected:
+                transport.underlying_transport.resume_reading()
+
+    def collect(self, seq: int, run: FanoutRun) -> None:
+        """Read broadcast `seq` off every paused member; record its kernel receive time."""
+        offset = realtime_offset_ns()
+        for transport, listener in self.members:
+            if transport.is_disconnected:
+                continue
+            try:
+                with socket.socket(fileno=os.dup(self.fd(transport))) as sock:
+                    stamp = self.read_frame(sock, seq)
+            except NotReceived as missing:
+                self.problems[str(missing)] = self.problems.get(str(missing), 0) + 1
+                continue
+            listener.expected = seq + 1  # consumed here: picows must not wait for it
+            run.delivered(seq, stamp - offset)
+
+    def read_frame(self, sock: socket.socket, seq: int) -> int:
+        """The CLOCK_REALTIME ns at which the kernel received the data frame of `seq`.
+
+        The descriptor is non-blocking (its flags are the transport's), so a frame that is not
+        there is EAGAIN, never a wait. Control frames before it are skipped (the server runs
+        without pings in this mode, so there should be none)."""
+        try:
+            for _ in range(8):
+                head = sock.recv(2, socket.MSG_PEEK)
+                if len(head) < 2:
+                    raise NotReceived("connection closed" if not head else "partial frame")
+                opcode, length = head[0] & 0x0F, head[1] & 0x7F
+                if opcode == 0x8 or (opcode > 0x8 and length > 125):
+                    raise NotReceived("close frame")
+                if opcode > 0x8:
+                    self.read_exactly(sock, 2 + length)
+                    continue
+                data, stamp = self.read_exactly(sock, len(self.header) + self.size)
+                if not data.startswith(self.header):
+                    raise NotReceived("unexpected frame")
+                if stamp is None:
+                    raise NotReceived("no timestamp")
+                if SEQ_STAMP.unpack_from(data, len(self.header))[0] != seq:
+                    raise NotReceived("another broadcast")
+                return stamp
+        except BlockingIOError:
+            raise NotReceived("nothing to read") from None
+        except OSError as exc:
+            raise NotReceived(type(exc).__name__) from None
+        raise NotReceived("control frames only")
+
+    @staticmethod
+    def read_exactly(sock: socket.socket, size: int) -> tuple[bytes, int | None]:
+        """`size` bytes and the receive timestamp of the last of them (None if not stamped)."""
+        data = b""
+        stamp = None
+        while len(data) < size:
+            chunk, ancillary, _flags, _addr = sock.recvmsg(size - len(data), CMSG_SPACE)
+            if not chunk:
+                raise NotReceived("partial frame")
+            data += chunk
+            for level, kind, raw in ancillary:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                    sec, nsec = TIMESPEC.unpack_from(raw)
+                    stamp = sec * 1_000_000_000 + nsec
+        return data, stamp
+
+
+class NotReceived(Exception):
+    """A member whose broadcast could not be read with a receive timestamp (and why)."""
+
+
+CMSG_SPACE = socket.CMSG_SPACE(TIMESPEC.size)
+
+
+def realtime_offset_ns(samples: int = 5) -> int:
+    """CLOCK_REALTIME - CLOCK_MONOTONIC in ns: of a few readings, the one bracketed most
+    tightly by two monotonic readings."""
+    best: tuple[int, int] | None = None
+    for _ in range(samples):
+        before = monotonic_ns()
+        real = time.clock_gettime_ns(time.CLOCK_REALTIME)
+        after = monotonic_ns()
+        if best is None or after - before < best[0]:
+            best = (after - before, real - (before + after) // 2)
+    assert best is not None
+    return best[1]
 
 
 def fanout_payload(seq: int, size: int) -> bytes:
@@ -813,10 +945,15 @@ async def fanout_main(args: argparse.Namespace) -> dict[str, Any]:
     processes can share a channel; the script that runs them sends the commands):
 
         OPEN {...}  printed once every connection is open (or failed, or timed out)
+        PAUSE       (with --arrival kernel) stop reading on every member; prints PAUSED {}
         SEND <seq>  the first connection sends broadcast <seq>; prints SENT {"seq", "sent_ns"}
         WAIT <seq> <seconds>  wait until every open connection has <seq> (bounded); prints
                     GOT {"seq", "received", "expected", "first_ns", "last_ns"}
         EOF         close everything, print RESULT
+
+    With --arrival kernel, WAIT sleeps --defer seconds, then reads <seq> off every paused
+    member with its kernel receive timestamp (see KernelArrival) and resumes reading; the
+    first/last times are then when the frames reached the members' sockets.
     """
     if args.size < SEQ_STAMP.size:
         raise SystemExit(f"load: --size must be at least {SEQ_STAMP.size}")
@@ -836,11 +973,16 @@ async def fanout_main(args: argparse.Namespace) -> dict[str, Any]:
         read_buffer=1024,
     )
     end_ns = monotonic_ns()
-    transports = [r[0] for r in results if not isinstance(r, BaseException)]
+    members = [r for r in results if not isinstance(r, BaseException)]
+    transports = [transport for transport, _listener in members]
     errors: dict[str, int] = {}
     for r in results:
         if isinstance(r, BaseException):
             errors[type(r).__name__] = errors.get(type(r).__name__, 0) + 1
+    arrival = KernelArrival(members, args.size) if args.arrival == "kernel" else None
+    if arrival is not None:
+        arrival.enable_timestamps()
+        await asyncio.sleep(0.5)
     emit(
         "OPEN",
         {
@@ -863,7 +1005,11 @@ async def fanout_main(args: argparse.Namespace) -> dict[str, Any]:
             released = commands.eof
             break
         verb, *rest = line.split()
-        if verb == "SEND" and transports:
+        if verb == "PAUSE":
+            if arrival is not None:
+                arrival.pause()
+            emit("PAUSED", {})
+        elif verb == "SEND" and transports:
             seq = int(rest[0])
             payload = fanout_payload(seq, args.size)
             transports[0].send(BINARY, payload)
@@ -877,7 +1023,12 @@ async def fanout_main(args: argparse.Namespace) -> dict[str, Any]:
             def complete(seq: int = seq) -> bool:
                 return run.seen.get(seq, [0])[0] >= open_count()
 
-            await wait_until(complete, timeout, step=0.002)
+            if arrival is None:
+                await wait_until(complete, timeout, step=0.002)
+            else:
+                await asyncio.sleep(min(args.defer, timeout))
+                arrival.collect(seq, run)
+                arrival.resume()
             count, first, last = run.seen.get(seq, [0, 0, 0])
             emit(
                 "GOT",
@@ -898,6 +1049,8 @@ async def fanout_main(args: argparse.Namespace) -> dict[str, Any]:
         "repeated_or_reordered": run.repeats,
         "server_closes": run.server_closes,
         "released_by_stdin": released,
+        "arrival": args.arrival,
+        "not_received": arrival.problems if arrival is not None else {},
     }
 
 
@@ -1016,6 +1169,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--first-address", type=int, default=2, help="first source: 127.0.0.N")
     p.add_argument("--connect-timeout", type=float, default=120)
     p.add_argument("--hold", type=float, default=900, help="longest life in seconds")
+    p.add_argument(
+        "--arrival",
+        choices=("read", "kernel"),
+        default="read",
+        help="receive time: when this process reads a frame (default), or the kernel's "
+        "receive timestamp, read after --defer with every reader paused during the fan-out",
+    )
+    p.add_argument("--defer", type=float, default=2.5, help="kernel arrival: seconds to wait")
 
     p = sub.add_parser("server", help="reference picows server (checks the load client)")
     p.add_argument("--host", default=common.HOST)
