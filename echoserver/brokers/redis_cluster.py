@@ -32,11 +32,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import socket
-import time
-from collections import deque
 from typing import Any
 
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -46,31 +43,17 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from echoserver.brokers.base import Backlog, Broker, BrokerUnavailable, Envelope, OnEnvelope
 from echoserver.brokers.redis_cluster_presence import (
     COUNT_SCRIPT,
     SET_SCRIPT,
     ClusterPresence,
 )
-from echoserver.brokers.redis_wire import (
-    BACKLOG_SCRIPT,
-    KeyNames,
-    decode,
-    encode,
-    jittered,
-    publish_script,
-    read_backlog,
-    sha1,
-)
-
-log = logging.getLogger("echoserver.broker")
+from echoserver.brokers.redis_queue import PipelinedRedisBroker, Queued, log
+from echoserver.brokers.redis_wire import BACKLOG_SCRIPT, KeyNames, publish_script, sha1
 
 _SPUBLISH = publish_script(b"SPUBLISH")
 _SCRIPTS = {sha1(body): body for body in (_SPUBLISH, BACKLOG_SCRIPT, COUNT_SCRIPT, SET_SCRIPT)}
-_PUBLISH_SHA, _BACKLOG_SHA = list(_SCRIPTS)[:2]
 
-_MAX_BATCH = 512
-_RESTORE_PASSES = 10
 # Replies that mean the cluster's shape changed or is changing: re-discover it.
 _TOPOLOGY_ERRORS = ("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN")
 
@@ -120,10 +103,13 @@ class _Shard:
         self.unsubscribing: dict[bytes, int] = {}
 
 
-class RedisClusterBroker(Broker):
+class RedisClusterBroker(PipelinedRedisBroker):
     """A broker on a Redis Cluster (``redis-cluster://`` or ``rediss-cluster://`` URL)."""
 
     presence: ClusterPresence
+    SUBSCRIBE = "SSUBSCRIBE"
+    UNSUBSCRIBE = "SUNSUBSCRIBE"
+    PUBLISH_SHA, BACKLOG_SHA = list(_SCRIPTS)[:2]
 
     def __init__(
         self,
@@ -137,160 +123,40 @@ class RedisClusterBroker(Broker):
         backoff_cap: float = 3.0,
     ) -> None:
         seeds, options = parse_cluster_url(url)
+        # A cluster has database 0 only; the name has the same form as on one Redis.
+        super().__init__(
+            "cluster " + ",".join(f"{host}:{port}" for host, port in seeds),
+            KeyNames(prefix, f"{prefix}:0:ch:"),
+            history=history,
+            history_ttl=history_ttl,
+            presence_ttl=presence_ttl,
+            op_timeout=op_timeout,
+            backoff_cap=backoff_cap,
+        )
         self._tls = options.pop("connection_class", Connection) is SSLConnection
         options.setdefault("client_name", f"echoserver:{os.getpid()}")
         self._options = options
         self._seeds = seeds
         self._known: list[tuple[str, int]] = list(seeds)  # seeds, then every node seen
-        self.where = "cluster " + ",".join(f"{host}:{port}" for host, port in seeds)
         self.process_id = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
-        self.history_size = history
-        self.history_ttl = history_ttl
-        # A cluster has database 0 only; the name has the same form as on one Redis.
-        self._keys = KeyNames(prefix, f"{prefix}:0:ch:")
         self.presence = ClusterPresence(
             self._command, prefix=prefix, process_id=self.process_id, ttl=presence_ttl
         )
-        self._presence_ttl = presence_ttl
-        self._op_timeout = op_timeout
-        self._backoff_cap = backoff_cap
         # One client for the broker's life: its first discovery also reads the server's
         # command table (tens of ms), later ones only the topology.
         self._client = self._new_client(options)  # a bad URL option fails here
         self._discovered = False
-
-        self._on_envelope: OnEnvelope | None = None
-        self._channels: set[str] = set()  # what this process wants to receive
-        self._names: dict[bytes, str] = {}  # shard channel name -> channel, while wanted
-        self._sub_waiters: dict[str, deque[asyncio.Future[None]]] = {}
         self._shards: dict[str, _Shard] = {}
-
-        self._healthy = False
-        self._reason = f"redis {self.where}: not connected yet"
-        self._closing = False
-        self._supervisor: asyncio.Task[None] | None = None
-        self._first_attempt = asyncio.Event()
         self._reshaped = asyncio.Event()
-        self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
-        self._in_flight: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
-        self._wake = asyncio.Event()
-        self._refusal_logged = -10.0
-        self._in_flight_since = 0.0
 
-    # -- Broker interface -------------------------------------------------------------
+    async def _release(self) -> None:
+        await self._client.aclose()
 
-    async def start(self, on_envelope: OnEnvelope) -> None:
-        """Connect; if the cluster is unreachable, start degraded and keep reconnecting."""
-        self._on_envelope = on_envelope
-        if self._supervisor is None:
-            self._supervisor = asyncio.ensure_future(self._supervise())
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._first_attempt.wait(), 3 * self._op_timeout)
+    # -- commands: batches through the cluster client ---------------------------------
 
-    async def close(self) -> None:
-        if self._closing:
-            return
-        self._closing = True
-        if self._healthy:
-            # Leave nothing behind: others stop counting this process's members at once.
-            cleanup = [self._command(*command) for command in self.presence.removal()]
-            with contextlib.suppress(BrokerUnavailable, RedisError, asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*cleanup), self._op_timeout)
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
-        with contextlib.suppress(Exception):
-            await self._client.aclose()
-        self._on_envelope = None
-        self._channels.clear()
-        self._names.clear()
-
-    async def subscribe(self, channel: str) -> None:
-        """Returns once the channel's primary confirmed (or at once while degraded)."""
-        if channel in self._channels:
-            return
-        self._channels.add(channel)
-        self._names[self._keys.pubsub(channel).encode()] = channel
-        if self._healthy:
-            await self._send_subscriptions("SSUBSCRIBE", [channel])
-
-    async def unsubscribe(self, channel: str) -> None:
-        if channel not in self._channels:
-            return
-        self._channels.discard(channel)
-        # Dropping the name stops delivery now, before Redis confirms.
-        self._names.pop(self._keys.pubsub(channel).encode(), None)
-        if self._healthy:
-            await self._send_subscriptions("SUNSUBSCRIBE", [channel])
-
-    def publish(self, envelope: Envelope) -> asyncio.Future[int]:
-        """A future of the offset: queued synchronously, so the queue's order is the call order."""
-        header, data = encode(envelope)
-        name, seq_key, history_key = self._keys(envelope.channel)
-        return self._command(
-            "EVALSHA",
-            _PUBLISH_SHA,
-            2,
-            seq_key,
-            history_key,
-            name,
-            header,
-            data,
-            self.history_size,
-            int(self.history_ttl * 1000),
-        )
-
-    async def backlog(self, channel: str, after: int, limit: int) -> Backlog:
-        """Raises `unavailable` while the cluster is unreachable or failing over."""
-        waiters = self._sub_waiters.get(channel)
-        if waiters:
-            # Another joiner's SSUBSCRIBE is still on its way: read history only once it is
-            # active, or a message published in between would be in neither history nor live.
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(waiters[-1]), self._op_timeout)
-        _, seq_key, history_key = self._keys(channel)
-        reply = await self._command(
-            "EVALSHA", _BACKLOG_SHA, 2, seq_key, history_key, after, max(limit, 0)
-        )
-        return read_backlog(channel, reply, int(self.history_ttl * 1000))
-
-    @property
-    def healthy(self) -> bool:
-        return self._healthy
-
-    @property
-    def health_reason(self) -> str:
-        return "" if self._healthy else self._reason
-
-    # -- commands: a queue sent as pipelined batches through the cluster client -------
-
-    def _command(self, *args: Any) -> asyncio.Future[Any]:
-        """Queue one command; the future has its reply. Raises BrokerUnavailable when down."""
-        if not self._healthy:
-            raise self.unavailable(self._reason)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((args, future))
-        self._wake.set()
-        return future
-
-    async def _send_batches(self, client: RedisCluster) -> None:
-        while True:
-            if not self._queue:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            batch = self._in_flight = self._queue[:_MAX_BATCH]
-            del self._queue[:_MAX_BATCH]
-            # No wait_for here (a task per batch costs a loop pass): _heartbeat watches age.
-            self._in_flight_since = time.monotonic()
-            await self._round_trip(client, batch)
-            self._in_flight = []
-
-    async def _round_trip(
-        self, client: RedisCluster, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]
-    ) -> None:
+    async def _round_trip(self, target: Any, batch: list[Queued]) -> None:
         """Send a batch and settle its futures. A topology error ends the connection."""
+        client: RedisCluster = target
         results = await self._pipeline(client, [args for args, _ in batch])
         noscript = []
         reshaped: Exception | None = None
@@ -329,10 +195,7 @@ class RedisClusterBroker(Broker):
         message = str(error)
         if isinstance(error, ResponseError) and not message.startswith(_TOPOLOGY_ERRORS):
             # Reachable but refusing (OOM, ...): only that command failed.
-            now = time.monotonic()
-            if now - self._refusal_logged >= 10:  # at most one line per 10 s under load
-                self._refusal_logged = now
-                log.warning("redis %s refused a command: %s", self.where, error)
+            self._log_refusal(error)
             return None
         return ConnectionError(f"{type(error).__name__}: {message}")
 
@@ -343,17 +206,12 @@ class RedisClusterBroker(Broker):
             connection.read_response(disable_decoding=True), self._op_timeout
         )
 
-    def _fail_pending(self, reason: str) -> None:
-        pending, self._queue = self._in_flight + self._queue, []
-        self._in_flight = []
-        for _, future in pending:
-            if not future.done():
-                future.set_exception(self.unavailable(reason))
-        for waiters in self._sub_waiters.values():
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(None)  # re-subscribed when the cluster is back
-        self._sub_waiters.clear()
+    async def _write_presence(self, commands: list[tuple[Any, ...]]) -> None:
+        # A pipeline of its own, routed by the channels' slots.
+        results = await asyncio.wait_for(self._pipeline(self._client, commands), self._op_timeout)
+        for result in results:
+            if isinstance(result, Exception):
+                raise ConnectionError(f"re-writing presence: {result}")
 
     # -- the subscriber connections, one per primary ----------------------------------
 
@@ -369,9 +227,7 @@ class RedisClusterBroker(Broker):
     async def _send_subscriptions(
         self, command: str, channels: list[str], strict: bool = False
     ) -> None:
-        """Send S(UN)SUBSCRIBE per channel to its primary; SSUBSCRIBE waits for the
-        confirmations. Errors are left to the supervisor (it re-subscribes everything
-        after reconnecting) unless `strict`, as while restoring."""
+        """Per channel, to its primary."""
         by_shard: dict[_Shard, list[str]] = {}
         for channel in channels:
             shard = self._shard_of(channel)
@@ -381,17 +237,11 @@ class RedisClusterBroker(Broker):
                 self._reshaped.set()  # re-subscribed once the topology is re-discovered
                 return
             by_shard.setdefault(shard, []).append(channel)
-        waiters: list[asyncio.Future[None]] = []
-        if command == "SSUBSCRIBE":
-            loop = asyncio.get_running_loop()
-            for channel in channels:
-                waiter: asyncio.Future[None] = loop.create_future()
-                self._sub_waiters.setdefault(channel, deque()).append(waiter)
-                waiters.append(waiter)
+        waiters = self._waiters_for(channels) if command == self.SUBSCRIBE else []
         try:
             for shard, mine in by_shard.items():
                 names = [self._keys.pubsub(channel) for channel in mine]
-                if command == "SUNSUBSCRIBE":
+                if command == self.UNSUBSCRIBE:
                     for name in names:
                         key = name.encode()
                         shard.unsubscribing[key] = shard.unsubscribing.get(key, 0) + 1
@@ -419,14 +269,7 @@ class RedisClusterBroker(Broker):
                     if channel is not None and self._on_envelope is not None:
                         self._deliver(channel, reply[2])
                 elif kind == b"ssubscribe":
-                    channel = self._keys.channel_of(reply[1])
-                    waiters = self._sub_waiters.get(channel)
-                    if waiters:
-                        waiter = waiters.popleft()
-                        if not waiters:
-                            del self._sub_waiters[channel]
-                        if not waiter.done():
-                            waiter.set_result(None)
+                    self._confirmed(reply[1])
                 elif kind == b"sunsubscribe":
                     pending = shard.unsubscribing.get(reply[1], 0)
                     if pending > 1:
@@ -440,17 +283,6 @@ class RedisClusterBroker(Broker):
             elif reply == b"PONG":  # a PING while subscribed to nothing
                 shard.pong.set()
 
-    def _deliver(self, channel: str, message: bytes) -> None:
-        try:
-            envelope = decode(channel, message)
-        except (ValueError, IndexError, UnicodeDecodeError):
-            log.warning("ignoring a malformed message on %s: %r", channel, message[:64])
-            return
-        try:
-            self._on_envelope(envelope)  # type: ignore[misc]
-        except Exception:
-            log.exception("delivering a message on %s failed", channel)
-
     # -- liveness ---------------------------------------------------------------------
 
     async def _heartbeat(self) -> None:
@@ -458,8 +290,7 @@ class RedisClusterBroker(Broker):
         interval = min(self._presence_ttl / 4, self._op_timeout / 2)
         while True:
             await asyncio.sleep(interval)
-            if self._in_flight and time.monotonic() - self._in_flight_since > self._op_timeout:
-                raise ConnectionError(f"no reply from the cluster in {self._op_timeout:g}s")
+            self._check_in_flight()
             refresh = [self._command(*command) for command in self.presence.refresh()]
             if refresh:
                 await asyncio.wait_for(asyncio.gather(*refresh), self._op_timeout)
@@ -482,7 +313,7 @@ class RedisClusterBroker(Broker):
         await self._reshaped.wait()
         raise ConnectionError("the cluster's slots moved")
 
-    # -- connecting and reconnecting --------------------------------------------------
+    # -- connecting -------------------------------------------------------------------
 
     def _new_client(self, options: dict[str, Any]) -> RedisCluster:
         kwargs = {
@@ -516,63 +347,23 @@ class RedisClusterBroker(Broker):
             },
         )
 
-    async def _supervise(self) -> None:
-        attempt = 0
-        down_since = time.monotonic()
-        client = self._client
-        while not self._closing:
-            shards: list[_Shard] = []
-            tasks: list[asyncio.Task[None]] = []
-            try:
-                shards = await self._connect(client)
-                self._shards = {shard.name: shard for shard in shards}
-                self._reshaped.clear()
-                tasks += [asyncio.ensure_future(self._read_messages(shard)) for shard in shards]
-                # Everything this process had in the cluster may be gone (a failover).
-                self.presence.lost()
-                await self._restore()
-                tasks.append(asyncio.ensure_future(self._send_batches(client)))
-                tasks.append(asyncio.ensure_future(self._heartbeat()))
-                tasks.append(asyncio.ensure_future(self._watch_shape()))
-                self._healthy = True
-                self._first_attempt.set()
-                if attempt:
-                    log.info(
-                        "redis %s: connected again after %.1fs",
-                        self.where,
-                        time.monotonic() - down_since,
-                    )
-                attempt = 0
-                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                error = next(iter(done)).exception()
-                raise error or ConnectionError("connection closed")
-            except asyncio.CancelledError:
-                self._go_down(f"redis {self.where}: broker closed")
-                raise
-            except Exception as error:
-                reason = f"redis {self.where} unreachable: {error or type(error).__name__}"
-                if self._healthy or not attempt:
-                    log.warning("%s; reconnecting", reason)
-                    down_since = time.monotonic()
-                else:
-                    log.debug("%s (attempt %d)", reason, attempt + 1)
-                self._go_down(reason)
-            finally:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                self._shards = {}
-                for shard in shards:
-                    with contextlib.suppress(Exception):
-                        await shard.connection.disconnect(nowait=True)
-            self._first_attempt.set()
-            await asyncio.sleep(jittered(attempt, self._backoff_cap))
-            attempt += 1
+    async def _open_session(self, tasks: list[asyncio.Task[None]]) -> None:
+        shards = await self._connect(self._client)
+        self._shards = {shard.name: shard for shard in shards}
+        self._reshaped.clear()
+        tasks += [asyncio.ensure_future(self._read_messages(shard)) for shard in shards]
+        # Everything this process had in the cluster may be gone (a failover).
+        self.presence.lost()
+        await self._restore()
+        tasks.append(asyncio.ensure_future(self._send_batches(self._client)))
+        tasks.append(asyncio.ensure_future(self._heartbeat()))
+        tasks.append(asyncio.ensure_future(self._watch_shape()))
 
-    def _go_down(self, reason: str) -> None:
-        self._healthy = False
-        self._reason = reason
-        self._fail_pending(reason)
+    async def _close_session(self) -> None:
+        shards, self._shards = list(self._shards.values()), {}
+        for shard in shards:
+            with contextlib.suppress(Exception):
+                await shard.connection.disconnect(nowait=True)
 
     async def _connect(self, client: RedisCluster) -> list[_Shard]:
         """Discover the topology; connect to every primary once it says the cluster is ok."""
@@ -605,32 +396,3 @@ class RedisClusterBroker(Broker):
         if not shards:
             raise ConnectionError("no primary node")
         return shards
-
-    async def _restore(self) -> None:
-        """Re-subscribe every channel and re-write this process's presence.
-
-        Joins and leaves go on while this runs (they only record what they want while the
-        broker is down), so it repeats until nothing changed during a pass; the caller
-        marks the broker healthy right after, with no await in between.
-        """
-        subscribed: set[str] = set()
-        for _ in range(_RESTORE_PASSES):
-            wanted = set(self._channels)
-            added, dropped = sorted(wanted - subscribed), sorted(subscribed - wanted)
-            presence = self.presence.resync()
-            if not (added or dropped or presence):
-                return
-            for start in range(0, len(added), 1000):
-                await self._send_subscriptions("SSUBSCRIBE", added[start : start + 1000], True)
-            if dropped:
-                await self._send_subscriptions("SUNSUBSCRIBE", dropped, True)
-            subscribed = wanted
-            if presence:
-                # Not through the queue (it opens once healthy): a pipeline of its own.
-                results = await asyncio.wait_for(
-                    self._pipeline(self._client, presence), self._op_timeout
-                )
-                for result in results:
-                    if isinstance(result, Exception):
-                        raise ConnectionError(f"re-writing presence: {result}")
-        raise ConnectionError("channels kept changing while re-subscribing")

@@ -1,0 +1,354 @@
+"""What both Redis brokers share: the command queue, subscriptions kept, health, reconnects.
+
+This module owns PipelinedRedisBroker, the base of RedisBroker (one server) and
+RedisClusterBroker. Commands queue and go out as pipelined batches, one batch in flight at a
+time, so a process's publishes keep their call order and a busy process pays one round trip
+per batch rather than per message; a subclass sends a batch (`_round_trip`) to one server
+or through the cluster client. Publish and backlog are one script each (redis_wire.py).
+The channels this process wants are recorded whether or not Redis is reachable; a
+supervisor task connects (`_open_session`), re-subscribes them and re-writes presence
+(`_restore`), and on any failure goes down (`healthy` False, pending commands failed with
+`unavailable`), waits with exponential backoff and full jitter, and tries again.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from typing import Any, ClassVar
+
+from redis.exceptions import RedisError
+
+from echoserver.brokers.base import Backlog, Broker, BrokerUnavailable, Envelope, OnEnvelope
+from echoserver.brokers.redis_presence import RedisPresence
+from echoserver.brokers.redis_wire import KeyNames, decode, encode, jittered, read_backlog
+
+log = logging.getLogger("echoserver.broker")
+
+MAX_BATCH = 512
+RESTORE_PASSES = 10
+
+Queued = tuple[tuple[Any, ...], asyncio.Future[Any]]
+
+
+class PipelinedRedisBroker(Broker):
+    """A broker whose commands go to Redis through one queue of pipelined batches."""
+
+    presence: RedisPresence
+    # The subscribe and unsubscribe commands (plain or sharded pub/sub), and the SHA1s of
+    # the publish and backlog scripts, which every connection loads before use.
+    SUBSCRIBE: ClassVar[str]
+    UNSUBSCRIBE: ClassVar[str]
+    PUBLISH_SHA: ClassVar[bytes]
+    BACKLOG_SHA: ClassVar[bytes]
+
+    def __init__(
+        self,
+        where: str,
+        keys: KeyNames,
+        *,
+        history: int,
+        history_ttl: float,
+        presence_ttl: float,
+        op_timeout: float,
+        backoff_cap: float,
+    ) -> None:
+        self.where = where
+        self.history_size = history
+        self.history_ttl = history_ttl
+        self._keys = keys
+        self._presence_ttl = presence_ttl
+        self._op_timeout = op_timeout
+        self._backoff_cap = backoff_cap
+
+        self._on_envelope: OnEnvelope | None = None
+        self._channels: set[str] = set()  # what this process wants to receive
+        self._names: dict[bytes, str] = {}  # pub/sub channel name -> channel, while wanted
+        self._sub_waiters: dict[str, deque[asyncio.Future[None]]] = {}
+
+        self._healthy = False
+        self._reason = f"redis {where}: not connected yet"
+        self._closing = False
+        self._supervisor: asyncio.Task[None] | None = None
+        self._first_attempt = asyncio.Event()
+        self._queue: list[Queued] = []
+        self._in_flight: list[Queued] = []
+        self._wake = asyncio.Event()
+        self._refusal_logged = -10.0
+        self._in_flight_since = 0.0
+
+    # -- what a subclass provides -----------------------------------------------------
+
+    @abc.abstractmethod
+    async def _open_session(self, tasks: list[asyncio.Task[None]]) -> None:
+        """Connect, start the readers, `_restore()`, start `_send_batches` and the
+        heartbeat; every task started goes into `tasks` (the supervisor watches them and
+        cancels them when one ends, also when this raises half way)."""
+
+    @abc.abstractmethod
+    async def _close_session(self) -> None:
+        """Disconnect what `_open_session` connected (its tasks are cancelled already)."""
+
+    @abc.abstractmethod
+    async def _round_trip(self, target: Any, batch: list[Queued]) -> None:
+        """Send one batch and settle each future with its reply or error."""
+
+    @abc.abstractmethod
+    async def _send_subscriptions(
+        self, command: str, channels: list[str], strict: bool = False
+    ) -> None:
+        """Send (UN)SUBSCRIBE for the channels; SUBSCRIBE waits for the confirmations.
+
+        Errors are left to the supervisor (it re-subscribes after reconnecting) unless
+        `strict`, as while restoring, when they abort the connection attempt."""
+
+    @abc.abstractmethod
+    async def _write_presence(self, commands: list[tuple[Any, ...]]) -> None:
+        """Run presence commands outside the queue (it opens only once healthy)."""
+
+    def _farewell(self) -> list[tuple[Any, ...]]:
+        """Commands that take this process out of Redis when the broker closes."""
+        return self.presence.removal()
+
+    async def _release(self) -> None:
+        """Free what the broker holds for its whole life, once it is closed."""
+
+    # -- Broker interface -------------------------------------------------------------
+
+    async def start(self, on_envelope: OnEnvelope) -> None:
+        """Connect; if Redis is unreachable, start degraded and keep reconnecting."""
+        self._on_envelope = on_envelope
+        if self._supervisor is None:
+            self._supervisor = asyncio.ensure_future(self._supervise())
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._first_attempt.wait(), 3 * self._op_timeout)
+
+    async def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        if self._healthy:
+            # Leave nothing behind: others stop counting this process's members at once.
+            cleanup = [self._command(*command) for command in self._farewell()]
+            with contextlib.suppress(BrokerUnavailable, RedisError, asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*cleanup), self._op_timeout)
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        with contextlib.suppress(Exception):
+            await self._release()
+        self._on_envelope = None
+        self._channels.clear()
+        self._names.clear()
+
+    async def subscribe(self, channel: str) -> None:
+        """Returns once Redis confirmed the subscription (or at once while Redis is down)."""
+        if channel in self._channels:
+            return
+        self._channels.add(channel)
+        self._names[self._keys.pubsub(channel).encode()] = channel
+        if self._healthy:
+            await self._send_subscriptions(self.SUBSCRIBE, [channel])
+
+    async def unsubscribe(self, channel: str) -> None:
+        if channel not in self._channels:
+            return
+        self._channels.discard(channel)
+        # Dropping the name stops delivery now, before Redis confirms.
+        self._names.pop(self._keys.pubsub(channel).encode(), None)
+        if self._healthy:
+            await self._send_subscriptions(self.UNSUBSCRIBE, [channel])
+
+    def publish(self, envelope: Envelope) -> asyncio.Future[int]:
+        """A future of the offset: queued synchronously, so the queue's order is the call order."""
+        header, data = encode(envelope)
+        name, seq_key, history_key = self._keys(envelope.channel)
+        return self._command(
+            "EVALSHA",
+            self.PUBLISH_SHA,
+            2,
+            seq_key,
+            history_key,
+            name,
+            header,
+            data,
+            self.history_size,
+            int(self.history_ttl * 1000),
+        )
+
+    async def backlog(self, channel: str, after: int, limit: int) -> Backlog:
+        """Raises `unavailable` while Redis is unreachable."""
+        waiters = self._sub_waiters.get(channel)
+        if waiters:
+            # Another joiner's SUBSCRIBE is still on its way: read history only once it is
+            # active, or a message published in between would be in neither history nor live.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(waiters[-1]), self._op_timeout)
+        _, seq_key, history_key = self._keys(channel)
+        reply = await self._command(
+            "EVALSHA", self.BACKLOG_SHA, 2, seq_key, history_key, after, max(limit, 0)
+        )
+        return read_backlog(channel, reply, int(self.history_ttl * 1000))
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    @property
+    def health_reason(self) -> str:
+        return "" if self._healthy else self._reason
+
+    # -- the command queue ------------------------------------------------------------
+
+    def _command(self, *args: Any) -> asyncio.Future[Any]:
+        """Queue one command; the future has its reply. Raises BrokerUnavailable when down."""
+        if not self._healthy:
+            raise self.unavailable(self._reason)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((args, future))
+        self._wake.set()
+        return future
+
+    async def _send_batches(self, target: Any) -> None:
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = self._in_flight = self._queue[:MAX_BATCH]
+            del self._queue[:MAX_BATCH]
+            # No wait_for here (a task per batch costs a loop pass): the heartbeat watches
+            # its age (_check_in_flight).
+            self._in_flight_since = time.monotonic()
+            await self._round_trip(target, batch)
+            self._in_flight = []
+
+    def _check_in_flight(self) -> None:
+        if self._in_flight and time.monotonic() - self._in_flight_since > self._op_timeout:
+            raise ConnectionError(f"no reply from Redis in {self._op_timeout:g}s")
+
+    def _log_refusal(self, error: Exception) -> None:
+        now = time.monotonic()
+        if now - self._refusal_logged >= 10:  # at most one line per 10 s under load
+            self._refusal_logged = now
+            log.warning("redis %s refused a command: %s", self.where, error)
+
+    def _fail_pending(self, reason: str) -> None:
+        pending, self._queue = self._in_flight + self._queue, []
+        self._in_flight = []
+        for _, future in pending:
+            if not future.done():
+                future.set_exception(self.unavailable(reason))
+        for waiters in self._sub_waiters.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)  # re-subscribed when Redis is back
+        self._sub_waiters.clear()
+
+    # -- subscriptions ----------------------------------------------------------------
+
+    def _waiters_for(self, channels: list[str]) -> list[asyncio.Future[None]]:
+        """One future per channel, settled by its subscription's confirmation."""
+        loop = asyncio.get_running_loop()
+        waiters: list[asyncio.Future[None]] = []
+        for channel in channels:
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._sub_waiters.setdefault(channel, deque()).append(waiter)
+            waiters.append(waiter)
+        return waiters
+
+    def _confirmed(self, name: bytes) -> None:
+        """Redis confirmed a subscription to this pub/sub name."""
+        channel = self._keys.channel_of(name)
+        waiters = self._sub_waiters.get(channel)
+        if waiters:
+            waiter = waiters.popleft()
+            if not waiters:
+                del self._sub_waiters[channel]
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _deliver(self, channel: str, message: bytes) -> None:
+        try:
+            envelope = decode(channel, message)
+        except (ValueError, IndexError, UnicodeDecodeError):
+            log.warning("ignoring a malformed message on %s: %r", channel, message[:64])
+            return
+        try:
+            self._on_envelope(envelope)  # type: ignore[misc]
+        except Exception:
+            log.exception("delivering a message on %s failed", channel)
+
+    # -- connecting and reconnecting --------------------------------------------------
+
+    async def _supervise(self) -> None:
+        attempt = 0
+        down_since = time.monotonic()
+        while not self._closing:
+            tasks: list[asyncio.Task[None]] = []
+            try:
+                await self._open_session(tasks)
+                self._healthy = True
+                self._first_attempt.set()
+                if attempt:
+                    log.info(
+                        "redis %s: connected again after %.1fs",
+                        self.where,
+                        time.monotonic() - down_since,
+                    )
+                attempt = 0
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                error = next(iter(done)).exception()
+                raise error or ConnectionError("connection closed")
+            except asyncio.CancelledError:
+                self._go_down(f"redis {self.where}: broker closed")
+                raise
+            except Exception as error:
+                reason = f"redis {self.where} unreachable: {error or type(error).__name__}"
+                if self._healthy or not attempt:
+                    log.warning("%s; reconnecting", reason)
+                    down_since = time.monotonic()
+                else:
+                    log.debug("%s (attempt %d)", reason, attempt + 1)
+                self._go_down(reason)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                await self._close_session()
+            self._first_attempt.set()
+            await asyncio.sleep(jittered(attempt, self._backoff_cap))
+            attempt += 1
+
+    def _go_down(self, reason: str) -> None:
+        self._healthy = False
+        self._reason = reason
+        self._fail_pending(reason)
+
+    async def _restore(self) -> None:
+        """Re-subscribe every channel and re-write this process's presence.
+
+        Joins and leaves go on while this runs (they only record what they want while the
+        broker is down), so it repeats until nothing changed during a pass; the caller
+        marks the broker healthy right after, with no await in between.
+        """
+        subscribed: set[str] = set()
+        for _ in range(RESTORE_PASSES):
+            wanted = set(self._channels)
+            added, dropped = sorted(wanted - subscribed), sorted(subscribed - wanted)
+            presence = self.presence.resync()
+            if not (added or dropped or presence):
+                return
+            for start in range(0, len(added), 1000):
+                await self._send_subscriptions(self.SUBSCRIBE, added[start : start + 1000], True)
+            if dropped:
+                await self._send_subscriptions(self.UNSUBSCRIBE, dropped, True)
+            subscribed = wanted
+            if presence:
+                await self._write_presence(presence)
+        raise ConnectionError("channels kept changing while re-subscribing")
