@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 from typing import Any
 
 from redis.asyncio import ConnectionPool
@@ -63,6 +62,7 @@ class RedisBroker(PipelinedRedisBroker):
 
     SUBSCRIBE = "SUBSCRIBE"
     UNSUBSCRIBE = "UNSUBSCRIBE"
+    SCRIPTS = _SCRIPTS
     PUBLISH_SHA, BACKLOG_SHA = list(_SCRIPTS)[:2]
 
     def __init__(
@@ -103,7 +103,6 @@ class RedisBroker(PipelinedRedisBroker):
             op_timeout=op_timeout,
             backoff_cap=backoff_cap,
         )
-        self.process_id = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
         heartbeat_prefix = f"{prefix}:proc:"
         self._heartbeat_key = heartbeat_prefix + self.process_id
         self.presence = RedisPresence(
@@ -125,12 +124,9 @@ class RedisBroker(PipelinedRedisBroker):
 
     async def _round_trip(self, target: Any, batch: list[Queued]) -> None:
         connection: AbstractConnection = target
-        retry = await self._exchange(connection, batch)
-        if retry:
-            # The script cache was flushed (SCRIPT FLUSH, a failover): EVAL loads and runs
-            # the scripts. Only after the whole batch's replies are read, in the same order.
-            again = [(("EVAL", _SCRIPTS[args[1]], *args[2:]), future) for args, future in retry]
-            await self._exchange(connection, again)
+        noscript = await self._exchange(connection, batch)
+        if noscript:
+            await self._exchange(connection, self._as_eval(noscript))
 
     async def _exchange(self, connection: AbstractConnection, batch: list[Queued]) -> list[Queued]:
         """Send a batch, settle each future with its reply; return the NOSCRIPT ones."""

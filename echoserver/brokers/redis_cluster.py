@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 from typing import Any
 
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -50,6 +49,7 @@ from echoserver.brokers.redis_cluster_presence import (
 )
 from echoserver.brokers.redis_queue import PipelinedRedisBroker, Queued, log
 from echoserver.brokers.redis_wire import BACKLOG_SCRIPT, KeyNames, publish_script, sha1
+from echoserver.config import split_cluster_url
 
 _SPUBLISH = publish_script(b"SPUBLISH")
 _SCRIPTS = {sha1(body): body for body in (_SPUBLISH, BACKLOG_SCRIPT, COUNT_SCRIPT, SET_SCRIPT)}
@@ -57,34 +57,13 @@ _SCRIPTS = {sha1(body): body for body in (_SPUBLISH, BACKLOG_SCRIPT, COUNT_SCRIP
 # Replies that mean the cluster's shape changed or is changing: re-discover it.
 _TOPOLOGY_ERRORS = ("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN")
 
-SCHEMES = ("redis-cluster", "rediss-cluster")
-
 
 def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
-    """(seed nodes, connection options) of a ``redis-cluster://`` or ``rediss-cluster://`` URL.
-
-    ``[user[:password]@]host:port[,host:port...][/0][?option=value...]``: options and
-    credentials as in a ``redis://`` URL; a cluster has database 0 only.
-    """
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme not in SCHEMES:
-        raise ValueError("a cluster URL starts with redis-cluster:// or rediss-cluster://")
-    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
-    netloc, tail = rest[:cut], rest[cut:]
-    userinfo, at, hosts = netloc.rpartition("@")
-    path = tail.partition("?")[0]
-    if path not in ("", "/", "/0"):
-        raise ValueError("a Redis Cluster has database 0 only")
-    seeds = []
-    for part in hosts.split(","):
-        host, colon, port = part.rpartition(":")
-        host = host.removeprefix("[").removesuffix("]")
-        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"{part!r} is not host:port")
-        seeds.append((host, int(port)))
-    base = "rediss" if scheme == "rediss-cluster" else "redis"
-    query = tail.partition("?")[2]
-    options = dict(parse_url(f"{base}://{userinfo}{at}seed:1/0" + (f"?{query}" if query else "")))
+    """(seed nodes, connection options) of a ``redis-cluster://`` or ``rediss-cluster://`` URL:
+    options and credentials as in a ``redis://`` URL (config.split_cluster_url has the form)."""
+    credentials, seeds, query = split_cluster_url(url)
+    base = "rediss" if url.startswith("rediss-") else "redis"
+    options = dict(parse_url(f"{base}://{credentials}seed:1/0" + (f"?{query}" if query else "")))
     for name in ("host", "port", "db", "path"):
         options.pop(name, None)
     return seeds, options
@@ -109,6 +88,7 @@ class RedisClusterBroker(PipelinedRedisBroker):
     presence: ClusterPresence
     SUBSCRIBE = "SSUBSCRIBE"
     UNSUBSCRIBE = "SUNSUBSCRIBE"
+    SCRIPTS = _SCRIPTS
     PUBLISH_SHA, BACKLOG_SHA = list(_SCRIPTS)[:2]
 
     def __init__(
@@ -136,9 +116,7 @@ class RedisClusterBroker(PipelinedRedisBroker):
         self._tls = options.pop("connection_class", Connection) is SSLConnection
         options.setdefault("client_name", f"echoserver:{os.getpid()}")
         self._options = options
-        self._seeds = seeds
         self._known: list[tuple[str, int]] = list(seeds)  # seeds, then every node seen
-        self.process_id = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
         self.presence = ClusterPresence(
             self._command, prefix=prefix, process_id=self.process_id, ttl=presence_ttl
         )
@@ -168,9 +146,7 @@ class RedisClusterBroker(PipelinedRedisBroker):
             elif not future.done():
                 future.set_result(result)
         if noscript:
-            # A primary's script cache was flushed (SCRIPT FLUSH, a promoted replica): EVAL
-            # loads and runs the scripts, in the same order, after the whole batch is read.
-            again = [(("EVAL", _SCRIPTS[args[1]], *args[2:]), future) for args, future in noscript]
+            again = self._as_eval(noscript)
             results = await self._pipeline(client, [args for args, _ in again])
             for (_, future), result in zip(again, results, strict=True):
                 if isinstance(result, Exception):

@@ -17,6 +17,8 @@ import abc
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
 from collections import deque
 from typing import Any, ClassVar
@@ -39,10 +41,11 @@ class PipelinedRedisBroker(Broker):
     """A broker whose commands go to Redis through one queue of pipelined batches."""
 
     presence: RedisPresence
-    # The subscribe and unsubscribe commands (plain or sharded pub/sub), and the SHA1s of
-    # the publish and backlog scripts, which every connection loads before use.
+    # The subscribe and unsubscribe commands (plain or sharded pub/sub); the scripts by
+    # SHA1, which every connection loads before use; the publish and backlog ones' SHA1s.
     SUBSCRIBE: ClassVar[str]
     UNSUBSCRIBE: ClassVar[str]
+    SCRIPTS: ClassVar[dict[bytes, bytes]]
     PUBLISH_SHA: ClassVar[bytes]
     BACKLOG_SHA: ClassVar[bytes]
 
@@ -58,6 +61,8 @@ class PipelinedRedisBroker(Broker):
         backoff_cap: float,
     ) -> None:
         self.where = where
+        # Unique across hosts and restarts: this process's entries in presence.
+        self.process_id = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
         self.history_size = history
         self.history_ttl = history_ttl
         self._keys = keys
@@ -227,6 +232,12 @@ class PipelinedRedisBroker(Broker):
             self._in_flight_since = time.monotonic()
             await self._round_trip(target, batch)
             self._in_flight = []
+
+    def _as_eval(self, noscript: list[Queued]) -> list[Queued]:
+        """Commands refused with NOSCRIPT, as EVALs that load and run their scripts: the
+        script cache was flushed (SCRIPT FLUSH, a failover, a promoted replica). Sent only
+        after the whole batch's replies are read, so they keep their order."""
+        return [(("EVAL", self.SCRIPTS[args[1]], *args[2:]), future) for args, future in noscript]
 
     def _check_in_flight(self) -> None:
         if self._in_flight and time.monotonic() - self._in_flight_since > self._op_timeout:
