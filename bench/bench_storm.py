@@ -132,7 +132,7 @@ def client_main(args: argparse.Namespace) -> None:
     asyncio.run(storm(args))
 
 
-def one_run(args: argparse.Namespace, kind: str) -> dict[str, Any]:
+def one_run(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     port = common.free_port()
     cmd = common.server_command(kind, "broadcast", port, uvloop=args.uvloop, custom=args.server_cmd)
     with common.Server(cmd, port) as server:
@@ -173,53 +173,14 @@ def one_run(args: argparse.Namespace, kind: str) -> dict[str, Any]:
 
 
 METRICS = [
-    ("handshakes/s", "handshakes_per_s", 0),
-    ("seconds", "seconds", 2),
-    ("server µs/handshake", "server_us_per_handshake", 0),
-    ("client µs/handshake", "client_us_per_handshake", 0),
-    ("server CPU %", "server_cpu_pct", 0),
-    ("client CPU %", "client_cpu_pct", 0),
-    ("opened", "opened", 0),
+    common.Metric("handshakes/s", "handshakes_per_s", 0),
+    common.Metric("seconds", "seconds", 2),
+    common.Metric("server µs/handshake", "server_us_per_handshake", 0),
+    common.Metric("client µs/handshake", "client_us_per_handshake", 0),
+    common.Metric("server CPU %", "server_cpu_pct", 0),
+    common.Metric("client CPU %", "client_cpu_pct", 0),
+    common.Metric("opened", "opened", 0, ratio=False),
 ]
-
-
-def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) -> None:
-    headers = ["server (median)", *(name for name, _, _ in METRICS)]
-    rows = []
-    medians: dict[str, dict[str, float | None]] = {}
-    for kind, runs in results.items():
-        good = [r for r in runs if "error" not in r]
-        medians[kind] = {key: common.median([r[key] for r in good]) for _, key, _ in METRICS}
-        rows.append(
-            [f"{kind} ({len(good)}/{len(runs)} runs)"]
-            + [common.fmt(medians[kind][key], digits) for _, key, digits in METRICS]
-        )
-    if "ours" in medians and "baseline" in medians:
-        rows.append(
-            ["ours / baseline"]
-            + [
-                common.fmt_ratio(common.ratio(medians["ours"][key], medians["baseline"][key]))
-                if key != "opened"
-                else ""
-                for _, key, _ in METRICS
-            ]
-        )
-    print(f"\n## Reconnect storm: {args.count:,} connections, {args.concurrency} in flight\n")
-    print(common.markdown_table(headers, rows))
-    print("\nEvery run:\n")
-    every = [
-        [f"{kind} #{i}"]
-        + [
-            r.get("error", "")[:60] if "error" in r else common.fmt(r[key], d)
-            for _, key, d in METRICS
-        ]
-        for kind, runs in results.items()
-        for i, r in enumerate(runs, 1)
-    ]
-    print(common.markdown_table(["run", *(name for name, _, _ in METRICS)], every))
-    print(f"\n{common.environment_note(args.uvloop)}")
-    print(f"command: {common.command_line()}")
-    common.write_json(args.json, {"command": common.command_line(), "results": results})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -244,14 +205,11 @@ def main(argv: list[str] | None = None) -> None:
         client_main(args)
         return
     common.apply_common_args(args)
-    common.check_runs(args.runs)
-    results = common.run_interleaved(
-        common.kinds_to_run(args.only),
-        args.runs,
-        lambda kind, _i: one_run(args, kind),
-        quiet_wait=args.quiet_wait,
-    )
-    report(args, results)
+    results, names = common.run_all(args, one_run)
+    print(f"## Reconnect storm: {args.count:,} connections, {args.concurrency} in flight\n")
+    print(common.summary_table(results, METRICS, names))
+    print("\nEvery run:\n")
+    common.print_footer(args, results, METRICS, names, noise=False)
 
 
 if __name__ == "__main__":
