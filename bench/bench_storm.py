@@ -27,7 +27,6 @@ import base64
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -37,8 +36,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
-
-IP_BIND_ADDRESS_NO_PORT = 24  # Linux: pick the source port at connect(), per destination
 
 
 class Upgrade(asyncio.Protocol):
@@ -74,6 +71,7 @@ async def storm(args: argparse.Namespace) -> dict[str, Any]:
     transports: list[asyncio.BaseTransport] = []
     failures: dict[str, int] = {}
     indexes = iter(range(args.count))
+    bound = common.source_socket_factory(args.count, args.per_address)
     deadline = time.monotonic() + args.timeout
 
     async def worker() -> None:
@@ -81,10 +79,7 @@ async def storm(args: argparse.Namespace) -> dict[str, Any]:
             if time.monotonic() > deadline:
                 failures["timeout"] = failures.get("timeout", 0) + 1
                 continue
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-            sock.bind((f"127.0.0.{2 + i // args.per_address}", 0))
-            sock.setblocking(False)
+            sock = bound(i)
             request = head + base64.b64encode(os.urandom(16)) + b"\r\n\r\n"
             done: asyncio.Future[bool] = loop.create_future()
             upgrade = Upgrade(request, done)
@@ -199,8 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-address", type=int, default=5000, help="connections per source")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds for all to open")
     args = parser.parse_args(argv)
-    if 2 + (args.count - 1) // args.per_address > 254:
-        parser.error("--count / --per-address needs more than 127.0.0.2-254")
+    common.source_socket_factory(args.count, args.per_address)  # exits when too many
     if client:
         client_main(args)
         return

@@ -46,7 +46,6 @@ STAMP = struct.Struct("<q")  # echo: send time in ns
 SEQ_STAMP = struct.Struct("<qq")  # broadcast: sequence number, send time in ns
 perf_counter_ns = time.perf_counter_ns
 monotonic_ns = time.monotonic_ns  # CLOCK_MONOTONIC on Linux: one clock for every process
-IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # == SCM_TIMESTAMPNS
 TIMESPEC = struct.Struct("ll")  # struct timespec: seconds, nanoseconds (native longs)
 
@@ -655,27 +654,6 @@ async def broadcast_main(args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- idle
 
 
-def source_socket_factory(
-    count: int, per_address: int, first: int = 2
-) -> Callable[[int], socket.socket]:
-    """Bind connection i to 127.0.0.(first + i // per_address), so ports never run out.
-
-    Load processes that run side by side give each a different `first`, so that no two
-    share an address (one address has ~28,000 ephemeral ports for one server port).
-    """
-
-    def make(i: int) -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-        sock.bind((f"127.0.0.{first + i // per_address}", 0))
-        sock.setblocking(False)
-        return sock
-
-    if first < 2 or first + (count - 1) // per_address > 254:
-        raise SystemExit(f"load: too many connections for 127.0.0.{first}-254")
-    return make
-
-
 async def wait_stdin_closed(timeout: float) -> bool:
     loop = asyncio.get_running_loop()
     closed = loop.create_future()
@@ -708,7 +686,7 @@ async def idle_main(args: argparse.Namespace) -> dict[str, Any]:
         args.count,
         concurrency=args.concurrency,
         timeout=args.connect_timeout,
-        socket_factory=source_socket_factory(args.count, args.per_address),
+        socket_factory=common.source_socket_factory(args.count, args.per_address),
         read_buffer=1024,
     )
     elapsed = time.perf_counter() - start
@@ -963,13 +941,14 @@ async def fanout_main(args: argparse.Namespace) -> dict[str, Any]:
     run = FanoutRun()
     url = f"ws://{args.host}:{args.port}{args.path}/{args.channel}"
     start_ns = monotonic_ns()
+    sockets = common.source_socket_factory(args.count, args.per_address, args.first_address)
     results = await connect_many(
         url,
         lambda _i: FanoutReceiver(run),
         args.count,
         concurrency=args.concurrency,
         timeout=args.connect_timeout,
-        socket_factory=source_socket_factory(args.count, args.per_address, args.first_address),
+        socket_factory=sockets,
         read_buffer=1024,
     )
     end_ns = monotonic_ns()
