@@ -39,15 +39,12 @@ import argparse
 import contextlib
 import math
 import os
-import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,46 +57,6 @@ SEQ_STAMP_SIZE = 16  # load.py's broadcast payload head: sequence number, send t
 
 
 # ----------------------------------------------------------------------------- processes
-
-
-@contextlib.contextmanager
-def redis_server(directory: str) -> Iterator[tuple[str, int]]:
-    """A private redis-server on a free port; yields (URL, pid)."""
-    if shutil.which("redis-server") is None:
-        raise SystemExit("redis-server is not installed; give --broker URL")
-    port = common.free_port()
-    proc = subprocess.Popen(
-        [
-            *("redis-server", "--port", str(port), "--bind", common.HOST, "--save", ""),
-            *("--appendonly", "no", "--dir", directory),
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while not _redis_ping(port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.05)
-        yield f"redis://{common.HOST}:{port}/0", proc.pid
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
-def _redis_ping(port: int) -> bool:
-    try:
-        with socket.create_connection((common.HOST, port), timeout=1) as conn:
-            conn.sendall(b"PING\r\n")
-            return conn.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
 
 
 def server_command(args: argparse.Namespace, port: int, broker: str) -> list[str]:
@@ -557,7 +514,7 @@ def main() -> None:
         if args.broker:
             broker, redis_pid = args.broker, None
         else:
-            broker, redis_pid = stack.enter_context(redis_server(tmp))
+            broker, redis_pid = stack.enter_context(common.redis_server(tmp))
         result = run(args, broker, redis_pid)
     result["busy_before_pct"] = busy
     report(args, result)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shlex
@@ -35,6 +36,10 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -63,42 +68,6 @@ def wait_for(predicate: Any, timeout: float, what: str) -> None:
 
 
 # ----------------------------------------------------------------------------- servers
-
-
-class Redis:
-    def __init__(self, directory: Path) -> None:
-        self.port = free_port()
-        self.url = f"redis://{HOST}:{self.port}/0"
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                HOST,
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(directory),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for(self.ping, 10, "redis-server")
-
-    def ping(self) -> bool:
-        try:
-            with socket.create_connection((HOST, self.port), timeout=1) as conn:
-                conn.sendall(b"PING\r\n")
-                return conn.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
 
 
 class Echoserver:
@@ -282,38 +251,39 @@ def main() -> None:
         print("redis-server is not installed: measuring the memory broker only", file=sys.stderr)
         configs = [c for c in configs if c[1] == "memory"]
     runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in configs}
-    with tempfile.TemporaryDirectory(prefix="bench-brokers-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-brokers-") as tmp,
+        contextlib.ExitStack() as stack,
+    ):
         directory = Path(tmp)
-        redis = Redis(directory) if any(kind == "redis" for _, kind, _ in configs) else None
-        try:
-            # Round-robin over the configurations, so a change in machine load between
-            # runs touches each of them alike.
-            for n in range(args.runs):
-                for label, kind, processes in configs:
-                    broker = redis.url if kind == "redis" and redis else "memory"
-                    server = Echoserver(broker, processes, directory / "server.log")
-                    try:
-                        redis_cpu = cpu_seconds(redis.proc.pid) if kind == "redis" and redis else 0
-                        result = run_client(server.port, args)
-                        if kind == "redis" and redis:
-                            # Redis's CPU over the whole client run (connect, warm-up, window)
-                            # per message published in it: what one message costs a shard.
-                            redis_cpu = cpu_seconds(redis.proc.pid) - redis_cpu
-                            result["redis_us_per_message"] = (
-                                1e6 * redis_cpu / result["messages_total"]
-                                if result["messages_total"]
-                                else None
-                            )
-                    finally:
-                        server.stop()
-                    runs[label].append(result)
-                    print(
-                        f"run {n + 1}, {label}: {result['deliveries_per_s']:,.0f} deliveries/s",
-                        file=sys.stderr,
-                    )
-        finally:
-            if redis:
-                redis.stop()
+        redis = None  # (URL, pid) of its own redis-server
+        if any(kind == "redis" for _, kind, _ in configs):
+            redis = stack.enter_context(common.redis_server(tmp))
+        # Round-robin over the configurations, so a change in machine load between
+        # runs touches each of them alike.
+        for n in range(args.runs):
+            for label, kind, processes in configs:
+                broker = redis[0] if kind == "redis" and redis else "memory"
+                server = Echoserver(broker, processes, directory / "server.log")
+                try:
+                    redis_cpu = cpu_seconds(redis[1]) if kind == "redis" and redis else 0
+                    result = run_client(server.port, args)
+                    if kind == "redis" and redis:
+                        # Redis's CPU over the whole client run (connect, warm-up, window)
+                        # per message published in it: what one message costs a shard.
+                        redis_cpu = cpu_seconds(redis[1]) - redis_cpu
+                        result["redis_us_per_message"] = (
+                            1e6 * redis_cpu / result["messages_total"]
+                            if result["messages_total"]
+                            else None
+                        )
+                finally:
+                    server.stop()
+                runs[label].append(result)
+                print(
+                    f"run {n + 1}, {label}: {result['deliveries_per_s']:,.0f} deliveries/s",
+                    file=sys.stderr,
+                )
     rows = list(runs.items())
 
     cpus = os.cpu_count()
