@@ -10,6 +10,7 @@ unless the CI environment variable is set: there a missing Redis is a failure.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import ssl
@@ -230,15 +231,22 @@ def started_cluster(directory: Path, tls: bool = False) -> LocalCluster:
     raise AssertionError("unreachable")
 
 
-@pytest.fixture(scope="session")
-def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    """One cluster for the whole session (making one takes seconds)."""
+@contextlib.contextmanager
+def running_cluster(directory: Path, tls: bool = False) -> Iterator[LocalCluster]:
+    """A started cluster, stopped (every node) on the way out; skips without the tools."""
     require_redis_cluster_tools()
-    cluster = started_cluster(tmp_path_factory.mktemp("redis-cluster"))
+    cluster = started_cluster(directory, tls)
     try:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """One cluster for the whole session (making one takes seconds)."""
+    with running_cluster(tmp_path_factory.mktemp("redis-cluster")) as cluster:
+        yield cluster
 
 
 @pytest.fixture
@@ -252,20 +260,12 @@ def clean_redis_cluster(redis_cluster: LocalCluster) -> LocalCluster:
 @pytest.fixture
 def own_redis_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
     """A cluster for one test that breaks it (kills a primary)."""
-    require_redis_cluster_tools()
-    cluster = started_cluster(tmp_path)
-    try:
+    with running_cluster(tmp_path) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture
 def tls_redis_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
     """A cluster for one test that speaks only TLS (rediss-cluster://)."""
-    require_redis_cluster_tools()
-    cluster = started_cluster(tmp_path, tls=True)
-    try:
+    with running_cluster(tmp_path, tls=True) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
