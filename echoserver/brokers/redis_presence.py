@@ -10,11 +10,11 @@ with this process's own members.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import Callable
 from typing import Any
 
 from echoserver.brokers.base import BrokerUnavailable, Presence
+from echoserver.brokers.redis_wire import sha1
 
 # KEYS: the channel's presence hash. ARGV: heartbeat key prefix.
 # Heartbeat keys are not declared in KEYS: fine on a standalone Redis (not Redis Cluster).
@@ -30,7 +30,7 @@ for i = 1, #fields, 2 do
 end
 return total
 """
-_COUNT_SHA = hashlib.sha1(COUNT_SCRIPT).hexdigest().encode()
+_COUNT_SHA = sha1(COUNT_SCRIPT)
 
 Command = tuple[Any, ...]
 
