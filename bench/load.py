@@ -733,8 +733,10 @@ class FanoutRun:
         if entry is None:
             self.seen[seq] = [1, now, now]
         else:
+            # Kernel stamps are recorded in member order, not arrival order.
             entry[0] += 1
-            entry[2] = now
+            entry[1] = min(entry[1], now)
+            entry[2] = max(entry[2], now)
 
 
 class FanoutReceiver(Closing):

@@ -140,3 +140,18 @@ def test_bench_100k_times_kernel_arrival_at_a_tiny_scale(tmp_path: Path) -> None
         assert load["repeated_or_reordered"] == 0 and load["server_closes"] == 0
     assert "kernel receive timestamp, readers paused" in done.stdout
     assert "--ping-interval 0" in done.stdout
+
+
+def test_fanout_run_keeps_the_earliest_and_latest_arrival_whatever_the_order() -> None:
+    """Kernel stamps are collected member by member, not in arrival order: the first and last
+    receipt of a broadcast are its earliest and latest stamp, not the first and last read."""
+    pytest.importorskip("picows")
+    sys.path.insert(0, str(BENCH))
+    try:
+        import load
+    finally:
+        sys.path.remove(str(BENCH))
+    run = load.FanoutRun()
+    for stamp in (500, 900, 100, 700):
+        run.delivered(7, stamp)
+    assert run.seen[7] == [4, 100, 900]
