@@ -30,6 +30,7 @@ from echoserver.brokers.base import Backlog, Broker, BrokerUnavailable, Envelope
 from echoserver.brokers.memory import MemoryBroker
 from echoserver.brokers.redis import RedisBroker, decode, encode
 from echoserver.brokers.redis_cluster import RedisClusterBroker
+from echoserver.brokers.redis_queue import RedisOptions
 from echoserver.hub import Delivery, Hub, HubUnavailable
 from tests.conftest import ROOT
 from tests.redis_cluster import LocalCluster, clean_redis_cluster, redis_cluster
@@ -80,8 +81,8 @@ class Kit:
         options.setdefault("backoff_cap", 0.5)
         options.setdefault("op_timeout", 2.0)
         if isinstance(self.redis, LocalCluster):
-            return RedisClusterBroker(self.redis.url, **options)
-        return RedisBroker(self.redis.url, **options)
+            return RedisClusterBroker(self.redis.url, RedisOptions(**options))
+        return RedisBroker(self.redis.url, RedisOptions(**options))
 
     def admin(self) -> list[Any]:
         """An asyncio client per running Redis node, for tests that configure Redis."""
@@ -505,10 +506,11 @@ def test_presence_of_a_crashed_process_expires(kit: Kit) -> None:
         import asyncio
         from echoserver.brokers.redis import RedisBroker
         from echoserver.brokers.redis_cluster import RedisClusterBroker
+        from echoserver.brokers.redis_queue import RedisOptions
 
         async def main():
             kind = RedisClusterBroker if {kit.kind == "cluster"} else RedisBroker
-            broker = kind({kit.redis.url!r}, presence_ttl={ttl})
+            broker = kind({kit.redis.url!r}, RedisOptions(presence_ttl={ttl}))
             await broker.start(lambda envelope: None)
             await broker.presence.set_local("p", 4)
             print("ready", flush=True)
@@ -603,7 +605,7 @@ def test_redis_broker_starts_degraded_and_connects_when_redis_appears(tmp_path: 
     redis = RedisServer(tmp_path, free_port())
 
     async def scenario() -> None:
-        broker = RedisBroker(redis.url, backoff_cap=0.5, op_timeout=1.0)
+        broker = RedisBroker(redis.url, RedisOptions(backoff_cap=0.5, op_timeout=1.0))
         got = Recorder()
         started_at = time.monotonic()
         await broker.start(got)

@@ -17,6 +17,7 @@ import pytest
 
 from echoserver.brokers.base import BrokerUnavailable, Envelope
 from echoserver.brokers.redis_cluster import RedisClusterBroker
+from echoserver.brokers.redis_queue import RedisOptions
 from echoserver.brokers.redis_wire import KeyNames
 from tests.redis_cluster import (
     LocalCluster,
@@ -38,7 +39,7 @@ NAMES = KeyNames("echoserver", "echoserver:0:ch:")
 async def started(url: str, **options: Any) -> tuple[RedisClusterBroker, Recorder]:
     options.setdefault("backoff_cap", 0.5)
     options.setdefault("op_timeout", 2.0)
-    broker = RedisClusterBroker(url, **options)
+    broker = RedisClusterBroker(url, RedisOptions(**options))
     recorder = Recorder()
     await broker.start(recorder)
     assert broker.healthy, broker.health_reason

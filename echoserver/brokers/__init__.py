@@ -21,10 +21,13 @@ def create_broker(url: str, *, history: int = 0, history_ttl: float = 0.0) -> Br
     for at most `history_ttl` seconds (0 = no age limit)."""
     if url == "memory":
         return MemoryBroker(history=history, history_ttl=history_ttl)
+    from echoserver.brokers.redis_queue import RedisOptions
+
+    options = RedisOptions(history=history, history_ttl=history_ttl)
     if url.startswith(("redis-cluster://", "rediss-cluster://")):
         from echoserver.brokers.redis_cluster import RedisClusterBroker
 
-        return RedisClusterBroker(url, history=history, history_ttl=history_ttl)
+        return RedisClusterBroker(url, options)
     from echoserver.brokers.redis import RedisBroker
 
-    return RedisBroker(url, history=history, history_ttl=history_ttl)
+    return RedisBroker(url, options)

@@ -39,10 +39,9 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from echoserver.brokers.redis_presence import COUNT_SCRIPT, RedisPresence
-from echoserver.brokers.redis_queue import PipelinedRedisBroker, Queued, log
+from echoserver.brokers.redis_queue import PipelinedRedisBroker, Queued, RedisOptions, log
 from echoserver.brokers.redis_wire import (
     BACKLOG_SCRIPT,
-    KeyNames,
     decode,
     decode_kept,
     encode,
@@ -65,23 +64,14 @@ class RedisBroker(PipelinedRedisBroker):
     SCRIPTS = _SCRIPTS
     PUBLISH_SHA, BACKLOG_SHA = list(_SCRIPTS)[:2]
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        history: int = 0,
-        history_ttl: float = 0.0,
-        prefix: str = "echoserver",
-        presence_ttl: float = 10.0,
-        op_timeout: float = 3.0,
-        backoff_cap: float = 3.0,
-    ) -> None:
+    def __init__(self, url: str, options: RedisOptions | None = None) -> None:
+        options = options or RedisOptions()
         kwargs: dict[str, Any] = dict(parse_url(url))
         # Our own timeouts, retries and reconnects; RESP2 so pub/sub replies are plain arrays.
         kwargs.update(
             protocol=2,
             socket_timeout=None,
-            socket_connect_timeout=op_timeout,
+            socket_connect_timeout=options.op_timeout,
             health_check_interval=0,
             retry=Retry(NoBackoff(), 0),
         )
@@ -93,21 +83,12 @@ class RedisBroker(PipelinedRedisBroker):
             where = f"{kwargs['path']} db {db}"
         else:
             where = f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{db}"
-        # Pub/sub ignores the database number, so it is part of the channel name.
-        super().__init__(
-            where,
-            KeyNames(prefix, f"{prefix}:{db}:ch:"),
-            history=history,
-            history_ttl=history_ttl,
-            presence_ttl=presence_ttl,
-            op_timeout=op_timeout,
-            backoff_cap=backoff_cap,
-        )
-        heartbeat_prefix = f"{prefix}:proc:"
+        super().__init__(where, db, options)
+        heartbeat_prefix = f"{options.prefix}:proc:"
         self._heartbeat_key = heartbeat_prefix + self.process_id
         self.presence = RedisPresence(
             self._command,
-            prefix=prefix,
+            prefix=options.prefix,
             process_id=self.process_id,
             heartbeat_prefix=heartbeat_prefix,
         )

@@ -47,8 +47,8 @@ from echoserver.brokers.redis_cluster_presence import (
     SET_SCRIPT,
     ClusterPresence,
 )
-from echoserver.brokers.redis_queue import PipelinedRedisBroker, Queued, log
-from echoserver.brokers.redis_wire import BACKLOG_SCRIPT, KeyNames, publish_script, sha1
+from echoserver.brokers.redis_queue import PipelinedRedisBroker, Queued, RedisOptions, log
+from echoserver.brokers.redis_wire import BACKLOG_SCRIPT, publish_script, sha1
 from echoserver.config import split_cluster_url
 
 _SPUBLISH = publish_script(b"SPUBLISH")
@@ -91,38 +91,24 @@ class RedisClusterBroker(PipelinedRedisBroker):
     SCRIPTS = _SCRIPTS
     PUBLISH_SHA, BACKLOG_SHA = list(_SCRIPTS)[:2]
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        history: int = 0,
-        history_ttl: float = 0.0,
-        prefix: str = "echoserver",
-        presence_ttl: float = 10.0,
-        op_timeout: float = 3.0,
-        backoff_cap: float = 3.0,
-    ) -> None:
-        seeds, options = parse_cluster_url(url)
-        # A cluster has database 0 only; the name has the same form as on one Redis.
-        super().__init__(
-            "cluster " + ",".join(f"{host}:{port}" for host, port in seeds),
-            KeyNames(prefix, f"{prefix}:0:ch:"),
-            history=history,
-            history_ttl=history_ttl,
-            presence_ttl=presence_ttl,
-            op_timeout=op_timeout,
-            backoff_cap=backoff_cap,
-        )
-        self._tls = options.pop("connection_class", Connection) is SSLConnection
-        options.setdefault("client_name", f"echoserver:{os.getpid()}")
-        self._options = options
+    def __init__(self, url: str, options: RedisOptions | None = None) -> None:
+        options = options or RedisOptions()
+        seeds, connection_options = parse_cluster_url(url)
+        # A cluster has database 0 only; the channel names have the same form as on one Redis.
+        super().__init__("cluster " + ",".join(f"{h}:{p}" for h, p in seeds), 0, options)
+        self._tls = connection_options.pop("connection_class", Connection) is SSLConnection
+        connection_options.setdefault("client_name", f"echoserver:{os.getpid()}")
+        self._connection_options = connection_options
         self._known: list[tuple[str, int]] = list(seeds)  # seeds, then every node seen
         self.presence = ClusterPresence(
-            self._command, prefix=prefix, process_id=self.process_id, ttl=presence_ttl
+            self._command,
+            prefix=options.prefix,
+            process_id=self.process_id,
+            ttl=options.presence_ttl,
         )
         # One client for the broker's life: its first discovery also reads the server's
         # command table (tens of ms), later ones only the topology.
-        self._client = self._new_client(options)  # a bad URL option fails here
+        self._client = self._new_client(connection_options)  # a bad URL option fails here
         self._discovered = False
         self._shards: dict[str, _Shard] = {}
         self._reshaped = asyncio.Event()
@@ -314,7 +300,7 @@ class RedisClusterBroker(PipelinedRedisBroker):
             host=node.host,
             port=node.port,
             **{
-                **self._options,
+                **self._connection_options,
                 "protocol": 2,
                 "socket_timeout": None,
                 "socket_connect_timeout": self._op_timeout,

@@ -21,6 +21,7 @@ import os
 import socket
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from redis.exceptions import RedisError
@@ -37,6 +38,18 @@ RESTORE_PASSES = 10
 Queued = tuple[tuple[Any, ...], asyncio.Future[Any]]
 
 
+@dataclass(frozen=True)
+class RedisOptions:
+    """How a Redis broker is tuned, on one server or a cluster alike."""
+
+    history: int = 0  # messages kept per channel for recovery
+    history_ttl: float = 0.0  # seconds a kept message lives (0 = no age limit)
+    prefix: str = "echoserver"  # of every key and pub/sub channel name
+    presence_ttl: float = 10.0  # seconds a process's presence outlives its last refresh
+    op_timeout: float = 3.0  # seconds for one command or connection attempt
+    backoff_cap: float = 3.0  # seconds, the longest wait between reconnection attempts
+
+
 class PipelinedRedisBroker(Broker):
     """A broker whose commands go to Redis through one queue of pipelined batches."""
 
@@ -49,26 +62,17 @@ class PipelinedRedisBroker(Broker):
     PUBLISH_SHA: ClassVar[bytes]
     BACKLOG_SHA: ClassVar[bytes]
 
-    def __init__(
-        self,
-        where: str,
-        keys: KeyNames,
-        *,
-        history: int,
-        history_ttl: float,
-        presence_ttl: float,
-        op_timeout: float,
-        backoff_cap: float,
-    ) -> None:
+    def __init__(self, where: str, db: int, options: RedisOptions) -> None:
         self.where = where
         # Unique across hosts and restarts: this process's entries in presence.
         self.process_id = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
-        self.history_size = history
-        self.history_ttl = history_ttl
-        self._keys = keys
-        self._presence_ttl = presence_ttl
-        self._op_timeout = op_timeout
-        self._backoff_cap = backoff_cap
+        self.history_size = options.history
+        self.history_ttl = options.history_ttl
+        # Pub/sub ignores the database number, so it is part of the channel name.
+        self._keys = KeyNames(options.prefix, f"{options.prefix}:{db}:ch:")
+        self._presence_ttl = options.presence_ttl
+        self._op_timeout = options.op_timeout
+        self._backoff_cap = options.backoff_cap
 
         self._on_envelope: OnEnvelope | None = None
         self._channels: set[str] = set()  # what this process wants to receive
