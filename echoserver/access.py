@@ -18,8 +18,8 @@ access_log = logging.getLogger("echoserver.access")
 
 
 class RequestRecord:
-    """What an access line needs of a request, kept for a connection's lifetime instead
-    of the request itself (its headers, arguments and strings are ~2 KB a connection)."""
+    """What an access line needs of a request. A WebSocket connection keeps this for its
+    lifetime instead of the request itself (its headers, arguments and strings are ~2 KB)."""
 
     __slots__ = ("method", "origin", "path", "remote_ip", "started")
 
@@ -43,21 +43,21 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
         return  # logged when the connection closes, with its close code
     # Probes and scrapes come every few seconds: only worth a line when they fail.
     quiet = getattr(handler, "quiet_when_ok", False) and status < 500
-    write_access_line(handler.request, status, level=logging.DEBUG if quiet else None)
+    record = RequestRecord(handler.request)
+    write_access_line(record, status, level=logging.DEBUG if quiet else None)
 
 
 def write_access_line(
-    request: tornado.httputil.HTTPServerRequest | RequestRecord,
+    request: RequestRecord,
     status: int,
     close: int | None = None,
     level: int | None = None,
 ) -> None:
-    origin = request.origin if isinstance(request, RequestRecord) else request.headers.get("Origin")
     fields: dict[str, Any] = {
         "peer": request.remote_ip,
         "method": request.method,
         "path": request.path,
-        "origin": origin,
+        "origin": request.origin,
         "status": status,
         "duration": round(request.request_time(), 6),
     }

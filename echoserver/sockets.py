@@ -228,7 +228,7 @@ class BaseSocket(AdmittedHandler):
         server.connections.discard(self)
         server.metrics.closes[code] += 1
         if server.config.log.access:
-            write_access_line(self.record or self.request, 101, close=code)
+            write_access_line(self.record or RequestRecord(self.request), 101, close=code)
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Close the connection (the server's drain, a lost broadcast)."""
