@@ -39,7 +39,13 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from echoserver.brokers.redis_presence import COUNT_SCRIPT, RedisPresence
-from echoserver.brokers.redis_queue import PipelinedRedisBroker, Queued, RedisOptions, log
+from echoserver.brokers.redis_queue import (
+    PipelinedRedisBroker,
+    Queued,
+    RedisOptions,
+    SubscriberLink,
+    log,
+)
 from echoserver.brokers.redis_wire import (
     BACKLOG_SCRIPT,
     decode,
@@ -61,6 +67,7 @@ class RedisBroker(PipelinedRedisBroker):
 
     SUBSCRIBE = "SUBSCRIBE"
     UNSUBSCRIBE = "UNSUBSCRIBE"
+    PUSHED = (b"message", b"subscribe", b"unsubscribe")
     SCRIPTS = _SCRIPTS
     PUBLISH_SHA, BACKLOG_SHA = list(_SCRIPTS)[:2]
 
@@ -92,11 +99,9 @@ class RedisBroker(PipelinedRedisBroker):
             process_id=self.process_id,
             heartbeat_prefix=heartbeat_prefix,
         )
-        self._sub: AbstractConnection | None = None
+        self._sub: SubscriberLink | None = None
         self._cmd: AbstractConnection | None = None
         self._session: list[AbstractConnection] = []  # what _close_session disconnects
-        self._sub_lock = asyncio.Lock()
-        self._pong = asyncio.Event()
 
     def _farewell(self) -> list[tuple[Any, ...]]:
         return [("DEL", self._heartbeat_key), *self.presence.removal()]
@@ -154,32 +159,13 @@ class RedisBroker(PipelinedRedisBroker):
         waiters = self._waiters_for(channels) if command == self.SUBSCRIBE else []
         names = [self._keys.pubsub(channel) for channel in channels]
         try:
-            async with self._sub_lock:
-                await sub.send_packed_command(sub.pack_command(command, *names), check_health=False)
+            await sub.send((command, *names))
             if waiters:
                 await asyncio.wait_for(asyncio.gather(*waiters), self._op_timeout)
         except (RedisError, OSError, asyncio.TimeoutError) as error:
             if strict:
                 raise
             log.debug("%s %s: %s", command, channels, error)
-
-    async def _read_messages(self, sub: AbstractConnection) -> None:
-        read = sub.read_response
-        names = self._names
-        while True:
-            reply = await read(disable_decoding=True)
-            if type(reply) is list:
-                kind = reply[0]
-                if kind == b"message":
-                    channel = names.get(reply[1])
-                    if channel is not None and self._on_envelope is not None:
-                        self._deliver(channel, reply[2])
-                elif kind == b"subscribe":
-                    self._confirmed(reply[1])
-                elif kind == b"pong":
-                    self._pong.set()
-            elif reply == b"PONG":  # a PING while subscribed to nothing
-                self._pong.set()
 
     # -- liveness ---------------------------------------------------------------------
 
@@ -196,13 +182,7 @@ class RedisBroker(PipelinedRedisBroker):
             sub = self._sub
             if sub is None:
                 return
-            self._pong.clear()
-            async with self._sub_lock:
-                await sub.send_packed_command(sub.pack_command("PING"), check_health=False)
-            try:
-                await asyncio.wait_for(self._pong.wait(), self._op_timeout)
-            except asyncio.TimeoutError:
-                raise ConnectionError("no reply to PING on the subscriber connection") from None
+            await sub.ping(self._op_timeout)
 
     # -- connecting -------------------------------------------------------------------
 
@@ -219,8 +199,8 @@ class RedisBroker(PipelinedRedisBroker):
         await asyncio.wait_for(
             self._call(cmd, "SET", self._heartbeat_key, b"1", "PX", ttl_ms), timeout
         )
-        self._sub = sub
-        tasks.append(asyncio.ensure_future(self._read_messages(sub)))
+        self._sub = SubscriberLink(self.where, sub)
+        tasks.append(asyncio.ensure_future(self._read_messages(self._sub)))
         # Everything this process had in Redis may be gone (a restarted server).
         self.presence.lost()
         await self._restore()

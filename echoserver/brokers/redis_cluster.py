@@ -47,7 +47,13 @@ from echoserver.brokers.redis_cluster_presence import (
     SET_SCRIPT,
     ClusterPresence,
 )
-from echoserver.brokers.redis_queue import PipelinedRedisBroker, Queued, RedisOptions, log
+from echoserver.brokers.redis_queue import (
+    PipelinedRedisBroker,
+    Queued,
+    RedisOptions,
+    SubscriberLink,
+    log,
+)
 from echoserver.brokers.redis_wire import BACKLOG_SCRIPT, publish_script, sha1
 from echoserver.config import split_cluster_url
 
@@ -69,14 +75,11 @@ def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
     return seeds, options
 
 
-class _Shard:
+class _Shard(SubscriberLink):
     """One primary's subscriber connection."""
 
     def __init__(self, name: str, connection: AbstractConnection) -> None:
-        self.name = name
-        self.connection = connection
-        self.lock = asyncio.Lock()
-        self.pong = asyncio.Event()
+        super().__init__(name, connection)
         # Our own SUNSUBSCRIBEs not yet confirmed, per name: any other confirmation is
         # Redis dropping a subscription because the slot moved.
         self.unsubscribing: dict[bytes, int] = {}
@@ -88,6 +91,7 @@ class RedisClusterBroker(PipelinedRedisBroker):
     presence: ClusterPresence
     SUBSCRIBE = "SSUBSCRIBE"
     UNSUBSCRIBE = "SUNSUBSCRIBE"
+    PUSHED = (b"smessage", b"ssubscribe", b"sunsubscribe")
     SCRIPTS = _SCRIPTS
     PUBLISH_SHA, BACKLOG_SHA = list(_SCRIPTS)[:2]
 
@@ -208,10 +212,7 @@ class RedisClusterBroker(PipelinedRedisBroker):
                         key = name.encode()
                         shard.unsubscribing[key] = shard.unsubscribing.get(key, 0) + 1
                 # One command per channel: the channels of one command must share a slot.
-                connection = shard.connection
-                packed = connection.pack_commands([(command, name) for name in names])
-                async with shard.lock:
-                    await connection.send_packed_command(packed, check_health=False)
+                await shard.send(*[(command, name) for name in names])
             if waiters:
                 await asyncio.wait_for(asyncio.gather(*waiters), self._op_timeout)
         except (RedisError, OSError, asyncio.TimeoutError) as error:
@@ -219,31 +220,15 @@ class RedisClusterBroker(PipelinedRedisBroker):
                 raise
             log.debug("%s %s: %s", command, channels, error)
 
-    async def _read_messages(self, shard: _Shard) -> None:
-        read = shard.connection.read_response
-        names = self._names
-        while True:
-            reply = await read(disable_decoding=True)
-            if type(reply) is list:
-                kind = reply[0]
-                if kind == b"smessage":
-                    channel = names.get(reply[1])
-                    if channel is not None and self._on_envelope is not None:
-                        self._deliver(channel, reply[2])
-                elif kind == b"ssubscribe":
-                    self._confirmed(reply[1])
-                elif kind == b"sunsubscribe":
-                    pending = shard.unsubscribing.get(reply[1], 0)
-                    if pending > 1:
-                        shard.unsubscribing[reply[1]] = pending - 1
-                    elif pending:
-                        del shard.unsubscribing[reply[1]]
-                    elif reply[1] in names:
-                        raise ConnectionError(f"{shard.name} gave up {reply[1]!r}: its slot moved")
-                elif kind == b"pong":
-                    shard.pong.set()
-            elif reply == b"PONG":  # a PING while subscribed to nothing
-                shard.pong.set()
+    def _unsubscribed(self, link: SubscriberLink, name: bytes) -> None:
+        assert isinstance(link, _Shard)
+        pending = link.unsubscribing.get(name, 0)
+        if pending > 1:
+            link.unsubscribing[name] = pending - 1
+        elif pending:
+            del link.unsubscribing[name]
+        elif name in self._names:
+            raise ConnectionError(f"{link.name} gave up {name!r}: its slot moved")
 
     # -- liveness ---------------------------------------------------------------------
 
@@ -256,19 +241,8 @@ class RedisClusterBroker(PipelinedRedisBroker):
             refresh = [self._command(*command) for command in self.presence.refresh()]
             if refresh:
                 await asyncio.wait_for(asyncio.gather(*refresh), self._op_timeout)
-            await asyncio.gather(*(self._ping(shard) for shard in self._shards.values()))
-
-    async def _ping(self, shard: _Shard) -> None:
-        shard.pong.clear()
-        connection = shard.connection
-        async with shard.lock:
-            await connection.send_packed_command(
-                connection.pack_command("PING"), check_health=False
-            )
-        try:
-            await asyncio.wait_for(shard.pong.wait(), self._op_timeout)
-        except asyncio.TimeoutError:
-            raise ConnectionError(f"no reply to PING from {shard.name}") from None
+            timeout = self._op_timeout
+            await asyncio.gather(*(shard.ping(timeout) for shard in self._shards.values()))
 
     async def _watch_shape(self) -> None:
         """Ends the connection once a channel's primary is not among the connected ones."""

@@ -24,6 +24,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import RedisError
 
 from echoserver.brokers.base import Backlog, Broker, BrokerUnavailable, Envelope, OnEnvelope
@@ -50,6 +51,31 @@ class RedisOptions:
     backoff_cap: float = 3.0  # seconds, the longest wait between reconnection attempts
 
 
+class SubscriberLink:
+    """A connection in pub/sub mode: one writer at a time; its reader (the broker's
+    `_read_messages`) sets `pong` when a PING is answered."""
+
+    def __init__(self, name: str, connection: AbstractConnection) -> None:
+        self.name = name
+        self.connection = connection
+        self.lock = asyncio.Lock()
+        self.pong = asyncio.Event()
+
+    async def send(self, *commands: tuple[Any, ...]) -> None:
+        packed = self.connection.pack_commands(commands)
+        async with self.lock:
+            await self.connection.send_packed_command(packed, check_health=False)
+
+    async def ping(self, timeout: float) -> None:
+        """Raise ConnectionError unless the reader sees the answer within `timeout`."""
+        self.pong.clear()
+        await self.send(("PING",))
+        try:
+            await asyncio.wait_for(self.pong.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise ConnectionError(f"no reply to PING from {self.name}") from None
+
+
 class PipelinedRedisBroker(Broker):
     """A broker whose commands go to Redis through one queue of pipelined batches."""
 
@@ -58,6 +84,9 @@ class PipelinedRedisBroker(Broker):
     # SHA1, which every connection loads before use; the publish and backlog ones' SHA1s.
     SUBSCRIBE: ClassVar[str]
     UNSUBSCRIBE: ClassVar[str]
+    # The kinds of pub/sub push a subscriber connection reads: a message, a subscription
+    # confirmed, one ended.
+    PUSHED: ClassVar[tuple[bytes, bytes, bytes]]
     SCRIPTS: ClassVar[dict[bytes, bytes]]
     PUBLISH_SHA: ClassVar[bytes]
     BACKLOG_SHA: ClassVar[bytes]
@@ -287,6 +316,31 @@ class PipelinedRedisBroker(Broker):
                 del self._sub_waiters[channel]
             if not waiter.done():
                 waiter.set_result(None)
+
+    def _unsubscribed(self, link: SubscriberLink, name: bytes) -> None:
+        """Redis says the link no longer receives this pub/sub name."""
+
+    async def _read_messages(self, link: SubscriberLink) -> None:
+        """Deliver what arrives on a subscriber connection until it fails."""
+        read = link.connection.read_response
+        names = self._names
+        message, subscribed, unsubscribed = self.PUSHED
+        while True:
+            reply = await read(disable_decoding=True)
+            if type(reply) is list:
+                kind = reply[0]
+                if kind == message:
+                    channel = names.get(reply[1])
+                    if channel is not None and self._on_envelope is not None:
+                        self._deliver(channel, reply[2])
+                elif kind == subscribed:
+                    self._confirmed(reply[1])
+                elif kind == unsubscribed:
+                    self._unsubscribed(link, reply[1])
+                elif kind == b"pong":
+                    link.pong.set()
+            elif reply == b"PONG":  # a PING while subscribed to nothing
+                link.pong.set()
 
     def _deliver(self, channel: str, message: bytes) -> None:
         try:
