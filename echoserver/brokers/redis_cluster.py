@@ -126,6 +126,19 @@ class RedisClusterBroker(PipelinedRedisBroker):
         """Send a batch and settle its futures. A topology error ends the connection."""
         client: RedisCluster = target
         results = await self._pipeline(client, [args for args, _ in batch])
+        noscript, reshaped = self._settle(batch, results)
+        if noscript:
+            again = self._as_eval(noscript)
+            _, failed = self._settle(again, await self._pipeline(client, [a for a, _ in again]))
+            reshaped = reshaped or failed
+        if reshaped is not None:
+            raise reshaped
+
+    def _settle(
+        self, batch: list[Queued], results: list[Any]
+    ) -> tuple[list[Queued], Exception | None]:
+        """Give each future its reply or error. Returns the commands refused with NOSCRIPT
+        (left pending) and the error that ends the connection, if one did."""
         noscript = []
         reshaped: Exception | None = None
         for (args, future), result in zip(batch, results, strict=True):
@@ -135,16 +148,7 @@ class RedisClusterBroker(PipelinedRedisBroker):
                 reshaped = self._refused(future, result) or reshaped
             elif not future.done():
                 future.set_result(result)
-        if noscript:
-            again = self._as_eval(noscript)
-            results = await self._pipeline(client, [args for args, _ in again])
-            for (_, future), result in zip(again, results, strict=True):
-                if isinstance(result, Exception):
-                    reshaped = self._refused(future, result) or reshaped
-                elif not future.done():
-                    future.set_result(result)
-        if reshaped is not None:
-            raise reshaped
+        return noscript, reshaped
 
     async def _pipeline(self, client: RedisCluster, commands: list[tuple[Any, ...]]) -> list[Any]:
         """One reply or error per command. The client keeps each primary's commands in
