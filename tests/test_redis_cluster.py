@@ -33,7 +33,7 @@ __all__ = ["clean_redis_cluster", "own_redis_cluster", "redis_cluster", "tls_red
 
 pytestmark = pytest.mark.redis
 
-NAMES = KeyNames("echoserver", "echoserver:0:ch:")
+NAMES = KeyNames("echoserver", 0)
 
 
 async def started(url: str, **options: Any) -> tuple[RedisClusterBroker, Recorder]:

@@ -97,8 +97,7 @@ class PipelinedRedisBroker(Broker):
         self.process_id = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
         self.history_size = options.history
         self.history_ttl = options.history_ttl
-        # Pub/sub ignores the database number, so it is part of the channel name.
-        self._keys = KeyNames(options.prefix, f"{options.prefix}:{db}:ch:")
+        self._keys = KeyNames(options.prefix, db)
         self._presence_ttl = options.presence_ttl
         self._op_timeout = options.op_timeout
         self._backoff_cap = options.backoff_cap

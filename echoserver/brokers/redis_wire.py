@@ -120,11 +120,13 @@ def read_backlog(channel: str, reply: Any, ttl_ms: int) -> Backlog:
 
 
 class KeyNames:
-    """A channel's (pub/sub name, seq key, history key), all hash-tagged with {channel}."""
+    """A channel's (pub/sub name, seq key, history key), all hash-tagged with {channel}.
 
-    def __init__(self, prefix: str, pubsub_prefix: str) -> None:
+    Pub/sub ignores the database number, so it is part of the pub/sub name."""
+
+    def __init__(self, prefix: str, db: int) -> None:
         self.prefix = prefix
-        self.pubsub_prefix = pubsub_prefix
+        self.pubsub_prefix = f"{prefix}:{db}:ch:"
         self._cache: dict[str, tuple[str, str, str]] = {}
 
     def __call__(self, channel: str) -> tuple[str, str, str]:
