@@ -98,12 +98,7 @@ class Echoserver:
         return self.proc.poll() is not None
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        common.stop_process(self.proc, 20)
 
 
 # ------------------------------------------------------------------------- load client

@@ -169,12 +169,7 @@ def one_run(name: str, scenario: str, args: argparse.Namespace, cert: tuple[str,
         result["cpu_us"] = (cpu[1] - cpu[0]) / (rate * args.duration) * 1e6 if rate else None
         return result
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        common.stop_process(proc, 5)
 
 
 def main() -> None:

@@ -18,7 +18,6 @@ import resource
 import selectors
 import shlex
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -228,14 +227,8 @@ class Server:
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM, then SIGKILL if it has not exited within `timeout` seconds."""
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        if self.proc is not None:
+            stop_process(self.proc, timeout)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -854,12 +847,19 @@ def redis_server(directory: str) -> Iterator[tuple[str, int]]:
             time.sleep(0.05)
         yield f"redis://{HOST}:{port}/0", proc.pid
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc, 10)
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
 
 
 def redis_ping(port: int) -> bool:
