@@ -19,6 +19,7 @@ _SECTION_TITLES = {
     "api": "[api]",
     "tls": "[tls]",
     "log": "[log]",
+    "limits": "[limits]",
 }
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "BroadcastSettings",
     "ConfigError",
     "Key",
+    "LimitsSettings",
     "LogSettings",
     "Rule",
     "Settings",
@@ -70,6 +71,8 @@ class WebSocketSettings:
     allowed_origins: tuple[str, ...] = ()
     auth_token: str = ""
     rate_limit: float = 0.0
+    max_connections_per_ip: int = 0
+    allowed_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -79,12 +82,21 @@ class BroadcastSettings:
     slow_client: str = "drop"
     history: int = 0
     history_ttl: float = 0.0
+    history_bytes: int = 1048576
+    history_total_bytes: int = 67108864
     broker: str = "memory"
+    publish_timeout: float = 5.0
 
 
 @dataclass(frozen=True)
 class APISettings:
     key: str = ""
+    protect_reads: bool = False
+
+
+@dataclass(frozen=True)
+class LimitsSettings:
+    request_timeout: float = 20.0
 
 
 @dataclass(frozen=True)
@@ -115,6 +127,7 @@ class Settings:
     api: APISettings = field(default_factory=APISettings)
     tls: TLSSettings = field(default_factory=TLSSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
 
 
 # Section name -> its dataclass; "" is the top level. Order is the order of to_toml().
@@ -125,9 +138,10 @@ SECTIONS: dict[str, type] = {
     "api": APISettings,
     "tls": TLSSettings,
     "log": LogSettings,
+    "limits": LimitsSettings,
 }
 # Sections whose flags carry no section prefix (--path, --broker rather than --websocket-path).
-_UNPREFIXED_FLAG_SECTIONS = ("", "websocket", "broadcast")
+_UNPREFIXED_FLAG_SECTIONS = ("", "websocket", "broadcast", "limits")
 
 
 class ConfigError(Exception):
@@ -251,6 +265,28 @@ _ORIGINS = Rule(
     'a list of exact origins in lower case like "https://app.example:8443" '
     '(no path, no trailing "/"), or ["*"] for any origin, or [] for same host only',
     _check_origins,
+)
+
+_HOSTNAME_RE = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9_.-]+)(:[0-9]{1,5})?")
+
+
+def _check_hosts(v: tuple[str, ...]) -> str | None:
+    if v == ("*",):
+        return None
+    for item in v:
+        if item == "*":
+            return '"*" must be the only item'
+        if not _HOSTNAME_RE.fullmatch(item):
+            return f"bad item {format_value(item)}"
+    return None
+
+
+_HOSTS = Rule(
+    'a list of host names in lower case as clients send them in Host, like "chat.example" '
+    '(any port) or "chat.example:8443" (that port only), IPv6 in brackets; ["*"] for any; '
+    "[] for the default (on a loopback address: localhost, 127.0.0.1, [::1] and host; "
+    "elsewhere any)",
+    _check_hosts,
 )
 
 # What to_toml() prints for a secret. The token rule refuses it (it has spaces), so a
@@ -531,6 +567,20 @@ KEYS: tuple[Key, ...] = (
         _number(0),
     ),
     _key(
+        "websocket.max_connections_per_ip",
+        "Most connections one client address may hold at once per process: WebSocket, SSE "
+        "and HTTP requests in flight together; more get HTTP 503. 0 = no per-address limit "
+        "(the default: behind a proxy every client shares its address).",
+        _int_range(0),
+    ),
+    _key(
+        "websocket.allowed_hosts",
+        "Host header values the server answers (DNS rebinding); others get HTTP 403. "
+        "[] = on a loopback address only localhost, 127.0.0.1, [::1] and host; elsewhere "
+        'any. ["*"] = any.',
+        _HOSTS,
+    ),
+    _key(
         "broadcast.include_sender",
         "Deliver broadcast messages back to their sender too.",
         _BOOL,
@@ -559,10 +609,28 @@ KEYS: tuple[Key, ...] = (
         _number(0),
     ),
     _key(
+        "broadcast.history_bytes",
+        "Bytes of kept history per channel (>= 1024): the oldest messages go first past it, "
+        "whatever history allows.",
+        _int_range(1024),
+    ),
+    _key(
+        "broadcast.history_total_bytes",
+        "Bytes of kept history per process with the memory broker, all channels together "
+        "(>= 1024): the oldest messages go first past it.",
+        _int_range(1024),
+    ),
+    _key(
         "broadcast.broker",
         'Message broker: "memory" (one process), a redis://, rediss://, unix:// URL, or a '
         "Redis Cluster: redis-cluster://host:port[,host:port...] (rediss-cluster:// for TLS).",
         _BROKER,
+    ),
+    _key(
+        "broadcast.publish_timeout",
+        "Seconds a message waits for an unreachable broker to come back before its sender "
+        "is told it was not delivered (> 0).",
+        _number(0, exclusive=True),
     ),
     _key(
         "api.key",
@@ -570,6 +638,12 @@ KEYS: tuple[Key, ...] = (
         '/api/channels/<channel>/messages; "" = the publish API is off (404).',
         _API_KEY,
         secret=True,
+    ),
+    _key(
+        "api.protect_reads",
+        "Require Authorization: Bearer <api.key> on /metrics and GET /api/channels/... too "
+        "(needs api.key).",
+        _BOOL,
     ),
     _key(
         "tls.certfile",
@@ -597,6 +671,12 @@ KEYS: tuple[Key, ...] = (
         _choice("text", "json"),
     ),
     _key("log.access", "Log one access line per WebSocket handshake.", _BOOL),
+    _key(
+        "limits.request_timeout",
+        "Seconds a client has to send a whole HTTP request, headers and body (> 0); "
+        "slower ones are closed.",
+        _number(0, exclusive=True),
+    ),
 )
 
 _BY_NAME: dict[str, Key] = {k.name: k for k in KEYS}
@@ -893,6 +973,14 @@ def _validate(merged: _Layer) -> None:
             "websocket.ping_timeout",
             f"must be a number > 0 and <= websocket.ping_interval "
             f"({_show(None, interval)} from {interval_src})",
+        )
+
+    protect, _ = merged["api.protect_reads"]
+    api_key, api_key_src = merged["api.key"]
+    if protect and not api_key:
+        raise bad(
+            "api.protect_reads",
+            f'needs api.key, which is "" (from {api_key_src}); set a key or leave this false',
         )
 
     processes, _ = merged["processes"]

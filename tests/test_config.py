@@ -708,6 +708,27 @@ def test_default_ping_timeout_follows_a_lower_ping_interval(tmp_path: Path) -> N
 # --- to_toml --------------------------------------------------------------------------
 
 
+def test_protect_reads_needs_an_api_key() -> None:
+    with pytest.raises(ConfigError, match=r"^api.protect_reads = true \(from flag"):
+        load(env={}, flags={"api.protect_reads": True})
+    settings = load(env={}, flags={"api.protect_reads": True, "api.key": "k"})
+    assert settings.api.protect_reads
+
+
+@pytest.mark.parametrize("hosts", [("*", "a"), ("Upper.example",), ("a b",), ("x/y",)])
+def test_allowed_hosts_refuses_bad_items(hosts: tuple[str, ...]) -> None:
+    with pytest.raises(ConfigError, match=r"^websocket.allowed_hosts = "):
+        load(env={}, flags={"websocket.allowed_hosts": list(hosts)})
+
+
+def test_allowed_hosts_takes_names_ports_and_brackets() -> None:
+    hosts = ("chat.example", "chat.example:8443", "[::1]:8888", "10.0.0.5")
+    assert (
+        load(env={}, flags={"websocket.allowed_hosts": list(hosts)}).websocket.allowed_hosts
+        == hosts
+    )
+
+
 def test_to_toml_round_trips_defaults(tmp_path: Path) -> None:
     text = to_toml(Settings())
     assert set(tomllib.loads(text)) == {k.name for k in KEYS if "." not in k.name} | {
@@ -716,6 +737,7 @@ def test_to_toml_round_trips_defaults(tmp_path: Path) -> None:
         "api",
         "tls",
         "log",
+        "limits",
     }
     assert load(config_path=write(tmp_path, text), env={}) == Settings()
 
