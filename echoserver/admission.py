@@ -63,12 +63,26 @@ class AdmittedHandler(tornado.web.RequestHandler):
             return Refusal(503, "draining", "server is shutting down")
         if ws.auth_token and not self._token_ok(ws.auth_token):
             return Refusal(401, "auth", "missing or wrong token")
-        if ws.max_connections and len(server.connections) + reserved >= ws.max_connections:
+        if ws.max_connections and self._full(reserved):
             return Refusal(503, "full", "server is full")
         origin = request_origin(self.request.headers.get)
         if not origin_allowed(origin, server.allowed_origins, self.request.host):
             return Refusal(403, "origin", f"origin {origin!r} not allowed")
         return None
+
+    def _full(self, reserved: int) -> bool:
+        """Whether the others already fill max_connections: the streams and the older
+        connections in HTTP when the server holds this one's slot (occupancy.py), else
+        the open connections and the `reserved`."""
+        server = self.server
+        occupancy = server.occupancy
+        if occupancy.holds(self.stream_key()):
+            return occupancy.stream_refused(self.stream_key())
+        return len(server.connections) + reserved >= server.config.websocket.max_connections
+
+    def stream_key(self) -> object:
+        """What the connection's slot is filed under: its stream."""
+        return getattr(self.request.connection, "stream", None)
 
     def _token_ok(self, expected: str) -> bool:
         given = bearer_token(self.request.headers.get("Authorization"))

@@ -23,6 +23,7 @@ from echoserver.config import Settings
 from echoserver.handshake import normalise_origin
 from echoserver.hub import Hub
 from echoserver.metrics import Metrics
+from echoserver.occupancy import Occupancy
 from echoserver.scheduling import Flusher, Keepalive
 from echoserver.sockets import SOCKETS, BaseSocket
 from echoserver.sse import EventStream
@@ -52,6 +53,8 @@ class EchoServerApp(tornado.web.Application):
         )
         self.draining = False
         self.handshakes = 0  # WebSocket handshakes under way, not yet open
+        self.occupancy = Occupancy(ws.max_connections, ws.max_connections_per_ip)
+        self.metrics.held_connections = lambda: self.occupancy.total
         self.started = time.monotonic()
         self._tasks: set[asyncio.Task[Any]] = set()
         page = static_dir(config)

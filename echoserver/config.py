@@ -545,8 +545,10 @@ KEYS: tuple[Key, ...] = (
     ),
     _key(
         "websocket.max_connections",
-        "Most concurrent WebSocket clients per process; more get HTTP 503 at the handshake. "
-        "0 = unlimited.",
+        "Most connections per process: WebSocket, SSE and connections still in HTTP "
+        "(a request not yet answered) together; a WebSocket or SSE past it gets HTTP 503, "
+        "and a few more (8) are let in for plain HTTP only, so /healthz still answers, "
+        "past which a new connection gets 503 at accept. 0 = unlimited.",
         _int_range(0),
     ),
     _key(
@@ -673,8 +675,9 @@ KEYS: tuple[Key, ...] = (
     _key("log.access", "Log one access line per WebSocket handshake.", _BOOL),
     _key(
         "limits.request_timeout",
-        "Seconds a client has to send a whole HTTP request, headers and body (> 0); "
-        "slower ones are closed.",
+        "Seconds a client has to send a whole HTTP request, headers and body (> 0), from "
+        "its connection's accept or the end of its previous request; slower ones are "
+        "closed (408 if the headers were not all in). Default 20.",
         _number(0, exclusive=True),
     ),
 )

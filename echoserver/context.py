@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from echoserver.config import Settings
 from echoserver.hub import Hub
 from echoserver.metrics import Metrics
+from echoserver.occupancy import Occupancy
 from echoserver.scheduling import Flusher, Keepalive
 
 
@@ -23,6 +24,9 @@ class ServerContext(Protocol):
     connections: set[Any]  # the open WebSocket endpoints (sockets.BaseSocket)
     draining: bool  # SIGTERM received: refuse new clients, close the rest with 1001
     handshakes: int  # WebSocket handshakes under way, counted against max_connections
+    # Every accepted connection's slot (when served by intake.FrontDoor; an embedding
+    # app's own HTTPServer fills none, and len(connections) + handshakes counts instead).
+    occupancy: Occupancy
     flusher: Flusher
     keepalive: Keepalive
     allowed_origins: frozenset[str]  # normalised websocket.allowed_origins

@@ -45,6 +45,11 @@ class Metrics(Collector):
         self.handshakes_refused: Counter[str] = Counter()
         self.closes: Counter[int] = Counter()
         self.api_requests: Counter[int] = Counter()  # publish API requests, by status
+        self.connections_refused: Counter[str] = Counter()  # at accept, by reason
+        self.accept_errors: Counter[str] = Counter()  # failed accept() calls, by errno name
+        self.request_timeouts = 0  # connections closed past limits.request_timeout
+        # Connections holding a slot (occupancy.py); the Application sets it.
+        self.held_connections: Callable[[], int] = lambda: 0
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(self)
 
@@ -58,12 +63,24 @@ class Metrics(Collector):
         for (mode, channel), count in sorted(self._open_connections().items()):
             connections.add_metric([mode, channel], count)
         yield connections
+        yield GaugeMetricFamily(
+            "echoserver_connections_held",
+            "Connections this process holds, counted against websocket.max_connections: "
+            "WebSocket, SSE and connections still in HTTP.",
+            value=self.held_connections(),
+        )
         channels = sorted(self._channel_stats().items())
         deliveries = sum(stats.deliveries for _, stats in channels)
         delivered_bytes = sum(stats.delivered_bytes for _, stats in channels)
         for name, doc, value in (
             ("echoserver_messages_received", "Messages received from clients.", self.messages_in),
             ("echoserver_received_bytes", "Payload bytes received from clients.", self.bytes_in),
+            (
+                "echoserver_request_timeouts",
+                "Connections closed because a request (headers and body) did not arrive "
+                "within limits.request_timeout.",
+                self.request_timeouts,
+            ),
             (
                 "echoserver_messages_sent",
                 "Messages queued to clients (replies and broadcast deliveries).",
@@ -109,6 +126,21 @@ class Metrics(Collector):
                 "Closed WebSocket connections, by close code.",
                 "code",
                 self.closes,
+            ),
+            (
+                "echoserver_connections_refused",
+                "Connections answered 503 and closed at accept, by reason: full "
+                "(websocket.max_connections and its headroom), per_address "
+                "(websocket.max_connections_per_ip).",
+                "reason",
+                self.connections_refused,
+            ),
+            (
+                "echoserver_accept_errors",
+                "Failed accept() calls, by reason (emfile: out of file descriptors); each "
+                "pauses accepting for a moment.",
+                "reason",
+                self.accept_errors,
             ),
             (
                 "echoserver_api_publish_requests",

@@ -32,6 +32,7 @@ from echoserver.app import EchoServerApp, make_app
 from echoserver.brokers import create_broker
 from echoserver.config import Settings, describe
 from echoserver.framing import CloseCode
+from echoserver.intake import FrontDoor
 
 log = logging.getLogger("echoserver")
 
@@ -355,13 +356,16 @@ async def serve(
     broker = create_broker(settings.broadcast.broker)
     app = make_app(settings, broker)
     await app.hub.start()
-    server = tornado.httpserver.HTTPServer(
+    server = FrontDoor(
         app,
+        occupancy=app.occupancy,
+        metrics=app.metrics,
+        request_timeout=settings.limits.request_timeout,
         ssl_options=context,
         xheaders=False,
-        # Only the publish API takes a request body (it raises the cap for itself), and a
-        # client that dribbles its headers (or sits idle between requests) should not hold
-        # a descriptor for Tornado's default hour.
+        # Only the publish API takes a request body (it raises the cap for itself). A
+        # whole request must arrive within limits.request_timeout (FrontDoor's deadline);
+        # the idle timeout is Tornado's own bound on waiting for headers, kept above it.
         max_body_size=HTTP_MAX_BODY,
         idle_connection_timeout=HTTP_IDLE_TIMEOUT,
     )

@@ -30,6 +30,7 @@ from echoserver.handshake import (
 )
 from echoserver.hub import HubUnavailable, Replay
 from echoserver.messages import mixed_broadcast, mixed_payload
+from echoserver.occupancy import Slot
 from echoserver.protocol import ServerProtocol
 from echoserver.tornado_seam import forget_response
 
@@ -74,6 +75,7 @@ class BaseSocket(AdmittedHandler):
     record: RequestRecord | None = None  # the request, once the handshake is over
     close_code: int | None = None
     _reserved = False  # holds one of server.handshakes until the connection opens
+    _slot: Slot | None = None  # its place in server.occupancy (None: not served by ours)
     _upgrade_headers: list[tuple[str, str]] = NO_HEADERS  # the 101's, past the fixed ones
     _gone = False  # the client went away during the handshake
     _closed = False
@@ -88,6 +90,7 @@ class BaseSocket(AdmittedHandler):
         # Handshakes in flight count against max_connections, so a burst cannot overshoot.
         self.server.handshakes += 1
         self._reserved = True
+        self._slot = self.server.occupancy.begin_stream(self.stream_key())
         self.connection = connection = self._new_connection()
         try:
             await self.before_upgrade(channel or "default")
@@ -95,12 +98,17 @@ class BaseSocket(AdmittedHandler):
             log.exception("%s: the handshake could not complete", self.peer)
             if not self._gone:
                 self._release()
+                self.server.occupancy.end_stream(self._slot)  # the connection stays in HTTP
+                self._slot = None
                 self.refuse(Refusal(503, "unavailable", "try again later"))
             return
         if self._gone:
             return
         response = self._switching_protocols()
         stream = self.detach()
+        # The connection's slot moves from Tornado's HTTP side to this endpoint, which
+        # gives it back when the WebSocket closes: one slot from accept to close.
+        self.server.occupancy.take(stream)
         self._forget_http()
         await connection.run(stream, response)
 
@@ -225,6 +233,9 @@ class BaseSocket(AdmittedHandler):
         self.close_code = code
         server = self.server
         self._release()
+        if self._slot is not None:
+            self._slot.release()
+            self._slot = None
         server.connections.discard(self)
         server.metrics.closes[code] += 1
         if server.config.log.access:

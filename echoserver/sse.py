@@ -25,6 +25,7 @@ import re
 from echoserver.admission import AdmittedHandler, parse_offset
 from echoserver.handshake import Refusal
 from echoserver.hub import Delivery, Replay
+from echoserver.occupancy import Slot
 from echoserver.scheduling import Flusher
 from echoserver.tornado_seam import unsent_bytes
 
@@ -64,6 +65,7 @@ class EventStream(AdmittedHandler):
     _keepalive: asyncio.TimerHandle | None = None
     _done: asyncio.Future[None] | None = None
     _flusher: Flusher | None = None
+    _slot: Slot | None = None  # its place in server.occupancy, while a stream
 
     async def get(self, channel: str | None = None) -> None:
         refusal = self.policy_refusal()
@@ -91,11 +93,14 @@ class EventStream(AdmittedHandler):
         self.set_header("X-Accel-Buffering", "no")  # no buffering in a proxy in front
         self.write(b"retry: %d\n\n" % RETRY_MS)
         server.connections.add(self)
+        self._slot = server.occupancy.begin_stream(self.stream_key())
         try:
             await server.hub.join(self.channel, self, self._before_replay, since)
         except Exception:
             log.exception("%s: could not join %s", self.peer, self.channel)
             server.connections.discard(self)
+            server.occupancy.end_stream(self._slot)
+            self._slot = None
             self.send_error(503)
             return
         if self._ended:  # gone while joining
@@ -185,6 +190,9 @@ class EventStream(AdmittedHandler):
         if self._keepalive is not None:
             self._keepalive.cancel()
         self.server.connections.discard(self)
+        # Its connection's slot stays held (by Tornado's HTTP side) until it closes.
+        self.server.occupancy.end_stream(self._slot)
+        self._slot = None
         if self._done is not None and not self._done.done():
             self._done.set_result(None)
 

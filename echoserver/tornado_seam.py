@@ -11,10 +11,12 @@ Supported: the current Tornado release series and the one before it (see setup.c
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from typing import Any
 
 import tornado.iostream
+import tornado.tcpserver
 import tornado.web
 from tornado.util import _websocket_mask
 
@@ -40,6 +42,15 @@ def forget_response(handler: tornado.web.RequestHandler) -> None:
     handler._write_buffer = None  # type: ignore[assignment]
 
 
+def handle_connection(
+    server: tornado.tcpserver.TCPServer, connection: socket.socket, address: Any
+) -> None:
+    """Serve a socket the server's own accept loop accepted, as Tornado's would: wrapped
+    for TLS when the server has ssl_options (read per connection, so a reload applies),
+    in an IOStream, handed to server.handle_stream."""
+    server._handle_connection(connection, address)
+
+
 # (owner, attribute, the parameter names relied on, or None for an attribute that an
 # instance sets). tests/test_tornado_seam.py checks each against the installed Tornado.
 INTERNALS: list[tuple[Any, str, tuple[str, ...] | None]] = [
@@ -48,6 +59,7 @@ INTERNALS: list[tuple[Any, str, tuple[str, ...] | None]] = [
     (tornado.iostream.BaseIOStream, "_read_buffer_size", None),
     (tornado.iostream.BaseIOStream, "_total_write_index", None),
     (tornado.iostream.BaseIOStream, "_total_write_done_index", None),
+    (tornado.tcpserver.TCPServer, "_handle_connection", ("self", "connection", "address")),
     (tornado.web.RequestHandler, "_headers", None),
     (tornado.web.RequestHandler, "_write_buffer", None),
 ]
