@@ -29,10 +29,11 @@ HEADROOM = 8
 class Slot:
     """One accepted connection's place in the counts."""
 
-    __slots__ = ("_occupancy", "address", "held", "stream")
+    __slots__ = ("_occupancy", "address", "held", "key", "stream")
 
-    def __init__(self, occupancy: Occupancy, address: str) -> None:
+    def __init__(self, occupancy: Occupancy, key: Hashable, address: str) -> None:
         self._occupancy = occupancy
+        self.key = key
         self.address = address
         self.held = True
         self.stream = False  # a WebSocket or an event stream, open or being opened
@@ -53,6 +54,9 @@ class Occupancy:
         self.streams = 0  # slots that are streams
         self.by_address: dict[str, int] = {}
         self._in_http: dict[Hashable, Slot] = {}  # by stream, while Tornado's HTTP owns it
+        # The slots in _in_http that are not streams, in the order they were accepted: what
+        # stream_refused() walks, so thousands of open event streams do not slow a handshake.
+        self._plain: dict[Hashable, Slot] = {}
         # Called whenever a slot is given back (the accept loop resumes at once if it paused).
         self.on_release: Callable[[], None] | None = None
 
@@ -67,10 +71,11 @@ class Occupancy:
 
     def admit(self, key: Hashable, address: str) -> Slot:
         """A slot for a connection just accepted, held by the HTTP side under `key`."""
-        slot = Slot(self, address)
+        slot = Slot(self, key, address)
         self.total += 1
         self.by_address[address] = self.by_address.get(address, 0) + 1
         self._in_http[key] = slot
+        self._plain[key] = slot
         return slot
 
     def holds(self, key: Hashable) -> bool:
@@ -79,10 +84,12 @@ class Occupancy:
 
     def take(self, key: Hashable) -> Slot | None:
         """The WebSocket endpoint takes its connection's slot over from the HTTP side."""
+        self._plain.pop(key, None)
         return self._in_http.pop(key, None)
 
     def leave_http(self, key: Hashable) -> None:
         """The connection left Tornado's HTTP loop: its slot goes back unless taken."""
+        self._plain.pop(key, None)
         slot = self._in_http.pop(key, None)
         if slot is not None:
             slot.release()
@@ -93,11 +100,10 @@ class Occupancy:
         if not self.max_connections:
             return False
         older = 0
-        for other, slot in self._in_http.items():  # in the order they were accepted
+        for other in self._plain:  # in the order they were accepted
             if other is key:
                 break
-            if not slot.stream:
-                older += 1
+            older += 1
         return self.streams + older >= self.max_connections
 
     def begin_stream(self, key: Hashable) -> Slot | None:
@@ -106,6 +112,7 @@ class Occupancy:
         if slot is not None and not slot.stream:
             slot.stream = True
             self.streams += 1
+            self._plain.pop(key, None)
         return slot
 
     def end_stream(self, slot: Slot | None) -> None:
@@ -113,6 +120,8 @@ class Occupancy:
         if slot is not None and slot.stream and slot.held:
             slot.stream = False
             self.streams -= 1
+            if slot.key in self._in_http:  # back among the plain ones, as the newest
+                self._plain[slot.key] = slot
 
     def _give_back(self, slot: Slot) -> None:
         self.total -= 1
