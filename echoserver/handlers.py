@@ -20,9 +20,10 @@ from echoserver.handshake import bearer_token, token_matches
 from echoserver.hub import HubUnavailable
 from echoserver.messages import Refused, body_message
 from echoserver.metrics import CONTENT_TYPE_LATEST
+from echoserver.webbase import BaseHandler
 
 
-class JSONHandler(tornado.web.RequestHandler):
+class JSONHandler(BaseHandler):
     @property
     def server(self) -> ServerContext:
         return cast(ServerContext, self.application)
@@ -165,7 +166,7 @@ class PublishHandler(JSONHandler):
         self.server.metrics.api_requests[self.get_status()] += 1
 
 
-class MetricsHandler(tornado.web.RequestHandler):
+class MetricsHandler(BaseHandler):
     quiet_when_ok = True  # scrapes come every few seconds
 
     def get(self) -> None:
@@ -173,7 +174,7 @@ class MetricsHandler(tornado.web.RequestHandler):
         self.finish(cast(ServerContext, self.application).metrics.render())
 
 
-class PageHandler(tornado.web.StaticFileHandler):
+class PageHandler(BaseHandler, tornado.web.StaticFileHandler):
     """The page and its assets: revalidated by ETag on every load (a 304 when unchanged),
     so an upgraded server never leaves a browser on a stale page; a ?v= URL is cached for
     good (Tornado's versioned static URLs)."""

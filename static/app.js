@@ -427,7 +427,7 @@
       showHint("The server refused the connection for now (503: full or shutting down)." +
         (el.reconnect.checked && state.wanted ? " The page keeps retrying." : ""));
     } else if (status === 403) {
-      showHint("The server refused this page's origin (403): check its allowed origins.");
+      showHint("The server refused this page's origin or host name (403): check its allowed origins and allowed hosts.");
     } else {
       showHint("The connection failed before opening. Check the allowed origins and that the server is running.");
     }

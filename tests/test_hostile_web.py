@@ -1,0 +1,260 @@
+"""A hostile web: DNS rebinding (Host), origins by scheme and port, secrets in logs, forged
+access-log fields, odd static paths, the page's security headers and the API-key reads.
+
+The rules are tested as plain functions; the routes in-process (pytest-tornado's
+http_server, on the test loop) and through a real `python -m echoserver` subprocess (on
+the other loop), whose every log line is searched for the secrets.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import pytest
+from tornado.httpclient import HTTPRequest, HTTPResponse
+from tornado.websocket import websocket_connect
+
+from echoserver.handshake import origin_allowed
+from echoserver.hosts import HostPolicy, Throttle
+from tests.conftest import make_settings
+from tests.test_security import status_of
+
+TOKEN = "T0ken-for-the-clients.7f3a"
+API_KEY = "ApiKey-for-the-backend.91c2"
+WRONG = "Wr0ng-but-close-token.7f3b"  # a wrong guess is often a typo of the real one
+SECRETS = (TOKEN, API_KEY, WRONG)
+REBOUND = "attacker.example"
+
+
+# --- the rules, without I/O ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("listen", "allowed", "host", "ok"),
+    [
+        ("127.0.0.1", (), "localhost:8888", True),
+        ("127.0.0.1", (), "LOCALHOST:1", True),  # names compare case-insensitively
+        ("127.0.0.1", (), "127.0.0.1:8888", True),
+        ("127.0.0.1", (), "127.0.0.1", True),
+        ("127.0.0.1", (), "[::1]:8888", True),
+        ("127.0.0.1", (), f"{REBOUND}:8888", False),  # the rebound page
+        ("127.0.0.1", (), REBOUND, False),
+        ("127.0.0.1", (), "127.0.0.2:8888", False),
+        ("127.0.0.1", (), "localhost.evil.example", False),
+        ("127.0.0.1", (), "[::1", False),  # not a Host at all
+        ("127.0.0.1", (), None, True),  # HTTP/1.0 without Host: not a browser
+        ("127.0.0.2", (), "127.0.0.2:8888", True),  # the configured host too
+        ("::1", (), "[::1]:8888", True),
+        ("::1", (), REBOUND, False),
+        ("localhost", (), "localhost:8888", True),
+        ("localhost", (), REBOUND, False),
+        ("0.0.0.0", (), f"{REBOUND}:8888", True),  # not loopback: any, as before
+        ("::", (), REBOUND, True),
+        ("127.0.0.1", ("*",), REBOUND, True),
+        ("127.0.0.1", ("chat.example",), "chat.example:8443", True),
+        ("127.0.0.1", ("chat.example",), "CHAT.example", True),
+        ("127.0.0.1", ("chat.example",), "localhost:8888", False),  # the list is the list
+        ("0.0.0.0", ("chat.example",), REBOUND, False),
+        ("0.0.0.0", ("chat.example:8443",), "chat.example:8443", True),
+        ("0.0.0.0", ("chat.example:8443",), "chat.example:8444", False),
+        ("0.0.0.0", ("chat.example:80",), "chat.example", True),  # the default port
+        ("0.0.0.0", ("[::1]:8888",), "[::1]:8888", True),
+    ],
+)
+def test_host_policy(listen: str, allowed: tuple[str, ...], host: str | None, ok: bool) -> None:
+    assert HostPolicy.build(listen, allowed).allows(host) is ok
+
+
+@pytest.mark.parametrize(
+    ("origin", "host", "scheme", "ok"),
+    [
+        ("http://127.0.0.1:8888", "127.0.0.1:8888", "http", True),
+        ("https://127.0.0.1:8888", "127.0.0.1:8888", "http", False),  # scheme differs
+        ("http://127.0.0.1:8888", "127.0.0.1:8888", "https", False),
+        ("https://127.0.0.1:8888", "127.0.0.1:8888", "https", True),
+        ("http://127.0.0.1:8889", "127.0.0.1:8888", "http", False),  # port differs
+        ("http://localhost", "localhost:80", "http", True),  # default ports normalised
+        ("http://localhost:80", "localhost", "http", True),
+        ("https://localhost", "localhost:443", "https", True),
+        ("http://localhost", "localhost:443", "http", False),
+        ("HTTP://LocalHost:8888", "localhost:8888", "http", True),
+        ("http://[::1]:8888", "[::1]:8888", "http", True),
+        ("http://user@127.0.0.1:8888", "127.0.0.1:8888", "http", False),
+        ("http://127.0.0.1:8888/path", "127.0.0.1:8888", "http", False),
+        ("ws://127.0.0.1:8888", "127.0.0.1:8888", "http", False),
+        ("null", "127.0.0.1:8888", "http", False),
+    ],
+)
+def test_default_origin_rule_compares_scheme_host_and_port(
+    origin: str, host: str, scheme: str, ok: bool
+) -> None:
+    assert origin_allowed(origin, frozenset(), host, scheme) is ok
+
+
+def test_throttle_allows_one_line_per_interval_and_counts_the_rest() -> None:
+    throttle = Throttle(60.0)
+    assert throttle.ready(1000.0) == 0
+    assert [throttle.ready(1000.0 + i) for i in range(1, 6)] == [None] * 5
+    assert throttle.ready(1060.0) == 5
+    assert throttle.ready(1061.0) is None
+
+
+# --- in-process: the routes ---------------------------------------------------------------
+
+
+async def get(client, port: int, path: str, **headers: str) -> HTTPResponse:
+    request = HTTPRequest(f"http://127.0.0.1:{port}{path}", headers=headers or None)
+    return await client.fetch(request, raise_error=False)
+
+
+ROUTES = ["/", "/static/app.js", "/healthz", "/metrics", "/api/protocol", "/api/channels/a"]
+
+
+class TestRebindingOnLoopback:
+    @pytest.fixture
+    def settings(self):
+        return make_settings(mode="broadcast", host="127.0.0.1")
+
+    @pytest.mark.gen_test
+    async def test_a_rebound_host_is_refused_on_every_route(self, http_client, http_port):
+        for path in [*ROUTES, "/ws", "/sse", "/no/such/route"]:
+            response = await get(http_client, http_port, path, Host=f"{REBOUND}:{http_port}")
+            assert response.code == 403, path
+            assert response.body == b"host not allowed\n"
+            assert response.headers["Server"] == "echoserver"
+        # The WebSocket handshake itself, with the Origin the rebound page sends.
+        request = HTTPRequest(
+            f"ws://127.0.0.1:{http_port}/ws",
+            headers={"Host": f"{REBOUND}:{http_port}", "Origin": f"http://{REBOUND}:{http_port}"},
+        )
+        with pytest.raises(Exception, match="403"):
+            await websocket_connect(request)
+
+    @pytest.mark.gen_test
+    async def test_loopback_names_are_admitted(self, http_client, http_port):
+        for host in ("localhost", "127.0.0.1", "[::1]", "LOCALHOST"):
+            for path in ROUTES:
+                response = await get(http_client, http_port, path, Host=f"{host}:{http_port}")
+                assert response.code == 200, (host, path)
+            request = HTTPRequest(
+                f"ws://127.0.0.1:{http_port}/ws/a",
+                headers={"Host": f"{host}:{http_port}", "Origin": f"http://{host}:{http_port}"},
+            )
+            connection = await websocket_connect(request)
+            await connection.write_message("hi")
+            assert await connection.read_message() == "hi"
+            connection.close()
+
+    @pytest.mark.gen_test
+    async def test_refusals_write_one_warning_per_interval(self, http_client, http_port, caplog):
+        caplog.set_level(logging.DEBUG)
+        for _ in range(20):
+            response = await get(http_client, http_port, "/healthz", Host=REBOUND)
+            assert response.code == 403
+        loud = [r for r in caplog.records if r.levelno >= logging.INFO]
+        assert len(loud) == 1, [r.getMessage() for r in loud]
+        assert loud[0].levelno == logging.WARNING
+        assert REBOUND in loud[0].getMessage()
+        refused = [r for r in caplog.records if r.name == "echoserver.http"]
+        assert len(refused) == 20  # the other 19 at debug
+
+    @pytest.mark.gen_test
+    async def test_origin_with_another_scheme_or_port_is_refused(self, http_client, http_port):
+        own = f"127.0.0.1:{http_port}"
+        for origin, code in [
+            (f"http://{own}", 400),  # admitted: a plain GET is then no upgrade (400)
+            (f"https://{own}", 403),
+            (f"http://127.0.0.1:{http_port + 1}", 403),
+            (f"http://localhost:{http_port}", 403),  # another host than the Host sent
+        ]:
+            response = await get(http_client, http_port, "/ws", Origin=origin)
+            assert response.code == code, origin
+
+
+class TestAllowedHostsList:
+    @pytest.fixture
+    def settings(self):
+        return make_settings(**{"websocket.allowed_hosts": ("chat.example",)})
+
+    @pytest.mark.gen_test
+    async def test_only_the_listed_names(self, http_client, http_port):
+        assert (await get(http_client, http_port, "/", Host="chat.example")).code == 200
+        assert (
+            await get(http_client, http_port, "/", Host=f"chat.example:{http_port}")
+        ).code == 200
+        for host in (f"localhost:{http_port}", f"127.0.0.1:{http_port}", REBOUND):
+            assert (await get(http_client, http_port, "/healthz", Host=host)).code == 403, host
+
+
+class TestNotLoopback:
+    @pytest.fixture
+    def settings(self):
+        return make_settings(host="0.0.0.0")
+
+    @pytest.mark.gen_test
+    async def test_any_host_passes(self, http_client, http_port):
+        for path in ROUTES:
+            response = await get(http_client, http_port, path, Host=f"{REBOUND}:{http_port}")
+            assert response.code == 200, path
+
+
+class TestHeaders:
+    @pytest.mark.gen_test
+    async def test_server_header_names_no_version_and_json_is_nosniff(self, http_client, http_port):
+        for path in [*ROUTES, "/no/such/route", "/ws"]:
+            response = await get(http_client, http_port, path)
+            assert response.headers["Server"] == "echoserver", path
+            assert response.headers["X-Content-Type-Options"] == "nosniff", path
+
+
+# --- a real server: its log -----------------------------------------------------------------
+
+
+def raw_request(port: int, request: bytes) -> bytes:
+    """One request on its own connection (closed after it); the whole answer."""
+    if b"\r\nConnection:" not in request:
+        request = request.replace(b"\r\n", b"\r\nConnection: close\r\n", 1)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def status(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1])
+
+
+def test_rebinding_refused_on_a_real_loopback_server(run_server):
+    server = run_server("--host", "127.0.0.1")
+    port = server.port
+    rebound = {"Host": f"{REBOUND}:{port}", "Origin": f"http://{REBOUND}:{port}"}
+    assert status_of(port, headers=rebound) == 403
+    assert (
+        status_of(port, headers={"Host": f"localhost:{port}", "Origin": f"http://localhost:{port}"})
+        == 101
+    )
+    assert (
+        status(raw_request(port, f"GET /healthz HTTP/1.1\r\nHost: {REBOUND}\r\n\r\n".encode()))
+        == 403
+    )
+    assert status(raw_request(port, b"GET /healthz HTTP/1.0\r\n\r\n")) == 200  # no Host at all
+    server.stop()
+    warnings = [line for line in server.lines if "refused Host" in line]
+    assert len(warnings) == 1 and " WARNING " in warnings[0]
+
+
+def test_any_host_on_a_server_listening_everywhere(run_server):
+    server = run_server("--host", "0.0.0.0")
+    port = server.port  # still reached through 127.0.0.1
+    rebound = {"Host": f"{REBOUND}:{port}", "Origin": f"http://{REBOUND}:{port}"}
+    assert status_of(port, headers=rebound) == 101
+    assert (
+        status(raw_request(port, f"GET /healthz HTTP/1.1\r\nHost: {REBOUND}\r\n\r\n".encode()))
+        == 200
+    )
+
+
+# --- the page in Chromium, with its Content-Security-Policy on ------------------------------
