@@ -18,6 +18,7 @@ from tornado.websocket import websocket_connect
 from echoserver.handshake import origin_allowed
 from echoserver.hosts import HostPolicy, Throttle
 from tests.conftest import make_settings
+from tests.test_browser import Server, Tab, browser  # noqa: F401 (a fixture)
 from tests.test_security import status_of
 
 TOKEN = "T0ken-for-the-clients.7f3a"
@@ -201,11 +202,40 @@ class TestNotLoopback:
 
 class TestHeaders:
     @pytest.mark.gen_test
+    async def test_page_and_assets_carry_the_security_headers(self, http_client, http_port):
+        for path in ("/", "/static/app.js", "/static/style.css", "/static/missing.js"):
+            response = await get(http_client, http_port, path)
+            headers = response.headers
+            policy = headers["Content-Security-Policy"]
+            assert "default-src 'self'" in policy
+            assert f"connect-src 'self' ws://127.0.0.1:{http_port} " in policy
+            assert "frame-ancestors 'none'" in policy
+            assert "base-uri 'none'" in policy
+            assert headers["X-Content-Type-Options"] == "nosniff"
+            assert headers["Referrer-Policy"] == "no-referrer"
+            assert headers["X-Frame-Options"] == "DENY"
+
+    @pytest.mark.gen_test
     async def test_server_header_names_no_version_and_json_is_nosniff(self, http_client, http_port):
         for path in [*ROUTES, "/no/such/route", "/ws"]:
             response = await get(http_client, http_port, path)
             assert response.headers["Server"] == "echoserver", path
             assert response.headers["X-Content-Type-Options"] == "nosniff", path
+
+    @pytest.mark.gen_test
+    async def test_odd_static_paths_are_client_errors(self, http_client, http_port, caplog):
+        for path, code in [
+            ("/static/x%00", 400),
+            ("/static/app.js%00.png", 400),
+            ("/static/%ff", 400),
+            ("/static/" + "a" * 4000, 404),
+            ("/static/" + "a/" * 1000 + "b", 404),
+            ("/static/..%2f..%2fsetup.cfg", 403),
+        ]:
+            response = await get(http_client, http_port, path)
+            assert response.code == code, path
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert "Traceback" not in caplog.text
 
 
 # --- a real server: its log -----------------------------------------------------------------
@@ -258,3 +288,26 @@ def test_any_host_on_a_server_listening_everywhere(run_server):
 
 
 # --- the page in Chromium, with its Content-Security-Policy on ------------------------------
+
+
+@pytest.mark.browser
+def test_page_works_under_its_policy(browser):  # noqa: F811
+    server = Server("broadcast").start()
+    opened: list[Tab] = []
+    try:
+        for _ in range(2):
+            t = Tab(browser, bypass_csp=False)
+            opened.append(t)
+            t.open(server, "?channel=csp")
+        a, b = opened
+        a.send("under the policy")
+        b.entry("in", "under the policy")
+        a.entry("in", "under the policy")
+        a.page.locator("#members", has_text="2").wait_for()
+        a.page.wait_for_timeout(300)  # let any late violation surface
+        for t in opened:
+            assert t.console_errors == [] and t.page_errors == []
+    finally:
+        for t in opened:
+            t.close()
+        server.stop()
