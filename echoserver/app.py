@@ -17,7 +17,7 @@ from typing import Any
 import tornado.httputil
 import tornado.web
 
-from echoserver import handlers, routes
+from echoserver import handlers, redact, routes
 from echoserver.access import log_request
 from echoserver.brokers import Broker, MemoryBroker
 from echoserver.config import Settings
@@ -57,6 +57,7 @@ class EchoServerApp(tornado.web.Application):
         self.allowed_origins = frozenset(
             normalise_origin(origin) for origin in config.websocket.allowed_origins
         )
+        redact.install(ws.auth_token, config.api.key)  # Tornado's lines, embedded too
         self.hosts = HostPolicy.build(config.host, ws.allowed_hosts)
         self.refused_hosts = Throttle(HOST_WARNING_INTERVAL)
         self.draining = False

@@ -8,24 +8,30 @@ the other loop), whose every log line is searched for the secrets.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import socket
 
 import pytest
 from tornado.httpclient import HTTPRequest, HTTPResponse
 from tornado.websocket import websocket_connect
 
+from echoserver.access import text_value
 from echoserver.handshake import origin_allowed
 from echoserver.hosts import HostPolicy, Throttle
+from echoserver.redact import REDACTED, redact
 from tests.conftest import make_settings
 from tests.test_browser import Server, Tab, browser  # noqa: F401 (a fixture)
-from tests.test_security import status_of
+from tests.test_security import Handshake, status_of
 
 TOKEN = "T0ken-for-the-clients.7f3a"
 API_KEY = "ApiKey-for-the-backend.91c2"
 WRONG = "Wr0ng-but-close-token.7f3b"  # a wrong guess is often a typo of the real one
 SECRETS = (TOKEN, API_KEY, WRONG)
 REBOUND = "attacker.example"
+# One field of a text access line: key=bare or key="quoted with \" escapes".
+FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
 
 
 # --- the rules, without I/O ---------------------------------------------------------------
@@ -91,6 +97,32 @@ def test_default_origin_rule_compares_scheme_host_and_port(
     origin: str, host: str, scheme: str, ok: bool
 ) -> None:
     assert origin_allowed(origin, frozenset(), host, scheme) is ok
+
+
+def test_redact_takes_out_every_credential() -> None:
+    lines = [
+        f"Malformed HTTP message from 127.0.0.1: Invalid header value 'Bearer {WRONG}\\x01'",
+        f"Invalid header name 'x-{WRONG}'",
+        f"GET /ws?channel=a&token={WRONG} (127.0.0.1)",
+        f"uri='/static/x%00?access_token={WRONG}&b=1'",
+        f"headers: {{'Authorization': 'Token {WRONG}'}}",
+        f"Authorization: Bearer {WRONG}",
+        f"b'{TOKEN}\\xff'",  # a configured secret, wherever it is
+        f"{API_KEY}",
+    ]
+    for line in lines:
+        redacted = redact(line, [TOKEN, API_KEY])
+        assert REDACTED in redacted
+        assert not any(secret in redacted for secret in SECRETS), redacted
+    assert redact("basic facts, 3 tokens, 100% done") == "basic facts, 3 tokens, 100% done"
+
+
+def test_text_values_cannot_forge_fields() -> None:
+    assert text_value(None) == "-"
+    assert text_value("http://127.0.0.1:8888") == "http://127.0.0.1:8888"
+    forged = text_value('http://x status=101 close=1000 "\n')
+    assert forged == '"http://x status=101 close=1000 \\"\\n"'
+    assert dict(FIELD.findall(f"origin={forged}")) == {"origin": forged}
 
 
 def test_throttle_allows_one_line_per_interval_and_counts_the_rest() -> None:
@@ -255,6 +287,84 @@ def raw_request(port: int, request: bytes) -> bytes:
 
 def status(answer: bytes) -> int:
     return int(answer.split(b" ", 2)[1])
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_no_secret_in_any_log_line(run_server, log_format):
+    server = run_server(
+        "--mode", "broadcast", "--log-level", "debug", "--log-format", log_format,
+        "--auth-token", TOKEN, "--api-key", API_KEY,
+    )  # fmt: skip
+    port = server.port
+    host = f"Host: 127.0.0.1:{port}\r\nConnection: close\r\n".encode()
+    for secret in SECRETS:
+        # A header value Tornado refuses, which it quotes in its own line.
+        raw_request(
+            port,
+            b"GET / HTTP/1.1\r\n" + host + f"Authorization: Bearer {secret}\x01\r\n\r\n".encode(),
+        )
+        # A NUL in a static path: a 400, not a 500 with the request's repr.
+        answer = raw_request(
+            port, b"GET /static/x%00?token=" + secret.encode() + b" HTTP/1.1\r\n" + host + b"\r\n"
+        )
+        assert status(answer) == 400
+        answer = raw_request(
+            port, b"GET /static/%ff?token=" + secret.encode() + b" HTTP/1.1\r\n" + host + b"\r\n"
+        )
+        assert status(answer) == 400
+        # Handshakes: a bad origin, no upgrade, a token that is not UTF-8, a rebound Host.
+        assert status_of(port, f"/ws?token={secret}", {"Origin": "https://evil.example"}) in (
+            401,
+            403,
+        )
+        answer = raw_request(
+            port, f"GET /ws/a?token={secret} HTTP/1.1\r\n".encode() + host + b"\r\n"
+        )
+        assert status(answer) in (400, 401)
+        answer = raw_request(
+            port, f"GET /ws?token={secret}%ff HTTP/1.1\r\n".encode() + host + b"\r\n"
+        )
+        assert status(answer) == 401
+        answer = raw_request(
+            port, f"GET /ws?token={secret} HTTP/1.1\r\nHost: {REBOUND}\r\n\r\n".encode()
+        )
+        assert status(answer) == 403
+        handshake = Handshake(port, f"/ws/a?token={secret}", {"Authorization": f"Bearer {secret}"})
+        handshake.close()
+        # The publish API with a key, right or wrong, and one Tornado refuses.
+        for auth in (f"Bearer {secret}", f"Bearer {secret}\x01"):
+            body = b"hello"
+            raw_request(
+                port,
+                b"POST /api/channels/a/messages HTTP/1.1\r\n" + host
+                + f"Authorization: {auth}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body,
+            )  # fmt: skip
+        raw_request(
+            port, b"GET /metrics?token=" + secret.encode() + b" HTTP/1.1\r\n" + host + b"\r\n"
+        )
+    assert server.stop() == 0
+    lines = server.lines
+    assert any("status=400" in line or '"status": 400' in line for line in lines)
+    assert any("Invalid header value" in line for line in lines)  # the line is kept
+    leaks = [line for line in lines if any(secret in line for secret in SECRETS)]
+    assert leaks == []
+    assert "Traceback" not in server.log()
+
+
+def test_access_line_origin_cannot_forge_fields(run_server):
+    server = run_server()
+    origin = "http://x.example status=101 close=1000"
+    assert status_of(server.port, headers={"Origin": origin}) == 403
+    assert status_of(server.port, headers={"Origin": 'http://a"b\\c'}) == 403
+    server.stop()
+    access = [line for line in server.lines if "echoserver.access" in line and "/ws" in line]
+    assert len(access) == 2
+    for line in access:
+        fields = FIELD.findall(line.split(": ", 1)[1])
+        names = [name for name, _ in fields]
+        assert names.count("status") == 1 and "close" not in names, line
+        assert dict(fields)["status"] == "403"
+    assert json.loads(dict(FIELD.findall(access[0]))["origin"]) == origin
 
 
 def test_rebinding_refused_on_a_real_loopback_server(run_server):
