@@ -57,6 +57,9 @@ class HealthHandler(JSONHandler):
             "uptime": round(time.monotonic() - server.started, 3),
             "path": config.websocket.path,  # where the page connects
             "auth": bool(config.websocket.auth_token),  # whether it needs a token
+            # whether /metrics and /api/channels/... need the API key (the page then
+            # shows no member count)
+            "protect_reads": config.api.protect_reads,
         }
         if reason:
             body["reason"] = reason
@@ -72,7 +75,25 @@ class ProtocolHandler(JSONHandler):
         self.write_json({"channel_pattern": routes.CHANNEL_PATTERN, "close_codes": codes})
 
 
-class ChannelHandler(JSONHandler):
+class ProtectedRead(BaseHandler):
+    """A read that api.protect_reads puts behind `Authorization: Bearer <api.key>` (401
+    otherwise): who is on which channel, and the counters, are the operator's to see."""
+
+    def prepare(self) -> None:
+        api = cast(ServerContext, self.application).config.api
+        if not api.protect_reads:
+            return
+        given = bearer_token(self.request.headers.get("Authorization"))
+        if given is not None and token_matches(given, api.key):
+            return
+        self.set_status(401)
+        self.set_header("WWW-Authenticate", 'Bearer realm="echoserver"')
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+        self.finish(json.dumps({"error": "missing or wrong API key (api.protect_reads)"}))
+
+
+class ChannelHandler(ProtectedRead, JSONHandler):
     async def get(self, channel: str) -> None:
         members = await self.server.hub.members(channel)
         self.write_json({"channel": channel, "members": members})
@@ -167,7 +188,7 @@ class PublishHandler(JSONHandler):
         self.server.metrics.api_requests[self.get_status()] += 1
 
 
-class MetricsHandler(BaseHandler):
+class MetricsHandler(ProtectedRead):
     quiet_when_ok = True  # scrapes come every few seconds
 
     def get(self) -> None:

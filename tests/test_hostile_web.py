@@ -270,6 +270,42 @@ class TestHeaders:
         assert "Traceback" not in caplog.text
 
 
+class TestProtectedReads:
+    @pytest.fixture
+    def settings(self):
+        return make_settings(mode="broadcast", **{"api.key": API_KEY, "api.protect_reads": True})
+
+    @pytest.mark.gen_test
+    async def test_metrics_and_channels_need_the_key(self, http_client, http_port):
+        for path in ("/metrics", "/api/channels/a"):
+            response = await get(http_client, http_port, path)
+            assert response.code == 401, path
+            assert response.headers["WWW-Authenticate"].startswith("Bearer")
+            wrong = await get(http_client, http_port, path, Authorization=f"Bearer {WRONG}")
+            assert wrong.code == 401, path
+            keyed = await get(http_client, http_port, path, Authorization=f"Bearer {API_KEY}")
+            assert keyed.code == 200, path
+        # Load balancers and the page keep what they need; the page learns not to ask.
+        health = await get(http_client, http_port, "/healthz")
+        assert health.code == 200 and json.loads(health.body)["protect_reads"] is True
+        assert (await get(http_client, http_port, "/api/protocol")).code == 200
+        channel = await get(
+            http_client, http_port, "/api/channels/a", Authorization=f"Bearer {API_KEY}"
+        )
+        assert json.loads(channel.body) == {"channel": "a", "members": 0}
+
+
+class TestOpenReadsByDefault:
+    @pytest.fixture
+    def settings(self):
+        return make_settings(mode="broadcast", **{"api.key": API_KEY})
+
+    @pytest.mark.gen_test
+    async def test_reads_stay_open_without_protect_reads(self, http_client, http_port):
+        for path in ("/metrics", "/api/channels/a"):
+            assert (await get(http_client, http_port, path)).code == 200
+
+
 # --- a real server: its log -----------------------------------------------------------------
 
 
@@ -401,8 +437,10 @@ def test_any_host_on_a_server_listening_everywhere(run_server):
 
 
 @pytest.mark.browser
-def test_page_works_under_its_policy(browser):  # noqa: F811
-    server = Server("broadcast").start()
+@pytest.mark.parametrize("protect_reads", [False, True])
+def test_page_works_under_its_policy(browser, protect_reads):  # noqa: F811
+    args = ("--api-key", API_KEY, "--api-protect-reads") if protect_reads else ()
+    server = Server("broadcast", extra_args=args).start()
     opened: list[Tab] = []
     try:
         for _ in range(2):
@@ -413,7 +451,13 @@ def test_page_works_under_its_policy(browser):  # noqa: F811
         a.send("under the policy")
         b.entry("in", "under the policy")
         a.entry("in", "under the policy")
-        a.page.locator("#members", has_text="2").wait_for()
+        members = a.page.locator("#members-field")
+        if protect_reads:
+            # The page cannot hold the API key: the count goes away instead of erroring.
+            members.wait_for(state="hidden")
+        else:
+            a.page.locator("#members", has_text="2").wait_for()
+            assert members.is_visible()
         a.page.wait_for_timeout(300)  # let any late violation surface
         for t in opened:
             assert t.console_errors == [] and t.page_errors == []
