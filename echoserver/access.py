@@ -2,12 +2,17 @@
 
 A WebSocket's line is written when it closes, so it carries the close code; health probes
 and metric scrapes log at debug unless they fail. request.path has no query string, so a
-?token= never reaches the log. The JSON formatter keeps the fields apart (extra["access"]).
+?token= never reaches the log. The JSON formatter keeps the fields apart (extra["access"]);
+in a text line a value a client chose (its Origin, its path) is written as logfmt does:
+bare when it is plain URL characters, else in double quotes with JSON escapes, so it cannot
+forge another field (`origin="x status=101"`) or a line break.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import time
 from typing import Any
 
@@ -15,6 +20,16 @@ import tornado.httputil
 import tornado.web
 
 access_log = logging.getLogger("echoserver.access")
+
+# What a text line may show unquoted: URL characters, but no "=", quote, space or control.
+BARE = re.compile(r"[A-Za-z0-9._~:/?#\[\]@!$&'()*+,;%-]+")
+
+
+def text_value(value: str | None) -> str:
+    """A client-chosen value for a text access line: "-" when absent, quoted when needed."""
+    if value is None:
+        return "-"
+    return value if BARE.fullmatch(value) else json.dumps(value)
 
 
 class RequestRecord:
@@ -69,6 +84,5 @@ def write_access_line(
         text += " close=%(close)d"
     if level is None:
         level = logging.INFO if status < 500 else logging.WARNING
-    access_log.log(
-        level, text, {**fields, "origin": fields["origin"] or "-"}, extra={"access": fields}
-    )
+    shown = {**fields, "path": text_value(request.path), "origin": text_value(request.origin)}
+    access_log.log(level, text, shown, extra={"access": fields})

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, cast
+from typing import cast
 
 import tornado.web
-from tornado.log import app_log
 
 from echoserver.context import ServerContext
 from echoserver.handshake import (
@@ -24,6 +23,7 @@ from echoserver.handshake import (
     request_origin,
     token_matches,
 )
+from echoserver.webbase import BaseHandler
 
 log = logging.getLogger("echoserver.ws")
 
@@ -38,7 +38,7 @@ def parse_offset(text: str) -> int | Refusal:
     return int(text) if OFFSET.fullmatch(text) else BAD_OFFSET
 
 
-class AdmittedHandler(tornado.web.RequestHandler):
+class AdmittedHandler(BaseHandler):
     """A handler whose connections count against max_connections and obey the policy."""
 
     server: ServerContext  # the Application, seen as what handlers may use of it
@@ -66,7 +66,9 @@ class AdmittedHandler(tornado.web.RequestHandler):
         if ws.max_connections and self._full(reserved):
             return Refusal(503, "full", "server is full")
         origin = request_origin(self.request.headers.get)
-        if not origin_allowed(origin, server.allowed_origins, self.request.host):
+        if not origin_allowed(
+            origin, server.allowed_origins, self.request.host, self.request.protocol
+        ):
             return Refusal(403, "origin", f"origin {origin!r} not allowed")
         return None
 
@@ -108,14 +110,3 @@ class AdmittedHandler(tornado.web.RequestHandler):
         log.info("refused %s from %s: %s", request.path, request.remote_ip, refusal.message)
         self.set_status(refusal.status)
         self.finish(refusal.message)
-
-    def _request_summary(self) -> str:
-        # Tornado's summary (in its error and warning lines) has the query, so ?token=.
-        return f"{self.request.method} {self.request.path} ({self.request.remote_ip})"
-
-    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
-        if isinstance(value, tornado.web.HTTPError):
-            super().log_exception(typ, value, tb)
-        else:  # Tornado's own also logs repr(request), whose uri has the query
-            summary = self._request_summary()
-            app_log.error("Uncaught exception %s", summary, exc_info=(typ, value, tb))

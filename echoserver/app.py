@@ -14,19 +14,26 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+import tornado.httputil
 import tornado.web
 
-from echoserver import handlers, routes
+from echoserver import handlers, redact, routes
 from echoserver.access import log_request
 from echoserver.brokers import Broker, MemoryBroker
 from echoserver.config import Settings
 from echoserver.handshake import normalise_origin
+from echoserver.hosts import HostPolicy, Throttle
 from echoserver.hub import Hub
 from echoserver.metrics import Metrics
 from echoserver.occupancy import Occupancy
 from echoserver.scheduling import Flusher, Keepalive
 from echoserver.sockets import SOCKETS, BaseSocket
 from echoserver.sse import EventStream
+from echoserver.webbase import HostRefused, NotFound
+
+# Seconds between two warnings about a refused Host; the ones between are counted in the
+# next, and each is logged at debug.
+HOST_WARNING_INTERVAL = 60.0
 
 
 def static_dir(settings: Settings) -> Path:
@@ -51,6 +58,9 @@ class EchoServerApp(tornado.web.Application):
         self.allowed_origins = frozenset(
             normalise_origin(origin) for origin in config.websocket.allowed_origins
         )
+        redact.install(ws.auth_token, config.api.key)  # Tornado's lines, embedded too
+        self.hosts = HostPolicy.build(config.host, ws.allowed_hosts)
+        self.refused_hosts = Throttle(HOST_WARNING_INTERVAL)
         self.draining = False
         self.handshakes = 0  # WebSocket handshakes under way, not yet open
         self.occupancy = Occupancy(ws.max_connections, ws.max_connections_per_ip)
@@ -87,8 +97,16 @@ class EchoServerApp(tornado.web.Application):
             static_url_prefix=routes.STATIC + "/",
             static_handler_class=handlers.PageHandler,
             log_function=log_request,
+            default_handler_class=NotFound,
             access_log=config.log.access,
         )
+
+    def find_handler(self, request: tornado.httputil.HTTPServerRequest, **kwargs: Any) -> Any:
+        # Before any route: a rebound page reads the page, /healthz and the APIs as well as
+        # the WebSocket. A request without Host (HTTP/1.0) is not a browser's (hosts.py).
+        if not self.hosts.allows(request.headers.get("Host")):
+            return self.get_handler_delegate(request, HostRefused)
+        return super().find_handler(request, **kwargs)
 
     def _open_connections(self) -> Counter[tuple[str, str]]:
         return Counter((self.config.mode, c.channel) for c in self.connections)

@@ -11,6 +11,7 @@ from collections.abc import Coroutine
 from typing import Any, Protocol
 
 from echoserver.config import Settings
+from echoserver.hosts import Throttle
 from echoserver.hub import Hub
 from echoserver.metrics import Metrics
 from echoserver.occupancy import Occupancy
@@ -31,6 +32,7 @@ class ServerContext(Protocol):
     keepalive: Keepalive
     allowed_origins: frozenset[str]  # normalised websocket.allowed_origins
     started: float  # time.monotonic() at start
+    refused_hosts: Throttle  # the warning about a refused Host (webbase.HostRefused)
 
     def spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
         """Run a coroutine in the background, keeping a reference until it ends."""

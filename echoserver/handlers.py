@@ -8,6 +8,7 @@ context.ServerContext, which the Application satisfies.
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any, cast
 
@@ -20,9 +21,10 @@ from echoserver.handshake import bearer_token, token_matches
 from echoserver.hub import HubUnavailable
 from echoserver.messages import Refused, body_message
 from echoserver.metrics import CONTENT_TYPE_LATEST
+from echoserver.webbase import BaseHandler
 
 
-class JSONHandler(tornado.web.RequestHandler):
+class JSONHandler(BaseHandler):
     @property
     def server(self) -> ServerContext:
         return cast(ServerContext, self.application)
@@ -55,6 +57,9 @@ class HealthHandler(JSONHandler):
             "uptime": round(time.monotonic() - server.started, 3),
             "path": config.websocket.path,  # where the page connects
             "auth": bool(config.websocket.auth_token),  # whether it needs a token
+            # whether /metrics and /api/channels/... need the API key (the page then
+            # shows no member count)
+            "protect_reads": config.api.protect_reads,
         }
         if reason:
             body["reason"] = reason
@@ -70,7 +75,25 @@ class ProtocolHandler(JSONHandler):
         self.write_json({"channel_pattern": routes.CHANNEL_PATTERN, "close_codes": codes})
 
 
-class ChannelHandler(JSONHandler):
+class ProtectedRead(BaseHandler):
+    """A read that api.protect_reads puts behind `Authorization: Bearer <api.key>` (401
+    otherwise): who is on which channel, and the counters, are the operator's to see."""
+
+    def prepare(self) -> None:
+        api = cast(ServerContext, self.application).config.api
+        if not api.protect_reads:
+            return
+        given = bearer_token(self.request.headers.get("Authorization"))
+        if given is not None and token_matches(given, api.key):
+            return
+        self.set_status(401)
+        self.set_header("WWW-Authenticate", 'Bearer realm="echoserver"')
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+        self.finish(json.dumps({"error": "missing or wrong API key (api.protect_reads)"}))
+
+
+class ChannelHandler(ProtectedRead, JSONHandler):
     async def get(self, channel: str) -> None:
         members = await self.server.hub.members(channel)
         self.write_json({"channel": channel, "members": members})
@@ -165,7 +188,7 @@ class PublishHandler(JSONHandler):
         self.server.metrics.api_requests[self.get_status()] += 1
 
 
-class MetricsHandler(tornado.web.RequestHandler):
+class MetricsHandler(ProtectedRead):
     quiet_when_ok = True  # scrapes come every few seconds
 
     def get(self) -> None:
@@ -173,10 +196,37 @@ class MetricsHandler(tornado.web.RequestHandler):
         self.finish(cast(ServerContext, self.application).metrics.render())
 
 
-class PageHandler(tornado.web.StaticFileHandler):
+# A Host safe to repeat in the page's CSP (Tornado admits more characters, ";" among them).
+CSP_HOST = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+
+
+def page_policy(host: str) -> str:
+    """The page's Content-Security-Policy: its own origin only, and its WebSocket URL."""
+    connect = "'self'"
+    if CSP_HOST.fullmatch(host):
+        connect += f" ws://{host} wss://{host}"
+    return (
+        f"default-src 'self'; connect-src {connect}; img-src 'self' data:; "
+        "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+    )
+
+
+class PageHandler(BaseHandler, tornado.web.StaticFileHandler):
     """The page and its assets: revalidated by ETag on every load (a 304 when unchanged),
     so an upgraded server never leaves a browser on a stale page; a ?v= URL is cached for
-    good (Tornado's versioned static URLs)."""
+    good (Tornado's versioned static URLs). Every response, errors included, carries the
+    page's security headers: no framing, no referrer, nothing from another origin."""
+
+    def set_default_headers(self) -> None:
+        super().set_default_headers()
+        self.set_header("Content-Security-Policy", page_policy(self.request.host))
+        self.set_header("Referrer-Policy", "no-referrer")
+        self.set_header("X-Frame-Options", "DENY")
+
+    def parse_url_path(self, url_path: str) -> str:
+        if "\x00" in url_path:  # no file has it, and os calls raise on it (a 500)
+            raise tornado.web.HTTPError(400)
+        return super().parse_url_path(url_path)
 
     def set_extra_headers(self, path: str) -> None:
         if "v" not in self.request.arguments:

@@ -15,6 +15,8 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from echoserver.hosts import split_authority
+
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 # 13 is RFC 6455; 7 and 8 are the drafts before it, whose framing is the same.
 VERSIONS = ("7", "8", "13")
@@ -72,13 +74,16 @@ def normalise_origin(origin: str) -> str:
     return origin.strip().rstrip("/").lower()
 
 
-def origin_allowed(origin: str | None, allowed: Collection[str], host: str) -> bool:
+def origin_allowed(
+    origin: str | None, allowed: Collection[str], host: str, scheme: str = "http"
+) -> bool:
     """The origin policy (websocket.allowed_origins, normalised):
 
     - no origin at all: not a browser, let in (tokens are how such clients are checked);
     - ["*"]: any origin;
     - an explicit list: exactly those origins, the server's own host included only if listed;
-    - empty list: the same host and port as the request's Host only.
+    - empty list: the server's own origin only: the request's `scheme` (http, or https
+      over TLS), and the host and port of its Host header (default ports normalised).
     A malformed origin is refused, never an error.
     """
     if origin is None:
@@ -88,10 +93,14 @@ def origin_allowed(origin: str | None, allowed: Collection[str], host: str) -> b
     if allowed:
         return normalise_origin(origin) in allowed
     try:
-        netloc = urlsplit(origin.strip()).netloc
+        parts = urlsplit(origin.strip())
     except ValueError:  # "http://[": not an origin at all
         return False
-    return bool(netloc) and netloc.lower() == host.strip().lower()
+    origin_scheme = parts.scheme.lower()
+    if origin_scheme != scheme or parts.path not in ("", "/") or parts.query or parts.fragment:
+        return False
+    theirs = split_authority(parts.netloc, origin_scheme)
+    return theirs is not None and theirs == split_authority(host, scheme)
 
 
 def token_matches(given: str, expected: str) -> bool:

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 import tornado.httpserver
 import tornado.netutil
 
-from echoserver import __version__
+from echoserver import __version__, redact
 from echoserver.app import EchoServerApp, make_app
 from echoserver.brokers import create_broker
 from echoserver.config import Settings, describe
@@ -59,8 +59,8 @@ class JSONFormatter(logging.Formatter):
         access = getattr(record, "access", None)
         if isinstance(access, dict):
             entry.update(access)
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+        if record.exc_info:  # exc_text: set (redacted) by redact.RedactingFilter
+            entry["exception"] = record.exc_text or self.formatException(record.exc_info)
         else:
             cause = getattr(record, "exception", None)
             if isinstance(cause, str):  # a cause without its traceback
@@ -77,6 +77,8 @@ def configure_logging(settings: Settings) -> None:
         sys.excepthook = lambda *exc: log.critical("uncaught exception", exc_info=exc)
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # Every record on its way out, from any logger: no secret reaches stderr.
+    handler.addFilter(redact.install(settings.websocket.auth_token, settings.api.key))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log.level.upper())

@@ -196,10 +196,10 @@ class BaseSocket(AdmittedHandler):
             return super().peer
         return f"{record.remote_ip} {record.path}"
 
-    def _request_summary(self) -> str:
+    def summary(self) -> str:
         record = self.record
         if record is None:
-            return super()._request_summary()
+            return super().summary()
         return f"{record.method} {record.path} ({record.remote_ip})"
 
     def on_connection_close(self) -> None:

@@ -35,6 +35,19 @@ def unsent_bytes(stream: tornado.iostream.IOStream) -> int:
     return stream._total_write_index - stream._total_write_done_index
 
 
+class SummaryHandler(tornado.web.RequestHandler):
+    """A handler whose request summary, in Tornado's own warning and error lines about a
+    request, is summary(): Tornado's has the URI with its query, so a ?token=."""
+
+    def summary(self) -> str:
+        """The request as log lines name it: method, path (never the query) and peer."""
+        request = self.request
+        return f"{request.method} {request.path} ({request.remote_ip})"
+
+    def _request_summary(self) -> str:
+        return self.summary()
+
+
 def forget_response(handler: tornado.web.RequestHandler) -> None:
     """The 101 is sent: drop its headers and the (empty) output buffer, held for the
     connection's lifetime otherwise."""
@@ -61,5 +74,6 @@ INTERNALS: list[tuple[Any, str, tuple[str, ...] | None]] = [
     (tornado.iostream.BaseIOStream, "_total_write_done_index", None),
     (tornado.tcpserver.TCPServer, "_handle_connection", ("self", "connection", "address")),
     (tornado.web.RequestHandler, "_headers", None),
+    (tornado.web.RequestHandler, "_request_summary", ("self",)),
     (tornado.web.RequestHandler, "_write_buffer", None),
 ]

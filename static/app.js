@@ -70,6 +70,7 @@
     channel: "default",    // the channel of the current/last connection
     membersTimer: null,
     membersInflight: false,
+    membersLocked: false,  // the server keeps member counts behind its API key (401)
     total: 0               // entries ever logged
   };
 
@@ -181,7 +182,7 @@
     el.mode.textContent = mode || "unknown";
     var channels = isChannelMode();
     el.channelField.hidden = !channels;
-    el.membersField.hidden = !channels;
+    el.membersField.hidden = !channels || state.membersLocked;
     var mixed = state.mode === "mixed";
     el.envelopeField.hidden = !mixed;
     // Mixed mode refuses every binary frame: offer text only there.
@@ -222,6 +223,7 @@
         // A server with a non-default WebSocket path may announce it here.
         if (typeof j.path === "string" && /^\/[^?#\s]*$/.test(j.path)) state.wsPath = j.path.replace(/\/+$/, "") || "/ws";
         if (typeof j.auth === "boolean") setAuthRequired(j.auth);
+        if (typeof j.protect_reads === "boolean") setMembersLocked(j.protect_reads);
         setText(el.serverAbout, j.version ? "echoserver " + j.version + " · " : "");
         var status = typeof j.status === "string" ? j.status : "unknown";
         showHealth(status, "health: " + status + (j.reason ? " — " + j.reason : ""));
@@ -427,7 +429,7 @@
       showHint("The server refused the connection for now (503: full or shutting down)." +
         (el.reconnect.checked && state.wanted ? " The page keeps retrying." : ""));
     } else if (status === 403) {
-      showHint("The server refused this page's origin (403): check its allowed origins.");
+      showHint("The server refused this page's origin or host name (403): check its allowed origins and allowed hosts.");
     } else {
       showHint("The connection failed before opening. Check the allowed origins and that the server is running.");
     }
@@ -490,9 +492,19 @@
     el.members.textContent = "—";
   }
 
+  // api.protect_reads: member counts need the API key, which a page cannot hold; the
+  // count is hidden rather than polled into 401s.
+  function setMembersLocked(locked) {
+    if (locked === state.membersLocked) return;
+    state.membersLocked = locked;
+    el.membersField.hidden = !isChannelMode() || locked;
+    if (locked) stopMembers();
+    else if (isOpen()) startMembers();
+  }
+
   function startMembers() {
     stopMembers();
-    if (!isChannelMode()) return;
+    if (!isChannelMode() || state.membersLocked) return;
     pollMembers();
     state.membersTimer = setInterval(pollMembers, MEMBERS_POLL_MS);
   }
@@ -504,11 +516,15 @@
     state.membersInflight = true;
     fetch("/api/channels/" + encodeURIComponent(channel), { cache: "no-store" })
       .then(function (r) {
+        if (r.status === 401) {  // reads became protected since /healthz said otherwise
+          setMembersLocked(true);
+          return null;
+        }
         if (!r.ok) throw new Error("HTTP " + r.status);
         return r.json();
       })
       .then(function (j) {
-        if (seq !== state.connectSeq || !isOpen()) return;
+        if (j === null || seq !== state.connectSeq || !isOpen()) return;
         el.members.textContent = typeof j.members === "number" ? String(j.members) : "—";
       })
       .catch(function () {

@@ -161,8 +161,10 @@ def browser():
 class Tab:
     """A page in its own context, with console errors and uncaught exceptions collected."""
 
-    def __init__(self, browser, viewport=DESKTOP):
-        self.context = browser.new_context(viewport=viewport)
+    def __init__(self, browser, viewport=DESKTOP, bypass_csp=True):
+        # The page's Content-Security-Policy forbids eval, which page.wait_for_function uses
+        # to run its expression; tests/test_hostile_web.py runs the page with the policy on.
+        self.context = browser.new_context(viewport=viewport, bypass_csp=bypass_csp)
         self.page = self.context.new_page()
         self.page.set_default_timeout(10_000)
         self.console_errors: list[str] = []

@@ -344,7 +344,8 @@ def test_metrics_broadcast_connections_deliveries_and_drops(run_server):
     slow_sock.settimeout(10)
     slow_sock.connect(("127.0.0.1", port))
     slow_sock.sendall(
-        b"GET /ws/flood HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"GET /ws/flood HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\n"
         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     )
     assert slow_sock.recv(4096).startswith(b"HTTP/1.1 101")
