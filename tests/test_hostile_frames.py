@@ -1,0 +1,188 @@
+"""Hostile frame streams against a real server: floods of tiny or empty fragments, control
+frames against the rate limit, and a prompt TCP close after a 1007 or 1009 (RFC 6455 7.1.1).
+"""
+
+from __future__ import annotations
+
+import select
+import sys
+import time
+
+import pytest
+
+from echoserver.framing import CLOSE, FAIL, FRAME_COST, OP_BINARY, OP_TEXT, PING, FrameParser
+from tests.conftest import ROOT, ServerProcess
+from tests.wsraw import RawClient, build_frame, close_payload
+
+OP_CONT, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x8, 0x9, 0xA
+MAX_SIZE = 1 << 20  # the default websocket.max_message_size
+
+
+def start(*args: str) -> ServerProcess:
+    # No keepalive pings: RawClient sees every frame the server sends.
+    return ServerProcess(
+        ["--mode", "echo", "--ping-interval", "0", *args], None, ROOT, sys.executable
+    )
+
+
+@pytest.fixture(scope="module")
+def server():
+    process = start().wait_ready()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def client(server):
+    raw = RawClient(server.port, timeout=10.0)
+    assert raw.status == 101
+    yield raw
+    raw.close()
+
+
+def memory_kb(pid: int, field: str) -> int:
+    """A /proc/PID/status figure in kB (VmRSS, VmHWM)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field} for {pid}")
+
+
+def send_until_answered(client: RawClient, chunk: bytes, chunks: int) -> int:
+    """Send `chunk` up to `chunks` times, stopping once the server has sent something;
+    how many were sent."""
+    for sent in range(chunks):
+        if client.buffer or select.select([client.sock], [], [], 0)[0]:
+            return sent
+        client.send(chunk)
+    return chunks
+
+
+# --- fragments cost their overhead --------------------------------------------------------
+
+
+def test_a_million_one_byte_fragments_end_in_1009_with_bounded_memory(server, client):
+    pid = server.proc.pid
+    client.send(build_frame(OP_TEXT, b"a", fin=False))
+    peak_before = memory_kb(pid, "VmHWM")
+    frames = 1_000_000
+    per_chunk = 50_000
+    chunk = build_frame(OP_CONT, b"x", fin=False) * per_chunk
+    sent = send_until_answered(client, chunk, frames // per_chunk)
+    assert client.recv_close_code() == 1009
+    assert sent < frames // per_chunk  # closed long before the million
+    grown_mb = (memory_kb(pid, "VmHWM") - peak_before) / 1024
+    assert grown_mb < 8, f"the server's peak RSS grew by {grown_mb:.1f} MB"
+
+
+def test_endless_empty_fragments_end_in_1009(server, client):
+    client.send(build_frame(OP_BINARY, b"start", fin=False))
+    per_chunk = 100_000
+    chunk = build_frame(OP_CONT, b"", fin=False) * per_chunk
+    sent = send_until_answered(client, chunk, 3_000_000 // per_chunk)
+    assert client.recv_close_code() == 1009
+    assert sent < 3_000_000 // per_chunk
+
+
+def test_a_message_in_a_few_fragments_is_untouched(server, client):
+    """Autobahn 5.x style: fragments of a message just under the limit still pass."""
+    pieces = [b"p" * (MAX_SIZE // 4 - FRAME_COST)] * 4
+    for index, piece in enumerate(pieces):
+        client.send_frame(OP_CONT if index else OP_BINARY, piece, fin=index == 3)
+    assert client.recv_frame() == (True, OP_BINARY, b"".join(pieces))
+
+
+# --- after a 1007 or 1009 the peer's close frame closes TCP at once -----------------------
+
+
+def seconds_to_eof(client: RawClient) -> float:
+    """Send the close frame; how long until the server closes TCP."""
+    start_at = time.monotonic()
+    client.send_frame(OP_CLOSE, close_payload(1000))
+    while client.sock.recv(65536):
+        pass
+    return time.monotonic() - start_at
+
+
+def invalid_text(client: RawClient) -> int:
+    client.send_frame(OP_TEXT, b"fine \xff broken")
+    return 1007
+
+
+def invalid_text_in_a_partial_frame(client: RawClient) -> int:
+    # The bad byte arrives first; the rest of the frame follows after the 1007.
+    frame = build_frame(OP_TEXT, b"\xff" + b"y" * 50_000)
+    client.send(frame[:20])
+    assert client.recv_close_code() == 1007
+    client.send(frame[20:])
+    return 0
+
+
+def too_big(client: RawClient) -> int:
+    client.send_frame(OP_BINARY, b"z" * (MAX_SIZE + 1))
+    return 1009
+
+
+def too_big_by_its_fragments(client: RawClient) -> int:
+    client.send_frame(OP_BINARY, b"z" * (MAX_SIZE - 10), fin=False)
+    client.send_frame(OP_CONT, b"z" * 100)
+    return 1009
+
+
+CLOSERS = [invalid_text, invalid_text_in_a_partial_frame, too_big, too_big_by_its_fragments]
+
+
+@pytest.mark.parametrize("frames_between", [0, 3])
+@pytest.mark.parametrize("provoke", CLOSERS, ids=lambda f: f.__name__)
+def test_tcp_closes_as_soon_as_the_peers_close_frame_arrives(server, provoke, frames_between):
+    for _ in range(3):
+        client = RawClient(server.port, timeout=5.0)
+        try:
+            code = provoke(client)
+            if code:
+                assert client.recv_close_code() == code
+            for index in range(frames_between):  # still sent after the server's close
+                client.send_frame(OP_BINARY if index % 2 else OP_TEXT, b"late \xff" * 100)
+            took = seconds_to_eof(client)
+        finally:
+            client.close()
+        assert took < 0.1, f"TCP closed {took * 1000:.0f} ms after the peer's close frame"
+
+
+# --- the parser, without I/O ----------------------------------------------------------------
+
+
+def test_after_a_1009_a_huge_frame_is_skipped_unbuffered_and_the_close_found():
+    parser = FrameParser(1000)
+    length = 50 << 20
+    header = bytes([0x82, 0x80 | 127]) + length.to_bytes(8, "big") + b"mask"
+    assert parser.receive(header) == [(FAIL, 1009, "message over 1000 bytes")]
+    piece = b"\0" * (1 << 20)
+    for _ in range(length // len(piece)):
+        assert parser.receive(piece) == []
+        assert len(parser._buffer) == 0  # nothing of it kept
+    tail = build_frame(OP_PING, b"p") + build_frame(OP_CLOSE, close_payload(1000, b"bye"))
+    assert parser.receive(tail) == [(PING, 0, b"p"), (CLOSE, 1000, b"bye")]
+
+
+def test_after_a_1007_frames_are_followed_to_the_close_in_the_same_read():
+    parser = FrameParser(1000)
+    data = (
+        build_frame(OP_TEXT, b"\xc3", fin=False)
+        + build_frame(OP_CONT, b"(")  # breaks the text
+        + build_frame(OP_CONT, b"stray")  # would be 1002 while a message was open
+        + build_frame(OP_CLOSE, close_payload(1001))
+    )
+    assert parser.receive(data) == [
+        (FAIL, 1007, "text message is not valid UTF-8"),
+        (CLOSE, 1001, b""),
+    ]
+
+
+def test_a_broken_frame_after_a_1007_still_loses_the_stream():
+    parser = FrameParser(1000)
+    assert parser.receive(build_frame(OP_TEXT, b"\xff"))[0][:2] == (FAIL, 1007)
+    assert parser.receive(build_frame(0x3, b""))[0][:2] == (FAIL, 1002)  # reserved opcode
+    assert parser.failed
+    assert parser.receive(build_frame(OP_CLOSE, close_payload(1000))) == []
