@@ -565,7 +565,9 @@ KEYS: tuple[Key, ...] = (
     ),
     _key(
         "websocket.rate_limit",
-        "Messages per second allowed per client; more close it with 1008. 0 = no limit.",
+        "Messages per second allowed per client, bursts of one second's worth; every ping and "
+        "pong the client sends counts as one too (a fragmented message counts once). More "
+        "close it with 1008. 0 = no limit.",
         _number(0),
     ),
     _key(

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import tornado.iostream
 
 from echoserver.framing import (
+    CLOSE,
     FAIL,
     MESSAGE,
     OP_BINARY,
@@ -286,6 +287,10 @@ class WebSocketConnection:
                     return
             elif kind == FAIL:
                 self.fail(arg, payload)  # type: ignore[arg-type]
+                break
+            elif kind != CLOSE and self.rate_limit is not None and not self.rate_limit.allow():
+                # Pings and pongs cost a token each, like messages.
+                self.fail(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
                 break
             elif kind == PONG:
                 self.awaiting_pong = False

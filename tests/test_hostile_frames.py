@@ -11,7 +11,7 @@ import time
 import pytest
 
 from echoserver.framing import CLOSE, FAIL, FRAME_COST, OP_BINARY, OP_TEXT, PING, FrameParser
-from tests.conftest import ROOT, ServerProcess
+from tests.conftest import ROOT, ServerProcess, wait_until
 from tests.wsraw import RawClient, build_frame, close_payload
 
 OP_CONT, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x8, 0x9, 0xA
@@ -91,6 +91,31 @@ def test_a_message_in_a_few_fragments_is_untouched(server, client):
     for index, piece in enumerate(pieces):
         client.send_frame(OP_CONT if index else OP_BINARY, piece, fin=index == 3)
     assert client.recv_frame() == (True, OP_BINARY, b"".join(pieces))
+
+
+# --- control frames count against the rate limit ------------------------------------------
+
+
+def test_a_ping_flood_is_closed_by_the_rate_limit():
+    process = start("--rate-limit", "5").wait_ready()
+    try:
+        raw = RawClient(process.port, timeout=10.0)
+        raw.send(build_frame(OP_PING, b"p") * 1000)
+        pongs = 0
+        while True:
+            frame = raw.recv_frame()
+            assert frame is not None, "closed without a close frame"
+            if frame[1] == OP_PONG:
+                pongs += 1
+            elif frame[1] == OP_CLOSE:
+                code = int.from_bytes(frame[2][:2], "big")
+                break
+        raw.close()
+        assert code == 1008
+        assert pongs < 50
+        assert wait_until(lambda: "rate limit exceeded" in process.log())
+    finally:
+        process.stop()
 
 
 # --- after a 1007 or 1009 the peer's close frame closes TCP at once -----------------------
