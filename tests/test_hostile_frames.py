@@ -1,17 +1,22 @@
 """Hostile frame streams against a real server: floods of tiny or empty fragments, control
-frames against the rate limit, and a prompt TCP close after a 1007 or 1009 (RFC 6455 7.1.1).
+frames against the rate limit, a prompt TCP close after a 1007 or 1009 (RFC 6455 7.1.1),
+and mixed-mode or published JSON that receivers could not parse back.
 """
 
 from __future__ import annotations
 
+import json
 import select
 import sys
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 
 from echoserver.framing import CLOSE, FAIL, FRAME_COST, OP_BINARY, OP_TEXT, PING, FrameParser
 from tests.conftest import ROOT, ServerProcess, wait_until
+from tests.wspeer import Peer
 from tests.wsraw import RawClient, build_frame, close_payload
 
 OP_CONT, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x8, 0x9, 0xA
@@ -211,3 +216,71 @@ def test_a_broken_frame_after_a_1007_still_loses_the_stream():
     assert parser.receive(build_frame(0x3, b""))[0][:2] == (FAIL, 1002)  # reserved opcode
     assert parser.failed
     assert parser.receive(build_frame(OP_CLOSE, close_payload(1000))) == []
+
+
+# --- mixed mode and the publish API take only JSON every receiver can parse -----------------
+
+KEY = "hostile-frames-key"
+NOT_JSON = [b"1e400", b"-1e400", b"NaN", b"Infinity", b"-Infinity", b"[" * 100_000 + b"]" * 100_000]
+
+
+@pytest.fixture(scope="module")
+def mixed_server():
+    process = start("--mode", "mixed", "--api-key", KEY).wait_ready()
+    yield process
+    process.stop()
+
+
+def next_json(peer: Peer) -> dict[str, object]:
+    frame = peer.recv_frame()
+    assert frame is not None and frame[1] == OP_TEXT, frame
+    return json.loads(frame[2])  # type: ignore[no-any-return]
+
+
+def test_mixed_mode_answers_what_is_not_json_with_an_error_and_stays_open(mixed_server):
+    sender = Peer(mixed_server.port, path="/ws/room")
+    member = Peer(mixed_server.port, path="/ws/room")
+    try:
+        for payload in NOT_JSON:
+            for kind in (b"broadcast", b"echo"):
+                sender.send_frame(OP_TEXT, b'{"type":"%s","payload":%s}' % (kind, payload))
+                answer = next_json(sender)
+                assert answer["type"] == "error", answer
+                assert str(answer["error"]).startswith("not JSON: ")
+            sender.send_frame(OP_TEXT, b'{"type":"echo","payload":1.5}')
+            assert next_json(sender) == {"type": "echo", "payload": 1.5}
+        sender.send_frame(OP_TEXT, b'{"type":"broadcast","payload":[1e300,{"a":null}]}')
+        # The member's first message is the one valid broadcast: nothing before it leaked.
+        assert next_json(member) == {
+            "type": "broadcast",
+            "payload": [1e300, {"a": None}],
+            "offset": 1,
+        }
+    finally:
+        sender.close()
+        member.close()
+    assert "Traceback" not in mixed_server.log()
+    assert "closing" not in mixed_server.log()
+
+
+@pytest.mark.parametrize("body", NOT_JSON, ids=lambda b: b[:10].decode())
+def test_the_publish_api_refuses_what_is_not_json_with_400(mixed_server, body):
+    url = f"{mixed_server.url}/api/channels/room/messages"
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 400
+    message = json.loads(refused.value.read())["error"]
+    assert message.startswith("the body is not valid JSON: ")
+    assert "Traceback" not in mixed_server.log()
+
+
+def test_json_nested_to_the_bound_passes_and_one_deeper_does_not():
+    from echoserver.messages import MAX_JSON_DEPTH, NotJson, load_json
+
+    at_bound = b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH
+    assert load_json(b'{"s":"' + b"[" * 200 + b'"}')  # brackets in strings do not count
+    assert load_json(at_bound)
+    with pytest.raises(NotJson):
+        load_json(b"[" + at_bound + b"]")
