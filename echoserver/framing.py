@@ -222,6 +222,8 @@ class FrameParser:
     def stop_messages(self) -> None:
         """No more messages (a failure, or the server sent its close): from now on data
         frames are skipped unkept and only control frames are reported (see skim())."""
+        if self.skimming:
+            return
         self.skimming = True
         self._fragments = None
         self._fragments_size = 0
@@ -231,7 +233,7 @@ class FrameParser:
             # Part of a data frame is buffered (its header whole): skip the rest as it comes.
             self._skip = self._need - len(self._buffer)
             self._buffer.clear()
-            self._need = 0
+        self._need = 0
 
     def _stop(self, data: bytes, frame_end: int) -> list[Event]:
         """A message failed at a frame ending at `frame_end`: skim whatever follows it."""
@@ -300,9 +302,11 @@ class FrameParser:
             event = self._on_control(first & 0x0F, unmask(mask, data[pos + header : frame_end]))
             events.append(event)
             pos = frame_end
-            if event[0] == CLOSE or event[0] == FAIL:
-                self._lose()  # the peer has closed: nothing after its close frame counts
+            if event[0] == FAIL:
+                self._lose()
                 return events
+            if event[0] == CLOSE:
+                return events  # the peer has closed: what follows its close frame is not read
         if pos < end:
             self._buffer += data[pos:] if pos else data
         return events

@@ -15,6 +15,7 @@ import urllib.request
 import pytest
 
 from echoserver.framing import CLOSE, FAIL, FRAME_COST, OP_BINARY, OP_TEXT, PING, FrameParser
+from echoserver.protocol import CLOSED, ServerProtocol
 from tests.conftest import ROOT, ServerProcess, wait_until
 from tests.wspeer import Peer
 from tests.wsraw import RawClient, build_frame, close_payload
@@ -180,7 +181,32 @@ def test_tcp_closes_as_soon_as_the_peers_close_frame_arrives(server, provoke, fr
         assert took < 0.1, f"TCP closed {took * 1000:.0f} ms after the peer's close frame"
 
 
+def test_a_close_frame_in_the_same_read_as_the_failure_closes_at_once(server):
+    for _ in range(3):
+        client = RawClient(server.port, timeout=5.0)
+        try:
+            start_at = time.monotonic()
+            client.send(build_frame(OP_TEXT, b"\xff") + build_frame(OP_CLOSE, close_payload(1000)))
+            assert client.recv_close_code() == 1007
+            while client.sock.recv(65536):
+                pass
+            took = time.monotonic() - start_at
+        finally:
+            client.close()
+        assert took < 0.1, f"TCP closed {took * 1000:.0f} ms after the peer's close frame"
+
+
 # --- the parser, without I/O ----------------------------------------------------------------
+
+
+def test_a_close_of_ours_mid_frame_skips_the_rest_of_that_frame():
+    protocol = ServerProtocol(FrameParser(1 << 20))
+    frame = build_frame(OP_TEXT, "\u00e9".encode() * 1000)
+    assert protocol.receive(frame[:101]) == []  # half a character at the cut
+    protocol.close(1001, "going away")
+    protocol.receive(frame[101:] + build_frame(OP_CLOSE, close_payload(1001)))
+    assert protocol.state == CLOSED
+    assert protocol.close_code == 1001
 
 
 def test_after_a_1009_a_huge_frame_is_skipped_unbuffered_and_the_close_found():
