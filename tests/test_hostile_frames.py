@@ -127,6 +127,15 @@ def test_a_ping_flood_is_closed_by_the_rate_limit():
 # --- after a 1007 or 1009 the peer's close frame closes TCP at once -----------------------
 
 
+def assert_prompt(took: list[float]) -> None:
+    """Typically well under a millisecond. The median of the rounds must be under 100 ms
+    (a loaded CI machine may stall one of them), and none may reach the 0.5 s that waiting
+    for the peer to fall quiet would take."""
+    took.sort()
+    assert took[len(took) // 2] < 0.1, f"TCP closed {took} s after the peer's close frame"
+    assert took[-1] < 0.4, f"TCP closed {took} s after the peer's close frame"
+
+
 def seconds_to_eof(client: RawClient) -> float:
     """Send the close frame; how long until the server closes TCP."""
     start_at = time.monotonic()
@@ -167,6 +176,7 @@ CLOSERS = [invalid_text, invalid_text_in_a_partial_frame, too_big, too_big_by_it
 @pytest.mark.parametrize("frames_between", [0, 3])
 @pytest.mark.parametrize("provoke", CLOSERS, ids=lambda f: f.__name__)
 def test_tcp_closes_as_soon_as_the_peers_close_frame_arrives(server, provoke, frames_between):
+    took = []
     for _ in range(3):
         client = RawClient(server.port, timeout=5.0)
         try:
@@ -175,13 +185,14 @@ def test_tcp_closes_as_soon_as_the_peers_close_frame_arrives(server, provoke, fr
                 assert client.recv_close_code() == code
             for index in range(frames_between):  # still sent after the server's close
                 client.send_frame(OP_BINARY if index % 2 else OP_TEXT, b"late \xff" * 100)
-            took = seconds_to_eof(client)
+            took.append(seconds_to_eof(client))
         finally:
             client.close()
-        assert took < 0.1, f"TCP closed {took * 1000:.0f} ms after the peer's close frame"
+    assert_prompt(took)
 
 
 def test_a_close_frame_in_the_same_read_as_the_failure_closes_at_once(server):
+    took = []
     for _ in range(3):
         client = RawClient(server.port, timeout=5.0)
         try:
@@ -190,10 +201,10 @@ def test_a_close_frame_in_the_same_read_as_the_failure_closes_at_once(server):
             assert client.recv_close_code() == 1007
             while client.sock.recv(65536):
                 pass
-            took = time.monotonic() - start_at
+            took.append(time.monotonic() - start_at)
         finally:
             client.close()
-        assert took < 0.1, f"TCP closed {took * 1000:.0f} ms after the peer's close frame"
+    assert_prompt(took)
 
 
 # --- the parser, without I/O ----------------------------------------------------------------
