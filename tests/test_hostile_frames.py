@@ -75,9 +75,10 @@ def test_a_million_one_byte_fragments_end_in_1009_with_bounded_memory(server, cl
     frames = 1_000_000
     per_chunk = 50_000
     chunk = build_frame(OP_CONT, b"x", fin=False) * per_chunk
-    sent = send_until_answered(client, chunk, frames // per_chunk)
+    # (The kernel's socket buffers take megabytes before the close is seen, so how many
+    # chunks left is no measure here; the server's memory is.)
+    send_until_answered(client, chunk, frames // per_chunk)
     assert client.recv_close_code() == 1009
-    assert sent < frames // per_chunk  # closed long before the million
     grown_mb = (memory_kb(pid, "VmHWM") - peak_before) / 1024
     assert grown_mb < 8, f"the server's peak RSS grew by {grown_mb:.1f} MB"
 
