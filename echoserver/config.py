@@ -524,7 +524,9 @@ KEYS: tuple[Key, ...] = (
     ),
     _key(
         "websocket.max_message_size",
-        "Largest incoming message in bytes (1..2**31); bigger ones close the connection with 1009.",
+        "Largest incoming message in bytes (1..2**31); bigger ones close the connection with "
+        "1009. Each frame of a fragmented message counts 64 bytes on top of its payload, so "
+        "a flood of tiny or empty fragments is cut off like one big message.",
         _int_range(1, 2**31),
     ),
     _key(
@@ -565,7 +567,9 @@ KEYS: tuple[Key, ...] = (
     ),
     _key(
         "websocket.rate_limit",
-        "Messages per second allowed per client; more close it with 1008. 0 = no limit.",
+        "Messages per second allowed per client, bursts of one second's worth; every ping and "
+        "pong the client sends counts as one too (a fragmented message counts once). More "
+        "close it with 1008. 0 = no limit.",
         _number(0),
     ),
     _key(

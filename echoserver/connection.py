@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import tornado.iostream
 
 from echoserver.framing import (
+    CLOSE,
     FAIL,
     MESSAGE,
     OP_BINARY,
@@ -58,7 +59,7 @@ log = logging.getLogger("echoserver.ws")
 # How long to wait for the peer's half of a closing handshake before resetting the socket;
 # also how long a close frame may wait behind what a peer that stopped reading left unread.
 CLOSING_TIMEOUT = 3.0
-# After a protocol failure the peer's frames cannot be followed to its close frame: the
+# After a protocol error (1002) the peer's frames cannot be followed to its close frame: the
 # socket is closed once the peer has sent nothing for this long (nothing left unread, so no
 # reset that would destroy the close frame on its way).
 CLOSING_QUIET = 0.5
@@ -272,25 +273,32 @@ class WebSocketConnection:
             index += 1
             if kind == MESSAGE:
                 if protocol.state != OPEN:
-                    return
+                    break
                 if self.rate_limit is not None and not self.rate_limit.allow():
                     self.fail(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
-                    return
+                    break
                 try:
                     result = on_message(payload, arg == OP_BINARY)  # type: ignore[arg-type]
                 except Exception:
                     self._internal_error()
-                    return
+                    break
                 if result is not None:
                     self._wait_for(result, events, index)
                     return
-            elif kind == PONG:
-                self.awaiting_pong = False
             elif kind == FAIL:
                 self.fail(arg, payload)  # type: ignore[arg-type]
-                return
+                break
+            elif kind != CLOSE and self.rate_limit is not None and not self.rate_limit.allow():
+                # Pings and pongs cost a token each, like messages.
+                self.fail(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
+                break
+            elif kind == PONG:
+                self.awaiting_pong = False
             elif protocol.handle(event):  # the peer's close
                 return
+        if index < count and protocol.state != OPEN:
+            # Closed with events left in this read: the peer's close frame may be among them.
+            protocol.after_close(events[index:])
 
     def _wait_for(self, result: Awaitable[Any], events: list[Event], index: int) -> None:
         """on_raw_message returned an awaitable: read nothing more until it ends."""

@@ -5,11 +5,17 @@ Mixed mode keeps a broadcast's payload in the broker as JSON text. Receivers get
 the broker's offset and cached on the Delivery, so 1000 receivers cost one envelope. The
 publish API turns a request body and its Content-Type into the message a member would
 have sent, or refuses it with the HTTP status to answer.
+
+Both take only JSON every receiver can parse back (load_json): no NaN or Infinity, no
+number beyond a double's range (1e400 would go out as Infinity), and no nesting deeper
+than MAX_JSON_DEPTH, which also keeps json's recursion far from its limit.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -25,6 +31,56 @@ class Refused(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+# Arrays and objects nested deeper than this are refused (mixed mode and the publish API).
+MAX_JSON_DEPTH = 64
+
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_OPENING = frozenset(b"[{")
+
+
+class NotJson(ValueError):
+    """Text json.loads would take that is not JSON a receiver can rely on."""
+
+
+def _no_constant(name: str) -> Any:
+    raise NotJson(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if math.isinf(number):
+        raise NotJson(f"the number {text[:20]} is out of range")
+    return number
+
+
+# One decoder: json.loads with hooks would build a new one per call.
+_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite)
+
+
+def nested_too_deep(data: bytes) -> bool:
+    """Whether arrays and objects nest deeper than MAX_JSON_DEPTH; free for small text."""
+    if data.count(b"[") + data.count(b"{") <= MAX_JSON_DEPTH:
+        return False
+    depth = 0
+    for byte in _STRING.sub(b"", data).translate(None, _NOT_BRACKETS):
+        if byte in _OPENING:
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+def load_json(data: bytes) -> Any:
+    """json.loads of UTF-8 text for what others will receive; ValueError (NotJson for the
+    reasons above, with a message to show) for anything else."""
+    if nested_too_deep(data):
+        raise NotJson(f"nested deeper than {MAX_JSON_DEPTH} levels")
+    return _DECODER.decode(data.decode())
 
 
 def mixed_payload(value: Any) -> bytes:
@@ -67,10 +123,6 @@ def _is_json(media: str) -> bool:
     )
 
 
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 def body_message(body: bytes, content_type: str | None, mixed: bool) -> tuple[bytes, bool]:
     """(data, binary) to publish for a request body; raises Refused.
 
@@ -95,8 +147,10 @@ def body_message(body: bytes, content_type: str | None, mixed: bool) -> tuple[by
         return body, False
     if _is_json(media):
         try:
-            value = json.loads(text, parse_constant=_no_constant)
-        except (ValueError, RecursionError):
+            value = load_json(body)
+        except NotJson as error:
+            raise Refused(400, f"the body is not valid JSON: {error}") from None
+        except ValueError:
             raise Refused(400, "the body is not valid JSON") from None
         return mixed_payload(value), False
     return mixed_payload(text), False

@@ -9,9 +9,10 @@ depend on sockets or clocks:
 - pings are answered; a close frame from the peer is echoed (its code, or an empty close
   for an empty one) and ends the connection (state CLOSED: the adapter closes the socket);
 - a frame that breaks the protocol fails the connection with its close code (1002, 1007,
-  1009); after the server has sent its close frame (state CLOSING) every data frame is
-  discarded and only the peer's close frame matters; if the peer's stream cannot be
-  parsed any more (`discarding`), the adapter waits for it to fall quiet instead;
+  1009); after the server has sent its close frame (state CLOSING) the parser skims: every
+  data frame is skipped unkept and only the peer's close frame matters, which ends the
+  connection as soon as it arrives; if the peer's stream cannot be parsed any more (a
+  1002: `discarding`), the adapter waits for it to fall quiet instead;
 - which close code the connection ended with, for logs and metrics.
 
 Timers (the closing timeout, keepalive pings) and policy (rate limits) belong to the adapter
@@ -99,15 +100,21 @@ class ServerProtocol:
     def _receive_closing(self, data: bytes) -> list[Event]:
         if self.state == CLOSED or self.parser.failed:
             return []
-        for event in self.parser.receive(data):
-            if event[0] == CLOSE:
+        self.after_close(self.parser.skim(data))
+        return []
+
+    def after_close(self, events: list[Event]) -> None:
+        """Events parsed after our close frame (the rest of a read): only the peer's close
+        frame counts."""
+        for event in events:
+            if event[0] == CLOSE and self.state == CLOSING:
                 self._peer_closed(event[1], event[2])  # type: ignore[arg-type]
                 break
-        return []
 
     def _leave(self, state: int) -> None:
         self.state = state
         self.receive = self._receive_closing
+        self.parser.stop_messages()
 
     def _peer_closed(self, code: int, reason: bytes) -> None:
         self.close_received = int(code)

@@ -29,7 +29,7 @@ from echoserver.handshake import (
     check_upgrade,
 )
 from echoserver.hub import HubUnavailable, Replay
-from echoserver.messages import mixed_broadcast, mixed_payload
+from echoserver.messages import NotJson, load_json, mixed_broadcast, mixed_payload
 from echoserver.occupancy import Slot
 from echoserver.protocol import ServerProtocol
 from echoserver.tornado_seam import forget_response
@@ -407,8 +407,11 @@ class MixedSocket(ChannelSocket):
             self._error("binary messages are not supported in mixed mode; send JSON text")
             return None
         try:
-            request = json.loads(payload)
+            request = load_json(payload)
             kind = request["type"] if isinstance(request, dict) else None
+        except NotJson as error:
+            self._error(f"not JSON: {error}")
+            return None
         except (ValueError, KeyError):
             self._error("expected a JSON object with a type")
             return None
