@@ -76,7 +76,9 @@ class Kit:
     def new(self, **options: Any) -> Broker:
         if self.redis is None:
             return MemoryBroker(
-                history=options.get("history", 0), history_ttl=options.get("history_ttl", 0.0)
+                history=options.get("history", 0),
+                history_ttl=options.get("history_ttl", 0.0),
+                history_bytes=options.get("history_bytes", 1 << 20),
             )
         options.setdefault("backoff_cap", 0.5)
         options.setdefault("op_timeout", 2.0)
@@ -418,6 +420,44 @@ def test_history_ttl_forgets_old_messages_but_not_the_offset(kit: Kit) -> None:
     assert (expired.envelopes, expired.last) == ([], 5)
 
 
+def test_history_is_bounded_in_bytes_oldest_first(kit: Kit) -> None:
+    """history_bytes caps a channel's kept payload bytes whatever `history` allows; a
+    message over it is not kept and ends what was; a `since` past what the bytes kept is
+    not recovered."""
+
+    async def scenario() -> dict[str, Any]:
+        hub = Hub(kit.new(history=100, history_bytes=1024))
+        await hub.start()
+        for n in range(10):
+            await offset(hub.publish("hb", b"%d" % n * 300, bool(n % 2), "s" if n % 3 else None))
+        result: dict[str, Any] = {"bounded": await hub.broker.backlog("hb", 0, 100)}
+        for since in (6, 7, 10):
+            member = Member(f"m{since}")
+            result[f"since{since}"] = await hub.join("hb", member, since=since)
+            await hub.leave("hb", member)
+        await offset(hub.publish("hb", b"x" * 1025, False, None))  # over the bound alone
+        result["big"] = await hub.broker.backlog("hb", 0, 100)
+        await offset(hub.publish("hb", b"tiny", False, None))
+        result["after"] = await hub.broker.backlog("hb", 0, 100)
+        await hub.close()
+        return result
+
+    got = run(scenario())
+    bounded = got["bounded"]
+    assert ([e.seq for e in bounded.envelopes], bounded.last) == ([8, 9, 10], 10)
+    assert [e.data for e in bounded.envelopes] == [b"7" * 300, b"8" * 300, b"9" * 300]
+    assert [(e.binary, e.sender) for e in bounded.envelopes] == [
+        (True, "s"),
+        (False, "s"),
+        (True, None),
+    ]
+    assert (got["since6"].recovered, got["since6"].first) == (False, 8)  # 7 went for bytes
+    assert (got["since7"].recovered, got["since7"].count) == (True, 3)
+    assert (got["since10"].recovered, got["since10"].count) == (True, 0)
+    assert (got["big"].envelopes, got["big"].last) == ([], 11)
+    assert [(e.seq, e.data) for e in got["after"].envelopes] == [(12, b"tiny")]
+
+
 def test_a_channels_keys_share_one_cluster_slot(kit: Kit) -> None:
     """Counter, history and pub/sub name carry {channel} as a hash tag (Redis Cluster)."""
     kit.need_shared()
@@ -434,7 +474,9 @@ def test_a_channels_keys_share_one_cluster_slot(kit: Kit) -> None:
         keys = sorted(await client.keys("echoserver:*news*"))
         channels = await client.pubsub_channels("*news*")
         await asyncio.sleep(0.8)
-        after_ttl = await client.exists("echoserver:{news}:history")
+        after_ttl = await client.exists(
+            "echoserver:{news}:history", "echoserver:{news}:history:bytes"
+        )
         await client.aclose()
         await broker.close()
         return [*keys, *channels], after_ttl
@@ -442,6 +484,7 @@ def test_a_channels_keys_share_one_cluster_slot(kit: Kit) -> None:
     names, after_ttl = run(scenario())
     assert names == [
         b"echoserver:{news}:history",
+        b"echoserver:{news}:history:bytes",
         b"echoserver:{news}:seq",
         b"echoserver:0:ch:{news}",
     ]

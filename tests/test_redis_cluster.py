@@ -97,12 +97,12 @@ def test_channels_spread_over_the_primaries_each_on_one_slot(
         for data, seq in per_channel:  # and each publish was told its offset
             assert offsets[b"%s:%s" % (channel.encode(), data)] == seq
     for port, channel in spread.items():
-        name, seq_key, history_key = NAMES(channel)
+        name, *keys = NAMES(channel)
         node = next(node for node in cluster.nodes if node.port == port)
         with cluster.client(node) as client:
-            # Both keys are on the channel's primary (another node would answer MOVED).
-            assert client.exists(seq_key, history_key) == 2
-            slots = {client.cluster("KEYSLOT", key) for key in (name, seq_key, history_key)}
+            # Every key is on the channel's primary (another node would answer MOVED).
+            assert client.exists(*keys) == 3
+            slots = {client.cluster("KEYSLOT", key) for key in (name, *keys)}
             assert len(slots) == 1
 
 

@@ -45,6 +45,7 @@ class RedisOptions:
 
     history: int = 0  # messages kept per channel for recovery
     history_ttl: float = 0.0  # seconds a kept message lives (0 = no age limit)
+    history_bytes: int = Broker.history_bytes  # payload bytes kept per channel
     prefix: str = "echoserver"  # of every key and pub/sub channel name
     presence_ttl: float = 10.0  # seconds a process's presence outlives its last refresh
     op_timeout: float = 3.0  # seconds for one command or connection attempt
@@ -97,6 +98,7 @@ class PipelinedRedisBroker(Broker):
         self.process_id = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
         self.history_size = options.history
         self.history_ttl = options.history_ttl
+        self.history_bytes = options.history_bytes
         self._keys = KeyNames(options.prefix, db)
         self._presence_ttl = options.presence_ttl
         self._op_timeout = options.op_timeout
@@ -204,18 +206,20 @@ class PipelinedRedisBroker(Broker):
     def publish(self, envelope: Envelope) -> asyncio.Future[int]:
         """A future of the offset: queued synchronously, so the queue's order is the call order."""
         header, data = encode(envelope)
-        name, seq_key, history_key = self._keys(envelope.channel)
+        name, seq_key, history_key, bytes_key = self._keys(envelope.channel)
         return self._command(
             "EVALSHA",
             self.PUBLISH_SHA,
-            2,
+            3,
             seq_key,
             history_key,
+            bytes_key,
             name,
             header,
             data,
             self.history_size,
             int(self.history_ttl * 1000),
+            self.history_bytes,
         )
 
     async def backlog(self, channel: str, after: int, limit: int) -> Backlog:
@@ -226,7 +230,7 @@ class PipelinedRedisBroker(Broker):
             # active, or a message published in between would be in neither history nor live.
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(waiters[-1]), self._op_timeout)
-        _, seq_key, history_key = self._keys(channel)
+        _, seq_key, history_key, _ = self._keys(channel)
         reply = await self._command(
             "EVALSHA", self.BACKLOG_SHA, 2, seq_key, history_key, after, max(limit, 0)
         )
