@@ -363,8 +363,9 @@ class Hub:
         """Send to the channel: starts now and never waits; publishes keep their call order.
 
         Returns the message's offset when the broker has delivered it already (memory),
-        else a future of it. Raises HubUnavailable at once when the broker is known to be
-        down; the future fails with HubUnavailable when the message could not be published.
+        else a future of it, which waits up to publish_timeout for a broker that is down.
+        Raises HubUnavailable at once when the broker cannot even queue it; the future
+        fails with HubUnavailable when the message could not be published.
         """
         return self.broker.publish(Envelope(channel, data, binary, sender))
 

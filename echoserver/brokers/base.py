@@ -109,8 +109,9 @@ class Broker(abc.ABC):
         Publishes started one after another are published in that order, so a sender can
         have several in flight. Returns the message's offset when the publish is already
         done (the memory broker delivers at once), else a future of it, which fails with
-        `unavailable` when the message could not be handed over. Raises `unavailable` at
-        once when the broker is known to be down.
+        `unavailable` when the message could not be handed over: refused, or the broker
+        stayed down for `publish_timeout` seconds. Raises `unavailable` at once when it
+        cannot even wait (closing, or too much already waits).
         """
 
     @abc.abstractmethod

@@ -7,8 +7,20 @@ per batch rather than per message; a subclass sends a batch (`_round_trip`) to o
 or through the cluster client. Publish and backlog are one script each (redis_wire.py).
 The channels this process wants are recorded whether or not Redis is reachable; a
 supervisor task connects (`_open_session`), re-subscribes them and re-writes presence
-(`_restore`), and on any failure goes down (`healthy` False, pending commands failed with
-`unavailable`), waits with exponential backoff and full jitter, and tries again.
+(`_restore`), and on any failure goes down (`healthy` False), waits with exponential
+backoff and full jitter, and tries again.
+
+A short outage (a restart, a cluster failover) loses no message and fails no sender:
+while the broker is down, publishes wait in the queue, in call order, and go out once it
+is back (after the re-subscriptions, so this process's members get them). Publishes that
+were on their way when it went down and got no reply wait with them (Redis may have run
+one whose reply was lost: then it is published twice; the price of losing none). A
+waiting publish fails with `unavailable` once it has waited `publish_timeout` seconds,
+or at once when MAX_WAITING_BYTES already wait; the oldest fail first, so a publish that
+failed is never overtaken by an older one. While publishes wait, reconnection attempts
+come at most publish_timeout / 4 apart, so a Redis that is back is noticed in time.
+Other commands (history reads, presence) fail at once while the broker is down, as they
+always did.
 """
 
 from __future__ import annotations
@@ -35,6 +47,9 @@ log = logging.getLogger("echoserver.broker")
 
 MAX_BATCH = 512
 RESTORE_PASSES = 10
+# Payload bytes of publishes that may wait for a broker that is down, all senders of this
+# process together (each connection also waits with at most broadcast.max_queue_bytes).
+MAX_WAITING_BYTES = 64 << 20
 
 Queued = tuple[tuple[Any, ...], asyncio.Future[Any]]
 
@@ -119,6 +134,11 @@ class PipelinedRedisBroker(Broker):
         self._wake = asyncio.Event()
         self._refusal_logged = -10.0
         self._in_flight_since = 0.0
+        # While down, `_queue` holds only waiting publishes; this has each one's
+        # (deadline on the loop's clock, payload bytes), in the same order.
+        self._waiting: deque[tuple[float, int]] = deque()
+        self._waiting_bytes = 0
+        self._expiry: asyncio.TimerHandle | None = None
 
     # -- what a subclass provides -----------------------------------------------------
 
@@ -179,6 +199,7 @@ class PipelinedRedisBroker(Broker):
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
+        self._go_down(f"redis {self.where}: broker closed")  # nothing is left waiting
         with contextlib.suppress(Exception):
             await self._release()
         self._on_envelope = None
@@ -204,10 +225,12 @@ class PipelinedRedisBroker(Broker):
             await self._send_subscriptions(self.UNSUBSCRIBE, [channel])
 
     def publish(self, envelope: Envelope) -> asyncio.Future[int]:
-        """A future of the offset: queued synchronously, so the queue's order is the call order."""
+        """A future of the offset: queued synchronously, so the queue's order is the call
+        order. While Redis is down it waits (see the module docstring); raises
+        `unavailable` at once only when the broker is closing or MAX_WAITING_BYTES wait."""
         header, data = encode(envelope)
         name, seq_key, history_key, bytes_key = self._keys(envelope.channel)
-        return self._command(
+        args = (
             "EVALSHA",
             self.PUBLISH_SHA,
             3,
@@ -221,6 +244,9 @@ class PipelinedRedisBroker(Broker):
             int(self.history_ttl * 1000),
             self.history_bytes,
         )
+        if self._healthy:
+            return self._command(*args)
+        return self._wait_for_redis(args, len(data))
 
     async def backlog(self, channel: str, after: int, limit: int) -> Backlog:
         """Raises `unavailable` while Redis is unreachable."""
@@ -285,17 +311,80 @@ class PipelinedRedisBroker(Broker):
             self._refusal_logged = now
             log.warning("redis %s refused a command: %s", self.where, error)
 
-    def _fail_pending(self, reason: str) -> None:
+    # -- publishes waiting for Redis to come back ---------------------------------------
+
+    def _publish_size(self, args: tuple[Any, ...]) -> int | None:
+        """The payload bytes of a queued publish (EVALSHA, or EVAL after NOSCRIPT); None
+        for any other command."""
+        if args[0] == "EVALSHA" and args[1] == self.PUBLISH_SHA:
+            return len(args[8])
+        if args[0] == "EVAL" and args[1] == self.SCRIPTS[self.PUBLISH_SHA]:
+            return len(args[8])
+        return None
+
+    def _wait_for_redis(self, args: tuple[Any, ...], size: int) -> asyncio.Future[Any]:
+        if self._closing:
+            raise self.unavailable(self._reason)
+        if self._waiting and self._waiting_bytes + size > MAX_WAITING_BYTES:
+            raise self.unavailable(f"{MAX_WAITING_BYTES} bytes wait already; {self._reason}")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._hold(args, future, size, loop.time() + self.publish_timeout)
+        return future
+
+    def _hold(
+        self, args: tuple[Any, ...], future: asyncio.Future[Any], size: int, deadline: float
+    ) -> None:
+        self._queue.append((args, future))
+        self._waiting.append((deadline, size))
+        self._waiting_bytes += size
+        if self._expiry is None:
+            self._expiry = asyncio.get_running_loop().call_at(deadline, self._expire_waiting)
+
+    def _expire_waiting(self) -> None:
+        """Fail the publishes that waited publish_timeout: always the oldest ones."""
+        self._expiry = None
+        waiting = self._waiting
+        now = asyncio.get_running_loop().time()
+        expired = 0
+        while waiting and waiting[0][0] <= now:
+            self._waiting_bytes -= waiting.popleft()[1]
+            expired += 1
+        if expired:
+            gone = self._queue[:expired]
+            del self._queue[:expired]
+            reason = f"{self._reason} for {self.publish_timeout:g}s"
+            for _, future in gone:
+                if not future.done():
+                    future.set_exception(self.unavailable(reason))
+        if waiting:
+            self._expiry = asyncio.get_running_loop().call_at(waiting[0][0], self._expire_waiting)
+
+    def _stop_waiting(self) -> None:
+        """Redis is back: what waits goes out with the queue."""
+        self._waiting.clear()
+        self._waiting_bytes = 0
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+
+    def _hold_pending(self, reason: str) -> None:
+        """The broker went down: publishes on their way wait for it to come back (unless
+        it is closing), every other command fails."""
+        if self._waiting and not self._closing:
+            return  # down already: the queue holds only waiting publishes
         pending, self._queue = self._in_flight + self._queue, []
         self._in_flight = []
-        for _, future in pending:
-            if not future.done():
+        self._stop_waiting()
+        deadline = asyncio.get_running_loop().time() + self.publish_timeout
+        for args, future in pending:
+            if future.done():
+                continue
+            size = None if self._closing else self._publish_size(args)
+            if size is None:
                 future.set_exception(self.unavailable(reason))
-        for waiters in self._sub_waiters.values():
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(None)  # re-subscribed when Redis is back
-        self._sub_waiters.clear()
+            else:
+                self._hold(args, future, size, deadline)
 
     # -- subscriptions ----------------------------------------------------------------
 
@@ -366,6 +455,7 @@ class PipelinedRedisBroker(Broker):
             try:
                 await self._open_session(tasks)
                 self._healthy = True
+                self._stop_waiting()
                 self._first_attempt.set()
                 if attempt:
                     log.info(
@@ -394,13 +484,22 @@ class PipelinedRedisBroker(Broker):
                 await asyncio.gather(*tasks, return_exceptions=True)
                 await self._close_session()
             self._first_attempt.set()
-            await asyncio.sleep(jittered(attempt, self._backoff_cap))
+            cap = self._backoff_cap
+            if self._waiting:
+                # Publishes wait: notice a Redis that is back well within their timeout.
+                cap = min(cap, self.publish_timeout / 4)
+            await asyncio.sleep(jittered(attempt, cap))
             attempt += 1
 
     def _go_down(self, reason: str) -> None:
         self._healthy = False
         self._reason = reason
-        self._fail_pending(reason)
+        self._hold_pending(reason)
+        for waiters in self._sub_waiters.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)  # re-subscribed when Redis is back
+        self._sub_waiters.clear()
 
     async def _restore(self) -> None:
         """Re-subscribe every channel and re-write this process's presence.
