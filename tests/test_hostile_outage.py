@@ -25,6 +25,9 @@ from typing import Any
 import pytest
 from tornado.websocket import WebSocketClientConnection
 
+from echoserver.brokers.base import BrokerUnavailable, Envelope
+from echoserver.brokers.redis import RedisBroker
+from echoserver.brokers.redis_queue import RedisOptions
 from echoserver.brokers.redis_wire import KeyNames
 from tests.conftest import ServerProcess
 from tests.redis_cluster import LocalCluster, own_redis_cluster
@@ -291,3 +294,31 @@ def test_a_connection_may_not_have_more_than_max_queue_bytes_waiting(
     code, reason, took = run(scenario(), timeout=60)
     assert code == 1013 and reason is not None and "1024 bytes" in reason
     assert took < 5.0
+
+
+def test_the_process_may_not_have_more_than_max_waiting_bytes_waiting(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """All senders of a process together: past MAX_WAITING_BYTES a publish is refused at
+    once; one that waits still lands once Redis is back."""
+    monkeypatch.setattr("echoserver.brokers.redis_queue.MAX_WAITING_BYTES", 1000)
+
+    async def scenario() -> int:
+        broker = RedisBroker(redis_server.url, RedisOptions(backoff_cap=0.5, op_timeout=1.0))
+        broker.publish_timeout = 30
+        await broker.start(lambda envelope: None)
+        await asyncio.to_thread(redis_server.stop)
+        assert await wait_for(lambda: _async(not broker.healthy))
+        waiting = broker.publish(Envelope("room", b"a" * 600, False, "one"))
+        with pytest.raises(BrokerUnavailable, match="1000 bytes wait already"):
+            broker.publish(Envelope("room", b"b" * 600, False, "two"))
+        await asyncio.to_thread(redis_server.start)
+        offset = await asyncio.wait_for(waiting, 20)
+        await broker.close()
+        return offset
+
+    assert run(scenario(), timeout=60) == 1
+
+
+async def _async(value: bool) -> bool:
+    return value

@@ -180,13 +180,13 @@ def test_a_killed_primary_fails_over_and_delivery_resumes(
         # Publishes in flight on a surviving shard when the primary dies.
         in_flight = [a.publish(Envelope(survivor, b"%d" % n, False)) for n in range(100)]
         await asyncio.to_thread(cluster.kill, victim)
-        outcomes = await asyncio.gather(*(offset(p) for p in in_flight), return_exceptions=True)
         assert await eventually(_async(lambda: not a.healthy and not b.healthy), 10)
         reason = a.health_reason
         waited = a.publish(Envelope(doomed, b"waited", False))  # waits for the failover
         own_count = await a.presence.count(doomed)  # its own members, while it cannot ask
 
         assert await eventually(_async(lambda: a.healthy and b.healthy), 30)
+        outcomes = await asyncio.gather(*(offset(p) for p in in_flight), return_exceptions=True)
         waited_offset = await offset(waited)
         after = await publish(b, Envelope(doomed, b"after", False))
         await publish(a, Envelope(survivor, b"after", False))

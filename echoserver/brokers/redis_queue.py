@@ -12,9 +12,10 @@ backoff and full jitter, and tries again.
 
 A short outage (a restart, a cluster failover) loses no message and fails no sender:
 while the broker is down, publishes wait in the queue, in call order, and go out once it
-is back (after the re-subscriptions, so this process's members get them). Publishes that
-were on their way when it went down and got no reply wait with them (Redis may have run
-one whose reply was lost: then it is published twice; the price of losing none). A
+is back (after the re-subscriptions, so this process's members get them). A batch on its
+way when it went down gets op_timeout to settle what it can (a cluster's other primaries
+still answer); its publishes still unanswered then wait with the rest (Redis may have run
+one whose reply was lost: it is then published twice, the price of losing none). A
 waiting publish fails with `unavailable` once it has waited `publish_timeout` seconds,
 or at once when MAX_WAITING_BYTES already wait; the oldest fail first, so a publish that
 failed is never overtaken by an older one. While publishes wait, reconnection attempts
@@ -139,6 +140,8 @@ class PipelinedRedisBroker(Broker):
         self._waiting: deque[tuple[float, int]] = deque()
         self._waiting_bytes = 0
         self._expiry: asyncio.TimerHandle | None = None
+        self._idle = asyncio.Event()  # no batch on its way
+        self._idle.set()
 
     # -- what a subclass provides -----------------------------------------------------
 
@@ -287,13 +290,24 @@ class PipelinedRedisBroker(Broker):
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            batch = self._in_flight = self._queue[:MAX_BATCH]
+            # Skipping the settled ones: publishes held when the broker went down whose
+            # batch was answered after all (see _supervise).
+            batch = [queued for queued in self._queue[:MAX_BATCH] if not queued[1].done()]
             del self._queue[:MAX_BATCH]
+            if not batch:
+                continue
+            self._in_flight = batch
             # No wait_for here (a task per batch costs a loop pass): the heartbeat watches
             # its age (_check_in_flight).
             self._in_flight_since = time.monotonic()
-            await self._round_trip(target, batch)
+            self._idle.clear()
+            try:
+                await self._round_trip(target, batch)
+            finally:
+                self._idle.set()
             self._in_flight = []
+            if not self._healthy:
+                return  # went down meanwhile: what is queued waits for the next session
 
     def _as_eval(self, noscript: list[Queued]) -> list[Queued]:
         """Commands refused with NOSCRIPT, as EVALs that load and run their scripts: the
@@ -479,8 +493,15 @@ class PipelinedRedisBroker(Broker):
                     log.debug("%s (attempt %d)", reason, attempt + 1)
                 self._go_down(reason)
             finally:
-                for task in tasks:
-                    task.cancel()
+                try:
+                    if not self._idle.is_set() and not self._closing:
+                        # A batch is on its way: let it settle what it can (a cluster's
+                        # other primaries answer), so a publish Redis ran is not sent again.
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            await asyncio.wait_for(self._idle.wait(), self._op_timeout)
+                finally:
+                    for task in tasks:
+                        task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
                 await self._close_session()
             self._first_attempt.set()
