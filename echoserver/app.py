@@ -125,6 +125,9 @@ def make_app(settings: Settings, broker: Broker | None = None) -> EchoServerApp:
         include_sender=settings.broadcast.include_sender,
         history=settings.broadcast.history,
         history_ttl=settings.broadcast.history_ttl,
+        history_bytes=settings.broadcast.history_bytes,
+        history_total_bytes=settings.broadcast.history_total_bytes,
+        publish_timeout=settings.broadcast.publish_timeout,
         max_queue_bytes=settings.broadcast.max_queue_bytes,
         slow_client=settings.broadcast.slow_client,
     )

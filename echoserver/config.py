@@ -616,8 +616,8 @@ KEYS: tuple[Key, ...] = (
     ),
     _key(
         "broadcast.history_bytes",
-        "Bytes of kept history per channel (>= 1024): the oldest messages go first past it, "
-        "whatever history allows.",
+        "Payload bytes of kept history per channel (>= 1024), on every broker: the oldest "
+        "messages go first past it, whatever history allows; a larger message is not kept.",
         _int_range(1024),
     ),
     _key(
@@ -635,7 +635,9 @@ KEYS: tuple[Key, ...] = (
     _key(
         "broadcast.publish_timeout",
         "Seconds a message waits for an unreachable broker to come back before its sender "
-        "is told it was not delivered (> 0).",
+        "is told it was not delivered (> 0). Waiting messages are bounded in bytes too: "
+        "max_queue_bytes per connection, 64 MiB per process; past that the sender is told "
+        "at once.",
         _number(0, exclusive=True),
     ),
     _key(

@@ -164,7 +164,9 @@ class Hub:
 
     `history`, when given, sets how many messages the broker keeps per channel (its
     history_size), which joiners get first; `history_ttl`, when given, how many seconds
-    they stay kept (0 = no age limit).
+    they stay kept (0 = no age limit); `history_bytes` and `history_total_bytes`, the
+    broker's byte bounds on them (per channel, per process); `publish_timeout`, how long a
+    publish waits for a broker that is down.
     """
 
     def __init__(
@@ -174,6 +176,9 @@ class Hub:
         include_sender: bool = True,
         history: int | None = None,
         history_ttl: float | None = None,
+        history_bytes: int | None = None,
+        history_total_bytes: int | None = None,
+        publish_timeout: float | None = None,
         max_queue_bytes: int = 1 << 20,
         slow_client: str = "drop",
     ) -> None:
@@ -183,6 +188,12 @@ class Hub:
             broker.history_size = history
         if history_ttl is not None:
             broker.history_ttl = history_ttl
+        if history_bytes is not None:
+            broker.history_bytes = history_bytes
+        if history_total_bytes is not None:
+            broker.history_total_bytes = history_total_bytes
+        if publish_timeout is not None:
+            broker.publish_timeout = publish_timeout
         self.presence = broker.presence
         self.include_sender = include_sender
         self.max_queue_bytes = max_queue_bytes
@@ -352,8 +363,9 @@ class Hub:
         """Send to the channel: starts now and never waits; publishes keep their call order.
 
         Returns the message's offset when the broker has delivered it already (memory),
-        else a future of it. Raises HubUnavailable at once when the broker is known to be
-        down; the future fails with HubUnavailable when the message could not be published.
+        else a future of it, which waits up to publish_timeout for a broker that is down.
+        Raises HubUnavailable at once when the broker cannot even queue it; the future
+        fails with HubUnavailable when the message could not be published.
         """
         return self.broker.publish(Envelope(channel, data, binary, sender))
 

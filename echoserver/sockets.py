@@ -11,6 +11,7 @@ that has its 101 is a member (with a remote broker, subscribed).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -279,6 +280,7 @@ class ChannelSocket(BaseSocket):
     member: WebSocketConnection | None = None
     since: int | None = None  # ?since=N: resume after offset N
     _in_flight = 0  # publishes handed to the broker and not yet answered
+    _in_flight_bytes = 0  # their payload bytes
     _drained: asyncio.Future[None] | None = None
 
     def _refusal(self) -> Refusal | None:
@@ -326,24 +328,37 @@ class ChannelSocket(BaseSocket):
         MAX_PUBLISHES_IN_FLIGHT of this sender's messages at once (in order); past that the
         returned future makes the connection stop reading until half have been answered.
         A message the broker could not take is reported to the sender, never silently lost.
+
+        While the broker is down its messages wait for it (up to publish_timeout), at most
+        max_queue_bytes of them per connection (one message always may): past that it is
+        told at once, as when the wait times out.
         """
+        hub = self.server.hub
         sender = self.member.sub_id if self.member is not None else None
+        size = len(data)
+        waiting = self._in_flight_bytes
         try:
-            outcome = self.server.hub.publish(self.channel, data, binary, sender)
+            if waiting and waiting + size > hub.max_queue_bytes and not hub.healthy:
+                raise HubUnavailable(
+                    f"{hub.max_queue_bytes} bytes of this connection wait; {hub.health_reason}"
+                )
+            outcome = hub.publish(self.channel, data, binary, sender)
         except HubUnavailable as exc:
             self.not_delivered(exc)
             return None
         if isinstance(outcome, int):
             return None
         self._in_flight += 1
-        outcome.add_done_callback(self._published)
+        self._in_flight_bytes += size
+        outcome.add_done_callback(functools.partial(self._published, size))
         if self._in_flight < MAX_PUBLISHES_IN_FLIGHT:
             return None
         self._drained = asyncio.get_running_loop().create_future()
         return self._drained
 
-    def _published(self, outcome: asyncio.Future[int]) -> None:
+    def _published(self, size: int, outcome: asyncio.Future[int]) -> None:
         self._in_flight -= 1
+        self._in_flight_bytes -= size
         error = None if outcome.cancelled() else outcome.exception()
         if error is not None:
             if not isinstance(error, HubUnavailable):

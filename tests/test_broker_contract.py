@@ -76,7 +76,9 @@ class Kit:
     def new(self, **options: Any) -> Broker:
         if self.redis is None:
             return MemoryBroker(
-                history=options.get("history", 0), history_ttl=options.get("history_ttl", 0.0)
+                history=options.get("history", 0),
+                history_ttl=options.get("history_ttl", 0.0),
+                history_bytes=options.get("history_bytes", 1 << 20),
             )
         options.setdefault("backoff_cap", 0.5)
         options.setdefault("op_timeout", 2.0)
@@ -418,6 +420,44 @@ def test_history_ttl_forgets_old_messages_but_not_the_offset(kit: Kit) -> None:
     assert (expired.envelopes, expired.last) == ([], 5)
 
 
+def test_history_is_bounded_in_bytes_oldest_first(kit: Kit) -> None:
+    """history_bytes caps a channel's kept payload bytes whatever `history` allows; a
+    message over it is not kept and ends what was; a `since` past what the bytes kept is
+    not recovered."""
+
+    async def scenario() -> dict[str, Any]:
+        hub = Hub(kit.new(history=100, history_bytes=1024))
+        await hub.start()
+        for n in range(10):
+            await offset(hub.publish("hb", b"%d" % n * 300, bool(n % 2), "s" if n % 3 else None))
+        result: dict[str, Any] = {"bounded": await hub.broker.backlog("hb", 0, 100)}
+        for since in (6, 7, 10):
+            member = Member(f"m{since}")
+            result[f"since{since}"] = await hub.join("hb", member, since=since)
+            await hub.leave("hb", member)
+        await offset(hub.publish("hb", b"x" * 1025, False, None))  # over the bound alone
+        result["big"] = await hub.broker.backlog("hb", 0, 100)
+        await offset(hub.publish("hb", b"tiny", False, None))
+        result["after"] = await hub.broker.backlog("hb", 0, 100)
+        await hub.close()
+        return result
+
+    got = run(scenario())
+    bounded = got["bounded"]
+    assert ([e.seq for e in bounded.envelopes], bounded.last) == ([8, 9, 10], 10)
+    assert [e.data for e in bounded.envelopes] == [b"7" * 300, b"8" * 300, b"9" * 300]
+    assert [(e.binary, e.sender) for e in bounded.envelopes] == [
+        (True, "s"),
+        (False, "s"),
+        (True, None),
+    ]
+    assert (got["since6"].recovered, got["since6"].first) == (False, 8)  # 7 went for bytes
+    assert (got["since7"].recovered, got["since7"].count) == (True, 3)
+    assert (got["since10"].recovered, got["since10"].count) == (True, 0)
+    assert (got["big"].envelopes, got["big"].last) == ([], 11)
+    assert [(e.seq, e.data) for e in got["after"].envelopes] == [(12, b"tiny")]
+
+
 def test_a_channels_keys_share_one_cluster_slot(kit: Kit) -> None:
     """Counter, history and pub/sub name carry {channel} as a hash tag (Redis Cluster)."""
     kit.need_shared()
@@ -434,7 +474,9 @@ def test_a_channels_keys_share_one_cluster_slot(kit: Kit) -> None:
         keys = sorted(await client.keys("echoserver:*news*"))
         channels = await client.pubsub_channels("*news*")
         await asyncio.sleep(0.8)
-        after_ttl = await client.exists("echoserver:{news}:history")
+        after_ttl = await client.exists(
+            "echoserver:{news}:history", "echoserver:{news}:history:bytes"
+        )
         await client.aclose()
         await broker.close()
         return [*keys, *channels], after_ttl
@@ -442,6 +484,7 @@ def test_a_channels_keys_share_one_cluster_slot(kit: Kit) -> None:
     names, after_ttl = run(scenario())
     assert names == [
         b"echoserver:{news}:history",
+        b"echoserver:{news}:history:bytes",
         b"echoserver:{news}:seq",
         b"echoserver:0:ch:{news}",
     ]
@@ -571,8 +614,8 @@ def test_health_follows_the_connection(kit: Kit) -> None:
         await asyncio.to_thread(redis.stop)
         assert await eventually(_async(lambda: not a.healthy and not b.healthy))
         assert "unreachable" in a.health_reason and redis.address in a.health_reason
-        with pytest.raises(BrokerUnavailable, match="unreachable"):
-            a.publish(Envelope("r", b"lost", False))  # at once, not in a future
+        waited = a.publish(Envelope("r", b"waited", False))  # waits for Redis to come back
+        assert isinstance(waited, asyncio.Future) and not waited.done()
         assert await a.history("r", 5) == []
         assert await a.presence.count("r") == 2  # its own members, while it cannot ask
         await b.subscribe("joined-while-down")
@@ -580,10 +623,15 @@ def test_health_follows_the_connection(kit: Kit) -> None:
         await asyncio.to_thread(redis.start)  # the same port, empty: a restarted Redis
         assert await eventually(_async(lambda: a.healthy and b.healthy))
         assert a.health_reason == ""
+        assert await offset(waited) == 1  # a restarted Redis numbers from 1 again
         await publish(b, Envelope("r", b"after", False))
         await publish(a, Envelope("joined-while-down", b"hello", False))
-        assert [e.data for e in await got_a.wait("r", 2)] == [b"before", b"after"]
-        assert [e.data for e in await got_b.wait("r", 2)] == [b"before", b"after"]
+        expected = [b"before", b"waited", b"after"]
+        assert [e.data for e in await got_a.wait("r", 3)] == expected
+        # Another process gets what waited only if it re-subscribed before the publisher
+        # came back (Redis pub/sub delivers at most once): a client there recovers it.
+        assert await eventually(_async(lambda: b"after" in [e.data for e in got_b.on("r")]))
+        assert [e.data for e in got_b.on("r")] in (expected, expected[::2])
         assert [e.data for e in await got_b.wait("joined-while-down", 1)] == [b"hello"]
         assert await b.presence.count("r") == 2  # a wrote its members into the new Redis
         await a.close()
@@ -734,31 +782,90 @@ def test_a_flushed_script_cache_is_reloaded(kit: Kit) -> None:
     assert members == 2
 
 
-def test_hub_publish_fails_with_the_hubs_own_error_while_redis_is_down(kit: Kit) -> None:
-    """What a handler sees: publishes in flight when Redis goes either land (an offset) or
-    fail with HubUnavailable; while it is down, Hub.publish refuses at once."""
+def test_hub_publishes_wait_for_redis_in_order_through_a_restart(kit: Kit) -> None:
+    """What a handler sees: publishes in flight when Redis goes, and new ones while it is
+    down, wait and land once it is back, in call order, none lost, none failed."""
     kit.need_shared()
     redis = kit.redis
     assert redis is not None
 
-    async def scenario() -> list[int | BaseException]:
-        hub = Hub(kit.new())
+    async def scenario() -> tuple[list[int], list[bytes]]:
+        hub = Hub(kit.new(), publish_timeout=30)
+        got: list[bytes] = []
         member = Member("m")
+        member.deliver = lambda delivery: got.append(delivery.data)  # type: ignore[method-assign]
         await hub.join("r", member)
         assert await offset(hub.publish("r", b"before", False, None)) == 1
-        in_flight = [hub.publish("r", b"%d" % n, False, None) for n in range(200)]
+        published = [hub.publish("r", b"%d" % n, False, None) for n in range(200)]
         await asyncio.to_thread(redis.stop)
-        outcomes = await asyncio.gather(*(offset(p) for p in in_flight), return_exceptions=True)
         assert await eventually(_async(lambda: not hub.broker.healthy))
+        published += [hub.publish("r", b"%d" % n, False, None) for n in range(200, 300)]
+        await asyncio.to_thread(redis.start)
+        offsets = [await offset(p) for p in published]
+        assert hub.broker.healthy
+        deadline = time.monotonic() + 10
+        while got[-1:] != [b"299"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await hub.close()
+        return offsets, got
+
+    offsets, got = run(scenario(), timeout=60)
+    # Every message once and in order (the restarted Redis numbers from 1 again, so the
+    # ones that landed before it stopped keep their old offsets).
+    assert got[got.index(b"0") :] == [b"%d" % n for n in range(300)]
+    restart = next(i for i, o in enumerate(offsets) if i and o <= offsets[i - 1])
+    assert offsets[:restart] == list(range(2, 2 + restart))
+    assert offsets[restart:] == list(range(1, 1 + 300 - restart))
+
+
+def test_a_publish_waits_publish_timeout_then_fails_oldest_first(kit: Kit) -> None:
+    """Past publish_timeout a waiting publish fails with the hub's error, the oldest
+    first; the broker still sends what came later once Redis is back."""
+    kit.need_shared()
+    redis = kit.redis
+    assert redis is not None
+
+    async def scenario() -> None:
+        hub = Hub(kit.new(), publish_timeout=0.5)
+        member = Member("m")
+        await hub.join("r", member)
+        await asyncio.to_thread(redis.stop)
+        assert await eventually(_async(lambda: not hub.broker.healthy))
+        first = hub.publish("r", b"first", False, None)
+        await asyncio.sleep(0.3)
+        second = hub.publish("r", b"second", False, None)
+        assert isinstance(first, asyncio.Future) and isinstance(second, asyncio.Future)
+        started = time.monotonic()
         with pytest.raises(HubUnavailable, match="unreachable"):
-            hub.publish("r", b"lost", False, None)
+            await first
+        assert not second.done()  # it has waited 0.3 s less
+        with pytest.raises(HubUnavailable, match="unreachable"):
+            await second
+        assert 0.15 <= time.monotonic() - started <= 1.5
         await asyncio.to_thread(redis.start)
         assert await eventually(_async(lambda: hub.broker.healthy))
-        assert isinstance(await offset(hub.publish("r", b"after", False, None)), int)
+        assert await offset(hub.publish("r", b"after", False, None)) == 1
         await hub.close()
-        return outcomes
 
-    outcomes = run(scenario(), timeout=60)
-    assert all(isinstance(o, (int, HubUnavailable)) for o in outcomes), outcomes
-    landed = [o for o in outcomes if isinstance(o, int)]
-    assert landed == list(range(2, 2 + len(landed)))  # in order, and no gap before a loss
+    run(scenario(), timeout=60)
+
+
+def test_a_closing_broker_fails_what_waits(kit: Kit) -> None:
+    kit.need_shared()
+    redis = kit.redis
+    assert redis is not None
+
+    async def scenario() -> None:
+        broker, _ = await started(kit)
+        broker.publish_timeout = 30
+        await asyncio.to_thread(redis.stop)
+        assert await eventually(_async(lambda: not broker.healthy))
+        waiting = broker.publish(Envelope("r", b"x", False))
+        await broker.close()
+        with pytest.raises(BrokerUnavailable, match="closed"):
+            await offset(waiting)
+        with pytest.raises(BrokerUnavailable):
+            broker.publish(Envelope("r", b"y", False))
+        await asyncio.to_thread(redis.start)
+
+    run(scenario(), timeout=60)

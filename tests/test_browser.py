@@ -713,7 +713,9 @@ def test_health_line_follows_a_broker_outage(tabs, redis):
 def test_broadcast_not_delivered_close_is_an_error(tabs, redis):
     """Broadcast mode is a raw relay, so the server reports an undeliverable message by
     closing the sender with 1013 "not delivered: ..."; the others stay connected."""
-    server = Server("broadcast", extra_args=("--broker", redis.url)).start()
+    # A message waits publish_timeout for Redis to come back before its sender is told.
+    server = Server("broadcast", extra_args=("--broker", redis.url, "--publish-timeout", "1"))
+    server.start()
     try:
         sender = tabs().open(server, "?channel=outage")
         receiver = tabs().open(server, "?channel=outage")

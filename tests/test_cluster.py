@@ -210,7 +210,8 @@ def test_two_processes_on_one_port_reach_every_client(
 def test_redis_outage_keeps_servers_and_clients_alive(
     run_server: Any, redis_server: RedisServer
 ) -> None:
-    a, b = (run_server(*redis_args(redis_server)) for _ in "ab")
+    # A message waits publish_timeout (1 s here) for Redis before its sender is told.
+    a, b = (run_server(*redis_args(redis_server, "--publish-timeout", "1")) for _ in "ab")
 
     async def scenario() -> dict[str, Any]:
         clients = [await connect(a), await connect(a), await connect(b)]

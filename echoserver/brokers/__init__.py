@@ -16,14 +16,17 @@ __all__ = [
 ]
 
 
-def create_broker(url: str, *, history: int = 0, history_ttl: float = 0.0) -> Broker:
+def create_broker(
+    url: str, *, history: int = 0, history_ttl: float = 0.0, history_bytes: int = 1 << 20
+) -> Broker:
     """The broker named by the `broadcast.broker` setting, keeping `history` per channel
-    for at most `history_ttl` seconds (0 = no age limit)."""
+    (at most `history_bytes` of payload) for at most `history_ttl` seconds (0 = no age
+    limit). The hub may set these (and the other bounds) on the broker it is given."""
     if url == "memory":
-        return MemoryBroker(history=history, history_ttl=history_ttl)
+        return MemoryBroker(history=history, history_ttl=history_ttl, history_bytes=history_bytes)
     from echoserver.brokers.redis_queue import RedisOptions
 
-    options = RedisOptions(history=history, history_ttl=history_ttl)
+    options = RedisOptions(history=history, history_ttl=history_ttl, history_bytes=history_bytes)
     if url.startswith(("redis-cluster://", "rediss-cluster://")):
         from echoserver.brokers.redis_cluster import RedisClusterBroker
 

@@ -3,7 +3,8 @@
 A broker carries published messages to every hub subscribed to the channel (its own
 included) in one order per channel, numbers them (the offset, per channel: 1, 2, ...),
 keeps a channel's last `history_size` messages (no older than `history_ttl` seconds when
-that is set), and, through its `presence`, counts a channel's members across processes.
+that is set, no more than `history_bytes` of payload), and, through its `presence`,
+counts a channel's members across processes.
 Kept messages are always the newest ones, so their offsets follow each other without gap:
 a reader can tell whether they reach back to a given offset. The memory broker does this
 inside one process; the Redis broker does it across processes and hosts.
@@ -73,6 +74,14 @@ class Broker(abc.ABC):
     history_size: int = 0
     # Seconds a kept message stays kept (0 = no age limit); configuration, like history_size.
     history_ttl: float = 0.0
+    # Payload bytes kept per channel; the oldest messages go first past it (configuration).
+    history_bytes: int = 1 << 20
+    # Payload bytes kept by this process, all channels together: the memory broker only
+    # (a Redis server has its own maxmemory).
+    history_total_bytes: int = 64 << 20
+    # Seconds a publish waits for a broker that is down before it fails with `unavailable`
+    # (a broker that is never down ignores it).
+    publish_timeout: float = 5.0
     # What publish() raises and its futures fail with. The owner may set a subclass of its
     # own, so its callers see that type without a translation per message.
     unavailable: type[BrokerUnavailable] = BrokerUnavailable
@@ -100,8 +109,9 @@ class Broker(abc.ABC):
         Publishes started one after another are published in that order, so a sender can
         have several in flight. Returns the message's offset when the publish is already
         done (the memory broker delivers at once), else a future of it, which fails with
-        `unavailable` when the message could not be handed over. Raises `unavailable` at
-        once when the broker is known to be down.
+        `unavailable` when the message could not be handed over: refused, or the broker
+        stayed down for `publish_timeout` seconds. Raises `unavailable` at once when it
+        cannot even wait (closing, or too much already waits).
         """
 
     @abc.abstractmethod

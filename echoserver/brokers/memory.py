@@ -8,6 +8,17 @@ A channel's offset counter and history outlive its members (a client that comes 
 resumes from its offset, a later joiner still gets the history), so the number of
 channels remembered is capped: past MAX_CHANNELS the least recently published-to channel
 that nobody here is subscribed to is forgotten (its offsets then start again at 1).
+
+Kept history is bounded in bytes (payload bytes) as well as in messages: per channel
+(`history_bytes`: its oldest messages go while it is over) and for the whole process
+(`history_total_bytes`: the oldest kept messages of any channel go while it is over). A
+message larger than `history_bytes` is not kept, and nothing before it stays kept either,
+so what a channel keeps always ends at its last offset (recovery past it is reported as
+not recovered). The process-wide order is one FIFO of (channel, offset) entries, so
+eviction costs O(1) amortised per publish however many channels there are; entries whose
+message went another way (count cap, age, per-channel bytes) are skipped when reached and
+swept out whenever they outnumber the kept messages. A channel whose history empties keeps
+only its counter: its offsets go on as before.
 """
 
 from __future__ import annotations
@@ -19,6 +30,9 @@ from itertools import islice
 from echoserver.brokers.base import Backlog, Broker, Envelope, OnEnvelope, Presence
 
 MAX_CHANNELS = 10_000
+# The process-wide FIFO is swept of stale entries once it holds more than twice the kept
+# messages plus this many.
+_SWEEP_SLACK = 1024
 
 
 class MemoryPresence(Presence):
@@ -38,23 +52,38 @@ class MemoryPresence(Presence):
 
 
 class _Channel:
-    """A channel's last offset and its kept messages with the time each was published."""
+    """A channel's last offset and its kept messages with the time each was published;
+    `kept` is None while nothing is kept (an idle channel costs only its counter)."""
 
-    __slots__ = ("kept", "last")
+    __slots__ = ("kept", "kept_bytes", "last")
 
     def __init__(self) -> None:
         self.last = 0
-        self.kept: deque[tuple[float, Envelope]] = deque()
+        self.kept: deque[tuple[float, Envelope]] | None = None
+        self.kept_bytes = 0
 
 
 class MemoryBroker(Broker):
-    def __init__(self, *, history: int = 0, history_ttl: float = 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        history: int = 0,
+        history_ttl: float = 0.0,
+        history_bytes: int = Broker.history_bytes,
+        history_total_bytes: int = Broker.history_total_bytes,
+    ) -> None:
         self.history_size = history
         self.history_ttl = history_ttl
+        self.history_bytes = history_bytes
+        self.history_total_bytes = history_total_bytes
         self.presence = MemoryPresence()
         self._on_envelope: OnEnvelope | None = None
         self._subscribed: set[str] = set()
         self._channels: OrderedDict[str, _Channel] = OrderedDict()
+        # Every kept message in publish order, as (its channel, its offset); some stale.
+        self._fifo: deque[tuple[_Channel, int]] = deque()
+        self._kept_count = 0  # messages kept, all channels
+        self.kept_bytes = 0  # payload bytes kept, all channels
 
     async def start(self, on_envelope: OnEnvelope) -> None:
         self._on_envelope = on_envelope
@@ -79,25 +108,64 @@ class MemoryBroker(Broker):
         else:
             self._channels.move_to_end(name)
         seq = envelope.seq = channel.last = channel.last + 1
-        size = self.history_size
-        if size > 0:
-            now = time.monotonic()
-            kept = channel.kept
-            kept.append((now, envelope))
-            while len(kept) > size:
-                kept.popleft()
-            self._expire(channel, now)
+        if self.history_size > 0:
+            self._keep(channel, envelope)
         elif channel.kept:
-            channel.kept.clear()
+            self._drop_all(channel)
         if self._on_envelope is not None and name in self._subscribed:
             self._on_envelope(envelope)
         return seq
+
+    def _keep(self, channel: _Channel, envelope: Envelope) -> None:
+        size = len(envelope.data)
+        if size > self.history_bytes:
+            # Not kept, and neither is anything older: kept offsets must end at the last.
+            self._drop_all(channel)
+            return
+        now = time.monotonic()
+        kept = channel.kept
+        if kept is None:
+            kept = channel.kept = deque()
+        kept.append((now, envelope))
+        channel.kept_bytes += size
+        self._kept_count += 1
+        self.kept_bytes += size
+        self._fifo.append((channel, envelope.seq))
+        while len(kept) > self.history_size or channel.kept_bytes > self.history_bytes:
+            self._drop_oldest(channel)
+        self._expire(channel, now)
+        fifo = self._fifo
+        while self.kept_bytes > self.history_total_bytes and fifo:
+            oldest, seq = fifo.popleft()
+            if oldest.kept and oldest.kept[0][1].seq == seq:
+                self._drop_oldest(oldest)
+        if len(fifo) > 2 * self._kept_count + _SWEEP_SLACK:
+            self._fifo = deque(entry for entry in fifo if self._is_kept(*entry))
+
+    @staticmethod
+    def _is_kept(channel: _Channel, seq: int) -> bool:
+        # Kept offsets are consecutive and end at the channel's last one.
+        return bool(channel.kept) and channel.kept[0][1].seq <= seq  # type: ignore[index]
+
+    def _drop_oldest(self, channel: _Channel) -> None:
+        kept = channel.kept
+        assert kept
+        size = len(kept.popleft()[1].data)
+        channel.kept_bytes -= size
+        self.kept_bytes -= size
+        self._kept_count -= 1
+        if not kept:
+            channel.kept = None
+
+    def _drop_all(self, channel: _Channel) -> None:
+        while channel.kept:
+            self._drop_oldest(channel)
 
     def _forget_one(self) -> None:
         """Forget the least recently used channel nobody here is subscribed to."""
         for name in self._channels:
             if name not in self._subscribed:
-                del self._channels[name]
+                self._drop_all(self._channels.pop(name))
                 return
 
     def _expire(self, channel: _Channel, now: float) -> None:
@@ -105,7 +173,8 @@ class MemoryBroker(Broker):
         if ttl > 0:
             kept = channel.kept
             while kept and now - kept[0][0] > ttl:
-                kept.popleft()
+                self._drop_oldest(channel)
+                kept = channel.kept
 
     async def backlog(self, channel: str, after: int, limit: int) -> Backlog:
         state = self._channels.get(channel)
@@ -113,6 +182,8 @@ class MemoryBroker(Broker):
             return Backlog([], 0)
         self._expire(state, time.monotonic())
         kept = state.kept
+        if not kept:
+            return Backlog([], state.last)
         # Kept offsets are consecutive and end at `last`: the wanted ones are the newest n.
         count = min(state.last - after, limit, len(kept))
         if count <= 0:

@@ -14,8 +14,9 @@ Presence (redis_presence.py): a hash per channel {process id: local members}, co
 for processes whose heartbeat key is alive; this broker refreshes the heartbeat (TTL
 `presence_ttl`), so a crashed worker's members disappear within that time.
 
-Failures: while Redis is unreachable, `healthy` is False (with `health_reason`), publish()
-raises BrokerUnavailable at once, backlog() raises it too (history() is empty) and
+Failures: while Redis is unreachable, `healthy` is False (with `health_reason`), a
+publish waits for it up to `publish_timeout` (redis_queue.py), backlog() raises
+BrokerUnavailable (history() is empty) and
 presence counts this process only. A supervisor task reconnects with exponential backoff
 and full jitter, re-subscribes every channel and re-writes this process's presence.
 Messages other processes publish while this one is cut off do not reach its members live

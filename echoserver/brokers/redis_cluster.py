@@ -19,8 +19,9 @@ counted on the channel's own slot.
 Failures (a primary dies, its replica takes over; a resharding moves a slot): the first
 sign (the primary's connection closes, a command fails with a connection error, MOVED or
 CLUSTERDOWN, a PING goes unanswered) takes the whole broker down: `healthy` is False with
-the reason, publishes in flight and new ones fail with `unavailable` (their senders are
-told), backlog() raises it too, presence counts this process only; members stay connected.
+the reason, publishes in flight and new ones wait for it to come back (up to
+`publish_timeout`, redis_queue.py), backlog() raises `unavailable`, presence counts this
+process only; members stay connected.
 A supervisor task re-discovers the topology with exponential backoff and full jitter, and
 once every primary answers with cluster_state:ok it re-SSUBSCRIBEs every channel on its
 new primary and re-writes this process's presence: delivery resumes by itself. Offsets go
@@ -145,7 +146,7 @@ class RedisClusterBroker(PipelinedRedisBroker):
             if isinstance(result, NoScriptError):
                 noscript.append((args, future))
             elif isinstance(result, Exception):
-                reshaped = self._refused(future, result) or reshaped
+                reshaped = self._refused(args, future, result) or reshaped
             elif not future.done():
                 future.set_result(result)
         return noscript, reshaped
@@ -158,15 +159,21 @@ class RedisClusterBroker(PipelinedRedisBroker):
             pipe.execute_command(*args)
         return await pipe.execute(raise_on_error=False, allow_redirections=False)
 
-    def _refused(self, future: asyncio.Future[Any], error: Exception) -> Exception | None:
-        """Tell the sender; return the error that ends the connection, if it is one."""
-        if not future.done():
-            future.set_exception(self.unavailable(f"redis {self.where}: {error}"))
+    def _refused(
+        self, args: tuple[Any, ...], future: asyncio.Future[Any], error: Exception
+    ) -> Exception | None:
+        """Tell the sender; return the error that ends the connection, if it is one. A
+        publish that met a connection or topology error is left pending: it waits for
+        the broker to come back (redis_queue.py), like the rest of its batch."""
         message = str(error)
         if isinstance(error, ResponseError) and not message.startswith(_TOPOLOGY_ERRORS):
             # Reachable but refusing (OOM, ...): only that command failed.
+            if not future.done():
+                future.set_exception(self.unavailable(f"redis {self.where}: {error}"))
             self._log_refusal(error)
             return None
+        if self._publish_size(args) is None and not future.done():
+            future.set_exception(self.unavailable(f"redis {self.where}: {error}"))
         return ConnectionError(f"{type(error).__name__}: {message}")
 
     async def _call(self, connection: AbstractConnection, *args: Any) -> Any:

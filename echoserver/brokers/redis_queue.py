@@ -7,8 +7,21 @@ per batch rather than per message; a subclass sends a batch (`_round_trip`) to o
 or through the cluster client. Publish and backlog are one script each (redis_wire.py).
 The channels this process wants are recorded whether or not Redis is reachable; a
 supervisor task connects (`_open_session`), re-subscribes them and re-writes presence
-(`_restore`), and on any failure goes down (`healthy` False, pending commands failed with
-`unavailable`), waits with exponential backoff and full jitter, and tries again.
+(`_restore`), and on any failure goes down (`healthy` False), waits with exponential
+backoff and full jitter, and tries again.
+
+A short outage (a restart, a cluster failover) loses no message and fails no sender:
+while the broker is down, publishes wait in the queue, in call order, and go out once it
+is back (after the re-subscriptions, so this process's members get them). A batch on its
+way when it went down gets op_timeout to settle what it can (a cluster's other primaries
+still answer); its publishes still unanswered then wait with the rest (Redis may have run
+one whose reply was lost: it is then published twice, the price of losing none). A
+waiting publish fails with `unavailable` once it has waited `publish_timeout` seconds,
+or at once when MAX_WAITING_BYTES already wait; the oldest fail first, so a publish that
+failed is never overtaken by an older one. While publishes wait, reconnection attempts
+come at most publish_timeout / 4 apart, so a Redis that is back is noticed in time.
+Other commands (history reads, presence) fail at once while the broker is down, as they
+always did.
 """
 
 from __future__ import annotations
@@ -35,6 +48,9 @@ log = logging.getLogger("echoserver.broker")
 
 MAX_BATCH = 512
 RESTORE_PASSES = 10
+# Payload bytes of publishes that may wait for a broker that is down, all senders of this
+# process together (each connection also waits with at most broadcast.max_queue_bytes).
+MAX_WAITING_BYTES = 64 << 20
 
 Queued = tuple[tuple[Any, ...], asyncio.Future[Any]]
 
@@ -45,6 +61,7 @@ class RedisOptions:
 
     history: int = 0  # messages kept per channel for recovery
     history_ttl: float = 0.0  # seconds a kept message lives (0 = no age limit)
+    history_bytes: int = Broker.history_bytes  # payload bytes kept per channel
     prefix: str = "echoserver"  # of every key and pub/sub channel name
     presence_ttl: float = 10.0  # seconds a process's presence outlives its last refresh
     op_timeout: float = 3.0  # seconds for one command or connection attempt
@@ -97,6 +114,7 @@ class PipelinedRedisBroker(Broker):
         self.process_id = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
         self.history_size = options.history
         self.history_ttl = options.history_ttl
+        self.history_bytes = options.history_bytes
         self._keys = KeyNames(options.prefix, db)
         self._presence_ttl = options.presence_ttl
         self._op_timeout = options.op_timeout
@@ -117,6 +135,13 @@ class PipelinedRedisBroker(Broker):
         self._wake = asyncio.Event()
         self._refusal_logged = -10.0
         self._in_flight_since = 0.0
+        # While down, `_queue` holds only waiting publishes; this has each one's
+        # (deadline on the loop's clock, payload bytes), in the same order.
+        self._waiting: deque[tuple[float, int]] = deque()
+        self._waiting_bytes = 0
+        self._expiry: asyncio.TimerHandle | None = None
+        self._idle = asyncio.Event()  # no batch on its way
+        self._idle.set()
 
     # -- what a subclass provides -----------------------------------------------------
 
@@ -177,6 +202,7 @@ class PipelinedRedisBroker(Broker):
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
+        self._go_down(f"redis {self.where}: broker closed")  # nothing is left waiting
         with contextlib.suppress(Exception):
             await self._release()
         self._on_envelope = None
@@ -202,21 +228,28 @@ class PipelinedRedisBroker(Broker):
             await self._send_subscriptions(self.UNSUBSCRIBE, [channel])
 
     def publish(self, envelope: Envelope) -> asyncio.Future[int]:
-        """A future of the offset: queued synchronously, so the queue's order is the call order."""
+        """A future of the offset: queued synchronously, so the queue's order is the call
+        order. While Redis is down it waits (see the module docstring); raises
+        `unavailable` at once only when the broker is closing or MAX_WAITING_BYTES wait."""
         header, data = encode(envelope)
-        name, seq_key, history_key = self._keys(envelope.channel)
-        return self._command(
+        name, seq_key, history_key, bytes_key = self._keys(envelope.channel)
+        args = (
             "EVALSHA",
             self.PUBLISH_SHA,
-            2,
+            3,
             seq_key,
             history_key,
+            bytes_key,
             name,
             header,
             data,
             self.history_size,
             int(self.history_ttl * 1000),
+            self.history_bytes,
         )
+        if self._healthy:
+            return self._command(*args)
+        return self._wait_for_redis(args, len(data))
 
     async def backlog(self, channel: str, after: int, limit: int) -> Backlog:
         """Raises `unavailable` while Redis is unreachable."""
@@ -226,7 +259,7 @@ class PipelinedRedisBroker(Broker):
             # active, or a message published in between would be in neither history nor live.
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(waiters[-1]), self._op_timeout)
-        _, seq_key, history_key = self._keys(channel)
+        _, seq_key, history_key, _ = self._keys(channel)
         reply = await self._command(
             "EVALSHA", self.BACKLOG_SHA, 2, seq_key, history_key, after, max(limit, 0)
         )
@@ -257,13 +290,24 @@ class PipelinedRedisBroker(Broker):
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            batch = self._in_flight = self._queue[:MAX_BATCH]
+            # Skipping the settled ones: publishes held when the broker went down whose
+            # batch was answered after all (see _supervise).
+            batch = [queued for queued in self._queue[:MAX_BATCH] if not queued[1].done()]
             del self._queue[:MAX_BATCH]
+            if not batch:
+                continue
+            self._in_flight = batch
             # No wait_for here (a task per batch costs a loop pass): the heartbeat watches
             # its age (_check_in_flight).
             self._in_flight_since = time.monotonic()
-            await self._round_trip(target, batch)
+            self._idle.clear()
+            try:
+                await self._round_trip(target, batch)
+            finally:
+                self._idle.set()
             self._in_flight = []
+            if not self._healthy:
+                return  # went down meanwhile: what is queued waits for the next session
 
     def _as_eval(self, noscript: list[Queued]) -> list[Queued]:
         """Commands refused with NOSCRIPT, as EVALs that load and run their scripts: the
@@ -281,17 +325,80 @@ class PipelinedRedisBroker(Broker):
             self._refusal_logged = now
             log.warning("redis %s refused a command: %s", self.where, error)
 
-    def _fail_pending(self, reason: str) -> None:
+    # -- publishes waiting for Redis to come back ---------------------------------------
+
+    def _publish_size(self, args: tuple[Any, ...]) -> int | None:
+        """The payload bytes of a queued publish (EVALSHA, or EVAL after NOSCRIPT); None
+        for any other command."""
+        if args[0] == "EVALSHA" and args[1] == self.PUBLISH_SHA:
+            return len(args[8])
+        if args[0] == "EVAL" and args[1] == self.SCRIPTS[self.PUBLISH_SHA]:
+            return len(args[8])
+        return None
+
+    def _wait_for_redis(self, args: tuple[Any, ...], size: int) -> asyncio.Future[Any]:
+        if self._closing:
+            raise self.unavailable(self._reason)
+        if self._waiting and self._waiting_bytes + size > MAX_WAITING_BYTES:
+            raise self.unavailable(f"{MAX_WAITING_BYTES} bytes wait already; {self._reason}")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._hold(args, future, size, loop.time() + self.publish_timeout)
+        return future
+
+    def _hold(
+        self, args: tuple[Any, ...], future: asyncio.Future[Any], size: int, deadline: float
+    ) -> None:
+        self._queue.append((args, future))
+        self._waiting.append((deadline, size))
+        self._waiting_bytes += size
+        if self._expiry is None:
+            self._expiry = asyncio.get_running_loop().call_at(deadline, self._expire_waiting)
+
+    def _expire_waiting(self) -> None:
+        """Fail the publishes that waited publish_timeout: always the oldest ones."""
+        self._expiry = None
+        waiting = self._waiting
+        now = asyncio.get_running_loop().time()
+        expired = 0
+        while waiting and waiting[0][0] <= now:
+            self._waiting_bytes -= waiting.popleft()[1]
+            expired += 1
+        if expired:
+            gone = self._queue[:expired]
+            del self._queue[:expired]
+            reason = f"{self._reason} for {self.publish_timeout:g}s"
+            for _, future in gone:
+                if not future.done():
+                    future.set_exception(self.unavailable(reason))
+        if waiting:
+            self._expiry = asyncio.get_running_loop().call_at(waiting[0][0], self._expire_waiting)
+
+    def _stop_waiting(self) -> None:
+        """Redis is back: what waits goes out with the queue."""
+        self._waiting.clear()
+        self._waiting_bytes = 0
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+
+    def _hold_pending(self, reason: str) -> None:
+        """The broker went down: publishes on their way wait for it to come back (unless
+        it is closing), every other command fails."""
+        if self._waiting and not self._closing:
+            return  # down already: the queue holds only waiting publishes
         pending, self._queue = self._in_flight + self._queue, []
         self._in_flight = []
-        for _, future in pending:
-            if not future.done():
+        self._stop_waiting()
+        deadline = asyncio.get_running_loop().time() + self.publish_timeout
+        for args, future in pending:
+            if future.done():
+                continue
+            size = None if self._closing else self._publish_size(args)
+            if size is None:
                 future.set_exception(self.unavailable(reason))
-        for waiters in self._sub_waiters.values():
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(None)  # re-subscribed when Redis is back
-        self._sub_waiters.clear()
+            else:
+                self._hold(args, future, size, deadline)
 
     # -- subscriptions ----------------------------------------------------------------
 
@@ -362,6 +469,7 @@ class PipelinedRedisBroker(Broker):
             try:
                 await self._open_session(tasks)
                 self._healthy = True
+                self._stop_waiting()
                 self._first_attempt.set()
                 if attempt:
                     log.info(
@@ -385,18 +493,34 @@ class PipelinedRedisBroker(Broker):
                     log.debug("%s (attempt %d)", reason, attempt + 1)
                 self._go_down(reason)
             finally:
-                for task in tasks:
-                    task.cancel()
+                try:
+                    if not self._idle.is_set() and not self._closing:
+                        # A batch is on its way: let it settle what it can (a cluster's
+                        # other primaries answer), so a publish Redis ran is not sent again.
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            await asyncio.wait_for(self._idle.wait(), self._op_timeout)
+                finally:
+                    for task in tasks:
+                        task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
                 await self._close_session()
             self._first_attempt.set()
-            await asyncio.sleep(jittered(attempt, self._backoff_cap))
+            cap = self._backoff_cap
+            if self._waiting:
+                # Publishes wait: notice a Redis that is back well within their timeout.
+                cap = min(cap, self.publish_timeout / 4)
+            await asyncio.sleep(jittered(attempt, cap))
             attempt += 1
 
     def _go_down(self, reason: str) -> None:
         self._healthy = False
         self._reason = reason
-        self._fail_pending(reason)
+        self._hold_pending(reason)
+        for waiters in self._sub_waiters.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)  # re-subscribed when Redis is back
+        self._sub_waiters.clear()
 
     async def _restore(self) -> None:
         """Re-subscribe every channel and re-write this process's presence.

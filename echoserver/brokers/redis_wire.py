@@ -17,29 +17,56 @@ from typing import Any
 
 from echoserver.brokers.base import Backlog, Envelope
 
-# KEYS: seq, history. ARGV: pub/sub channel, header (kind, sender), data, history cap,
-# history age limit in ms (0 = none). History items are the message after Redis's time in
-# ms and a space; the age limit trims the oldest ones, and the list expires with its newest.
+# KEYS: seq, history, history bytes. ARGV: pub/sub channel, header (kind, sender), data,
+# history cap, history age limit in ms (0 = none), history byte cap. History items are the
+# message after Redis's time in ms and a space, newest first. The history bytes key holds
+# the kept items' payload bytes (rebuilt from the list when missing); the oldest items go
+# while the list is over the cap in count or in bytes, or older than the age limit. A
+# message over the byte cap is not kept and empties the history, so what is kept always
+# ends at the last offset. Both keys expire with the newest item when there is an age limit.
 # PUBLISH_COMMAND is PUBLISH (one Redis) or SPUBLISH (a cluster: the shard channel is in
 # the script's slot, which Redis 7 allows).
 _PUBLISH_TEMPLATE = b"""
 local seq = redis.call('INCR', KEYS[1])
 local message = string.format('%d', seq) .. ':' .. ARGV[2] .. ARGV[3]
 local cap = tonumber(ARGV[4])
+local function payload(item)
+  local head, sender = string.match(item, '^(%d+ %d+:[tb](%d+):)')
+  return #item - #head - tonumber(sender)
+end
 if cap > 0 then
-  local time = redis.call('TIME')
-  local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-  redis.call('LPUSH', KEYS[2], string.format('%.0f', now) .. ' ' .. message)
-  redis.call('LTRIM', KEYS[2], 0, cap - 1)
-  local ttl = tonumber(ARGV[5])
-  if ttl > 0 then
-    for _ = 1, cap do
-      local oldest = redis.call('LINDEX', KEYS[2], -1)
-      local at = oldest and tonumber(string.match(oldest, '^(%d+) '))
-      if not at or now - at <= ttl then break end
-      redis.call('RPOP', KEYS[2])
+  local max_bytes = tonumber(ARGV[6])
+  local size = #ARGV[3]
+  if size > max_bytes then
+    redis.call('DEL', KEYS[2], KEYS[3])
+  else
+    local kept = redis.call('GET', KEYS[3])
+    if kept then
+      kept = tonumber(kept)
+    else
+      kept = 0
+      for _, item in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+        kept = kept + payload(item)
+      end
     end
-    redis.call('PEXPIRE', KEYS[2], ttl)
+    local time = redis.call('TIME')
+    local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+    local count = redis.call('LPUSH', KEYS[2], string.format('%.0f', now) .. ' ' .. message)
+    kept = kept + size
+    local ttl = tonumber(ARGV[5])
+    while count > 0 do
+      local oldest = redis.call('LINDEX', KEYS[2], -1)
+      local at = tonumber(string.match(oldest, '^(%d+) '))
+      if count <= cap and kept <= max_bytes and (ttl <= 0 or now - at <= ttl) then break end
+      redis.call('RPOP', KEYS[2])
+      kept = kept - payload(oldest)
+      count = count - 1
+    end
+    redis.call('SET', KEYS[3], kept)
+    if ttl > 0 then
+      redis.call('PEXPIRE', KEYS[2], ttl)
+      redis.call('PEXPIRE', KEYS[3], ttl)
+    end
   end
 end
 redis.call('PUBLISH_COMMAND', ARGV[1], message)
@@ -120,16 +147,17 @@ def read_backlog(channel: str, reply: Any, ttl_ms: int) -> Backlog:
 
 
 class KeyNames:
-    """A channel's (pub/sub name, seq key, history key), all hash-tagged with {channel}.
+    """A channel's (pub/sub name, seq key, history key, history bytes key), all
+    hash-tagged with {channel}.
 
     Pub/sub ignores the database number, so it is part of the pub/sub name."""
 
     def __init__(self, prefix: str, db: int) -> None:
         self.prefix = prefix
         self.pubsub_prefix = f"{prefix}:{db}:ch:"
-        self._cache: dict[str, tuple[str, str, str]] = {}
+        self._cache: dict[str, tuple[str, str, str, str]] = {}
 
-    def __call__(self, channel: str) -> tuple[str, str, str]:
+    def __call__(self, channel: str) -> tuple[str, str, str, str]:
         keys = self._cache.get(channel)
         if keys is None:
             if len(self._cache) >= 10000:
@@ -139,6 +167,7 @@ class KeyNames:
                 self.pubsub_prefix + tag,
                 f"{self.prefix}:{tag}:seq",
                 f"{self.prefix}:{tag}:history",
+                f"{self.prefix}:{tag}:history:bytes",
             )
         return keys
 
