@@ -37,7 +37,9 @@ import uvloop
 from picows import WSError, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common
+import procs
+import procstat
+import reporting
 
 BINARY = WSMsgType.BINARY
 CLOSE = WSMsgType.CLOSE
@@ -67,7 +69,7 @@ def latency_summary(samples_ns: array[int], prefix: str) -> dict[str, Any]:
     values = sorted(samples_ns)
     out: dict[str, Any] = {f"{prefix}_samples": len(values)}
     for name, q in (("p50", 50), ("p99", 99), ("p999", 99.9)):
-        v = common.percentile(values, q)
+        v = reporting.percentile(values, q)
         out[f"{prefix}_{name}_ms"] = None if v is None else v / 1e6
     out[f"{prefix}_max_ms"] = values[-1] / 1e6 if values else None
     return out
@@ -93,7 +95,7 @@ def fairness(counts: Sequence[int]) -> dict[str, Any]:
     return {
         "served_connections": sum(1 for c in counts if c),
         "replies_min": min(counts, default=0),
-        "replies_median": common.median(counts),
+        "replies_median": reporting.median(counts),
         "replies_max": max(counts, default=0),
         "jain_index": total * total / (len(counts) * squares) if squares else None,
     }
@@ -308,8 +310,8 @@ async def echo_main(args: argparse.Namespace) -> dict[str, Any]:
     await asyncio.sleep(args.warmup)
 
     pid = args.server_pid
-    server_cpu0 = common.read_cpu_seconds(pid) if pid else 0.0
-    waits0 = common.read_run_delay(pid) if pid else 0.0, common.read_run_delay()
+    server_cpu0 = procstat.read_cpu_seconds(pid) if pid else 0.0
+    waits0 = procstat.read_run_delay(pid) if pid else 0.0, procstat.read_run_delay()
     cpu0, t0, n0 = cpu_self(), time.perf_counter(), run.received
     per_connection = [client.replies for client in clients]
     run.recording = True
@@ -320,8 +322,8 @@ async def echo_main(args: argparse.Namespace) -> dict[str, Any]:
     # A starved connection's messages never come back, so they are in no percentile; how
     # long the worst-served connection has gone without a reply shows them.
     silent_ms = max((end_ns - client.last) / 1e6 for client in clients)
-    server_cpu1 = common.read_cpu_seconds(pid) if pid else 0.0
-    waits1 = common.read_run_delay(pid) if pid else 0.0, common.read_run_delay()
+    server_cpu1 = procstat.read_cpu_seconds(pid) if pid else 0.0
+    waits1 = procstat.read_run_delay(pid) if pid else 0.0, procstat.read_run_delay()
     per_connection = sorted(c.replies - n for c, n in zip(clients, per_connection, strict=True))
     elapsed = t1 - t0
     result: dict[str, Any] = {
@@ -381,7 +383,7 @@ async def handshake_burst(args: argparse.Namespace) -> dict[str, Any]:
         proc.kill()
         await proc.wait()
         return {"error": "handshake process did not finish"}
-    return common.parse_result(out.decode(), err.decode(), proc.returncode or 0)
+    return procs.parse_result(out.decode(), err.decode(), proc.returncode or 0)
 
 
 # ---------------------------------------------------------------------------- handshakes
@@ -437,8 +439,8 @@ async def handshakes_main(args: argparse.Namespace) -> dict[str, Any]:
         "timeout_s": args.timeout,
         "completed": within,
         "time_all_s": times[-1] if within == args.count else None,
-        "p50_s": common.percentile(times, 50),
-        "p99_s": common.percentile(times, 99),
+        "p50_s": reporting.percentile(times, 50),
+        "p99_s": reporting.percentile(times, 99),
         "errors": errors,
     }
 
@@ -539,7 +541,7 @@ def open_raw_reader(host: str, port: int, path: str, rcvbuf: int) -> socket.sock
 async def broadcast_main(args: argparse.Namespace) -> dict[str, Any]:
     if args.size < SEQ_STAMP.size:
         raise SystemExit(f"load: --size must be at least {SEQ_STAMP.size}")
-    common.raise_nofile()
+    procs.raise_nofile()
     run = BroadcastRun(args.receivers, args.size)
     path = f"{args.path}/{args.channel}"
     url = f"ws://{args.host}:{args.port}{path}"
@@ -566,14 +568,14 @@ async def broadcast_main(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"load: probe broadcast reached {got} of {len(receivers)} receivers")
 
     pid = args.server_pid
-    peak = {"rss_kb": common.read_rss_kb(pid) if pid else 0}
+    peak = {"rss_kb": procstat.read_rss_kb(pid) if pid else 0}
     rss_before = peak["rss_kb"]
     stop_early: list[str] = []
 
     async def watch_rss() -> None:
         while True:
             await asyncio.sleep(0.2)
-            rss = common.read_rss_kb(pid)
+            rss = procstat.read_rss_kb(pid)
             peak["rss_kb"] = max(peak["rss_kb"], rss)
             if rss > args.rss_limit_mb * 1024:
                 stop_early.append(f"server RSS {rss // 1024} MB over --rss-limit-mb")
@@ -590,17 +592,17 @@ async def broadcast_main(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.sleep(min(0.05, end - time.monotonic()))
 
     await sleep_unless_stopped(args.warmup)
-    server_cpu0 = common.read_cpu_seconds(pid) if pid else 0.0
-    waits0 = common.read_run_delay(pid) if pid else 0.0, common.read_run_delay()
-    rss0 = common.read_rss_kb(pid) if pid else 0
+    server_cpu0 = procstat.read_cpu_seconds(pid) if pid else 0.0
+    waits0 = procstat.read_run_delay(pid) if pid else 0.0, procstat.read_run_delay()
+    rss0 = procstat.read_rss_kb(pid) if pid else 0
     cpu0, t0, d0, c0 = cpu_self(), time.perf_counter(), run.deliveries, run.completed
     run.recording = True
     await sleep_unless_stopped(args.duration)
     run.recording = False
     cpu1, t1, d1, c1 = cpu_self(), time.perf_counter(), run.deliveries, run.completed
-    server_cpu1 = common.read_cpu_seconds(pid) if pid else 0.0
-    waits1 = common.read_run_delay(pid) if pid else 0.0, common.read_run_delay()
-    rss1 = common.read_rss_kb(pid) if pid else 0
+    server_cpu1 = procstat.read_cpu_seconds(pid) if pid else 0.0
+    waits1 = procstat.read_run_delay(pid) if pid else 0.0, procstat.read_run_delay()
+    rss1 = procstat.read_rss_kb(pid) if pid else 0
     run.sending = False
     if watcher is not None:
         watcher.cancel()
@@ -674,7 +676,7 @@ async def wait_stdin_closed(timeout: float) -> bool:
 
 
 async def idle_main(args: argparse.Namespace) -> dict[str, Any]:
-    limit = common.raise_nofile()
+    limit = procs.raise_nofile()
     if args.count + 100 > limit:
         raise SystemExit(f"load: RLIMIT_NOFILE is {limit}, too low for {args.count} connections")
     counters = Counters()
@@ -686,7 +688,7 @@ async def idle_main(args: argparse.Namespace) -> dict[str, Any]:
         args.count,
         concurrency=args.concurrency,
         timeout=args.connect_timeout,
-        socket_factory=common.source_socket_factory(args.count, args.per_address),
+        socket_factory=procs.source_socket_factory(args.count, args.per_address),
         read_buffer=1024,
     )
     elapsed = time.perf_counter() - start
@@ -937,13 +939,13 @@ async def fanout_main(args: argparse.Namespace) -> dict[str, Any]:
     """
     if args.size < SEQ_STAMP.size:
         raise SystemExit(f"load: --size must be at least {SEQ_STAMP.size}")
-    limit = common.raise_nofile()
+    limit = procs.raise_nofile()
     if args.count + 100 > limit:
         raise SystemExit(f"load: RLIMIT_NOFILE is {limit}, too low for {args.count} connections")
     run = FanoutRun()
     url = f"ws://{args.host}:{args.port}{args.path}/{args.channel}"
     start_ns = monotonic_ns()
-    sockets = common.source_socket_factory(args.count, args.per_address, args.first_address)
+    sockets = procs.source_socket_factory(args.count, args.per_address, args.first_address)
     results = await connect_many(
         url,
         lambda _i: FanoutReceiver(run),
@@ -1071,7 +1073,7 @@ async def server_main(args: argparse.Namespace) -> dict[str, Any]:
     check that the load client is not the bottleneck (see bench/README.md)."""
     from picows import WSUpgradeRequest, ws_create_server
 
-    common.raise_nofile()
+    procs.raise_nofile()
     channels: dict[str, set[WSTransport]] = {}
 
     def route(request: WSUpgradeRequest) -> ServerSide | None:
@@ -1101,7 +1103,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def target(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--host", default=common.HOST)
+        p.add_argument("--host", default=procs.HOST)
         p.add_argument("--port", type=int, required=True)
         p.add_argument("--path", default="/ws")
 
@@ -1160,7 +1162,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--defer", type=float, default=2.5, help="kernel arrival: seconds to wait")
 
     p = sub.add_parser("server", help="reference picows server (checks the load client)")
-    p.add_argument("--host", default=common.HOST)
+    p.add_argument("--host", default=procs.HOST)
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--mode", choices=("echo", "broadcast"), default="echo")
 
