@@ -149,7 +149,7 @@ def agreed(header: str) -> dict[str, Any]:
 
 
 async def load_main(args: argparse.Namespace) -> dict[str, Any]:
-    import load
+    import load_client
     from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
     messages = payloads(args.size)
@@ -239,7 +239,7 @@ async def load_main(args: argparse.Namespace) -> dict[str, Any]:
             stats["received"],
             stats["wire"],
             cpu,
-            load.cpu_self(),
+            load_client.cpu_self(),
             waits,
             time.monotonic(),
         )
@@ -249,7 +249,7 @@ async def load_main(args: argparse.Namespace) -> dict[str, Any]:
     r1, w1, s1, l1, d1, t1 = snapshot()
     stats["sending"] = False
     stats["outstanding"] = sum(len(c.sent) for c in clients)
-    await load.wait_until(lambda: stats["outstanding"] <= 0, 5.0)
+    await load_client.wait_until(lambda: stats["outstanding"] <= 0, 5.0)
     for client in clients:
         client.transport.disconnect()
     replies, elapsed = r1 - r0, t1 - t0
@@ -261,7 +261,7 @@ async def load_main(args: argparse.Namespace) -> dict[str, Any]:
         "reply_bytes": (w1 - w0) / replies if replies else None,
         "wrong": stats["wrong"],
         "negotiated": clients[0].transport.response.headers.get("Sec-WebSocket-Extensions"),
-        **load.run_queue_waits(d0, d1, elapsed),
+        **load_client.run_queue_waits(d0, d1, elapsed),
     }
 
 

@@ -352,7 +352,7 @@ def padded(head: bytes, size: int) -> bytes:
 
 def ws_listeners() -> Any:
     """picows listeners (imported here: only the load process needs picows)."""
-    from load import Closing  # bench/load.py: answers pings and a server's close
+    from load_client import Closing  # answers pings and a server's close
     from picows import WSFrame, WSMsgType, WSTransport
 
     text = WSMsgType.TEXT
@@ -426,7 +426,7 @@ def ws_listeners() -> Any:
 
 
 async def open_ws(url: str, factory: Callable[[int], Any], count: int) -> list[Any]:
-    from load import all_connected, connect_many
+    from load_client import all_connected, connect_many
 
     results = await connect_many(url, factory, count, concurrency=64, timeout=60)
     return all_connected(results, "WebSocket")
@@ -604,7 +604,7 @@ class PublishRun:
         self.responses: array[int] = array("q")
         self.errors = 0
         self.ws_text: Any = None
-        self.server_closes = 0  # counted by load.Closing
+        self.server_closes = 0  # counted by load_client.Closing
         self.disconnects = 0
 
     def body(self, pub: int) -> tuple[int, bytes]:
@@ -735,7 +735,7 @@ class FanoutRun:
         self.sender: Any = None
         self.ws_text: Any = None
         self.base = -1  # SSE: the offset of sequence number 0
-        self.server_closes = 0  # counted by load.Closing
+        self.server_closes = 0  # counted by load_client.Closing
         self.disconnects = 0
 
     def send_next(self) -> None:

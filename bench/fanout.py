@@ -9,7 +9,7 @@ when the last one did. Receive times are CLOCK_MONOTONIC, one clock for the whol
 With `arrival="kernel"` the receive time is the kernel's receive timestamp of each member's
 socket instead of the moment a load process read it: every process stops reading before the
 send (PAUSE), and reads the broadcast off the sockets only `defer` seconds later, so the load
-takes no CPU from the server during the fan-out (see load.py KernelArrival).
+takes no CPU from the server during the fan-out (see load_fanout.py KernelArrival).
 """
 
 from __future__ import annotations
