@@ -9,6 +9,7 @@ helpers here (latency percentiles, run-queue waits, fairness) on one `RESULT {js
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import socket
@@ -19,6 +20,7 @@ from array import array
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import procs
 import reporting
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
@@ -141,6 +143,20 @@ def all_connected(
             f"first: {failures[0]!r}"
         )
     return [listener for _transport, listener in results]  # type: ignore[misc]
+
+
+def hold_limit(count: int) -> None:
+    """Raise the file limit; exit when it cannot hold `count` connections and some spare."""
+    limit = procs.raise_nofile()
+    if count + 100 > limit:
+        raise SystemExit(f"load: RLIMIT_NOFILE is {limit}, too low for {count} connections")
+
+
+def error_counts(results: Sequence[tuple[WSTransport, Any] | BaseException]) -> dict[str, int]:
+    """The connections that failed, counted by exception name."""
+    return dict(
+        collections.Counter(type(r).__name__ for r in results if isinstance(r, BaseException))
+    )
 
 
 class Closing(WSListener):

@@ -24,6 +24,8 @@ from load_client import (
     Closing,
     connect_many,
     emit,
+    error_counts,
+    hold_limit,
     log,
     monotonic_ns,
     server_frame_header,
@@ -257,9 +259,7 @@ async def fanout_main(args: argparse.Namespace) -> dict[str, Any]:
     """
     if args.size < SEQ_STAMP.size:
         raise SystemExit(f"load: --size must be at least {SEQ_STAMP.size}")
-    limit = procs.raise_nofile()
-    if args.count + 100 > limit:
-        raise SystemExit(f"load: RLIMIT_NOFILE is {limit}, too low for {args.count} connections")
+    hold_limit(args.count)
     run = FanoutRun()
     url = f"ws://{args.host}:{args.port}{args.path}/{args.channel}"
     start_ns = monotonic_ns()
@@ -276,10 +276,7 @@ async def fanout_main(args: argparse.Namespace) -> dict[str, Any]:
     end_ns = monotonic_ns()
     members = [r for r in results if not isinstance(r, BaseException)]
     transports = [transport for transport, _listener in members]
-    errors: dict[str, int] = {}
-    for r in results:
-        if isinstance(r, BaseException):
-            errors[type(r).__name__] = errors.get(type(r).__name__, 0) + 1
+    errors = error_counts(results)
     arrival = KernelArrival(members, args.size) if args.arrival == "kernel" else None
     if arrival is not None:
         arrival.enable_timestamps()

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 import procs
-from load_client import Counters, Idle, connect_many, emit, log
+from load_client import Counters, Idle, connect_many, emit, error_counts, hold_limit, log
 
 
 async def wait_stdin_closed(timeout: float) -> bool:
@@ -33,9 +33,7 @@ async def wait_stdin_closed(timeout: float) -> bool:
 
 
 async def idle_main(args: argparse.Namespace) -> dict[str, Any]:
-    limit = procs.raise_nofile()
-    if args.count + 100 > limit:
-        raise SystemExit(f"load: RLIMIT_NOFILE is {limit}, too low for {args.count} connections")
+    hold_limit(args.count)
     counters = Counters()
     url = f"ws://{args.host}:{args.port}{args.path}"
     start = time.perf_counter()
@@ -50,10 +48,7 @@ async def idle_main(args: argparse.Namespace) -> dict[str, Any]:
     )
     elapsed = time.perf_counter() - start
     transports = [r[0] for r in results if not isinstance(r, BaseException)]
-    errors: dict[str, int] = {}
-    for r in results:
-        if isinstance(r, BaseException):
-            errors[type(r).__name__] = errors.get(type(r).__name__, 0) + 1
+    errors = error_counts(results)
     opened = {"opened": len(transports), "failed": len(results) - len(transports)}
     emit("OPEN", opened)
     log(f"{len(transports)} idle connections open in {elapsed:.1f}s; holding until stdin closes")
