@@ -133,7 +133,7 @@ def run_interleaved(
 
 def run_all(
     args: argparse.Namespace, one_run: Callable[[str, argparse.Namespace], Result]
-) -> tuple[list[Result], dict[str, str]]:
+) -> tuple[dict[str, list[Result]], dict[str, str]]:
     """Every run of every server (interleaved), and the servers' display names."""
     kinds = kinds_to_run(args.only)
     names = {k: kind_label(k, args.server_cmd) for k in kinds}
