@@ -49,7 +49,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common
+import procs
+import procstat
+import redis_helpers
+import reporting
 from fanout import Members, split
 
 CHANNEL = "bench"
@@ -61,7 +64,7 @@ SEQ_STAMP_SIZE = 16  # load.py's broadcast payload head: sequence number, send t
 
 def server_command(args: argparse.Namespace, port: int, broker: str) -> list[str]:
     cmd = [sys.executable, "-m", "echoserver", "--mode", "broadcast"]
-    cmd += ["--host", common.HOST, "--port", str(port), "--processes", str(args.processes)]
+    cmd += ["--host", procs.HOST, "--port", str(port), "--processes", str(args.processes)]
     cmd += ["--broker", broker, "--max-connections", "0", "--no-log-access"]
     cmd += ["--log-level", "warning"]
     if args.api_key:
@@ -87,7 +90,7 @@ def children(pid: int) -> list[int]:
     return sorted(found)
 
 
-def wait_workers(server: common.Server, count: int, timeout: float) -> list[int]:
+def wait_workers(server: procs.Server, count: int, timeout: float) -> list[int]:
     deadline = time.monotonic() + timeout
     while True:
         workers = children(server.pid)
@@ -109,7 +112,7 @@ def kernel_memory_kb() -> tuple[int, int]:
         for line in f:
             if line.startswith("TCP:"):
                 fields = line.split()
-                buffers = int(fields[fields.index("mem") + 1]) * common.PAGE_KB
+                buffers = int(fields[fields.index("mem") + 1]) * procstat.PAGE_KB
     with open("/proc/meminfo") as f:
         slab = next(int(line.split()[1]) for line in f if line.startswith("Slab:"))
     return buffers, slab
@@ -129,11 +132,11 @@ class Meter:
         self.groups = groups
 
     def read(self) -> dict[str, Any]:
-        reading: dict[str, Any] = {"t": time.monotonic(), "machine": common.machine_cpu_seconds()}
+        reading: dict[str, Any] = {"t": time.monotonic(), "machine": procstat.machine_cpu_seconds()}
         for name, pids in self.groups.items():
             reading[name] = (
-                sum(common.read_cpu_ns(p) for p in pids) / 1e9,
-                sum(common.read_run_delay(p) for p in pids),
+                sum(procstat.read_cpu_ns(p) for p in pids) / 1e9,
+                sum(procstat.read_run_delay(p) for p in pids),
             )
         return reading
 
@@ -157,11 +160,11 @@ class Meter:
 
 def settled_sum_rss(pids: Sequence[int], settle: float) -> int:
     time.sleep(settle)
-    total = sum(common.read_rss_kb(p) for p in pids)
+    total = sum(procstat.read_rss_kb(p) for p in pids)
     deadline = time.monotonic() + settle * 4
     while time.monotonic() < deadline:
         time.sleep(0.5)
-        now = sum(common.read_rss_kb(p) for p in pids)
+        now = sum(procstat.read_rss_kb(p) for p in pids)
         if abs(now - total) < 256 * len(pids):
             return now
         total = now
@@ -170,7 +173,7 @@ def settled_sum_rss(pids: Sequence[int], settle: float) -> int:
 
 def publisher(port: int, key: str, size: int) -> Any:
     """POST broadcast `seq` to the publish API; returns its send time (CLOCK_MONOTONIC ns)."""
-    url = f"http://{common.HOST}:{port}/api/channels/{CHANNEL}/messages"
+    url = f"http://{procs.HOST}:{port}/api/channels/{CHANNEL}/messages"
 
     def publish(seq: int) -> int:
         sent_ns = time.monotonic_ns()
@@ -190,8 +193,8 @@ def publisher(port: int, key: str, size: int) -> Any:
 
 
 def run(args: argparse.Namespace, broker: str, redis_pid: int | None) -> dict[str, Any]:
-    port = common.free_port()
-    server = common.Server(server_command(args, port, broker), port, cpu=None)
+    port = procs.free_port()
+    server = procs.Server(server_command(args, port, broker), port, cpu=None)
     server.start(timeout=60)
     members: Members | None = None
     try:
@@ -200,10 +203,10 @@ def run(args: argparse.Namespace, broker: str, redis_pid: int | None) -> dict[st
         fds_before = {pid: open_files(pid) for pid in workers}
         rss_before = settled_sum_rss(workers, 0.5)
         kernel_before = kernel_memory_kb()
-        redis_rss_before = common.read_rss_kb(redis_pid) if redis_pid else None
+        redis_rss_before = procstat.read_rss_kb(redis_pid) if redis_pid else None
 
         counts = split(args.connections, per_load(args))
-        common.say(
+        reporting.say(
             f"{args.processes} workers {workers}; {len(counts)} load processes "
             f"{counts}; opening {args.connections:,} connections ..."
         )
@@ -231,7 +234,7 @@ def run(args: argparse.Namespace, broker: str, redis_pid: int | None) -> dict[st
         if opened["opened"]:
             opened["workers_us_per_handshake"] = 1e6 * opened["workers_cpu_s"] / opened["opened"]
             opened["load_us_per_handshake"] = 1e6 * opened["load_cpu_s"] / opened["opened"]
-        common.say(
+        reporting.say(
             f"{opened['opened']:,} open ({opened['failed']:,} failed) in "
             f"{opened['connect_s']:.1f}s: {opened['accept_per_s'] or 0:,.0f}/s"
         )
@@ -241,7 +244,7 @@ def run(args: argparse.Namespace, broker: str, redis_pid: int | None) -> dict[st
             {
                 "pid": pid,
                 "connections": open_files(pid) - fds_before[pid],
-                "rss_kb": common.read_rss_kb(pid),
+                "rss_kb": procstat.read_rss_kb(pid),
             }
             for pid in workers
         ]
@@ -258,12 +261,12 @@ def run(args: argparse.Namespace, broker: str, redis_pid: int | None) -> dict[st
             "slab_kb_per_connection": (kernel_after[1] - kernel_before[1])
             / max(1, opened["opened"]),
             "redis_rss_before_kb": redis_rss_before,
-            "redis_rss_after_kb": common.read_rss_kb(redis_pid) if redis_pid else None,
+            "redis_rss_after_kb": procstat.read_rss_kb(redis_pid) if redis_pid else None,
         }
-        common.say(f"workers' RSS: {memory['kb_per_connection'] or 0:.2f} KB per connection")
+        reporting.say(f"workers' RSS: {memory['kb_per_connection'] or 0:.2f} KB per connection")
 
         seq, probe = members.probe(0, args.broadcast_timeout)
-        common.say(f"probe: {probe['received']:,} of {probe['expected']:,} members")
+        reporting.say(f"probe: {probe['received']:,} of {probe['expected']:,} members")
         publish = publisher(port, args.api_key, args.size) if args.api_key else None
         broadcasts = []
         b0 = meter.read()
@@ -281,7 +284,7 @@ def run(args: argparse.Namespace, broker: str, redis_pid: int | None) -> dict[st
             if redis_pid:
                 result["redis_us_per_broadcast"] = 1e6 * result["redis_cpu_s"]
             broadcasts.append(result)
-            common.say(
+            reporting.say(
                 f"broadcast {seq}: {received:,}/{result['expected']:,} got it, last after "
                 f"{result['last_ms'] or 0:.0f} ms; workers "
                 f"{result['workers_us_per_delivery'] or 0:.2f} µs/delivery"
@@ -314,13 +317,13 @@ def run(args: argparse.Namespace, broker: str, redis_pid: int | None) -> dict[st
             "open_s": opened["connect_s"],
             "accept_per_s": opened["accept_per_s"],
             "kb_per_connection": memory["kb_per_connection"],
-            "last_ms_median": common.median([b["last_ms"] for b in broadcasts]),
+            "last_ms_median": reporting.median([b["last_ms"] for b in broadcasts]),
             "last_ms_max": max((b["last_ms"] or 0 for b in broadcasts), default=None),
-            "first_ms_median": common.median([b["first_ms"] for b in broadcasts]),
-            "workers_us_per_delivery_median": common.median(
+            "first_ms_median": reporting.median([b["first_ms"] for b in broadcasts]),
+            "workers_us_per_delivery_median": reporting.median(
                 [b["workers_us_per_delivery"] for b in broadcasts]
             ),
-            "load_us_per_delivery_median": common.median(
+            "load_us_per_delivery_median": reporting.median(
                 [b["load_us_per_delivery"] for b in broadcasts]
             ),
             "workers_us_per_handshake": opened.get("workers_us_per_handshake"),
@@ -339,7 +342,7 @@ def run(args: argparse.Namespace, broker: str, redis_pid: int | None) -> dict[st
 
 def report(args: argparse.Namespace, result: dict[str, Any]) -> None:
     s = result["summary"]
-    fmt = common.fmt
+    fmt = reporting.fmt
     print(
         f"## {s['connections']:,} connections on {args.processes} worker processes "
         f"(broker {args.broker or 'a private redis-server'}), {args.broadcasts} broadcasts of "
@@ -368,7 +371,7 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> None:
             f"{fmt(s['others_cpu_pct_open'], 0)} / {fmt(s['others_cpu_pct_broadcasts'], 0)}",
         ],
     ]
-    print(common.markdown_table(["figure", "value"], rows))
+    print(reporting.markdown_table(["figure", "value"], rows))
     print("\n### Each broadcast\n")
     headers = ["seq", "received", "first ms", "last ms", "workers µs/delivery", "workers CPU s"]
     headers += ["redis CPU ms", "load CPU s", "others CPU %", "workers wait %"]
@@ -387,7 +390,7 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> None:
         ]
         for b in result["broadcasts"]
     ]
-    print(common.markdown_table(headers, rows))
+    print(reporting.markdown_table(headers, rows))
     spread = ", ".join(f"{w['connections']:,}" for w in result["workers"])
     print(f"\nconnections per worker: {spread}")
     o = result["open"]
@@ -419,7 +422,7 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> None:
         )
     )
     print(f"\n{environment()}")
-    print(f"command: {common.command_line()}")
+    print(f"command: {reporting.command_line()}")
 
 
 ARRIVAL_MODES = {
@@ -450,7 +453,7 @@ def environment() -> str:
 
     return (
         f"{os.cpu_count()} CPUs shared by workers, Redis and load (not pinned); Python "
-        f"{sys.version.split()[0]}, Tornado {tornado.version}; git {common._git_revision()}; "
+        f"{sys.version.split()[0]}, Tornado {tornado.version}; git {reporting.git_revision()}; "
         f"load average at end {os.getloadavg()[0]:.2f}"
     )
 
@@ -485,7 +488,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--json", metavar="PATH", help="also write the raw result here")
     args = parser.parse_args(argv)
-    limit = common.raise_nofile()
+    limit = procs.raise_nofile()
     if per_load(args) + 100 > limit:
         parser.error(f"{per_load(args)} connections per load process need over {limit} files")
     if not 1 <= args.processes <= 64 or args.connections < 2 or args.size < SEQ_STAMP_SIZE:
@@ -508,20 +511,20 @@ def main() -> None:
     # Ctrl-C too, even where the shell started this with SIGINT ignored (in the background).
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, stop)
-    busy = common.cpu_busy_pct(1.0)
-    common.say(f"machine {busy:.0f}% busy before the run")
+    busy = procstat.cpu_busy_pct(1.0)
+    reporting.say(f"machine {busy:.0f}% busy before the run")
     with tempfile.TemporaryDirectory(prefix="bench-100k-") as tmp, contextlib.ExitStack() as stack:
         if args.broker:
             broker, redis_pid = args.broker, None
         else:
-            broker, redis_pid = stack.enter_context(common.redis_server(tmp))
+            broker, redis_pid = stack.enter_context(redis_helpers.redis_server(tmp))
         result = run(args, broker, redis_pid)
     result["busy_before_pct"] = busy
     report(args, result)
-    common.write_json(
+    reporting.write_json(
         args.json,
         {
-            "command": common.command_line(),
+            "command": reporting.command_line(),
             "environment": environment(),
             "settings": {k: v for k, v in vars(args).items() if k != "api_key"},
             **result,

@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common
-from common import Metric
+import procs
+import reporting
+import runner
+from reporting import Metric
 
 METRICS = [
     Metric("deliveries/s", "deliveries_per_s", 0),
@@ -66,7 +68,7 @@ def rss_growth_mb(r: dict[str, Any]) -> float:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    common.add_server_args(parser)
+    runner.add_server_args(parser)
     parser.add_argument("--slow", action="store_true", help="the slow-client scenario instead")
     parser.add_argument("--duration", type=float, help="measured seconds (default 5; --slow 10)")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring")
@@ -81,7 +83,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--json", metavar="PATH", help="also write every run's raw result here")
     args = parser.parse_args()
-    common.apply_common_args(args)
+    runner.apply_common_args(args)
     if args.duration is None:
         args.duration = 10.0 if args.slow else 5.0
     if args.clients is None:
@@ -90,13 +92,13 @@ def parse_args() -> argparse.Namespace:
         args.size = 65536 if args.slow else 200
     if args.size < 16:
         parser.error("--size must be at least 16 (sequence number and timestamp)")
-    if args.clients + 200 > common.nofile_limit():
-        parser.error(f"RLIMIT_NOFILE {common.nofile_limit()} is too low for {args.clients}")
+    if args.clients + 200 > procs.nofile_limit():
+        parser.error(f"RLIMIT_NOFILE {procs.nofile_limit()} is too low for {args.clients}")
     return args
 
 
 def load_once(kind: str, args: argparse.Namespace, slow_clients: int) -> dict[str, Any]:
-    with common.started_server(
+    with runner.started_server(
         kind, "broadcast", uvloop=args.uvloop, custom=args.server_cmd
     ) as server:
         load_args = [
@@ -120,11 +122,11 @@ def load_once(kind: str, args: argparse.Namespace, slow_clients: int) -> dict[st
             "--rss-limit-mb",
             str(args.rss_limit_mb),
         ]
-        result = common.run_load(load_args, args.warmup + args.duration + 120)
+        result = procs.run_load(load_args, args.warmup + args.duration + 120)
         if server.proc is not None and server.proc.poll() is not None:
             raise RuntimeError(f"server exited during the run\n{server.log_tail()}")
         if result.get("stopped_early"):
-            common.say(f"  stopped early: {result['stopped_early']}")
+            reporting.say(f"  stopped early: {result['stopped_early']}")
         return result
 
 
@@ -136,8 +138,8 @@ def one_run(kind: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     args = parse_args()
-    common.raise_nofile()
-    results, names = common.run_all(args, one_run)
+    procs.raise_nofile()
+    results, names = runner.run_all(args, one_run)
     if args.slow:
         metrics = SLOW_METRICS
         print(
@@ -152,7 +154,7 @@ def main() -> None:
             f"{args.inflight} broadcasts in flight, {args.duration:g} s window after "
             f"{args.warmup:g} s warm-up\n"
         )
-    print(common.summary_table(results, metrics, names))
+    print(reporting.summary_table(results, metrics, names))
     if args.slow:
         print(
             "\nrate kept = fast clients' deliveries/s with the slow client / without it (1.00 = "
@@ -165,7 +167,7 @@ def main() -> None:
             "clients got it. server µs/delivery = server CPU time (user+system) in the window / "
             "deliveries in the window. Lower is better for p50/p99/µs.\n"
         )
-    common.print_footer(args, results, metrics, names)
+    reporting.print_footer(args, results, metrics, names)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common
+import procs
+import redis_helpers
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -98,7 +99,7 @@ class Echoserver:
         return self.proc.poll() is not None
 
     def stop(self) -> None:
-        common.stop_process(self.proc, 20)
+        procs.stop_process(self.proc, 20)
 
 
 # ------------------------------------------------------------------------- load client
@@ -253,7 +254,7 @@ def main() -> None:
         directory = Path(tmp)
         redis = None  # (URL, pid) of its own redis-server
         if any(kind == "redis" for _, kind, _ in configs):
-            redis = stack.enter_context(common.redis_server(tmp))
+            redis = stack.enter_context(redis_helpers.redis_server(tmp))
         # Round-robin over the configurations, so a change in machine load between
         # runs touches each of them alike.
         for n in range(args.runs):

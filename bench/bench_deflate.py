@@ -28,8 +28,11 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common
-from common import Metric
+import procs
+import procstat
+import reporting
+import runner
+from reporting import Metric
 
 KINDS = ("baseline", "websockets", "ours")
 OFFER = "permessage-deflate; client_max_window_bits"  # what browsers offer
@@ -62,10 +65,10 @@ def serve_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="bench_deflate.py serve")
     parser.add_argument("kind", choices=("websockets", "baseline"))
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--host", default=common.HOST)
+    parser.add_argument("--host", default=procs.HOST)
     parser.add_argument("--uvloop", action="store_true")
     args = parser.parse_args(argv)
-    common.raise_nofile()
+    procs.raise_nofile()
     if args.uvloop:
         import uvloop
 
@@ -113,9 +116,7 @@ async def _until_signalled() -> None:
 
 def server_cmd(kind: str, port: int, args: argparse.Namespace) -> list[str]:
     if kind == "ours":
-        cmd = common.server_command(
-            "ours", "echo", port, uvloop=args.uvloop, custom=args.server_cmd
-        )
+        cmd = procs.server_command("ours", "echo", port, uvloop=args.uvloop, custom=args.server_cmd)
         return cmd if args.server_cmd else [*cmd, "--compression"]
     loop = ["--uvloop"] if args.uvloop else []
     return [sys.executable, __file__, "serve", kind, "--port", str(port), *loop]
@@ -148,7 +149,7 @@ def agreed(header: str) -> dict[str, Any]:
 
 
 async def load_main(args: argparse.Namespace) -> dict[str, Any]:
-    import load
+    import load_client
     from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
     messages = payloads(args.size)
@@ -218,7 +219,7 @@ async def load_main(args: argparse.Namespace) -> dict[str, Any]:
             if frame.last_in_buffer:
                 self.write()
 
-    url = f"ws://{common.HOST}:{args.port}/ws"
+    url = f"ws://{procs.HOST}:{args.port}/ws"
     headers = {"Sec-WebSocket-Extensions": args.offer}
     connecting = [
         ws_connect(Client, url, extra_headers=headers, enable_auto_pong=False)
@@ -232,16 +233,23 @@ async def load_main(args: argparse.Namespace) -> dict[str, Any]:
     pid = args.server_pid
 
     def snapshot() -> tuple[int, int, float, float, tuple[float, float], float]:
-        cpu = common.read_cpu_seconds(pid) if pid else 0.0
-        waits = (common.read_run_delay(pid) if pid else 0.0, common.read_run_delay())
-        return stats["received"], stats["wire"], cpu, load.cpu_self(), waits, time.monotonic()
+        cpu = procstat.read_cpu_seconds(pid) if pid else 0.0
+        waits = (procstat.read_run_delay(pid) if pid else 0.0, procstat.read_run_delay())
+        return (
+            stats["received"],
+            stats["wire"],
+            cpu,
+            load_client.cpu_self(),
+            waits,
+            time.monotonic(),
+        )
 
     r0, w0, s0, l0, d0, t0 = snapshot()
     await asyncio.sleep(args.duration)
     r1, w1, s1, l1, d1, t1 = snapshot()
     stats["sending"] = False
     stats["outstanding"] = sum(len(c.sent) for c in clients)
-    await load.wait_until(lambda: stats["outstanding"] <= 0, 5.0)
+    await load_client.wait_until(lambda: stats["outstanding"] <= 0, 5.0)
     for client in clients:
         client.transport.disconnect()
     replies, elapsed = r1 - r0, t1 - t0
@@ -253,7 +261,7 @@ async def load_main(args: argparse.Namespace) -> dict[str, Any]:
         "reply_bytes": (w1 - w0) / replies if replies else None,
         "wrong": stats["wrong"],
         "negotiated": clients[0].transport.response.headers.get("Sec-WebSocket-Extensions"),
-        **load.run_queue_waits(d0, d1, elapsed),
+        **load_client.run_queue_waits(d0, d1, elapsed),
     }
 
 
@@ -270,7 +278,7 @@ def load_cli(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     import uvloop
 
-    common.raise_nofile()
+    procs.raise_nofile()
     result = uvloop.run(asyncio.wait_for(load_main(args), args.warmup + args.duration + 60))
     print(f"RESULT {json.dumps(result)}", flush=True)
 
@@ -279,8 +287,8 @@ def load_cli(argv: list[str]) -> None:
 
 
 def one_run(kind: str, args: argparse.Namespace) -> dict[str, Any]:
-    port = common.free_port()
-    server = common.Server(server_cmd(kind, port, args), port)
+    port = procs.free_port()
+    server = procs.Server(server_cmd(kind, port, args), port)
     try:
         server.start()
     except Exception as exc:
@@ -292,7 +300,7 @@ def one_run(kind: str, args: argparse.Namespace) -> dict[str, Any]:
             "--warmup", str(args.warmup), "--duration", str(args.duration),
             "--size", str(args.size),
         ]  # fmt: skip
-        cmd = common.pinned([sys.executable, __file__, "load", *load_args], common.LOAD_CPU)
+        cmd = procs.pinned([sys.executable, __file__, "load", *load_args], procs.LOAD_CPU)
         result = run_pinned_load(cmd, args.warmup + args.duration + 90)
         if result.get("wrong"):
             raise RuntimeError(f"{result['wrong']} replies did not match what was sent")
@@ -310,13 +318,13 @@ def run_pinned_load(cmd: list[str], timeout: float) -> dict[str, Any]:
         done = subprocess.run(cmd, capture_output=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired as exc:
         raise RuntimeError(f"load did not finish within {timeout:.0f}s") from exc
-    return common.parse_result(done.stdout.decode(), done.stderr.decode(), done.returncode)
+    return procs.parse_result(done.stdout.decode(), done.stderr.decode(), done.returncode)
 
 
 def ratio_rows(results: dict[str, list[dict[str, Any]]], names: dict[str, str]) -> str:
     """ours / each other server, for messages/s and server CPU per message."""
     med = {
-        k: {m.title: common.median([m.value(r) for r in runs]) for m in METRICS[:2]}
+        k: {m.title: reporting.median([m.value(r) for r in runs]) for m in METRICS[:2]}
         for k, runs in results.items()
     }
     rows = []
@@ -325,16 +333,16 @@ def ratio_rows(results: dict[str, list[dict[str, Any]]], names: dict[str, str]) 
             rows.append(
                 [f"ours / {names[other]}"]
                 + [
-                    common.fmt_ratio(common.ratio(med["ours"][t], med[other][t]))
+                    reporting.fmt_ratio(reporting.ratio(med["ours"][t], med[other][t]))
                     for t in med["ours"]
                 ]
             )
-    return common.markdown_table(["ratio (medians)", *(m.title for m in METRICS[:2])], rows)
+    return reporting.markdown_table(["ratio (medians)", *(m.title for m in METRICS[:2])], rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    common.add_server_args(parser)
+    runner.add_server_args(parser)
     parser.set_defaults(only=None)
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring")
@@ -345,12 +353,12 @@ def main() -> None:
     parser.add_argument("--servers", default=",".join(KINDS), help="comma-separated subset")
     parser.add_argument("--json", metavar="PATH", help="also write every run's raw result here")
     args = parser.parse_args()
-    common.apply_common_args(args)
+    runner.apply_common_args(args)
     kinds = [k for k in args.servers.split(",") if k in KINDS]
     if args.only:
         kinds = [args.only]
-    names = {k: common.kind_label(k, args.server_cmd) for k in kinds}
-    results = common.run_interleaved(
+    names = {k: runner.kind_label(k, args.server_cmd) for k in kinds}
+    results = runner.run_interleaved(
         kinds,
         args.runs,
         lambda kind, _i: one_run(kind, args),
@@ -362,7 +370,7 @@ def main() -> None:
         f"{args.size}-byte JSON text, offer "
         f"`{args.offer}`, {args.duration:g} s window after {args.warmup:g} s warm-up\n"
     )
-    print(common.summary_table(results, METRICS, names))
+    print(reporting.summary_table(results, METRICS, names))
     print()
     print(ratio_rows(results, names))
     negotiated = {
@@ -374,7 +382,7 @@ def main() -> None:
         "server CPU µs/msg = the server's CPU time over the window / replies in the window "
         "(lower is better); reply bytes = mean compressed payload of a reply.\n"
     )
-    common.print_footer(args, results, METRICS, names)
+    reporting.print_footer(args, results, METRICS, names)
 
 
 if __name__ == "__main__":

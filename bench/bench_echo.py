@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common
-from common import Metric
+import procs
+import reporting
+import runner
+from reporting import Metric
 
 METRICS = [
     Metric("msgs/s", "msgs_per_s", 0),
@@ -42,7 +44,7 @@ def _never_if_none(seconds: float | None) -> float:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    common.add_server_args(parser)
+    runner.add_server_args(parser)
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring")
     parser.add_argument("--connections", type=int, default=64)
@@ -54,14 +56,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--handshake-timeout", type=float, default=5.0)
     parser.add_argument("--json", metavar="PATH", help="also write every run's raw result here")
     args = parser.parse_args()
-    common.apply_common_args(args)
+    runner.apply_common_args(args)
     if args.size < 8:
         parser.error("--size must be at least 8 (the payload carries a timestamp)")
     return args
 
 
 def one_run(kind: str, args: argparse.Namespace) -> dict[str, Any]:
-    with common.started_server(kind, "echo", uvloop=args.uvloop, custom=args.server_cmd) as server:
+    with runner.started_server(kind, "echo", uvloop=args.uvloop, custom=args.server_cmd) as server:
         load_args = [
             "echo",
             "--port",
@@ -84,7 +86,7 @@ def one_run(kind: str, args: argparse.Namespace) -> dict[str, Any]:
             str(server.pid),
         ]
         timeout = args.warmup + args.duration + args.handshake_timeout + 90
-        result = common.run_load(load_args, timeout)
+        result = procs.run_load(load_args, timeout)
         if server.proc is not None and server.proc.poll() is not None:
             raise RuntimeError(f"server exited during the run\n{server.log_tail()}")
         return result
@@ -92,13 +94,13 @@ def one_run(kind: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     args = parse_args()
-    common.raise_nofile()
-    results, names = common.run_all(args, one_run)
+    procs.raise_nofile()
+    results, names = runner.run_all(args, one_run)
     print(
         f"## Echo: {args.connections} connections x {args.inflight} in flight, "
         f"{args.size}-byte payload, {args.duration:g} s window after {args.warmup:g} s warm-up\n"
     )
-    print(common.summary_table(results, METRICS, names))
+    print(reporting.summary_table(results, METRICS, names))
     print(
         f"\nhandshakes ok = of {args.handshakes} new connections opened at once while the "
         f"pump runs, those done within {args.handshake_timeout:g} s; all done s = time until "
@@ -109,7 +111,7 @@ def main() -> None:
         "gone without a reply when the window closed). Lower is better for p50, p99, "
         "longest silence and all done s.\n"
     )
-    common.print_footer(args, results, METRICS, names)
+    reporting.print_footer(args, results, METRICS, names)
 
 
 if __name__ == "__main__":

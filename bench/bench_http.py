@@ -40,8 +40,11 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common
-from common import Metric
+import procs
+import procstat
+import reporting
+import runner
+from reporting import Metric
 
 SCRIPT = Path(__file__).resolve()
 API_KEY = "bench-key"
@@ -104,15 +107,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--uvloop",
         action=argparse.BooleanOptionalAction,
-        default=common.uvloop_available(),
+        default=procs.uvloop_available(),
         help="echoserver on uvloop (--loop uvloop) or asyncio",
     )
     parser.add_argument("--json", metavar="PATH", help="also write every run's raw result here")
     args = parser.parse_args()
-    args.server_cmd = None  # read by common.print_footer
-    common.check_runs(args.runs)
-    common.raise_nofile()
-    common.NICENESS = args.nice
+    args.server_cmd = None  # read by reporting.print_footer
+    runner.check_runs(args.runs)
+    procs.raise_nofile()
+    procs.NICENESS = args.nice
     if not 0.5 <= args.duration <= 60 or not 0 <= args.warmup <= 30:
         parser.error("--duration must be 0.5..60 s and --warmup 0..30 s")
     if not 1 <= args.publishers <= 256 or not 1 <= args.members <= 1000:
@@ -121,14 +124,14 @@ def parse_args() -> argparse.Namespace:
         parser.error("--pub-size and --size must be at least 32 (ids and timestamps)")
     if not 2 <= args.subscribers <= 10000 or not 1 <= args.inflight <= 256:
         parser.error("--subscribers must be 2..10000 and --inflight 1..256")
-    if args.subscribers + 200 > common.nofile_limit():
-        parser.error(f"RLIMIT_NOFILE {common.nofile_limit()} is too low for {args.subscribers}")
+    if args.subscribers + 200 > procs.nofile_limit():
+        parser.error(f"RLIMIT_NOFILE {procs.nofile_limit()} is too low for {args.subscribers}")
     return args
 
 
 def server_cmd(port: int, uvloop: bool) -> list[str]:
     return [
-        *common.server_command("ours", "broadcast", port, uvloop=uvloop),
+        *procs.server_command("ours", "broadcast", port, uvloop=uvloop),
         "--api-key",
         API_KEY,
     ]
@@ -136,23 +139,23 @@ def server_cmd(port: int, uvloop: bool) -> list[str]:
 
 def run_load_here(load_args: Sequence[str], timeout: float) -> dict[str, Any]:
     """This script's `load` subcommand, pinned to the load CPU; its RESULT object."""
-    cmd = common.pinned([sys.executable, str(SCRIPT), "load", *load_args], common.LOAD_CPU)
+    cmd = procs.pinned([sys.executable, str(SCRIPT), "load", *load_args], procs.LOAD_CPU)
     try:
         done = subprocess.run(
             cmd,
             capture_output=True,
             timeout=timeout,
             check=False,
-            preexec_fn=common._preexec_load,
+            preexec_fn=procs.preexec_load,
         )
     except subprocess.TimeoutExpired as exc:
         raise RuntimeError(f"load did not finish within {timeout:.0f}s: {shlex.join(cmd)}") from exc
-    return common.parse_result(done.stdout.decode(), done.stderr.decode(), done.returncode)
+    return procs.parse_result(done.stdout.decode(), done.stderr.decode(), done.returncode)
 
 
 def one_run(part: str, variant: str, args: argparse.Namespace) -> dict[str, Any]:
-    port = common.free_port()
-    server = common.Server(server_cmd(port, args.uvloop), port)
+    port = procs.free_port()
+    server = procs.Server(server_cmd(port, args.uvloop), port)
     try:
         server.start()
     except Exception as exc:
@@ -198,20 +201,20 @@ def summary(
     medians: dict[str, list[float | None]] = {}
     for kind, runs in results.items():
         ok = sum(1 for r in runs if "error" not in r)
-        medians[kind] = [common.median([m.value(r) for r in runs]) for m in metrics]
+        medians[kind] = [reporting.median([m.value(r) for r in runs]) for m in metrics]
         rows.append(
             [f"{names[kind]} ({ok}/{len(runs)} runs)"]
-            + [common.fmt(v, m.digits) for v, m in zip(medians[kind], metrics, strict=True)]
+            + [reporting.fmt(v, m.digits) for v, m in zip(medians[kind], metrics, strict=True)]
         )
     if top in medians and bottom in medians:
         rows.append(
             [f"{names[top]} / {names[bottom]}"]
             + [
-                common.fmt_ratio(common.ratio(t, b)) if m.ratio else ""
+                reporting.fmt_ratio(reporting.ratio(t, b)) if m.ratio else ""
                 for t, b, m in zip(medians[top], medians[bottom], metrics, strict=True)
             ]
         )
-    return common.markdown_table(["variant (median)", *(m.title for m in metrics)], rows)
+    return reporting.markdown_table(["variant (median)", *(m.title for m in metrics)], rows)
 
 
 def main() -> None:
@@ -224,7 +227,7 @@ def main() -> None:
             kinds, names, metrics = ["ws", "http"], PUBLISH_NAMES, PUBLISH_METRICS
         else:
             kinds, names, metrics = ["ws", "sse"], FANOUT_NAMES, FANOUT_METRICS
-        results = common.run_interleaved(
+        results = runner.run_interleaved(
             kinds,
             args.runs,
             lambda kind, _i, part=part: one_run(part, kind, args),
@@ -258,9 +261,11 @@ def main() -> None:
                 "all got it. SSE: each event is `id: <offset>` + one `data:` line in a chunk of "
                 "the chunked response; ids are checked for order and gaps.\n"
             )
-        common.print_footer(args, results, metrics, names)
+        reporting.print_footer(args, results, metrics, names)
     if json_path:
-        common.write_json(json_path, {"command": common.command_line(), "results": everything})
+        reporting.write_json(
+            json_path, {"command": reporting.command_line(), "results": everything}
+        )
 
 
 # ============================================================================ load (CPU 1)
@@ -284,13 +289,13 @@ class Window:
     def start(self) -> None:
         self.t0 = time.perf_counter()
         self.cpu0 = cpu_self()
-        self.server0 = common.read_cpu_seconds(self.pid)
-        self.waits0 = common.read_run_delay(self.pid), common.read_run_delay()
+        self.server0 = procstat.read_cpu_seconds(self.pid)
+        self.waits0 = procstat.read_run_delay(self.pid), procstat.read_run_delay()
 
     def stop(self) -> dict[str, float]:
         elapsed = time.perf_counter() - self.t0
-        server = common.read_cpu_seconds(self.pid) - self.server0
-        waits = common.read_run_delay(self.pid), common.read_run_delay()
+        server = procstat.read_cpu_seconds(self.pid) - self.server0
+        waits = procstat.read_run_delay(self.pid), procstat.read_run_delay()
         return {
             "duration_s": elapsed,
             "server_cpu_s": server,
@@ -347,7 +352,7 @@ def padded(head: bytes, size: int) -> bytes:
 
 def ws_listeners() -> Any:
     """picows listeners (imported here: only the load process needs picows)."""
-    from load import Closing  # bench/load.py: answers pings and a server's close
+    from load_client import Closing  # answers pings and a server's close
     from picows import WSFrame, WSMsgType, WSTransport
 
     text = WSMsgType.TEXT
@@ -421,7 +426,7 @@ def ws_listeners() -> Any:
 
 
 async def open_ws(url: str, factory: Callable[[int], Any], count: int) -> list[Any]:
-    from load import all_connected, connect_many
+    from load_client import all_connected, connect_many
 
     results = await connect_many(url, factory, count, concurrency=64, timeout=60)
     return all_connected(results, "WebSocket")
@@ -578,7 +583,7 @@ def latency_summary(samples: array[int], prefix: str) -> dict[str, float | None]
     values = sorted(samples)
     out: dict[str, float | None] = {}
     for name, q in (("p50", 50), ("p99", 99)):
-        v = common.percentile(values, q)
+        v = reporting.percentile(values, q)
         out[f"{prefix}_{name}_ms"] = None if v is None else v / 1e6
     return out
 
@@ -599,7 +604,7 @@ class PublishRun:
         self.responses: array[int] = array("q")
         self.errors = 0
         self.ws_text: Any = None
-        self.server_closes = 0  # counted by load.Closing
+        self.server_closes = 0  # counted by load_client.Closing
         self.disconnects = 0
 
     def body(self, pub: int) -> tuple[int, bytes]:
@@ -730,7 +735,7 @@ class FanoutRun:
         self.sender: Any = None
         self.ws_text: Any = None
         self.base = -1  # SSE: the offset of sequence number 0
-        self.server_closes = 0  # counted by load.Closing
+        self.server_closes = 0  # counted by load_client.Closing
         self.disconnects = 0
 
     def send_next(self) -> None:
@@ -816,7 +821,7 @@ def load_entry(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(prog="bench_http.py load")
     parser.add_argument("part", choices=("publish", "fanout"))
     parser.add_argument("variant", choices=("ws", "http", "sse"))
-    parser.add_argument("--host", default=common.HOST)
+    parser.add_argument("--host", default=procs.HOST)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--server-pid", type=int, required=True)
     parser.add_argument("--warmup", type=float, default=1.0)
@@ -827,7 +832,7 @@ def load_entry(argv: Sequence[str]) -> None:
     parser.add_argument("--inflight", type=int, default=4)
     parser.add_argument("--size", type=int, default=200)
     args = parser.parse_args(argv)
-    common.raise_nofile()
+    procs.raise_nofile()
     import uvloop
 
     main_fn = publish_main if args.part == "publish" else fanout_main

@@ -19,8 +19,11 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common
-from common import Metric
+import procs
+import procstat
+import reporting
+import runner
+from reporting import Metric
 
 METRICS = [
     Metric("KB/connection", "kb_per_connection", 2),
@@ -34,7 +37,7 @@ METRICS = [
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    common.add_server_args(parser)
+    runner.add_server_args(parser)
     parser.add_argument("--connections", type=int, default=10000)
     parser.add_argument("--mode", choices=("echo", "broadcast"), default="echo")
     parser.add_argument(
@@ -42,24 +45,24 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--json", metavar="PATH", help="also write every run's raw result here")
     args = parser.parse_args()
-    common.apply_common_args(args)
-    limit = common.raise_nofile()
+    runner.apply_common_args(args)
+    limit = procs.raise_nofile()
     if args.connections + 200 > limit:
         parser.error(f"RLIMIT_NOFILE hard limit {limit} is too low for {args.connections}")
     return args
 
 
 def one_run(kind: str, args: argparse.Namespace) -> dict[str, Any]:
-    with common.started_server(
+    with runner.started_server(
         kind, args.mode, uvloop=args.uvloop, custom=args.server_cmd
     ) as server:
-        before = common.settled_rss(server.pid, args.settle / 2)
-        load = common.LoadProcess(
+        before = procstat.settled_rss(server.pid, args.settle / 2)
+        load = procs.LoadProcess(
             ["idle", "--port", str(server.port), "--count", str(args.connections)]
         )
         try:
             opened = json.loads(load.read_line("OPEN", timeout=180))
-            after = common.settled_rss(server.pid, args.settle)
+            after = procstat.settled_rss(server.pid, args.settle)
             result = load.finish(timeout=60)
         finally:
             load.kill()
@@ -76,14 +79,14 @@ def one_run(kind: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     args = parse_args()
-    results, names = common.run_all(args, one_run)
+    results, names = runner.run_all(args, one_run)
     print(f"## Idle connections: {args.connections} open WebSocket connections, {args.mode} mode\n")
-    print(common.summary_table(results, METRICS, names))
+    print(reporting.summary_table(results, METRICS, names))
     print(
         "\nKB/connection = server VmRSS growth / connections opened (user-space memory; the "
         "kernel's socket buffers are not in RSS). Lower is better.\n"
     )
-    common.print_footer(args, results, METRICS, names, noise=False)
+    reporting.print_footer(args, results, METRICS, names, noise=False)
 
 
 if __name__ == "__main__":

@@ -25,9 +25,12 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common
-from common import Metric
+import procs
+import procstat
+import reporting
+import runner
 from fanout import Members, split
+from reporting import Metric
 
 METRICS = [
     Metric("KB/conn", "kb_per_connection", 2),
@@ -48,7 +51,7 @@ MAX_PER_LOAD = 19_000  # connections per load process: under the 20,000 open fil
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    common.add_server_args(parser)
+    runner.add_server_args(parser)
     parser.set_defaults(quiet_wait=10.0)
     parser.add_argument(
         "--counts",
@@ -66,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", metavar="PATH", help="also write every run's raw result here")
     parser.add_argument("--png", metavar="PATH", help="draw the curves here (needs matplotlib)")
     args = parser.parse_args(argv)
-    common.apply_common_args(args)
+    runner.apply_common_args(args)
     try:
         args.counts = sorted({int(n) for n in args.counts.split(",")})
     except ValueError:
@@ -75,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--counts must be at least 2 each")
     if not 1 <= args.broadcasts <= 100 or args.size < 16:
         parser.error("--broadcasts must be 1..100 and --size at least 16")
-    limit = common.raise_nofile()
+    limit = procs.raise_nofile()
     if min(args.counts[-1], MAX_PER_LOAD) + 100 > limit:
         parser.error(f"RLIMIT_NOFILE hard limit {limit} is too low for {args.counts[-1]}")
     if args.png:
@@ -91,12 +94,12 @@ Result = dict[str, Any]
 
 def waits(server: int, loads: list[int]) -> tuple[float, float]:
     """Run-queue wait so far of the server and of the load process that waited most."""
-    return common.read_run_delay(server), max(common.read_run_delay(pid) for pid in loads)
+    return procstat.read_run_delay(server), max(procstat.read_run_delay(pid) for pid in loads)
 
 
 def cpu_ns(server: int, loads: list[int]) -> tuple[int, int]:
     """CPU time so far of the server and of the busiest load process."""
-    return common.read_cpu_ns(server), max(common.read_cpu_ns(pid) for pid in loads)
+    return procstat.read_cpu_ns(server), max(procstat.read_cpu_ns(pid) for pid in loads)
 
 
 def window(before: tuple[float, float], after: tuple[float, float], elapsed: float) -> Result:
@@ -109,14 +112,14 @@ def window(before: tuple[float, float], after: tuple[float, float], elapsed: flo
 
 
 def one_run(kind: str, count: int, args: argparse.Namespace) -> Result:
-    with common.started_server(
+    with runner.started_server(
         kind, "broadcast", uvloop=args.uvloop, custom=args.server_cmd
     ) as server:
-        rss_before = common.settled_rss(server.pid, args.settle / 2)
+        rss_before = procstat.settled_rss(server.pid, args.settle / 2)
         members = Members(
             server.port,
             split(count, MAX_PER_LOAD),
-            cpu=common.LOAD_CPU,
+            cpu=procs.LOAD_CPU,
             concurrency=args.concurrency,
             size=args.size,
             connect_timeout=args.connect_timeout,
@@ -137,7 +140,7 @@ def one_run(kind: str, count: int, args: argparse.Namespace) -> Result:
                 server_us_per_handshake=(c1[0] - c0[0]) / 1e3 / opened,
                 load_us_per_handshake=(c1[1] - c0[1]) / 1e3 / opened,
             )
-            rss_after = common.settled_rss(server.pid, args.settle)
+            rss_after = procstat.settled_rss(server.pid, args.settle)
             seq, probe = members.probe(0, args.broadcast_timeout)
             broadcasts = []
             w0, t0 = waits(*pids), time.monotonic()
@@ -170,10 +173,12 @@ def one_run(kind: str, count: int, args: argparse.Namespace) -> Result:
         "kb_per_connection": (rss_after - rss_before) / opened if opened else None,
         "probe": probe,
         "broadcasts": broadcasts,
-        "server_us_per_delivery": common.median([b["server_us_per_delivery"] for b in broadcasts]),
-        "load_us_per_delivery": common.median([b["load_us_per_delivery"] for b in broadcasts]),
-        "last_ms": common.median([b["last_ms"] for b in broadcasts]),
-        "first_ms": common.median([b["first_ms"] for b in broadcasts]),
+        "server_us_per_delivery": reporting.median(
+            [b["server_us_per_delivery"] for b in broadcasts]
+        ),
+        "load_us_per_delivery": reporting.median([b["load_us_per_delivery"] for b in broadcasts]),
+        "last_ms": reporting.median([b["last_ms"] for b in broadcasts]),
+        "first_ms": reporting.median([b["first_ms"] for b in broadcasts]),
         "delivered_pct": 100 * received / (opened * len(broadcasts)) if opened else 0.0,
         "all_delivered": received == expected == opened * len(broadcasts),
         "load": loads,
@@ -190,20 +195,23 @@ def summary(
         medians[count] = {}
         for kind, runs in results.items():
             ok = sum(1 for r in runs if "error" not in r)
-            values = [common.median([m.value(r) for r in runs]) for m in METRICS]
+            values = [reporting.median([m.value(r) for r in runs]) for m in METRICS]
             medians[count][kind] = values
             row = [f"{count:,}", f"{names[kind]} ({ok}/{len(runs)} runs)"]
             rows.append(
-                row + [common.fmt(v, m.digits) for v, m in zip(values, METRICS, strict=True)]
+                row + [reporting.fmt(v, m.digits) for v, m in zip(values, METRICS, strict=True)]
             )
         if {"ours", "baseline"} <= set(results):
             pairs = zip(medians[count]["ours"], medians[count]["baseline"], METRICS, strict=True)
             rows.append(
                 [f"{count:,}", f"{names['ours']} / baseline"]
-                + [common.fmt_ratio(common.ratio(o, b)) if m.ratio else "" for o, b, m in pairs]
+                + [
+                    reporting.fmt_ratio(reporting.ratio(o, b)) if m.ratio else ""
+                    for o, b, m in pairs
+                ]
             )
     headers = ["connections", "server (median)", *(m.title for m in METRICS)]
-    return common.markdown_table(headers, rows), medians
+    return reporting.markdown_table(headers, rows), medians
 
 
 def draw(
@@ -250,7 +258,7 @@ def draw(
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-    common.say(f"curves drawn in {path}")
+    reporting.say(f"curves drawn in {path}")
 
 
 def main() -> None:
@@ -263,12 +271,12 @@ def main() -> None:
     # Ctrl-C too, even where the shell started this with SIGINT ignored (in the background).
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, stop)
-    kinds = common.kinds_to_run(args.only)
-    names = {k: common.kind_label(k, args.server_cmd) for k in kinds}
+    kinds = runner.kinds_to_run(args.only)
+    names = {k: runner.kind_label(k, args.server_cmd) for k in kinds}
     all_results: dict[int, dict[str, list[Result]]] = {}
     for count in args.counts:
-        common.say(f"--- {count:,} connections")
-        all_results[count] = common.run_interleaved(
+        reporting.say(f"--- {count:,} connections")
+        all_results[count] = runner.run_interleaved(
             kinds,
             args.runs,
             lambda kind, _i, n=count: one_run(kind, n, args),
@@ -293,19 +301,19 @@ def main() -> None:
     )
     for count, results in all_results.items():
         print(f"\n### {count:,} connections, every run\n")
-        print(common.runs_table(results, METRICS, names))
-        print(common.noise_note(results, names))
-    print(f"\n{common.environment_note(args.uvloop)}")
+        print(reporting.runs_table(results, METRICS, names))
+        print(reporting.noise_note(results, names))
+    print(f"\n{reporting.environment_note(args.uvloop)}")
     if args.server_cmd:
         print(f"custom server: {args.server_cmd}")
-    print(f"command: {common.command_line()}")
+    print(f"command: {reporting.command_line()}")
     if args.png:
         draw(args.png, medians, names)
-    common.write_json(
+    reporting.write_json(
         args.json,
         {
-            "command": common.command_line(),
-            "environment": common.environment_note(args.uvloop),
+            "command": reporting.command_line(),
+            "environment": reporting.environment_note(args.uvloop),
             "metrics": [m.title for m in METRICS],
             "medians": {str(n): m for n, m in medians.items()},
             "results": {str(n): r for n, r in all_results.items()},

@@ -35,7 +35,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common
+import procs
+import procstat
+import reporting
+import runner
 
 
 class Upgrade(asyncio.Protocol):
@@ -62,16 +65,16 @@ class Upgrade(asyncio.Protocol):
 
 
 async def storm(args: argparse.Namespace) -> dict[str, Any]:
-    common.raise_nofile()
+    procs.raise_nofile()
     loop = asyncio.get_running_loop()
     head = (
-        f"GET {args.path} HTTP/1.1\r\nHost: {common.HOST}:{args.port}\r\nUpgrade: websocket\r\n"
+        f"GET {args.path} HTTP/1.1\r\nHost: {procs.HOST}:{args.port}\r\nUpgrade: websocket\r\n"
         "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: "
     ).encode()
     transports: list[asyncio.BaseTransport] = []
     failures: dict[str, int] = {}
     indexes = iter(range(args.count))
-    bound = common.source_socket_factory(args.count, args.per_address)
+    bound = procs.source_socket_factory(args.count, args.per_address)
     deadline = time.monotonic() + args.timeout
 
     async def worker() -> None:
@@ -84,7 +87,7 @@ async def storm(args: argparse.Namespace) -> dict[str, Any]:
             done: asyncio.Future[bool] = loop.create_future()
             upgrade = Upgrade(request, done)
             try:
-                await loop.sock_connect(sock, (common.HOST, args.port))
+                await loop.sock_connect(sock, (procs.HOST, args.port))
                 transport, _ = await loop.create_connection(lambda u=upgrade: u, sock=sock)
             except OSError as exc:
                 sock.close()
@@ -128,23 +131,23 @@ def client_main(args: argparse.Namespace) -> None:
 
 
 def one_run(kind: str, args: argparse.Namespace) -> dict[str, Any]:
-    port = common.free_port()
-    cmd = common.server_command(kind, "broadcast", port, uvloop=args.uvloop, custom=args.server_cmd)
-    with common.Server(cmd, port) as server:
+    port = procs.free_port()
+    cmd = procs.server_command(kind, "broadcast", port, uvloop=args.uvloop, custom=args.server_cmd)
+    with procs.Server(cmd, port) as server:
         rss0 = server.rss_kb()
-        cpu0 = common.read_cpu_ns(server.pid)
+        cpu0 = procstat.read_cpu_ns(server.pid)
         client = [
             "client", "--port", str(port), "--count", str(args.count),
             "--concurrency", str(args.concurrency), "--path", args.path,
             "--per-address", str(args.per_address), "--timeout", str(args.timeout),
         ]  # fmt: skip
-        cmd = common.pinned([sys.executable, __file__, *client], common.LOAD_CPU)
+        cmd = procs.pinned([sys.executable, __file__, *client], procs.LOAD_CPU)
         with subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         ) as proc:
             assert proc.stdout is not None and proc.stdin is not None
             line = proc.stdout.readline().decode()  # the client's own deadline bounds it
-            server_cpu_s = (common.read_cpu_ns(server.pid) - cpu0) / 1e9
+            server_cpu_s = (procstat.read_cpu_ns(server.pid) - cpu0) / 1e9
             rss1 = server.rss_kb()
             try:
                 _, err = proc.communicate(timeout=30)  # closes stdin: the client lets go
@@ -168,13 +171,13 @@ def one_run(kind: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 METRICS = [
-    common.Metric("handshakes/s", "handshakes_per_s", 0),
-    common.Metric("seconds", "seconds", 2),
-    common.Metric("server µs/handshake", "server_us_per_handshake", 0),
-    common.Metric("client µs/handshake", "client_us_per_handshake", 0),
-    common.Metric("server CPU %", "server_cpu_pct", 0),
-    common.Metric("client CPU %", "client_cpu_pct", 0),
-    common.Metric("opened", "opened", 0, ratio=False),
+    reporting.Metric("handshakes/s", "handshakes_per_s", 0),
+    reporting.Metric("seconds", "seconds", 2),
+    reporting.Metric("server µs/handshake", "server_us_per_handshake", 0),
+    reporting.Metric("client µs/handshake", "client_us_per_handshake", 0),
+    reporting.Metric("server CPU %", "server_cpu_pct", 0),
+    reporting.Metric("client CPU %", "client_cpu_pct", 0),
+    reporting.Metric("opened", "opened", 0, ratio=False),
 ]
 
 
@@ -186,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         argv = argv[1:]
         parser.add_argument("--port", type=int, required=True)
     else:
-        common.add_server_args(parser)
+        runner.add_server_args(parser)
         parser.add_argument("--json", metavar="PATH", help="also write every run here")
     parser.add_argument("--count", type=int, default=19_000, help="connections to open")
     parser.add_argument("--concurrency", type=int, default=500, help="handshakes in flight")
@@ -194,16 +197,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-address", type=int, default=5000, help="connections per source")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds for all to open")
     args = parser.parse_args(argv)
-    common.source_socket_factory(args.count, args.per_address)  # exits when too many
+    procs.source_socket_factory(args.count, args.per_address)  # exits when too many
     if client:
         client_main(args)
         return
-    common.apply_common_args(args)
-    results, names = common.run_all(args, one_run)
+    runner.apply_common_args(args)
+    results, names = runner.run_all(args, one_run)
     print(f"## Reconnect storm: {args.count:,} connections, {args.concurrency} in flight\n")
-    print(common.summary_table(results, METRICS, names))
+    print(reporting.summary_table(results, METRICS, names))
     print("\nEvery run:\n")
-    common.print_footer(args, results, METRICS, names, noise=False)
+    reporting.print_footer(args, results, METRICS, names, noise=False)
 
 
 if __name__ == "__main__":

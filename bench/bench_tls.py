@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common
+import procs
+import procstat
+import reporting
 
 LOAD = Path(__file__).resolve().parent / "tls_load.py"
 
@@ -104,7 +106,7 @@ def make_certificate(directory: Path) -> tuple[str, str]:
 def server_command(name: str, mode: str, port: int, cert: tuple[str, str]) -> list[str]:
     if name == "websockets wss":
         return [sys.executable, "-c", WEBSOCKETS_SERVER, str(port), mode, *cert]
-    cmd = common.server_command("ours", mode, port, uvloop=True)
+    cmd = procs.server_command("ours", mode, port, uvloop=True)
     if name == "echoserver wss":
         cmd += ["--tls-certfile", cert[0], "--tls-keyfile", cert[1]]
     return cmd
@@ -112,8 +114,8 @@ def server_command(name: str, mode: str, port: int, cert: tuple[str, str]) -> li
 
 def start(cmd: list[str], port: int) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
-        common.pinned(cmd, common.SERVER_CPU),
-        cwd=common.REPO_DIR,
+        procs.pinned(cmd, procs.SERVER_CPU),
+        cwd=procs.REPO_DIR,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -123,7 +125,7 @@ def start(cmd: list[str], port: int) -> subprocess.Popen[bytes]:
         if proc.poll() is not None:
             raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}")
         try:
-            socket.create_connection((common.HOST, port), timeout=1).close()
+            socket.create_connection((procs.HOST, port), timeout=1).close()
             return proc
         except OSError:
             time.sleep(0.05)
@@ -132,19 +134,19 @@ def start(cmd: list[str], port: int) -> subprocess.Popen[bytes]:
 
 
 def one_run(name: str, scenario: str, args: argparse.Namespace, cert: tuple[str, str]) -> Any:
-    port = common.free_port()
+    port = procs.free_port()
     mode = "echo" if scenario == "echo" else "broadcast"
     proc = start(server_command(name, mode, port, cert), port)
     try:
         scheme = "ws" if name == "echoserver ws" else "wss"
-        url = f"{scheme}://{common.HOST}:{port}/ws"
+        url = f"{scheme}://{procs.HOST}:{port}/ws"
         load = [sys.executable, str(LOAD), scenario, url, "--duration", str(args.duration)]
         if scenario == "echo":
             load += ["--connections", "64", "--inflight", "16", "--size", "32"]
         else:
             load += ["--receivers", str(args.receivers), "--inflight", "4", "--size", "200"]
         runner = subprocess.Popen(
-            common.pinned(load, common.LOAD_CPU),
+            procs.pinned(load, procs.LOAD_CPU),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -155,7 +157,7 @@ def one_run(name: str, scenario: str, args: argparse.Namespace, cert: tuple[str,
             for _ in range(2):  # the measured window's start and end
                 if runner.stdout.readline().strip() != "window":
                     break
-                cpu.append(common.read_cpu_seconds(proc.pid))
+                cpu.append(procstat.read_cpu_seconds(proc.pid))
             out, err = runner.communicate(timeout=args.duration + 120)
         finally:
             if runner.poll() is None:
@@ -169,7 +171,7 @@ def one_run(name: str, scenario: str, args: argparse.Namespace, cert: tuple[str,
         result["cpu_us"] = (cpu[1] - cpu[0]) / (rate * args.duration) * 1e6 if rate else None
         return result
     finally:
-        common.stop_process(proc, 5)
+        procs.stop_process(proc, 5)
 
 
 def main() -> None:
@@ -179,14 +181,14 @@ def main() -> None:
     parser.add_argument("--receivers", type=int, default=200)
     parser.add_argument("--quiet-wait", type=float, default=20.0)
     args = parser.parse_args()
-    common.raise_nofile()
+    procs.raise_nofile()
     with tempfile.TemporaryDirectory() as directory:
         cert = make_certificate(Path(directory))
         results: dict[tuple[str, str], list[Any]] = {}
         for scenario in ("echo", "broadcast"):
             for number in range(args.runs):
                 for name in SERVERS:
-                    common.wait_quiet(args.quiet_wait)
+                    procstat.wait_quiet(args.quiet_wait)
                     print(f"run {number + 1}/{args.runs}: {scenario} {name}", file=sys.stderr)
                     results.setdefault((scenario, name), []).append(
                         one_run(name, scenario, args, cert)
@@ -197,7 +199,7 @@ def main() -> None:
 def report(results: dict[tuple[str, str], list[Any]], args: argparse.Namespace) -> None:
     def med(scenario: str, name: str, key: str) -> float | None:
         runs = [r.get(key) for r in results[(scenario, name)] if "error" not in r]
-        return common.median(runs)
+        return reporting.median(runs)
 
     print("## Echo over TLS: 64 connections x 16 in flight, 32-byte messages\n")
     rows = []
@@ -205,15 +207,15 @@ def report(results: dict[tuple[str, str], list[Any]], args: argparse.Namespace) 
         rows.append(
             [
                 name,
-                common.fmt(med("echo", name, "msgs_per_s"), 0),
-                common.fmt(med("echo", name, "rtt_p50_ms"), 2),
-                common.fmt(med("echo", name, "rtt_p99_ms"), 2),
-                common.fmt(med("echo", name, "jain_index"), 3),
-                common.fmt(med("echo", name, "cpu_us"), 2),
+                reporting.fmt(med("echo", name, "msgs_per_s"), 0),
+                reporting.fmt(med("echo", name, "rtt_p50_ms"), 2),
+                reporting.fmt(med("echo", name, "rtt_p99_ms"), 2),
+                reporting.fmt(med("echo", name, "jain_index"), 3),
+                reporting.fmt(med("echo", name, "cpu_us"), 2),
             ]
         )
     print(
-        common.markdown_table(
+        reporting.markdown_table(
             ["server (median)", "msgs/s", "p50 ms", "p99 ms", "fairness", "server µs/msg"], rows
         )
     )
@@ -223,22 +225,22 @@ def report(results: dict[tuple[str, str], list[Any]], args: argparse.Namespace) 
         rows.append(
             [
                 name,
-                common.fmt(med("broadcast", name, "deliveries_per_s"), 0),
-                common.fmt(med("broadcast", name, "p50_ms"), 2),
-                common.fmt(med("broadcast", name, "p99_ms"), 2),
-                common.fmt(med("broadcast", name, "cpu_us"), 2),
+                reporting.fmt(med("broadcast", name, "deliveries_per_s"), 0),
+                reporting.fmt(med("broadcast", name, "p50_ms"), 2),
+                reporting.fmt(med("broadcast", name, "p99_ms"), 2),
+                reporting.fmt(med("broadcast", name, "cpu_us"), 2),
             ]
         )
     print(
-        common.markdown_table(
+        reporting.markdown_table(
             ["server (median)", "deliveries/s", "p50 ms", "p99 ms", "server µs/delivery"], rows
         )
     )
     errors = [r["error"] for runs in results.values() for r in runs if "error" in r]
     if errors:
         print(f"\n{len(errors)} failed runs; first: {errors[0]}")
-    print(f"\nruns: {args.runs} per server and scenario; {common.environment_note(True)}")
-    print(f"command: {common.command_line()}")
+    print(f"\nruns: {args.runs} per server and scenario; {reporting.environment_note(True)}")
+    print(f"command: {reporting.command_line()}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ when the last one did. Receive times are CLOCK_MONOTONIC, one clock for the whol
 With `arrival="kernel"` the receive time is the kernel's receive timestamp of each member's
 socket instead of the moment a load process read it: every process stops reading before the
 send (PAUSE), and reads the broadcast off the sockets only `defer` seconds later, so the load
-takes no CPU from the server during the fan-out (see load.py KernelArrival).
+takes no CPU from the server during the fan-out (see load_fanout.py KernelArrival).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import common
+import procs
 
 # A broadcast that has not reached every member after its WAIT gets this much longer to
 # report before the process is taken for hung.
@@ -54,7 +54,7 @@ class Members:
         self.counts = list(counts)
         self.arrival = arrival
         self.defer = defer
-        self.loads: list[common.LoadProcess] = []
+        self.loads: list[procs.LoadProcess] = []
         first = 2
         each = max(1, concurrency // len(self.counts))
         try:
@@ -64,7 +64,7 @@ class Members:
                 args += ["--per-address", str(per_address), "--first-address", str(first)]
                 args += ["--connect-timeout", str(connect_timeout), "--hold", str(hold)]
                 args += ["--arrival", arrival, "--defer", str(defer)]
-                self.loads.append(common.LoadProcess(args, cpu=cpu))
+                self.loads.append(procs.LoadProcess(args, cpu=cpu))
                 first += math.ceil(count / per_address)
         except BaseException:
             self.kill()
