@@ -29,9 +29,9 @@ from echoserver.brokers import create_broker
 from echoserver.brokers.base import Backlog, Broker, BrokerUnavailable, Envelope, Published
 from echoserver.brokers.memory import MemoryBroker
 from echoserver.brokers.redis import RedisBroker, decode, encode
+from echoserver.brokers.redis_base import RedisOptions
 from echoserver.brokers.redis_cluster import RedisClusterBroker
-from echoserver.brokers.redis_queue import RedisOptions
-from echoserver.hub import Delivery, Hub, HubUnavailable
+from echoserver.fanout.hub import Delivery, Hub, HubUnavailable
 from tests.conftest import ROOT
 from tests.redis_cluster import LocalCluster, clean_redis_cluster, redis_cluster
 from tests.redis_server import RedisServer, free_port, redis_server, require_redis_server
@@ -549,7 +549,7 @@ def test_presence_of_a_crashed_process_expires(kit: Kit) -> None:
         import asyncio
         from echoserver.brokers.redis import RedisBroker
         from echoserver.brokers.redis_cluster import RedisClusterBroker
-        from echoserver.brokers.redis_queue import RedisOptions
+        from echoserver.brokers.redis_base import RedisOptions
 
         async def main():
             kind = RedisClusterBroker if {kit.kind == "cluster"} else RedisBroker

@@ -514,7 +514,8 @@ def test_tls_files_broken_after_the_check_are_one_line(tmp_path: Path) -> None:
     code = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from echoserver import config, server\n"
+        "from echoserver import config\n"
+        "from echoserver.runtime import server\n"
         "settings, sources = config.resolve(flags={'tls.certfile': sys.argv[1], "
         "'tls.keyfile': sys.argv[2], 'port': 0})\n"
         "Path(sys.argv[2]).write_text('gone')\n"
@@ -632,9 +633,9 @@ def test_main_hands_settings_to_server_run(monkeypatch: pytest.MonkeyPatch, tmp_
         sources.append(where)
         return 0
 
-    fake = types.ModuleType("echoserver.server")
+    fake = types.ModuleType("echoserver.runtime.server")
     fake.run = run  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "echoserver.server", fake)
+    monkeypatch.setitem(sys.modules, "echoserver.runtime.server", fake)
     monkeypatch.setattr(echoserver, "server", fake, raising=False)
     for name in [n for n in os.environ if n.startswith("ECHOSERVER_")]:
         monkeypatch.delenv(name)
@@ -651,13 +652,13 @@ def test_main_hands_settings_to_server_run(monkeypatch: pytest.MonkeyPatch, tmp_
 def test_main_does_not_start_the_server_on_error(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    fake = types.ModuleType("echoserver.server")
+    fake = types.ModuleType("echoserver.runtime.server")
 
     def run(settings: Settings) -> Any:
         raise AssertionError("server started")
 
     fake.run = run  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "echoserver.server", fake)
+    monkeypatch.setitem(sys.modules, "echoserver.runtime.server", fake)
     monkeypatch.setattr(echoserver, "server", fake, raising=False)
     assert cli.main(["--history", "-1"]) == 2
     assert capsys.readouterr().err.startswith(

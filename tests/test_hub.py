@@ -11,7 +11,7 @@ import asyncio
 import pytest
 
 from echoserver.brokers import Backlog, Envelope, MemoryBroker
-from echoserver.hub import Delivery, Hub, HubUnavailable, Replay
+from echoserver.fanout.hub import Delivery, Hub, HubUnavailable, Replay
 
 
 class Recorder:
@@ -295,7 +295,7 @@ def test_one_delivery_object_per_fan_out_reaches_every_receiver():
 
 
 def test_counters_of_channels_past_the_bound_are_shared(monkeypatch):
-    monkeypatch.setattr("echoserver.hub.MAX_TRACKED_CHANNELS", 3)
+    monkeypatch.setattr("echoserver.fanout.hub.MAX_TRACKED_CHANNELS", 3)
 
     async def scenario():
         hub = Hub(MemoryBroker())
@@ -581,7 +581,7 @@ def test_post_publishes_and_counts_receivers():
 
 def test_the_mixed_envelope_is_built_once_per_fan_out():
     """Every receiver of one fan-out gets the same envelope bytes, with the offset."""
-    from echoserver.messages import mixed_broadcast, mixed_payload
+    from echoserver.wire.envelopes import mixed_broadcast, mixed_payload
 
     seen: list[bytes | None] = []
 

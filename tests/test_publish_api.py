@@ -19,9 +19,9 @@ from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from echoserver import config
-from echoserver.app import make_app
 from echoserver.brokers import Envelope, MemoryBroker
 from echoserver.config import Settings
+from echoserver.web.app import make_app
 from tests.conftest import ROOT, make_settings, metric, wait_until
 from tests.redis_server import redis_server
 

@@ -39,14 +39,14 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from echoserver.brokers.redis_presence import COUNT_SCRIPT, RedisPresence
-from echoserver.brokers.redis_queue import (
+from echoserver.brokers.redis_base import (
     PipelinedRedisBroker,
     Queued,
     RedisOptions,
     SubscriberLink,
     log,
 )
+from echoserver.brokers.redis_presence import COUNT_SCRIPT, RedisPresence
 from echoserver.brokers.redis_wire import (
     BACKLOG_SCRIPT,
     decode,

@@ -43,17 +43,17 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from echoserver.brokers.redis_cluster_presence import (
-    COUNT_SCRIPT,
-    SET_SCRIPT,
-    ClusterPresence,
-)
-from echoserver.brokers.redis_queue import (
+from echoserver.brokers.redis_base import (
     PipelinedRedisBroker,
     Queued,
     RedisOptions,
     SubscriberLink,
     log,
+)
+from echoserver.brokers.redis_cluster_presence import (
+    COUNT_SCRIPT,
+    SET_SCRIPT,
+    ClusterPresence,
 )
 from echoserver.brokers.redis_wire import BACKLOG_SCRIPT, publish_script, sha1
 from echoserver.config import split_cluster_url

@@ -15,13 +15,13 @@ from typing import Any, cast
 import tornado.web
 
 from echoserver import __version__, routes
-from echoserver.context import ServerContext
-from echoserver.framing import CloseCode
-from echoserver.handshake import bearer_token, token_matches
-from echoserver.hub import HubUnavailable
-from echoserver.messages import Refused, body_message
+from echoserver.endpoints.base import BaseHandler
+from echoserver.endpoints.context import ServerContext
+from echoserver.fanout.hub import HubUnavailable
 from echoserver.metrics import CONTENT_TYPE_LATEST
-from echoserver.webbase import BaseHandler
+from echoserver.wire.envelopes import Refused, body_message
+from echoserver.wire.framing import CloseCode
+from echoserver.wire.handshake import bearer_token, token_matches
 
 
 class JSONHandler(BaseHandler):

@@ -37,9 +37,9 @@ import tornado.iostream
 from tornado.http1connection import HTTP1ServerConnection
 from tornado.ioloop import IOLoop
 
+from echoserver.endpoints.occupancy import Occupancy
 from echoserver.metrics import Metrics
-from echoserver.occupancy import Occupancy
-from echoserver.tornado_seam import handle_connection
+from echoserver.transport.tornado_seam import handle_connection
 
 log = logging.getLogger("echoserver")
 

@@ -34,7 +34,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import tornado.iostream
 
-from echoserver.framing import (
+from echoserver.transport.scheduling import Flusher, Keepalive
+from echoserver.transport.stream_io import StreamIO
+from echoserver.transport.tornado_seam import take_read_buffer
+from echoserver.wire.framing import (
     CLOSE,
     FAIL,
     MESSAGE,
@@ -45,14 +48,11 @@ from echoserver.framing import (
     Event,
     encode_frame,
 )
-from echoserver.protocol import CLOSED, OPEN, ServerProtocol
-from echoserver.scheduling import Flusher, Keepalive
-from echoserver.stream_io import StreamIO
-from echoserver.tornado_seam import take_read_buffer
+from echoserver.wire.protocol import CLOSED, OPEN, ServerProtocol
 
 if TYPE_CHECKING:
-    from echoserver.deflate import Deflater
-    from echoserver.hub import Delivery
+    from echoserver.fanout.hub import Delivery
+    from echoserver.wire.deflate import Deflater
 
 log = logging.getLogger("echoserver.ws")
 

@@ -27,12 +27,13 @@ from collections.abc import Mapping
 import tornado.httpserver
 import tornado.netutil
 
-from echoserver import __version__, redact
-from echoserver.app import EchoServerApp, make_app
+from echoserver import __version__
 from echoserver.brokers import create_broker
 from echoserver.config import Settings, describe
-from echoserver.framing import CloseCode
-from echoserver.intake import FrontDoor
+from echoserver.runtime.intake import FrontDoor
+from echoserver.web import redact
+from echoserver.web.app import EchoServerApp, make_app
+from echoserver.wire.framing import CloseCode
 
 log = logging.getLogger("echoserver")
 

@@ -17,19 +17,20 @@ from typing import Any
 import tornado.httputil
 import tornado.web
 
-from echoserver import handlers, redact, routes
-from echoserver.access import log_request
+from echoserver import routes
 from echoserver.brokers import Broker, MemoryBroker
 from echoserver.config import Settings
-from echoserver.handshake import normalise_origin
-from echoserver.hosts import HostPolicy, Throttle
-from echoserver.hub import Hub
+from echoserver.endpoints.access import log_request
+from echoserver.endpoints.base import HostRefused, NotFound
+from echoserver.endpoints.occupancy import Occupancy
+from echoserver.endpoints.sse import EventStream
+from echoserver.endpoints.websocket import SOCKETS, BaseSocket
+from echoserver.fanout.hub import Hub
 from echoserver.metrics import Metrics
-from echoserver.occupancy import Occupancy
-from echoserver.scheduling import Flusher, Keepalive
-from echoserver.sockets import SOCKETS, BaseSocket
-from echoserver.sse import EventStream
-from echoserver.webbase import HostRefused, NotFound
+from echoserver.transport.scheduling import Flusher, Keepalive
+from echoserver.web import handlers, redact
+from echoserver.wire.handshake import normalise_origin
+from echoserver.wire.hosts import HostPolicy, Throttle
 
 # Seconds between two warnings about a refused Host; the ones between are counted in the
 # next, and each is logged at debug.
@@ -40,10 +41,11 @@ def static_dir(settings: Settings) -> Path:
     """The page's directory: the configured one, else the one shipped with the package."""
     if settings.static_dir:
         return Path(settings.static_dir)
-    installed = Path(__file__).parent / "static"  # a wheel install puts the page here
+    package = Path(__file__).parent.parent
+    installed = package / "static"  # a wheel install puts the page here
     if installed.is_dir():
         return installed
-    return Path(__file__).parent.parent / "static"  # a source checkout or editable install
+    return package.parent / "static"  # a source checkout or editable install
 
 
 class EchoServerApp(tornado.web.Application):

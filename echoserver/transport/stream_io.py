@@ -15,7 +15,7 @@ from typing import Protocol
 
 import tornado.iostream
 
-from echoserver.tornado_seam import unsent_bytes
+from echoserver.transport.tornado_seam import unsent_bytes
 
 
 class Reader(Protocol):

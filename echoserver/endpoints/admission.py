@@ -15,15 +15,15 @@ from typing import cast
 
 import tornado.web
 
-from echoserver.context import ServerContext
-from echoserver.handshake import (
+from echoserver.endpoints.base import BaseHandler
+from echoserver.endpoints.context import ServerContext
+from echoserver.wire.handshake import (
     Refusal,
     bearer_token,
     origin_allowed,
     request_origin,
     token_matches,
 )
-from echoserver.webbase import BaseHandler
 
 log = logging.getLogger("echoserver.ws")
 

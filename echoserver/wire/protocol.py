@@ -24,8 +24,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Final
 
-from echoserver.deflate import Deflater
-from echoserver.framing import (
+from echoserver.wire.deflate import Deflater
+from echoserver.wire.framing import (
     CLOSE,
     FAIL,
     OP_BINARY,

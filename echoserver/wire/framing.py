@@ -31,7 +31,7 @@ from collections.abc import Callable
 from enum import IntEnum
 from typing import Final
 
-from echoserver.tornado_seam import websocket_mask as unmask
+from echoserver.transport.tornado_seam import websocket_mask as unmask
 
 OP_CONT: Final = 0x0
 OP_TEXT: Final = 0x1

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol
 
-from echoserver.framing import CloseCode
+from echoserver.wire.framing import CloseCode
 
 
 class Flushable(Protocol):

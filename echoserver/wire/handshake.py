@@ -15,7 +15,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from echoserver.hosts import split_authority
+from echoserver.wire.hosts import split_authority
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 # 13 is RFC 6455; 7 and 8 are the drafts before it, whose framing is the same.

@@ -19,7 +19,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from echoserver.hub import Delivery
+    from echoserver.fanout.hub import Delivery
 
 _UTF8_CHARSETS = ("", "utf-8", "utf8", "us-ascii")
 

@@ -20,8 +20,8 @@ from typing import cast
 import tornado.web
 from tornado.log import app_log, gen_log
 
-from echoserver.context import ServerContext
-from echoserver.tornado_seam import SummaryHandler
+from echoserver.endpoints.context import ServerContext
+from echoserver.transport.tornado_seam import SummaryHandler
 
 log = logging.getLogger("echoserver.http")
 

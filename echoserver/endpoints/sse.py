@@ -22,12 +22,12 @@ import json
 import logging
 import re
 
-from echoserver.admission import AdmittedHandler, parse_offset
-from echoserver.handshake import Refusal
-from echoserver.hub import Delivery, Replay
-from echoserver.occupancy import Slot
-from echoserver.scheduling import Flusher
-from echoserver.tornado_seam import unsent_bytes
+from echoserver.endpoints.admission import AdmittedHandler, parse_offset
+from echoserver.endpoints.occupancy import Slot
+from echoserver.fanout.hub import Delivery, Replay
+from echoserver.transport.scheduling import Flusher
+from echoserver.transport.tornado_seam import unsent_bytes
+from echoserver.wire.handshake import Refusal
 
 log = logging.getLogger("echoserver.sse")
 

@@ -18,22 +18,22 @@ import time
 from collections.abc import Awaitable
 from typing import Any
 
-from echoserver import deflate
-from echoserver.access import RequestRecord, write_access_line
-from echoserver.admission import AdmittedHandler
-from echoserver.connection import WebSocketConnection
-from echoserver.framing import CloseCode, FrameParser
-from echoserver.handshake import (
+from echoserver.endpoints.access import RequestRecord, write_access_line
+from echoserver.endpoints.admission import AdmittedHandler
+from echoserver.endpoints.occupancy import Slot
+from echoserver.fanout.hub import HubUnavailable, Replay
+from echoserver.transport.connection import WebSocketConnection
+from echoserver.transport.tornado_seam import forget_response
+from echoserver.wire import deflate
+from echoserver.wire.envelopes import NotJson, load_json, mixed_broadcast, mixed_payload
+from echoserver.wire.framing import CloseCode, FrameParser
+from echoserver.wire.handshake import (
     VERSIONS,
     Refusal,
     accept_value,
     check_upgrade,
 )
-from echoserver.hub import HubUnavailable, Replay
-from echoserver.messages import NotJson, load_json, mixed_broadcast, mixed_payload
-from echoserver.occupancy import Slot
-from echoserver.protocol import ServerProtocol
-from echoserver.tornado_seam import forget_response
+from echoserver.wire.protocol import ServerProtocol
 
 log = logging.getLogger("echoserver.ws")
 

@@ -11,11 +11,11 @@ from collections.abc import Coroutine
 from typing import Any, Protocol
 
 from echoserver.config import Settings
-from echoserver.hosts import Throttle
-from echoserver.hub import Hub
+from echoserver.endpoints.occupancy import Occupancy
+from echoserver.fanout.hub import Hub
 from echoserver.metrics import Metrics
-from echoserver.occupancy import Occupancy
-from echoserver.scheduling import Flusher, Keepalive
+from echoserver.transport.scheduling import Flusher, Keepalive
+from echoserver.wire.hosts import Throttle
 
 
 class ServerContext(Protocol):
