@@ -39,6 +39,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
+from echoserver.brokers.base import BrokerUnavailable
 from echoserver.brokers.redis_base import (
     PipelinedRedisBroker,
     Queued,
@@ -131,7 +132,7 @@ class RedisBroker(PipelinedRedisBroker):
                 # Reachable but refusing (OOM, READONLY replica, ...): the sender is told.
                 self._log_refusal(error)
                 if not future.done():
-                    future.set_exception(self.unavailable(f"redis {self.where}: {error}"))
+                    future.set_exception(BrokerUnavailable(f"redis {self.where}: {error}"))
                 continue
             if not future.done():
                 future.set_result(reply)

@@ -16,7 +16,7 @@ is back (after the re-subscriptions, so this process's members get them). A batc
 way when it went down gets op_timeout to settle what it can (a cluster's other primaries
 still answer); its publishes still unanswered then wait with the rest (Redis may have run
 one whose reply was lost: it is then published twice, the price of losing none). A
-waiting publish fails with `unavailable` once it has waited `publish_timeout` seconds,
+waiting publish fails with BrokerUnavailable once it has waited `publish_timeout` seconds,
 or at once when MAX_WAITING_BYTES already wait; the oldest fail first, so a publish that
 failed is never overtaken by an older one. While publishes wait, reconnection attempts
 come at most publish_timeout / 4 apart, so a Redis that is back is noticed in time.
@@ -230,7 +230,7 @@ class PipelinedRedisBroker(Broker):
     def publish(self, envelope: Envelope) -> asyncio.Future[int]:
         """A future of the offset: queued synchronously, so the queue's order is the call
         order. While Redis is down it waits (see the module docstring); raises
-        `unavailable` at once only when the broker is closing or MAX_WAITING_BYTES wait."""
+        BrokerUnavailable at once only when the broker is closing or MAX_WAITING_BYTES wait."""
         header, data = encode(envelope)
         name, seq_key, history_key, bytes_key = self._keys(envelope.channel)
         args = (
@@ -252,7 +252,7 @@ class PipelinedRedisBroker(Broker):
         return self._wait_for_redis(args, len(data))
 
     async def backlog(self, channel: str, after: int, limit: int) -> Backlog:
-        """Raises `unavailable` while Redis is unreachable."""
+        """Raises BrokerUnavailable while Redis is unreachable."""
         waiters = self._sub_waiters.get(channel)
         if waiters:
             # Another joiner's SUBSCRIBE is still on its way: read history only once it is
@@ -278,7 +278,7 @@ class PipelinedRedisBroker(Broker):
     def _command(self, *args: Any) -> asyncio.Future[Any]:
         """Queue one command; the future has its reply. Raises BrokerUnavailable when down."""
         if not self._healthy:
-            raise self.unavailable(self._reason)
+            raise BrokerUnavailable(self._reason)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((args, future))
         self._wake.set()
@@ -338,9 +338,9 @@ class PipelinedRedisBroker(Broker):
 
     def _wait_for_redis(self, args: tuple[Any, ...], size: int) -> asyncio.Future[Any]:
         if self._closing:
-            raise self.unavailable(self._reason)
+            raise BrokerUnavailable(self._reason)
         if self._waiting and self._waiting_bytes + size > MAX_WAITING_BYTES:
-            raise self.unavailable(f"{MAX_WAITING_BYTES} bytes wait already; {self._reason}")
+            raise BrokerUnavailable(f"{MAX_WAITING_BYTES} bytes wait already; {self._reason}")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._hold(args, future, size, loop.time() + self.publish_timeout)
@@ -370,7 +370,7 @@ class PipelinedRedisBroker(Broker):
             reason = f"{self._reason} for {self.publish_timeout:g}s"
             for _, future in gone:
                 if not future.done():
-                    future.set_exception(self.unavailable(reason))
+                    future.set_exception(BrokerUnavailable(reason))
         if waiting:
             self._expiry = asyncio.get_running_loop().call_at(waiting[0][0], self._expire_waiting)
 
@@ -396,7 +396,7 @@ class PipelinedRedisBroker(Broker):
                 continue
             size = None if self._closing else self._publish_size(args)
             if size is None:
-                future.set_exception(self.unavailable(reason))
+                future.set_exception(BrokerUnavailable(reason))
             else:
                 self._hold(args, future, size, deadline)
 

@@ -27,9 +27,9 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 from echoserver import routes
+from echoserver.brokers.urls import url_problem
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -317,48 +317,7 @@ def _check_broker(v: str) -> str | None:
         return "its password is the placeholder --print-config prints instead of it"
     if any(ch.isspace() for ch in v):
         return ""
-    scheme, sep, rest = v.partition("://")
-    if sep and scheme in CLUSTER_SCHEMES:
-        try:
-            split_cluster_url(v)
-        except ValueError as err:
-            return str(err)
-        return None
-    if not sep or scheme not in ("redis", "rediss", "unix"):
-        return ""
-    if scheme == "unix" and not rest.strip("/"):
-        return "a unix:// URL needs a socket path"
-    try:
-        urlsplit(v).port  # noqa: B018 - raises ValueError on a malformed port
-    except ValueError as err:
-        return str(err)
-    return None
-
-
-CLUSTER_SCHEMES = ("redis-cluster", "rediss-cluster")
-
-
-def split_cluster_url(url: str) -> tuple[str, list[tuple[str, int]], str]:
-    """The parts of a redis-cluster:// or rediss-cluster:// URL,
-    ``[user[:password]@]host:port[,host:port...][/0][?option=value...]``: (the credentials
-    with their "@", or ""; the seeds as (host, port); the query). ValueError says what is
-    wrong. Validation and the cluster broker both read a URL through this.
-    """
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme not in CLUSTER_SCHEMES:
-        raise ValueError("a cluster URL starts with redis-cluster:// or rediss-cluster://")
-    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
-    userinfo, at, hosts = rest[:cut].rpartition("@")
-    seeds = []
-    for seed in hosts.split(","):
-        host, colon, port = seed.rpartition(":")
-        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"{seed!r} is not host:port")
-        seeds.append((host.removeprefix("[").removesuffix("]"), int(port)))
-    path, _, query = rest[cut:].partition("?")
-    if path not in ("", "/", "/0"):
-        raise ValueError("a Redis Cluster has database 0 only")
-    return userinfo + at, seeds, query
+    return url_problem(v)
 
 
 _BROKER = Rule(

@@ -18,12 +18,13 @@ import time
 from collections.abc import Awaitable
 from typing import Any
 
+from echoserver.brokers import BrokerUnavailable
 from echoserver.endpoints.access import RequestRecord, write_access_line
 from echoserver.endpoints.admission import AdmittedHandler
 from echoserver.endpoints.occupancy import Slot
-from echoserver.fanout.hub import HubUnavailable, Replay
+from echoserver.fanout.hub import Replay
 from echoserver.transport.connection import WebSocketConnection
-from echoserver.transport.tornado_seam import forget_response
+from echoserver.transport.tornado_seam import forget_response, websocket_mask
 from echoserver.wire import deflate
 from echoserver.wire.envelopes import NotJson, load_json, mixed_broadcast, mixed_payload
 from echoserver.wire.framing import CloseCode, FrameParser
@@ -152,7 +153,8 @@ class BaseSocket(AdmittedHandler):
     def _new_connection(self) -> WebSocketConnection:
         server = self.server
         ws = server.config.websocket
-        parser = FrameParser(ws.max_message_size)
+        # Tornado's C unmasking: the hot path of every client frame.
+        parser = FrameParser(ws.max_message_size, unmask=websocket_mask)
         deflater = None
         if ws.compression:
             agreement = deflate.negotiate(
@@ -339,11 +341,11 @@ class ChannelSocket(BaseSocket):
         waiting = self._in_flight_bytes
         try:
             if waiting and waiting + size > hub.max_queue_bytes and not hub.healthy:
-                raise HubUnavailable(
+                raise BrokerUnavailable(
                     f"{hub.max_queue_bytes} bytes of this connection wait; {hub.health_reason}"
                 )
             outcome = hub.publish(self.channel, data, binary, sender)
-        except HubUnavailable as exc:
+        except BrokerUnavailable as exc:
             self.not_delivered(exc)
             return None
         if isinstance(outcome, int):
@@ -361,7 +363,7 @@ class ChannelSocket(BaseSocket):
         self._in_flight_bytes -= size
         error = None if outcome.cancelled() else outcome.exception()
         if error is not None:
-            if not isinstance(error, HubUnavailable):
+            if not isinstance(error, BrokerUnavailable):
                 log.error("publishing on %s failed: %r", self.channel, error)
             self.not_delivered(error)
         drained = self._drained
@@ -446,7 +448,7 @@ class MixedSocket(ChannelSocket):
         try:
             outcome = hub.publish(self.channel, mixed_payload(inner), False, sender)
             offset = outcome if isinstance(outcome, int) else await outcome
-        except HubUnavailable as exc:
+        except BrokerUnavailable as exc:
             self.not_delivered(exc)
             return
         listeners = await hub.members(self.channel)

@@ -13,7 +13,8 @@ whether that was everything it missed (`recovered`): the history (its size and a
 must still reach back to since + 1, or nothing may have been published since.
 
 Handlers see only this module: publish() is the one way to send (it never waits, and keeps
-call order), a failure is a HubUnavailable, and each receiver gets a Delivery, the hub's
+call order), a failure is the broker's own BrokerUnavailable (passed through, never
+wrapped), and each receiver gets a Delivery, the hub's
 own object per fan-out, never the broker's Envelope. A Delivery carries a frame cache that
 all receivers of one fan-out share, so a broadcast to 1000 receivers is encoded once.
 
@@ -43,14 +44,6 @@ OTHER_CHANNELS = "(other)"  # where the rest are counted
 # Bytes a replayed message may take beyond its payload in a receiver's queue: a frame
 # header and mixed mode's {"type":"broadcast","payload":...,"offset":N} around it.
 REPLAY_OVERHEAD = 64
-
-
-class HubUnavailable(BrokerUnavailable):
-    """A message could not be published: the broker is unreachable or refused it.
-
-    The hub makes it its broker's `unavailable` type, so the broker raises it (and fails
-    publish futures with it) directly: nothing is translated or wrapped per message.
-    """
 
 
 class Delivery:
@@ -183,7 +176,6 @@ class Hub:
         slow_client: str = "drop",
     ) -> None:
         self.broker = broker
-        broker.unavailable = HubUnavailable
         if history is not None:
             broker.history_size = history
         if history_ttl is not None:
@@ -364,14 +356,14 @@ class Hub:
 
         Returns the message's offset when the broker has delivered it already (memory),
         else a future of it, which waits up to publish_timeout for a broker that is down.
-        Raises HubUnavailable at once when the broker cannot even queue it; the future
-        fails with HubUnavailable when the message could not be published.
+        Raises BrokerUnavailable at once when the broker cannot even queue it; the future
+        fails with BrokerUnavailable when the message could not be published.
         """
         return self.broker.publish(Envelope(channel, data, binary, sender))
 
     async def post(self, channel: str, data: bytes, binary: bool) -> Posted:
         """Publish from outside the channel (the publish API): like a member's message, it
-        reaches every member on every process and is kept in history. Raises HubUnavailable
+        reaches every member on every process and is kept in history. Raises BrokerUnavailable
         when the broker could not take it."""
         outcome = self.publish(channel, data, binary, None)
         offset = outcome if isinstance(outcome, int) else await outcome

@@ -49,9 +49,9 @@ from echoserver.wire.framing import (
     encode_frame,
 )
 from echoserver.wire.protocol import CLOSED, OPEN, ServerProtocol
+from echoserver.wire.shared import SharedMessage
 
 if TYPE_CHECKING:
-    from echoserver.fanout.hub import Delivery
     from echoserver.wire.deflate import Deflater
 
 log = logging.getLogger("echoserver.ws")
@@ -166,7 +166,7 @@ class WebSocketConnection:
         self.sub_id = ""  # its id as a hub subscriber
         # How a broadcast's payload is wrapped for this client (mixed mode's JSON envelope,
         # cached on the Delivery); None = sent as is. Returning None skips the message.
-        self.render: Callable[[Delivery], bytes | None] | None = None
+        self.render: Callable[[SharedMessage], bytes | None] | None = None
         self.awaiting_pong = False
         self._dirty = False  # marked with the flusher
         self._feeding = False  # inside feed(): it writes once at its end
@@ -395,7 +395,7 @@ class WebSocketConnection:
     def peer(self) -> str:
         return self.endpoint.peer
 
-    def deliver(self, delivery: Delivery) -> None:
+    def deliver(self, delivery: SharedMessage) -> None:
         """Queue a broadcast: encoded once and shared by every receiver without compression."""
         protocol = self.protocol
         if protocol.state:  # not OPEN (CLOSED once the socket is lost)
@@ -407,7 +407,7 @@ class WebSocketConnection:
                 return
         self.send_frame(frame)
 
-    def _frame_for(self, delivery: Delivery) -> bytes | None:
+    def _frame_for(self, delivery: SharedMessage) -> bytes | None:
         """This receiver's frame of a delivery: the shared one, encoded (or deflated) by
         the first receiver that needs it; None when this receiver skips the message."""
         deflater = self.protocol.deflater
@@ -422,7 +422,7 @@ class WebSocketConnection:
             frame = delivery.frame = encode_frame(opcode, data)
         return frame
 
-    def _deflated_frame(self, delivery: Delivery, deflater: Deflater) -> bytes | None:
+    def _deflated_frame(self, delivery: SharedMessage, deflater: Deflater) -> bytes | None:
         shared = deflater.shared
         if shared:
             window = deflater.window_bits

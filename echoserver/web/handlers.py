@@ -15,9 +15,9 @@ from typing import Any, cast
 import tornado.web
 
 from echoserver import __version__, routes
+from echoserver.brokers import BrokerUnavailable
 from echoserver.endpoints.base import BaseHandler
 from echoserver.endpoints.context import ServerContext
-from echoserver.fanout.hub import HubUnavailable
 from echoserver.metrics import CONTENT_TYPE_LATEST
 from echoserver.wire.envelopes import Refused, body_message
 from echoserver.wire.framing import CloseCode
@@ -167,7 +167,7 @@ class PublishHandler(JSONHandler):
         except Refused as refused:
             self._refuse(refused)
             return
-        except HubUnavailable as exc:
+        except BrokerUnavailable as exc:
             self._refuse(Refused(503, f"not published: {exc}"))
             return
         body = {

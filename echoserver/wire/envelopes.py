@@ -2,7 +2,7 @@
 
 Mixed mode keeps a broadcast's payload in the broker as JSON text. Receivers get it inside
 ``{"type":"broadcast","payload":P,"offset":N}``, built once per fan-out from that JSON and
-the broker's offset and cached on the Delivery, so 1000 receivers cost one envelope. The
+the broker's offset and cached on the shared message, so 1000 receivers cost one envelope. The
 publish API turns a request body and its Content-Type into the message a member would
 have sent, or refuses it with the HTTP status to answer.
 
@@ -16,10 +16,9 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from echoserver.fanout.hub import Delivery
+from echoserver.wire.shared import SharedMessage
 
 _UTF8_CHARSETS = ("", "utf-8", "utf8", "us-ascii")
 
@@ -92,7 +91,7 @@ def mixed_payload(value: Any) -> bytes:
         return json.dumps(value, separators=(",", ":")).encode()
 
 
-def mixed_broadcast(delivery: Delivery) -> bytes | None:
+def mixed_broadcast(delivery: SharedMessage) -> bytes | None:
     """The mixed-mode envelope of a delivery, built by its first receiver; None for a
     binary message, which mixed mode does not carry."""
     rendered = delivery.rendered

@@ -13,9 +13,10 @@ the peer's frames without keeping data frames (a huge one is skipped as it strea
 reports only control frames, so the peer's close frame is found (RFC 6455 7.1.1). After a
 protocol error (1002) the stream cannot be followed: `failed`, nothing more is parsed.
 
-Unmasking uses Tornado's C speedup. The encoders build unmasked server frames; a broadcast
-is encoded once and the same bytes go to every receiver. CloseCode is the one list of
-close codes the server sends or names.
+Unmasking is injected: a parser takes the unmask function (the server gives it Tornado's
+C speedup, from transport.tornado_seam; python_unmask is the pure default). The encoders
+build unmasked server frames; a broadcast is encoded once and the same bytes go to every
+receiver. CloseCode is the one list of close codes the server sends or names.
 
 Why one module of this length: receive() and skim() walk the same frame headers with the
 same state, and the parser is the per-read hot path (a call per frame is what costs), so
@@ -30,8 +31,6 @@ import zlib
 from collections.abc import Callable
 from enum import IntEnum
 from typing import Final
-
-from echoserver.transport.tornado_seam import websocket_mask as unmask
 
 OP_CONT: Final = 0x0
 OP_TEXT: Final = 0x1
@@ -115,6 +114,16 @@ def utf8_goes_on(decoder: codecs.IncrementalDecoder, data: bytes, final: bool) -
     return not (len(pending) > 1 and pending[0] == 0xED and pending[1] >= 0xA0)
 
 
+def python_unmask(mask: bytes, data: bytes) -> bytes:
+    """`data` XORed with the 4-byte `mask` repeated: the pure-Python unmasking, for a
+    parser not given a faster one (the server's is Tornado's C one)."""
+    size = len(data)
+    if not size:
+        return b""
+    key = int.from_bytes((mask * (size // 4 + 1))[:size], "big")
+    return (int.from_bytes(data, "big") ^ key).to_bytes(size, "big")
+
+
 class FrameParser:
     """Client-to-server frames in, events out. One parser per connection."""
 
@@ -133,10 +142,18 @@ class FrameParser:
         "failed",
         "max_size",
         "skimming",
+        "unmask",
     )
 
-    def __init__(self, max_size: int, decompress: Callable[[bytes], bytes] | None = None) -> None:
+    def __init__(
+        self,
+        max_size: int,
+        decompress: Callable[[bytes], bytes] | None = None,
+        unmask: Callable[[bytes, bytes], bytes] | None = None,
+    ) -> None:
         self.max_size = max_size
+        # unmask(mask, data): XOR data with the 4-byte mask repeated (RFC 6455 5.3).
+        self.unmask = unmask or python_unmask
         # Set when permessage-deflate was negotiated; raises ValueError past max_size
         # and zlib.error on a corrupt stream.
         self.decompress = decompress
@@ -168,6 +185,7 @@ class FrameParser:
             self._buffer.clear()
             self._need = 0
         events: list[Event] = []
+        unmask = self.unmask
         pos = 0
         end = len(data)
         while end - pos >= 2:
@@ -299,7 +317,9 @@ class FrameParser:
             if frame_end > end:
                 break
             mask = data[pos + header - 4 : pos + header]
-            event = self._on_control(first & 0x0F, unmask(mask, data[pos + header : frame_end]))
+            event = self._on_control(
+                first & 0x0F, self.unmask(mask, data[pos + header : frame_end])
+            )
             events.append(event)
             pos = frame_end
             if event[0] == FAIL:
@@ -343,7 +363,7 @@ class FrameParser:
         assert self._text is not None
         chunk = bytes(self._buffer[start:])
         self._checked += len(chunk)
-        if utf8_goes_on(self._text, unmask(mask, chunk), False):
+        if utf8_goes_on(self._text, self.unmask(mask, chunk), False):
             return []
         self.stop_messages()  # skips the rest of this frame
         return [(FAIL, CLOSE_INVALID_DATA, "text message is not valid UTF-8")]
