@@ -14,7 +14,8 @@ from echoserver.config import Settings
 from echoserver.endpoints.occupancy import Occupancy
 from echoserver.fanout.hub import Hub
 from echoserver.metrics import Metrics
-from echoserver.transport.scheduling import Flusher, Keepalive
+from echoserver.transport.flusher import Flusher
+from echoserver.transport.keepalive import Keepalive
 from echoserver.wire.hosts import Throttle
 
 

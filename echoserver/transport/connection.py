@@ -7,7 +7,7 @@ Tornado's stream through stream_io.StreamIO. Either way:
 - each read goes to the protocol whole; the application's messages are dispatched in
   order and the replies they cause leave in one write at the end of the read;
 - frames queued from elsewhere (broadcasts) leave in one write per connection per loop
-  pass (scheduling.Flusher); the loop serves every ready socket once per pass, so no
+  pass (flusher.Flusher); the loop serves every ready socket once per pass, so no
   connection can monopolise it;
 - after the server's close frame the socket is read (and discarded) until the peer's
   close frame, so nothing sent before the close is destroyed by a reset; a close the peer
@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import tornado.iostream
 
-from echoserver.transport.scheduling import Flusher, Keepalive
+from echoserver.transport.flusher import Flusher
+from echoserver.transport.keepalive import Keepalive
 from echoserver.transport.stream_io import StreamIO
 from echoserver.transport.tornado_seam import take_read_buffer
 from echoserver.wire.framing import (

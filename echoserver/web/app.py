@@ -27,7 +27,8 @@ from echoserver.endpoints.sse import EventStream
 from echoserver.endpoints.websocket import SOCKETS, BaseSocket
 from echoserver.fanout.hub import Hub
 from echoserver.metrics import Metrics
-from echoserver.transport.scheduling import Flusher, Keepalive
+from echoserver.transport.flusher import Flusher
+from echoserver.transport.keepalive import Keepalive
 from echoserver.web import handlers, redact
 from echoserver.wire.handshake import normalise_origin
 from echoserver.wire.hosts import HostPolicy, Throttle

@@ -1,9 +1,7 @@
-"""When connections write and ping: one write per connection per loop pass, one ping timer.
+"""When connections are pinged: one ping task per server, not a timer per connection.
 
-Flusher gathers the connections that have frames queued from elsewhere (broadcasts) and
-writes each once at the end of the loop pass, so many messages to one client leave in one
-send. Keepalive pings every connection from one task per server instead of a timer per
-connection: an idle connection costs a few objects, not a coroutine of its own.
+Keepalive pings every connection from one task, so an idle connection costs a few
+objects, not a coroutine of its own; one silent past the timeout is closed with 1011.
 """
 
 from __future__ import annotations
@@ -12,11 +10,6 @@ import asyncio
 from typing import Protocol
 
 from echoserver.wire.framing import CloseCode
-
-
-class Flushable(Protocol):
-    def flush(self) -> object:
-        """Write what is queued, in one write."""
 
 
 class Pingable(Protocol):
@@ -30,26 +23,6 @@ class Pingable(Protocol):
 
     def give_up(self, code: int, reason: str) -> None:
         """Close without waiting for the peer."""
-
-
-class Flusher:
-    """Sends the frames queued for many connections in one pass: one write per connection."""
-
-    def __init__(self) -> None:
-        self._pending: list[Flushable] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def mark(self, connection: Flushable) -> None:
-        if not self._pending:
-            if self._loop is None:
-                self._loop = asyncio.get_running_loop()
-            self._loop.call_soon(self._flush_all)
-        self._pending.append(connection)
-
-    def _flush_all(self) -> None:
-        pending, self._pending = self._pending, []
-        for connection in pending:
-            connection.flush()
 
 
 class Keepalive:
