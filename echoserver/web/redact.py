@@ -8,7 +8,7 @@ exception's message may quote a value. This filter rewrites every record it sees
 and traceback: a `token=` value, a `Bearer`/`Basic` credential, an `Authorization` value and
 a quoted bad header become <redacted>, and so does any configured secret (auth_token,
 api.key) wherever it appears. install() puts it on Tornado's loggers (so an embedding
-application gets it too); server.configure_logging() also puts it on the log handler, so
+application gets it too); runtime.logs.configure_logging() also puts it on the log handler, so
 it sees every logger's records.
 """
 
@@ -66,7 +66,7 @@ class RedactingFilter(logging.Filter):
         record.msg = redact(message, self.secrets)
         record.args = None
         if record.exc_info and not record.exc_text:
-            # The formatters use exc_text once set (server.JSONFormatter too).
+            # The formatters use exc_text once set (runtime.logs.JSONFormatter too).
             record.exc_text = self._formatter.formatException(record.exc_info)
         if record.exc_text:
             record.exc_text = redact(record.exc_text, self.secrets)
