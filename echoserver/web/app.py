@@ -22,9 +22,10 @@ from echoserver.brokers import Broker, MemoryBroker
 from echoserver.config import Settings
 from echoserver.endpoints.access import log_request
 from echoserver.endpoints.base import HostRefused, NotFound
+from echoserver.endpoints.mixed import MixedSocket
 from echoserver.endpoints.occupancy import Occupancy
 from echoserver.endpoints.sse import EventStream
-from echoserver.endpoints.websocket import SOCKETS, BaseSocket
+from echoserver.endpoints.websocket import BaseSocket, BroadcastSocket, EchoSocket
 from echoserver.fanout.hub import Hub
 from echoserver.metrics import Metrics
 from echoserver.transport.flusher import Flusher
@@ -36,6 +37,14 @@ from echoserver.wire.hosts import HostPolicy, Throttle
 # Seconds between two warnings about a refused Host; the ones between are counted in the
 # next, and each is logged at debug.
 HOST_WARNING_INTERVAL = 60.0
+
+
+# The WebSocket endpoint for each mode.
+SOCKETS: dict[str, type[BaseSocket]] = {
+    "echo": EchoSocket,
+    "broadcast": BroadcastSocket,
+    "mixed": MixedSocket,
+}
 
 
 def static_dir(settings: Settings) -> Path:
