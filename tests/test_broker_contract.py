@@ -31,7 +31,8 @@ from echoserver.brokers.memory import MemoryBroker
 from echoserver.brokers.redis import RedisBroker, decode, encode
 from echoserver.brokers.redis_base import RedisOptions
 from echoserver.brokers.redis_cluster import RedisClusterBroker
-from echoserver.fanout.hub import Delivery, Hub
+from echoserver.fanout.delivery import Delivery
+from echoserver.fanout.hub import Hub
 from tests.conftest import ROOT
 from tests.redis_cluster import LocalCluster, clean_redis_cluster, redis_cluster
 from tests.redis_server import RedisServer, free_port, redis_server, require_redis_server

@@ -11,7 +11,8 @@ import asyncio
 import pytest
 
 from echoserver.brokers import Backlog, BrokerUnavailable, Envelope, MemoryBroker
-from echoserver.fanout.hub import Delivery, Hub, Replay
+from echoserver.fanout.delivery import Delivery, Replay
+from echoserver.fanout.hub import Hub
 
 
 class Recorder:

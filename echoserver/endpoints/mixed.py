@@ -13,7 +13,7 @@ from typing import Any
 
 from echoserver.brokers import BrokerUnavailable
 from echoserver.endpoints.websocket import ChannelSocket
-from echoserver.fanout.hub import Replay
+from echoserver.fanout.delivery import Replay
 from echoserver.wire.envelopes import NotJson, load_json, mixed_broadcast, mixed_payload
 
 

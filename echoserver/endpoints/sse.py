@@ -24,7 +24,7 @@ import re
 
 from echoserver.endpoints.admission import AdmittedHandler, parse_offset
 from echoserver.endpoints.occupancy import Slot
-from echoserver.fanout.hub import Delivery, Replay
+from echoserver.fanout.delivery import Delivery, Replay
 from echoserver.transport.flusher import Flusher
 from echoserver.transport.tornado_seam import unsent_bytes
 from echoserver.wire.handshake import Refusal

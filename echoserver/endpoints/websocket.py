@@ -22,7 +22,7 @@ from echoserver.brokers import BrokerUnavailable
 from echoserver.endpoints.access import RequestRecord, write_access_line
 from echoserver.endpoints.admission import AdmittedHandler
 from echoserver.endpoints.occupancy import Slot
-from echoserver.fanout.hub import Replay
+from echoserver.fanout.delivery import Replay
 from echoserver.transport.connection import WebSocketConnection
 from echoserver.transport.tornado_seam import forget_response, websocket_mask
 from echoserver.wire import deflate

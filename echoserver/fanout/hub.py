@@ -32,10 +32,10 @@ import itertools
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 from echoserver.brokers.base import Backlog, Broker, BrokerUnavailable, Envelope
+from echoserver.fanout.delivery import Delivery, Posted, Replay
 
 log = logging.getLogger("echoserver.hub")
 
@@ -44,51 +44,6 @@ OTHER_CHANNELS = "(other)"  # where the rest are counted
 # Bytes a replayed message may take beyond its payload in a receiver's queue: a frame
 # header and mixed mode's {"type":"broadcast","payload":...,"offset":N} around it.
 REPLAY_OVERHEAD = 64
-
-
-class Delivery:
-    """One message as the hub hands it to the receivers of one fan-out.
-
-    Receivers read it and may fill its frame cache, which every receiver of the same
-    fan-out shares: the first receiver encodes the frame (or deflates it, for one window
-    size), the others reuse it. The broker's Envelope is never handed out.
-    """
-
-    __slots__ = ("binary", "data", "deflated", "envelope", "event", "frame", "rendered", "seq")
-
-    def __init__(self, envelope: Envelope) -> None:
-        self.envelope = envelope
-        self.data = envelope.data
-        self.binary = envelope.binary
-        self.seq = envelope.seq  # the message's offset on its channel
-        # The message as the receivers' protocol wraps it (mixed mode's JSON envelope).
-        self.rendered: bytes | None = None
-        self.frame: bytes | None = None  # the encoded WebSocket frame
-        self.deflated: tuple[int, bytes] | None = None  # (window bits, deflated frame)
-        self.event: bytes | None = None  # the Server-Sent Events chunk (sse.py)
-
-
-@dataclass(frozen=True, slots=True)
-class Replay:
-    """What a joiner was given before the live stream (see Hub.join)."""
-
-    since: int | None  # the offset the joiner asked to resume after; None = plain join
-    count: int  # messages replayed
-    first: int | None  # offset of the first replayed message; None when none was
-    # The channel's latest offset when the history was read: the live stream goes on from
-    # the next one. None when not read (no history, no since) or the broker could not tell.
-    last: int | None
-    # With since: every message after it was replayed (or none was published); else None.
-    recovered: bool | None
-
-
-@dataclass(frozen=True, slots=True)
-class Posted:
-    """A message published on behalf of no member (the publish API)."""
-
-    offset: int
-    local_receivers: int  # members on this process
-    receivers: int  # members across every process, as far as presence knows
 
 
 class Subscriber(Protocol):
