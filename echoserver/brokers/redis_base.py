@@ -22,6 +22,11 @@ failed is never overtaken by an older one. While publishes wait, reconnection at
 come at most publish_timeout / 4 apart, so a Redis that is back is noticed in time.
 Other commands (history reads, presence) fail at once while the broker is down, as they
 always did.
+
+Why one module of this length: the command queue, the waiting publishes and the
+supervisor act on the same state (the queue, `healthy`, the session) and change it
+together at every outage and recovery; apart, that state would pass between objects on
+every command.
 """
 
 from __future__ import annotations

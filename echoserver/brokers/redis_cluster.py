@@ -20,7 +20,7 @@ Failures (a primary dies, its replica takes over; a resharding moves a slot): th
 sign (the primary's connection closes, a command fails with a connection error, MOVED or
 CLUSTERDOWN, a PING goes unanswered) takes the whole broker down: `healthy` is False with
 the reason, publishes in flight and new ones wait for it to come back (up to
-`publish_timeout`, redis_queue.py), backlog() raises BrokerUnavailable, presence counts this
+`publish_timeout`, redis_base.py), backlog() raises BrokerUnavailable, presence counts this
 process only; members stay connected.
 A supervisor task re-discovers the topology with exponential backoff and full jitter, and
 once every primary answers with cluster_state:ok it re-SSUBSCRIBEs every channel on its
@@ -165,7 +165,7 @@ class RedisClusterBroker(PipelinedRedisBroker):
     ) -> Exception | None:
         """Tell the sender; return the error that ends the connection, if it is one. A
         publish that met a connection or topology error is left pending: it waits for
-        the broker to come back (redis_queue.py), like the rest of its batch."""
+        the broker to come back (redis_base.py), like the rest of its batch."""
         message = str(error)
         if isinstance(error, ResponseError) and not message.startswith(_TOPOLOGY_ERRORS):
             # Reachable but refusing (OOM, ...): only that command failed.

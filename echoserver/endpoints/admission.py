@@ -1,4 +1,4 @@
-"""Who may open a long-lived connection: a WebSocket (sockets.py) or an event stream (sse.py).
+"""Who may open a long-lived connection: a WebSocket (websocket.py) or an event stream (sse.py).
 
 AdmittedHandler is the base of both endpoints. It owns the server's admission policy, in
 this order: a draining server answers 503, a missing or wrong token 401, a full server 503,

@@ -1,8 +1,8 @@
 """What request handlers may use of the server, as a protocol the Application satisfies.
 
 Handlers reach the server-wide state (settings, hub, metrics, open connections, the drain
-flag) through ServerContext instead of importing app.py, so imports flow one way:
-app -> handlers and sockets -> context.
+flag) through ServerContext instead of importing web/app.py, so imports flow one way:
+web.app -> web.handlers and the endpoints -> context.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ class ServerContext(Protocol):
     config: Settings
     hub: Hub
     metrics: Metrics
-    connections: set[Any]  # the open WebSocket endpoints (sockets.BaseSocket)
+    connections: set[Any]  # the open WebSocket endpoints (websocket.BaseSocket)
     draining: bool  # SIGTERM received: refuse new clients, close the rest with 1001
     handshakes: int  # WebSocket handshakes under way, counted against max_connections
     # Every accepted connection's slot (when served by intake.FrontDoor; an embedding
@@ -33,7 +33,7 @@ class ServerContext(Protocol):
     keepalive: Keepalive
     allowed_origins: frozenset[str]  # normalised websocket.allowed_origins
     started: float  # time.monotonic() at start
-    refused_hosts: Throttle  # the warning about a refused Host (webbase.HostRefused)
+    refused_hosts: Throttle  # the warning about a refused Host (base.HostRefused)
 
     def spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
         """Run a coroutine in the background, keeping a reference until it ends."""

@@ -2,7 +2,7 @@
 process and per client address, whatever it is now (an HTTP request in flight, an event
 stream, a WebSocket).
 
-A slot is taken when a connection is accepted (intake.py) and given back exactly once when
+A slot is taken when a connection is accepted (runtime/intake.py) and given back exactly once when
 it ends: by the HTTP side when the connection leaves Tornado's HTTP loop (closed, timed
 out, an event stream ended), unless a WebSocket endpoint took the slot over when it
 detached the connection, in which case the endpoint gives it back when the WebSocket

@@ -31,7 +31,7 @@ class Delivery:
         self.rendered: bytes | None = None
         self.frame: bytes | None = None  # the encoded WebSocket frame
         self.deflated: tuple[int, bytes] | None = None  # (window bits, deflated frame)
-        self.event: bytes | None = None  # the Server-Sent Events chunk (sse.py)
+        self.event: bytes | None = None  # the Server-Sent Events chunk (endpoints/sse.py)
 
 
 @dataclass(frozen=True, slots=True)

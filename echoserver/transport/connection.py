@@ -1,6 +1,6 @@
 """The WebSocket connection after the handshake: the I/O adapter around ServerProtocol.
 
-The endpoint (sockets.py) answers the handshake and hands the detached stream to run().
+The endpoint (endpoints/websocket.py) answers the handshake and hands the detached stream to run().
 Plain connections then move to an asyncio (or uvloop) transport; TLS connections stay on
 Tornado's stream through stream_io.StreamIO. Either way:
 
@@ -19,7 +19,7 @@ among every receiver of a broadcast.
 
 Why one module of this length: reading, writing, pausing and closing act on the same few
 fields of one object on the hot path (a method call per message is the cost that matters
-here), so they stay together; the protocol rules themselves are in protocol.py.
+here), so they stay together; the protocol rules themselves are in wire/protocol.py.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ PAUSED_WRITES = 4  # the peer is not taking what we write
 
 
 class Endpoint(Protocol):
-    """What a connection needs of the handler it serves (see sockets.py)."""
+    """What a connection needs of the handler it serves (see endpoints/websocket.py)."""
 
     @property
     def peer(self) -> str:

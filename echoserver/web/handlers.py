@@ -1,8 +1,9 @@
 """The plain HTTP routes: the page and its assets, /healthz, /metrics, the channel API and
 the publish API (POST /api/channels/<channel>/messages).
 
-The WebSocket endpoints are in sockets.py. Handlers reach the server-wide state through
-context.ServerContext, which the Application satisfies.
+The WebSocket endpoints are in endpoints/websocket.py and endpoints/mixed.py. Handlers
+reach the server-wide state through endpoints.context.ServerContext, which the
+Application satisfies.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ CHUNK_SLACK = 64 * 1024  # bytes a chunked publish body may run past the limit b
 class PublishHandler(JSONHandler):
     """POST /api/channels/<channel>/messages: a backend publishes the body to the channel.
 
-    It only maps outcomes to statuses: the body's rules are in messages.py, publishing is
+    It only maps outcomes to statuses: the body's rules are in wire/envelopes.py, publishing is
     the hub's. The body is streamed in, so a request refused by its headers (no API key,
     wrong key, too big) is answered before its body is read, and the server's small body
     cap for other routes is raised to websocket.max_message_size here only.

@@ -1,7 +1,7 @@
 """No secret in any log line, at any level: the redacting log filter.
 
 The server's own lines never carry a secret (they name a request by its path, never its
-query), and webbase.BaseHandler keeps Tornado's lines about a request to that summary. What
+query), and endpoints.base.BaseHandler keeps Tornado's lines about a request to that summary. What
 is left are lines Tornado writes from deeper down, where only the text is at hand: a
 malformed request quotes the offending header (`Invalid header value 'Bearer ...'`), an
 exception's message may quote a value. This filter rewrites every record it sees, message

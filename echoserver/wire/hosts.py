@@ -71,7 +71,7 @@ class HostPolicy:
         for item in items:
             parsed = split_authority(item)
             if parsed is None:
-                continue  # config.py refuses such items; nothing to match
+                continue  # config refuses such items; nothing to match
             name, port = parsed
             names.add((name, port if ":" in item.rsplit("]", 1)[-1] else None))
         return cls(frozenset(names))

@@ -16,7 +16,7 @@ depend on sockets or clocks:
 - which close code the connection ended with, for logs and metrics.
 
 Timers (the closing timeout, keepalive pings) and policy (rate limits) belong to the adapter
-in connection.py, which calls close() or fail() when they fire.
+in transport/connection.py, which calls close() or fail() when they fire.
 """
 
 from __future__ import annotations
