@@ -116,6 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         print("config ok")
         return 0
-    from echoserver import server
+    from echoserver.runtime import serve
 
-    return server.run(settings, sources)
+    return serve.run(settings, sources)

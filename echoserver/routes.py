@@ -1,7 +1,7 @@
 """The URL table: every path the server answers besides the WebSocket endpoint.
 
 This module owns the route prefixes, the Tornado URL patterns built from them and the
-channel-name pattern. app.py builds its route list from it; config.py refuses a
+channel-name pattern. web/app.py builds its route list from it; config refuses a
 ``websocket.path`` that would shadow, or be shadowed by, any of these routes. It is a
 leaf: it imports nothing from the package.
 """

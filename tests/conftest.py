@@ -22,8 +22,8 @@ from typing import Any, TypeVar
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from echoserver.app import make_app
 from echoserver.config import Settings
+from echoserver.web.app import make_app
 
 ROOT = Path(__file__).resolve().parent.parent
 # ECHOSERVER_TEST_LOOP=uvloop|asyncio runs the in-process tests on that loop and the server

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 import echoserver
+import echoserver.runtime
 from echoserver import cli, config
 from echoserver.config import KEYS, Settings, load
 from tests.test_config import page_dir, tls_pair
@@ -514,11 +515,12 @@ def test_tls_files_broken_after_the_check_are_one_line(tmp_path: Path) -> None:
     code = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from echoserver import config, server\n"
+        "from echoserver import config\n"
+        "from echoserver.runtime import serve\n"
         "settings, sources = config.resolve(flags={'tls.certfile': sys.argv[1], "
         "'tls.keyfile': sys.argv[2], 'port': 0})\n"
         "Path(sys.argv[2]).write_text('gone')\n"
-        "raise SystemExit(server.run(settings, sources))\n"
+        "raise SystemExit(serve.run(settings, sources))\n"
     )
     proc = run_code(code, [cert, key])
     assert_one_line_exit_2(proc)
@@ -632,10 +634,10 @@ def test_main_hands_settings_to_server_run(monkeypatch: pytest.MonkeyPatch, tmp_
         sources.append(where)
         return 0
 
-    fake = types.ModuleType("echoserver.server")
+    fake = types.ModuleType("echoserver.runtime.serve")
     fake.run = run  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "echoserver.server", fake)
-    monkeypatch.setattr(echoserver, "server", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "echoserver.runtime.serve", fake)
+    monkeypatch.setattr(echoserver.runtime, "serve", fake, raising=False)
     for name in [n for n in os.environ if n.startswith("ECHOSERVER_")]:
         monkeypatch.delenv(name)
     monkeypatch.setenv("ECHOSERVER_LOG_LEVEL", "debug")
@@ -651,14 +653,14 @@ def test_main_hands_settings_to_server_run(monkeypatch: pytest.MonkeyPatch, tmp_
 def test_main_does_not_start_the_server_on_error(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    fake = types.ModuleType("echoserver.server")
+    fake = types.ModuleType("echoserver.runtime.serve")
 
     def run(settings: Settings) -> Any:
         raise AssertionError("server started")
 
     fake.run = run  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "echoserver.server", fake)
-    monkeypatch.setattr(echoserver, "server", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "echoserver.runtime.serve", fake)
+    monkeypatch.setattr(echoserver.runtime, "serve", fake, raising=False)
     assert cli.main(["--history", "-1"]) == 2
     assert capsys.readouterr().err.startswith(
         "echoserver: config error: broadcast.history = -1 (from flag --history)"

@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from echoserver import config, routes
-from echoserver.app import make_app
 from echoserver.config import KEYS, ConfigError, Settings, load, to_toml
+from echoserver.web.app import make_app
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -15,8 +15,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosedError
 from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
 
-from echoserver.deflate import Deflater, Inflater, negotiate, parse_extensions
-from echoserver.framing import FAIL, MESSAGE, OP_TEXT, FrameParser
+from echoserver.wire.deflate import Deflater, Inflater, negotiate, parse_extensions
+from echoserver.wire.framing import FAIL, MESSAGE, OP_TEXT, FrameParser
 from tests.conftest import ROOT, ServerProcess, run
 from tests.wsraw import build_frame
 

@@ -215,8 +215,8 @@ async def test_metrics_count_messages(http_server, http_port, http_client):
 
 @pytest.mark.gen_test
 async def test_protocol_route_serves_the_channel_rule_and_close_codes(http_client, base_url):
-    from echoserver.framing import CloseCode
     from echoserver.routes import CHANNEL_PATTERN
+    from echoserver.wire.framing import CloseCode
 
     response = await http_client.fetch(base_url + "/api/protocol")
     body = json.loads(response.body)

@@ -7,7 +7,7 @@ import base64
 import pytest
 from tornado.httputil import HTTPHeaders
 
-from echoserver.handshake import (
+from echoserver.wire.handshake import (
     accept_value,
     bearer_token,
     check_upgrade,

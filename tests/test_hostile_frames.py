@@ -14,8 +14,8 @@ import urllib.request
 
 import pytest
 
-from echoserver.framing import CLOSE, FAIL, FRAME_COST, OP_BINARY, OP_TEXT, PING, FrameParser
-from echoserver.protocol import CLOSED, ServerProtocol
+from echoserver.wire.framing import CLOSE, FAIL, FRAME_COST, OP_BINARY, OP_TEXT, PING, FrameParser
+from echoserver.wire.protocol import CLOSED, ServerProtocol
 from tests.conftest import ROOT, ServerProcess, wait_until
 from tests.wspeer import Peer
 from tests.wsraw import RawClient, build_frame, close_payload
@@ -315,7 +315,7 @@ def test_the_publish_api_refuses_what_is_not_json_with_400(mixed_server, body):
 
 
 def test_json_nested_to_the_bound_passes_and_one_deeper_does_not():
-    from echoserver.messages import MAX_JSON_DEPTH, NotJson, load_json
+    from echoserver.wire.envelopes import MAX_JSON_DEPTH, NotJson, load_json
 
     at_bound = b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH
     assert load_json(b'{"s":"' + b"[" * 200 + b'"}')  # brackets in strings do not count

@@ -27,7 +27,7 @@ from tornado.websocket import WebSocketClientConnection
 
 from echoserver.brokers.base import BrokerUnavailable, Envelope
 from echoserver.brokers.redis import RedisBroker
-from echoserver.brokers.redis_queue import RedisOptions
+from echoserver.brokers.redis_base import RedisOptions
 from echoserver.brokers.redis_wire import KeyNames
 from tests.conftest import ServerProcess
 from tests.redis_cluster import LocalCluster, own_redis_cluster
@@ -301,7 +301,7 @@ def test_the_process_may_not_have_more_than_max_waiting_bytes_waiting(
 ) -> None:
     """All senders of a process together: past MAX_WAITING_BYTES a publish is refused at
     once; one that waits still lands once Redis is back."""
-    monkeypatch.setattr("echoserver.brokers.redis_queue.MAX_WAITING_BYTES", 1000)
+    monkeypatch.setattr("echoserver.brokers.redis_base.MAX_WAITING_BYTES", 1000)
 
     async def scenario() -> int:
         broker = RedisBroker(redis_server.url, RedisOptions(backoff_cap=0.5, op_timeout=1.0))

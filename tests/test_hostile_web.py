@@ -17,10 +17,10 @@ import pytest
 from tornado.httpclient import HTTPRequest, HTTPResponse
 from tornado.websocket import websocket_connect
 
-from echoserver.access import text_value
-from echoserver.handshake import origin_allowed
-from echoserver.hosts import HostPolicy, Throttle
-from echoserver.redact import REDACTED, redact
+from echoserver.endpoints.access import text_value
+from echoserver.web.redact import REDACTED, redact
+from echoserver.wire.handshake import origin_allowed
+from echoserver.wire.hosts import HostPolicy, Throttle
 from tests.conftest import make_settings
 from tests.test_browser import Server, Tab, browser  # noqa: F401 (a fixture)
 from tests.test_security import Handshake, status_of

@@ -10,8 +10,9 @@ import asyncio
 
 import pytest
 
-from echoserver.brokers import Backlog, Envelope, MemoryBroker
-from echoserver.hub import Delivery, Hub, HubUnavailable, Replay
+from echoserver.brokers import Backlog, BrokerUnavailable, Envelope, MemoryBroker
+from echoserver.fanout.delivery import Delivery, Replay
+from echoserver.fanout.hub import Hub
 
 
 class Recorder:
@@ -295,7 +296,7 @@ def test_one_delivery_object_per_fan_out_reaches_every_receiver():
 
 
 def test_counters_of_channels_past_the_bound_are_shared(monkeypatch):
-    monkeypatch.setattr("echoserver.hub.MAX_TRACKED_CHANNELS", 3)
+    monkeypatch.setattr("echoserver.fanout.hub.MAX_TRACKED_CHANNELS", 3)
 
     async def scenario():
         hub = Hub(MemoryBroker())
@@ -367,7 +368,7 @@ class LaterBroker(MemoryBroker):
 
     def publish(self, envelope: Envelope) -> asyncio.Future[int]:  # type: ignore[override]
         if self.down:
-            raise self.unavailable("broker down for the test")
+            raise BrokerUnavailable("broker down for the test")
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.pending.append((envelope, future))
         return future
@@ -405,15 +406,15 @@ def test_publish_failures_are_the_hubs_own_error():
         hub = Hub(broker)
         await hub.join("room", Recorder(hub))
         lost = hub.publish("room", b"lost", False, None)
-        broker.fail(broker.unavailable("redis here: unreachable"))
-        with pytest.raises(HubUnavailable, match=r"^redis here: unreachable$"):
+        broker.fail(BrokerUnavailable("redis here: unreachable"))
+        with pytest.raises(BrokerUnavailable, match=r"^redis here: unreachable$"):
             await lost
         broken = hub.publish("room", b"bug", False, None)
         broker.fail(ValueError("a bug, not an outage"))
         with pytest.raises(ValueError):
             await broken
         broker.down = True
-        with pytest.raises(HubUnavailable, match="broker down"):
+        with pytest.raises(BrokerUnavailable, match="broker down"):
             hub.publish("room", b"refused", False, None)
 
     run(scenario())
@@ -549,7 +550,7 @@ def test_since_while_the_history_is_fetched_loses_and_repeats_nothing():
 def test_a_broker_that_cannot_tell_gives_recovered_false():
     class Unreachable(MemoryBroker):
         async def backlog(self, channel: str, after: int, limit: int) -> Backlog:
-            raise self.unavailable("redis down")
+            raise BrokerUnavailable("redis down")
 
     async def scenario() -> tuple[Replay, Offsets]:
         hub = Hub(Unreachable(history=5))
@@ -581,7 +582,7 @@ def test_post_publishes_and_counts_receivers():
 
 def test_the_mixed_envelope_is_built_once_per_fan_out():
     """Every receiver of one fan-out gets the same envelope bytes, with the offset."""
-    from echoserver.messages import mixed_broadcast, mixed_payload
+    from echoserver.wire.envelopes import mixed_broadcast, mixed_payload
 
     seen: list[bytes | None] = []
 

@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from echoserver.framing import (
+from echoserver.wire.framing import (
     CLOSE,
     FAIL,
     MESSAGE,

@@ -11,8 +11,8 @@ import struct
 
 import pytest
 
-from echoserver.framing import MESSAGE, PONG, Event, FrameParser
-from echoserver.protocol import CLOSED, CLOSING, OPEN, ServerProtocol
+from echoserver.wire.framing import MESSAGE, PONG, Event, FrameParser
+from echoserver.wire.protocol import CLOSED, CLOSING, OPEN, ServerProtocol
 from tests.wsraw import build_frame, close_payload
 
 MAX_SIZE = 4096

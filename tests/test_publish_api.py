@@ -19,9 +19,9 @@ from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from echoserver import config
-from echoserver.app import make_app
-from echoserver.brokers import Envelope, MemoryBroker
+from echoserver.brokers import BrokerUnavailable, Envelope, MemoryBroker
 from echoserver.config import Settings
+from echoserver.web.app import make_app
 from tests.conftest import ROOT, make_settings, metric, wait_until
 from tests.redis_server import redis_server
 
@@ -199,7 +199,7 @@ class DownBroker(MemoryBroker):
     """A broker that is unreachable, as Redis can be."""
 
     def publish(self, envelope: Envelope) -> int:
-        raise self.unavailable("redis 127.0.0.1:1/0 unreachable")
+        raise BrokerUnavailable("redis 127.0.0.1:1/0 unreachable")
 
     @property
     def healthy(self) -> bool:

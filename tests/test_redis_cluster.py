@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from echoserver.brokers.base import Envelope
+from echoserver.brokers.redis_base import RedisOptions
 from echoserver.brokers.redis_cluster import RedisClusterBroker
-from echoserver.brokers.redis_queue import RedisOptions
 from echoserver.brokers.redis_wire import KeyNames
 from tests.redis_cluster import (
     LocalCluster,

@@ -281,7 +281,7 @@ def settings():
 @pytest.mark.gen_test
 async def test_token_comparison_is_constant_time(http_server, http_port, monkeypatch):
     """The handshake compares tokens with hmac.compare_digest, whatever their length."""
-    from echoserver import handshake
+    from echoserver.wire import handshake
 
     seen: list[tuple[bytes, bytes]] = []
     real = handshake.hmac.compare_digest

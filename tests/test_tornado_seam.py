@@ -16,10 +16,10 @@ import pytest
 import tornado.iostream
 import tornado.web
 
-from echoserver import tornado_seam
-from echoserver.tornado_seam import INTERNALS
+from echoserver.transport import tornado_seam
+from echoserver.transport.tornado_seam import INTERNALS
 
-PACKAGE = Path(tornado_seam.__file__).parent
+PACKAGE = Path(tornado_seam.__file__).parent.parent
 
 
 def instance_attributes(owner: type) -> set[str]:

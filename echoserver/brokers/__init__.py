@@ -24,7 +24,7 @@ def create_broker(
     limit). The hub may set these (and the other bounds) on the broker it is given."""
     if url == "memory":
         return MemoryBroker(history=history, history_ttl=history_ttl, history_bytes=history_bytes)
-    from echoserver.brokers.redis_queue import RedisOptions
+    from echoserver.brokers.redis_base import RedisOptions
 
     options = RedisOptions(history=history, history_ttl=history_ttl, history_bytes=history_bytes)
     if url.startswith(("redis-cluster://", "rediss-cluster://")):

@@ -79,12 +79,9 @@ class Broker(abc.ABC):
     # Payload bytes kept by this process, all channels together: the memory broker only
     # (a Redis server has its own maxmemory).
     history_total_bytes: int = 64 << 20
-    # Seconds a publish waits for a broker that is down before it fails with `unavailable`
+    # Seconds a publish waits for a broker that is down before it fails with BrokerUnavailable
     # (a broker that is never down ignores it).
     publish_timeout: float = 5.0
-    # What publish() raises and its futures fail with. The owner may set a subclass of its
-    # own, so its callers see that type without a translation per message.
-    unavailable: type[BrokerUnavailable] = BrokerUnavailable
 
     @abc.abstractmethod
     async def start(self, on_envelope: OnEnvelope) -> None:
@@ -109,8 +106,8 @@ class Broker(abc.ABC):
         Publishes started one after another are published in that order, so a sender can
         have several in flight. Returns the message's offset when the publish is already
         done (the memory broker delivers at once), else a future of it, which fails with
-        `unavailable` when the message could not be handed over: refused, or the broker
-        stayed down for `publish_timeout` seconds. Raises `unavailable` at once when it
+        BrokerUnavailable when the message could not be handed over: refused, or the broker
+        stayed down for `publish_timeout` seconds. Raises BrokerUnavailable at once when it
         cannot even wait (closing, or too much already waits).
         """
 
@@ -118,7 +115,7 @@ class Broker(abc.ABC):
     async def backlog(self, channel: str, after: int, limit: int) -> Backlog:
         """The kept envelopes with an offset above `after` (the newest `limit` of them at
         most), and the channel's latest offset, as one consistent read. Raises
-        `unavailable` when the broker cannot tell (e.g. Redis unreachable)."""
+        BrokerUnavailable when the broker cannot tell (e.g. Redis unreachable)."""
 
     async def history(self, channel: str, limit: int) -> list[Envelope]:
         """The channel's last `limit` kept envelopes, oldest first; empty when unknown."""

@@ -8,14 +8,14 @@ messages by seq (see hub.join).
 
 Per process: one subscriber connection (a reader task hands every message to the hub
 synchronously) and one command connection, which the queue of pipelined batches shared
-with the cluster broker (redis_queue.py) writes to.
+with the cluster broker (redis_base.py) writes to.
 
 Presence (redis_presence.py): a hash per channel {process id: local members}, counted only
 for processes whose heartbeat key is alive; this broker refreshes the heartbeat (TTL
 `presence_ttl`), so a crashed worker's members disappear within that time.
 
 Failures: while Redis is unreachable, `healthy` is False (with `health_reason`), a
-publish waits for it up to `publish_timeout` (redis_queue.py), backlog() raises
+publish waits for it up to `publish_timeout` (redis_base.py), backlog() raises
 BrokerUnavailable (history() is empty) and
 presence counts this process only. A supervisor task reconnects with exponential backoff
 and full jitter, re-subscribes every channel and re-writes this process's presence.
@@ -39,14 +39,15 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from echoserver.brokers.redis_presence import COUNT_SCRIPT, RedisPresence
-from echoserver.brokers.redis_queue import (
+from echoserver.brokers.base import BrokerUnavailable
+from echoserver.brokers.redis_base import (
     PipelinedRedisBroker,
     Queued,
     RedisOptions,
     SubscriberLink,
     log,
 )
+from echoserver.brokers.redis_presence import COUNT_SCRIPT, RedisPresence
 from echoserver.brokers.redis_wire import (
     BACKLOG_SCRIPT,
     decode,
@@ -131,7 +132,7 @@ class RedisBroker(PipelinedRedisBroker):
                 # Reachable but refusing (OOM, READONLY replica, ...): the sender is told.
                 self._log_refusal(error)
                 if not future.done():
-                    future.set_exception(self.unavailable(f"redis {self.where}: {error}"))
+                    future.set_exception(BrokerUnavailable(f"redis {self.where}: {error}"))
                 continue
             if not future.done():
                 future.set_result(reply)

@@ -20,7 +20,7 @@ Failures (a primary dies, its replica takes over; a resharding moves a slot): th
 sign (the primary's connection closes, a command fails with a connection error, MOVED or
 CLUSTERDOWN, a PING goes unanswered) takes the whole broker down: `healthy` is False with
 the reason, publishes in flight and new ones wait for it to come back (up to
-`publish_timeout`, redis_queue.py), backlog() raises `unavailable`, presence counts this
+`publish_timeout`, redis_base.py), backlog() raises BrokerUnavailable, presence counts this
 process only; members stay connected.
 A supervisor task re-discovers the topology with exponential backoff and full jitter, and
 once every primary answers with cluster_state:ok it re-SSUBSCRIBEs every channel on its
@@ -43,20 +43,21 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from echoserver.brokers.redis_cluster_presence import (
-    COUNT_SCRIPT,
-    SET_SCRIPT,
-    ClusterPresence,
-)
-from echoserver.brokers.redis_queue import (
+from echoserver.brokers.base import BrokerUnavailable
+from echoserver.brokers.redis_base import (
     PipelinedRedisBroker,
     Queued,
     RedisOptions,
     SubscriberLink,
     log,
 )
+from echoserver.brokers.redis_cluster_presence import (
+    COUNT_SCRIPT,
+    SET_SCRIPT,
+    ClusterPresence,
+)
 from echoserver.brokers.redis_wire import BACKLOG_SCRIPT, publish_script, sha1
-from echoserver.config import split_cluster_url
+from echoserver.brokers.urls import split_cluster_url
 
 _SPUBLISH = publish_script(b"SPUBLISH")
 _SCRIPTS = {sha1(body): body for body in (_SPUBLISH, BACKLOG_SCRIPT, COUNT_SCRIPT, SET_SCRIPT)}
@@ -67,7 +68,7 @@ _TOPOLOGY_ERRORS = ("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN")
 
 def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
     """(seed nodes, connection options) of a ``redis-cluster://`` or ``rediss-cluster://`` URL:
-    options and credentials as in a ``redis://`` URL (config.split_cluster_url has the form)."""
+    options and credentials as in a ``redis://`` URL (urls.split_cluster_url has the form)."""
     credentials, seeds, query = split_cluster_url(url)
     base = "rediss" if url.startswith("rediss-") else "redis"
     options = dict(parse_url(f"{base}://{credentials}seed:1/0" + (f"?{query}" if query else "")))
@@ -164,16 +165,16 @@ class RedisClusterBroker(PipelinedRedisBroker):
     ) -> Exception | None:
         """Tell the sender; return the error that ends the connection, if it is one. A
         publish that met a connection or topology error is left pending: it waits for
-        the broker to come back (redis_queue.py), like the rest of its batch."""
+        the broker to come back (redis_base.py), like the rest of its batch."""
         message = str(error)
         if isinstance(error, ResponseError) and not message.startswith(_TOPOLOGY_ERRORS):
             # Reachable but refusing (OOM, ...): only that command failed.
             if not future.done():
-                future.set_exception(self.unavailable(f"redis {self.where}: {error}"))
+                future.set_exception(BrokerUnavailable(f"redis {self.where}: {error}"))
             self._log_refusal(error)
             return None
         if self._publish_size(args) is None and not future.done():
-            future.set_exception(self.unavailable(f"redis {self.where}: {error}"))
+            future.set_exception(BrokerUnavailable(f"redis {self.where}: {error}"))
         return ConnectionError(f"{type(error).__name__}: {message}")
 
     async def _call(self, connection: AbstractConnection, *args: Any) -> Any:

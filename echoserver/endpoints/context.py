@@ -1,0 +1,39 @@
+"""What request handlers may use of the server, as a protocol the Application satisfies.
+
+Handlers reach the server-wide state (settings, hub, metrics, open connections, the drain
+flag) through ServerContext instead of importing web/app.py, so imports flow one way:
+web.app -> web.handlers and the endpoints -> context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Coroutine
+from typing import Any, Protocol
+
+from echoserver.config import Settings
+from echoserver.endpoints.occupancy import Occupancy
+from echoserver.fanout.hub import Hub
+from echoserver.metrics import Metrics
+from echoserver.transport.flusher import Flusher
+from echoserver.transport.keepalive import Keepalive
+from echoserver.wire.hosts import Throttle
+
+
+class ServerContext(Protocol):
+    config: Settings
+    hub: Hub
+    metrics: Metrics
+    connections: set[Any]  # the open WebSocket endpoints (websocket.BaseSocket)
+    draining: bool  # SIGTERM received: refuse new clients, close the rest with 1001
+    handshakes: int  # WebSocket handshakes under way, counted against max_connections
+    # Every accepted connection's slot (when served by intake.FrontDoor; an embedding
+    # app's own HTTPServer fills none, and len(connections) + handshakes counts instead).
+    occupancy: Occupancy
+    flusher: Flusher
+    keepalive: Keepalive
+    allowed_origins: frozenset[str]  # normalised websocket.allowed_origins
+    started: float  # time.monotonic() at start
+    refused_hosts: Throttle  # the warning about a refused Host (base.HostRefused)
+
+    def spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        """Run a coroutine in the background, keeping a reference until it ends."""

@@ -1,0 +1,57 @@
+"""What the hub hands out: a Delivery per message and fan-out (with the frame caches its
+receivers share), a Replay per joiner, a Posted per message from the publish API.
+
+Receivers see a Delivery, never the broker's Envelope. The wire and the transport know it
+only as wire.shared.SharedMessage, which it satisfies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from echoserver.brokers.base import Envelope
+
+
+class Delivery:
+    """One message as the hub hands it to the receivers of one fan-out.
+
+    Receivers read it and may fill its frame cache, which every receiver of the same
+    fan-out shares: the first receiver encodes the frame (or deflates it, for one window
+    size), the others reuse it. The broker's Envelope is never handed out.
+    """
+
+    __slots__ = ("binary", "data", "deflated", "envelope", "event", "frame", "rendered", "seq")
+
+    def __init__(self, envelope: Envelope) -> None:
+        self.envelope = envelope
+        self.data = envelope.data
+        self.binary = envelope.binary
+        self.seq = envelope.seq  # the message's offset on its channel
+        # The message as the receivers' protocol wraps it (mixed mode's JSON envelope).
+        self.rendered: bytes | None = None
+        self.frame: bytes | None = None  # the encoded WebSocket frame
+        self.deflated: tuple[int, bytes] | None = None  # (window bits, deflated frame)
+        self.event: bytes | None = None  # the Server-Sent Events chunk (endpoints/sse.py)
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """What a joiner was given before the live stream (see Hub.join)."""
+
+    since: int | None  # the offset the joiner asked to resume after; None = plain join
+    count: int  # messages replayed
+    first: int | None  # offset of the first replayed message; None when none was
+    # The channel's latest offset when the history was read: the live stream goes on from
+    # the next one. None when not read (no history, no since) or the broker could not tell.
+    last: int | None
+    # With since: every message after it was replayed (or none was published); else None.
+    recovered: bool | None
+
+
+@dataclass(frozen=True, slots=True)
+class Posted:
+    """A message published on behalf of no member (the publish API)."""
+
+    offset: int
+    local_receivers: int  # members on this process
+    receivers: int  # members across every process, as far as presence knows

@@ -1,0 +1,398 @@
+"""Channel membership and fan-out; knows nothing of HTTP or WebSocket framing.
+
+The hub keeps, per channel, the local subscribers (one per connection) in join order. It
+publishes through its broker and fans out what the broker delivers back, so the same code
+serves one embedded process and a Redis-backed cluster. Every subscriber on a channel gets
+that channel's messages in the broker's order; a joiner gets the broker's kept history
+first, then the live stream, spliced by offset so nothing is lost or repeated.
+
+Offsets are the broker's per-channel numbers (1, 2, ...), the same on every process. A
+joiner that gives `since` (a WebSocket client's ?since=, an SSE client's Last-Event-ID)
+gets every kept message after that offset, then the live stream, and a Replay saying
+whether that was everything it missed (`recovered`): the history (its size and age limit)
+must still reach back to since + 1, or nothing may have been published since.
+
+Handlers see only this module: publish() is the one way to send (it never waits, and keeps
+call order), a failure is the broker's own BrokerUnavailable (passed through, never
+wrapped), and each receiver gets a Delivery, the hub's
+own object per fan-out, never the broker's Envelope. A Delivery carries a frame cache that
+all receivers of one fan-out share, so a broadcast to 1000 receivers is encoded once.
+
+A fan-out never waits on a receiver: deliver() only queues bytes. What a receiver has not
+taken yet is capped (max_queue_bytes); a message that would take it past the cap is
+dropped for that receiver (slow_client = "drop", counted, logged once per episode) or the
+receiver is closed with 1013 ("disconnect"). So a client that stops reading costs at most
+the cap in memory and never slows the others; the price is that it misses messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+from collections.abc import Callable
+from typing import Protocol
+
+from echoserver.brokers.base import Backlog, Broker, BrokerUnavailable, Envelope
+from echoserver.fanout.delivery import Delivery, Posted, Replay
+
+log = logging.getLogger("echoserver.hub")
+
+MAX_TRACKED_CHANNELS = 1000  # channels with counters of their own in /metrics
+OTHER_CHANNELS = "(other)"  # where the rest are counted
+# Bytes a replayed message may take beyond its payload in a receiver's queue: a frame
+# header and mixed mode's {"type":"broadcast","payload":...,"offset":N} around it.
+REPLAY_OVERHEAD = 64
+
+
+class Subscriber(Protocol):
+    """One connection's end of a channel."""
+
+    sub_id: str
+
+    @property
+    def peer(self) -> str:
+        """Who it is, for log lines."""
+
+    def deliver(self, delivery: Delivery) -> None:
+        """Queue one message for this connection without blocking."""
+
+    def queued_bytes(self) -> int:
+        """Bytes queued for this connection that it has not taken yet."""
+
+    def close_slow(self) -> None:
+        """Close the connection for falling behind (1013)."""
+
+
+class ChannelStats:
+    """What happened on one channel, for /metrics."""
+
+    __slots__ = ("delivered_bytes", "deliveries", "drops", "slow_disconnects")
+
+    def __init__(self) -> None:
+        self.deliveries = 0
+        self.delivered_bytes = 0
+        self.drops = 0
+        self.slow_disconnects = 0
+
+
+class _Joining:
+    """Live messages that arrive for a subscriber while its history is being fetched."""
+
+    __slots__ = ("buffered", "peer", "sub_id", "subscriber")
+
+    def __init__(self, subscriber: Subscriber) -> None:
+        self.subscriber = subscriber
+        self.sub_id = subscriber.sub_id
+        self.peer = subscriber.peer
+        self.buffered: list[Delivery] = []
+
+    def deliver(self, delivery: Delivery) -> None:
+        self.buffered.append(delivery)
+
+    def queued_bytes(self) -> int:
+        return 0  # replayed through the cap once the history is in
+
+    def close_slow(self) -> None:
+        self.subscriber.close_slow()
+
+
+def _recovered(since: int, past: list[Envelope], last: int | None) -> bool:
+    """Whether a replay after `since` holds every message published after it."""
+    if last is None or last < since:
+        return False  # unknown, or the channel was numbered again from 1
+    if last == since:
+        return True  # nothing was published after it
+    return bool(past) and past[0].seq == since + 1
+
+
+class Hub:
+    """Local channel membership and fan-out over one broker.
+
+    `history`, when given, sets how many messages the broker keeps per channel (its
+    history_size), which joiners get first; `history_ttl`, when given, how many seconds
+    they stay kept (0 = no age limit); `history_bytes` and `history_total_bytes`, the
+    broker's byte bounds on them (per channel, per process); `publish_timeout`, how long a
+    publish waits for a broker that is down.
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        include_sender: bool = True,
+        history: int | None = None,
+        history_ttl: float | None = None,
+        history_bytes: int | None = None,
+        history_total_bytes: int | None = None,
+        publish_timeout: float | None = None,
+        max_queue_bytes: int = 1 << 20,
+        slow_client: str = "drop",
+    ) -> None:
+        self.broker = broker
+        if history is not None:
+            broker.history_size = history
+        if history_ttl is not None:
+            broker.history_ttl = history_ttl
+        if history_bytes is not None:
+            broker.history_bytes = history_bytes
+        if history_total_bytes is not None:
+            broker.history_total_bytes = history_total_bytes
+        if publish_timeout is not None:
+            broker.publish_timeout = publish_timeout
+        self.presence = broker.presence
+        self.include_sender = include_sender
+        self.max_queue_bytes = max_queue_bytes
+        self.disconnect_slow = slow_client == "disconnect"
+        self.stats: dict[str, ChannelStats] = {}
+        self._channels: dict[str, dict[str, Subscriber | _Joining]] = {}
+        self._dropping: set[str] = set()  # subscribers in a drop episode
+        self._node = os.urandom(4).hex()
+        self._ids = itertools.count(1)
+        self._started = False
+        # Channels whose broker subscription is on its way: later joiners wait for it.
+        self._subscribing: dict[str, asyncio.Future[None]] = {}
+
+    async def start(self) -> None:
+        """Connect the broker; join() does it on first use if the server has not."""
+        if not self._started:
+            self._started = True
+            await self.broker.start(self._fan_out)
+
+    async def close(self) -> None:
+        await self.broker.close()
+        self._channels.clear()
+
+    @property
+    def healthy(self) -> bool:
+        """False while the broker cannot deliver (e.g. Redis unreachable)."""
+        return self.broker.healthy
+
+    @property
+    def health_reason(self) -> str:
+        return self.broker.health_reason
+
+    def new_subscriber_id(self) -> str:
+        """An id unique across every process sharing the broker."""
+        return f"{self._node}:{next(self._ids)}"
+
+    async def join(
+        self,
+        channel: str,
+        subscriber: Subscriber,
+        before_replay: Callable[[Replay], None] | None = None,
+        since: int | None = None,
+    ) -> Replay:
+        """Add a subscriber: kept messages first, then the live stream.
+
+        Without `since`, the last `history` kept messages are replayed; with it, every kept
+        message with an offset above it. Returns once the subscriber is a member whose
+        broker subscription is active, so a message published after join() returns reaches
+        it (the handshake's 101 waits for this). before_replay(replay) is called once, just
+        before the replayed messages are delivered (also when there are none).
+        """
+        if not self._started:
+            await self.start()
+        members = self._channels.get(channel)
+        first = members is None
+        if members is None:
+            members = self._channels[channel] = {}
+        kept = self.broker.history_size
+        if kept <= 0 and since is None:
+            members[subscriber.sub_id] = subscriber
+            await self._subscribed(channel, first)
+            replay = Replay(None, 0, None, None, None)
+            if before_replay is not None:
+                before_replay(replay)
+            await self.presence.set_local(channel, len(members))
+            return replay
+        joining = _Joining(subscriber)
+        members[subscriber.sub_id] = joining
+        try:
+            await self._subscribed(channel, first)
+            backlog = await self._backlog(channel, since, kept)
+        finally:
+            # The subscriber may have left (or the hub closed) while history was fetched.
+            now = self._channels.get(channel)
+            still_joining = now is not None and now.get(subscriber.sub_id) is joining
+            if now is not None and still_joining:
+                now[subscriber.sub_id] = subscriber
+        past = backlog.envelopes if backlog is not None else []
+        last = backlog.last if backlog is not None else None
+        if past and now is not None and still_joining:
+            # Only what fits under the joiner's queue cap: the newest kept messages, never
+            # a replay that loses messages on its way (a since join is then not recovered).
+            past = self._fitting(past, self.max_queue_bytes - subscriber.queued_bytes())
+        replay = Replay(
+            since,
+            len(past),
+            past[0].seq if past else None,
+            last,
+            None if since is None else _recovered(since, past, last),
+        )
+        if now is None or not still_joining:
+            return replay
+        # Live messages already in the read history (or older) are not delivered again.
+        floor = last if last is not None else (past[-1].seq if past else since or 0)
+        live = [d for d in joining.buffered if d.seq > floor or d.seq == 0]
+        if before_replay is not None:
+            before_replay(replay)
+        stats = self._stats(channel)
+        for envelope in past:
+            self._offer(subscriber, Delivery(envelope), stats)
+        for delivery in live:
+            self._offer(subscriber, delivery, stats)
+        await self.presence.set_local(channel, len(now))
+        return replay
+
+    @staticmethod
+    def _fitting(past: list[Envelope], budget: int) -> list[Envelope]:
+        """The newest of `past` whose frames fit in `budget` bytes (each counted with
+        REPLAY_OVERHEAD for its frame header and envelope)."""
+        start = len(past)
+        while start > 0:
+            size = len(past[start - 1].data) + REPLAY_OVERHEAD
+            if size > budget:
+                break
+            budget -= size
+            start -= 1
+        return past[start:] if start else past
+
+    async def _backlog(self, channel: str, since: int | None, kept: int) -> Backlog | None:
+        """What to replay to a joiner; None when the broker cannot tell (unreachable)."""
+        broker = self.broker
+        try:
+            backlog = await broker.backlog(channel, since or 0, kept)
+            if since is not None and backlog.last < since:
+                # An offset ahead of the channel: its broker lost its state (a restarted
+                # memory broker, a flushed Redis) and numbers from 1 again: replay what
+                # is kept of the new numbering (not recovered).
+                backlog = await broker.backlog(channel, 0, kept)
+        except BrokerUnavailable:
+            return None
+        return backlog
+
+    async def _subscribed(self, channel: str, first: bool) -> None:
+        """Wait until the broker delivers the channel to this process.
+
+        The first joiner subscribes; later joiners wait for that subscription, which may
+        still be on its way to a remote broker.
+        """
+        if not first:
+            pending = self._subscribing.get(channel)
+            if pending is not None:
+                await asyncio.shield(pending)
+            return
+        done = self._subscribing[channel] = asyncio.get_running_loop().create_future()
+        try:
+            await self.broker.subscribe(channel)
+        finally:
+            done.set_result(None)
+            if self._subscribing.get(channel) is done:
+                del self._subscribing[channel]
+
+    async def leave(self, channel: str, subscriber: Subscriber) -> None:
+        members = self._channels.get(channel)
+        if members is None or members.pop(subscriber.sub_id, None) is None:
+            return
+        self._dropping.discard(subscriber.sub_id)
+        if not members:
+            del self._channels[channel]
+            await self.presence.set_local(channel, 0)
+            await self.broker.unsubscribe(channel)
+        else:
+            await self.presence.set_local(channel, len(members))
+
+    def publish(
+        self, channel: str, data: bytes, binary: bool, sender: str | None
+    ) -> int | asyncio.Future[int]:
+        """Send to the channel: starts now and never waits; publishes keep their call order.
+
+        Returns the message's offset when the broker has delivered it already (memory),
+        else a future of it, which waits up to publish_timeout for a broker that is down.
+        Raises BrokerUnavailable at once when the broker cannot even queue it; the future
+        fails with BrokerUnavailable when the message could not be published.
+        """
+        return self.broker.publish(Envelope(channel, data, binary, sender))
+
+    async def post(self, channel: str, data: bytes, binary: bool) -> Posted:
+        """Publish from outside the channel (the publish API): like a member's message, it
+        reaches every member on every process and is kept in history. Raises BrokerUnavailable
+        when the broker could not take it."""
+        outcome = self.publish(channel, data, binary, None)
+        offset = outcome if isinstance(outcome, int) else await outcome
+        local = len(self._channels.get(channel) or ())
+        return Posted(offset, local, await self.members(channel))
+
+    async def members(self, channel: str) -> int:
+        """The channel's members across every process."""
+        return await self.presence.count(channel)
+
+    def _stats(self, channel: str) -> ChannelStats:
+        stats = self.stats.get(channel)
+        if stats is None:
+            # Channel names come from clients: past a bound they share one entry, so
+            # neither memory nor the metrics' label set grows without end.
+            if len(self.stats) >= MAX_TRACKED_CHANNELS:
+                channel = OTHER_CHANNELS
+                stats = self.stats.get(channel)
+            if stats is None:
+                stats = self.stats[channel] = ChannelStats()
+        return stats
+
+    def _fan_out(self, envelope: Envelope) -> None:
+        members = self._channels.get(envelope.channel)
+        if not members:
+            return
+        delivery = Delivery(envelope)  # one per fan-out: its receivers share its frames
+        stats = self._stats(envelope.channel)
+        skip = None if self.include_sender else envelope.sender
+        limit = self.max_queue_bytes - len(envelope.data)
+        dropping = self._dropping
+        delivered = 0
+        # A copy, because closing a slow receiver may make it leave the channel. Of the
+        # values, not the items: a (key, value) tuple per member is an allocation the
+        # cyclic GC counts, so a fan-out to 19,000 members set off ~30 collections.
+        for subscriber in list(members.values()):
+            if skip is not None and subscriber.sub_id == skip:
+                continue
+            if subscriber.queued_bytes() > limit:
+                self._fall_behind(subscriber, stats)
+            else:
+                if dropping and subscriber.sub_id in dropping:
+                    dropping.discard(subscriber.sub_id)
+                    log.info("%s on %s caught up", subscriber.peer, envelope.channel)
+                subscriber.deliver(delivery)
+                delivered += 1
+        stats.deliveries += delivered
+        stats.delivered_bytes += delivered * len(envelope.data)
+
+    def _offer(self, subscriber: Subscriber, delivery: Delivery, stats: ChannelStats) -> None:
+        """One delivery through the queue cap (history replay)."""
+        if subscriber.queued_bytes() > self.max_queue_bytes - len(delivery.data):
+            self._fall_behind(subscriber, stats)
+        else:
+            subscriber.deliver(delivery)
+            stats.deliveries += 1
+            stats.delivered_bytes += len(delivery.data)
+
+    def _fall_behind(self, subscriber: Subscriber | _Joining, stats: ChannelStats) -> None:
+        if self.disconnect_slow:
+            if subscriber.sub_id in self._dropping:
+                return  # already closing
+            self._dropping.add(subscriber.sub_id)
+            stats.slow_disconnects += 1
+            log.warning(
+                "closing %s: over its %d-byte queue (1013)", subscriber.peer, self.max_queue_bytes
+            )
+            subscriber.close_slow()
+            return
+        stats.drops += 1
+        if subscriber.sub_id not in self._dropping:
+            self._dropping.add(subscriber.sub_id)
+            log.warning(
+                "%s is over its %d-byte queue: dropping messages for it",
+                subscriber.peer,
+                self.max_queue_bytes,
+            )

@@ -1,0 +1,393 @@
+"""The server's front door: accepting connections, and what a client may hold before it is
+a WebSocket or an event stream.
+
+FrontDoor is the HTTPServer the server runs. Over Tornado's own it adds:
+
+- its own accept loop on the listening sockets. At the open-files limit (EMFILE, ENFILE,
+  or any other accept() failure) Tornado's loop would fail on every pass, a traceback
+  each; this one stops accepting for PAUSE seconds (or until a connection closes),
+  answers the oldest waiting client 503 with the descriptors it keeps in reserve for
+  that, counts the failure in /metrics and logs one warning line per LOG_INTERVAL;
+- a slot per accepted connection (occupancy.py): past websocket.max_connections (plus a
+  little headroom for /healthz) or websocket.max_connections_per_ip a new connection is
+  answered 503 at accept and closed;
+- a deadline per request, limits.request_timeout from the accept (or from the end of the
+  previous request on the connection) to the end of the request's body: a client that
+  sends its headers or body slowly, or not at all, is closed (408 when it had not sent
+  its headers yet), over TLS too.
+
+Log lines a client can cause here are rate-limited (OncePer): one per LOG_INTERVAL per
+kind, with the count of what was held back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterable
+from typing import Any, cast
+
+import tornado.httpserver
+import tornado.httputil
+import tornado.iostream
+from tornado.http1connection import HTTP1ServerConnection
+from tornado.ioloop import IOLoop
+
+from echoserver.endpoints.occupancy import Occupancy
+from echoserver.metrics import Metrics
+from echoserver.transport.tornado_seam import handle_connection
+
+log = logging.getLogger("echoserver")
+
+ACCEPTS_PER_WAKE = 128  # as Tornado's accept loop: then the loop serves the others
+PAUSE = 0.1  # seconds without accepting after accept() failed (out of descriptors)
+RESERVE_FILES = 2  # descriptors held to answer a client 503 at the open-files limit
+LOG_INTERVAL = 10.0  # seconds between two log lines of one kind a client can cause
+LINGER = 0.5  # seconds a refused connection stays open after its 503, then closed
+CLOSE_AFTER_408 = 1.0  # seconds a timed-out connection's 408 may take before a close
+
+FULL = b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n"
+TIMEOUT_408 = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+REFUSAL_TEXT = {
+    "full": "server is full",
+    "per_address": "too many connections from this address",
+    "emfile": "server is out of file descriptors",
+}
+
+
+def response_503(reason: str) -> bytes:
+    body = REFUSAL_TEXT.get(reason, "try again later").encode() + b"\n"
+    return FULL + b"Content-Type: text/plain\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+
+
+class OncePer:
+    """Log at most one line per `interval` seconds; the next says how many were held back."""
+
+    def __init__(self, level: int, interval: float = LOG_INTERVAL) -> None:
+        self.level = level
+        self.interval = interval
+        self._last = -interval
+        self._held = 0
+
+    def __call__(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            self._held += 1
+            return
+        self._last = now
+        if self._held:
+            message += " (and %d more like it in the last %.0fs)"
+            args = (*args, self._held, self.interval)
+            self._held = 0
+        log.log(self.level, message, *args)
+
+
+class FrontDoor(tornado.httpserver.HTTPServer):
+    """Tornado's HTTPServer with the accept loop, slots and request deadline above.
+
+    Extra keyword arguments: occupancy, metrics, request_timeout (seconds).
+    """
+
+    occupancy: Occupancy
+    metrics: Metrics
+    request_timeout: float
+
+    def initialize(self, *args: Any, **kwargs: Any) -> None:
+        self.occupancy = kwargs.pop("occupancy")
+        self.metrics = kwargs.pop("metrics")
+        self.request_timeout = kwargs.pop("request_timeout")
+        super().initialize(*args, **kwargs)
+        self._listeners: list[socket.socket] = []
+        self._accepting = False
+        self._resume_timer: object | None = None
+        self._reserve: list[int] = []
+        self._deadlines: dict[tornado.iostream.IOStream, RequestDeadline] = {}
+        self._log_timeout = OncePer(logging.INFO)
+        self._log_refused = {
+            "full": OncePer(logging.WARNING),
+            "per_address": OncePer(logging.WARNING),
+        }
+        self._log_accept_error = OncePer(logging.WARNING)
+        self.occupancy.on_release = self._slot_released
+
+    # --- accepting -----------------------------------------------------------------------
+
+    def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
+        for sock in sockets:
+            sock.setblocking(False)
+            self._listeners.append(sock)
+        self._fill_reserve()
+        self._start_accepting()
+
+    def stop(self) -> None:
+        self._stop_accepting()
+        for sock in self._listeners:
+            sock.close()
+        self._listeners.clear()
+        self._empty_reserve()
+        super().stop()
+
+    def _start_accepting(self) -> None:
+        self._cancel_resume()
+        if self._accepting:
+            return
+        self._accepting = True
+        io_loop = IOLoop.current()
+        for sock in self._listeners:
+            io_loop.add_handler(sock, self._accept, IOLoop.READ)
+
+    def _stop_accepting(self) -> None:
+        self._cancel_resume()
+        if not self._accepting:
+            return
+        self._accepting = False
+        io_loop = IOLoop.current()
+        for sock in self._listeners:
+            io_loop.remove_handler(sock)
+
+    def _cancel_resume(self) -> None:
+        if self._resume_timer is not None:
+            IOLoop.current().remove_timeout(self._resume_timer)
+            self._resume_timer = None
+
+    def _accept(self, sock: socket.socket, events: int) -> None:
+        for _ in range(ACCEPTS_PER_WAKE):
+            if not self._accepting:
+                return
+            try:
+                connection, address = sock.accept()
+            except BlockingIOError:
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as error:
+                self._cannot_accept(sock, error)
+                return
+            self._admit(connection, address)
+
+    def _admit(self, connection: socket.socket, address: Any) -> None:
+        ip = address[0] if isinstance(address, tuple) and address else ""
+        reason = self.occupancy.refusal(ip)
+        if reason is None:
+            handle_connection(self, connection, address)  # calls handle_stream
+            return
+        self.metrics.connections_refused[reason] += 1
+        if reason == "per_address":
+            limit = self.occupancy.max_per_address
+            self._log_refused[reason](
+                "refused a connection from %s: it holds %d, websocket.max_connections_per_ip",
+                ip,
+                limit,
+            )
+        else:
+            limit = self.occupancy.max_connections
+            self._log_refused[reason](
+                "refused a connection from %s: %d connections held, websocket.max_connections "
+                "is %d",
+                ip,
+                self.occupancy.total,
+                limit,
+            )
+        self._refuse(connection, reason)
+
+    def _refuse(self, connection: socket.socket, reason: str) -> None:
+        """Answer 503 before reading anything, then close.
+
+        Over TLS nothing can be written before a handshake the client may never finish,
+        so the connection is just closed. Otherwise the 503 goes out with a FIN, and the
+        socket is closed LINGER seconds later after reading what the client sent: closing
+        with its request unread would reset the connection, and a reset can destroy the
+        503 before the client reads it.
+        """
+        if self.ssl_options is not None:
+            connection.close()
+            return
+        try:
+            connection.setblocking(False)
+            connection.send(response_503(reason))  # a new socket's send buffer is empty
+            connection.shutdown(socket.SHUT_WR)
+        except OSError:
+            connection.close()
+            return
+        IOLoop.current().call_later(LINGER, _drain_and_close, connection)
+
+    def _cannot_accept(self, sock: socket.socket, error: OSError) -> None:
+        code = error.errno or 0
+        reason = errno.errorcode.get(code, "error").lower()
+        if code == errno.ENFILE:
+            reason = "emfile"  # the system's limit rather than the process's: the same cure
+        self.metrics.accept_errors[reason] += 1
+        limit = _open_files_limit()
+        self._log_accept_error(
+            "cannot accept connections: %s (open files limit %s); pausing new connections "
+            "for %.1fs, serving the open ones",
+            error.strerror or error,
+            limit,
+            PAUSE,
+        )
+        self._stop_accepting()
+        self._answer_one_waiting(sock)
+        self._resume_timer = IOLoop.current().call_later(PAUSE, self._resume)
+
+    def _answer_one_waiting(self, sock: socket.socket) -> None:
+        """With the reserve's descriptors, tell the oldest waiting client 503, so it does
+        not wait in the kernel's queue for a descriptor that may not come soon."""
+        if not self._reserve:
+            self._fill_reserve()  # one left over from the last time, if any came free
+            return
+        self._empty_reserve()
+        with contextlib.suppress(OSError):
+            connection, _ = sock.accept()
+            with contextlib.suppress(OSError):
+                connection.setblocking(False)
+                connection.send(response_503("emfile"))
+            connection.close()
+        self._fill_reserve()
+
+    def _resume(self) -> None:
+        self._resume_timer = None
+        if not self._listeners:
+            return
+        if len(self._reserve) < RESERVE_FILES:
+            self._fill_reserve()
+        self._start_accepting()
+
+    def _slot_released(self) -> None:
+        # A descriptor came free: a client waiting at the open-files limit can be taken now.
+        if not self._accepting and self._resume_timer is not None:
+            self._cancel_resume()
+            self._resume_timer = IOLoop.current().call_later(0, self._resume)
+
+    def _fill_reserve(self) -> None:
+        while len(self._reserve) < RESERVE_FILES:
+            try:
+                self._reserve.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+            except OSError:
+                return
+
+    def _empty_reserve(self) -> None:
+        while self._reserve:
+            os.close(self._reserve.pop())
+
+    # --- slots and deadlines (Tornado's HTTPServerConnectionDelegate) --------------------
+
+    def handle_stream(self, stream: tornado.iostream.IOStream, address: tuple[Any, ...]) -> None:
+        ip = address[0] if isinstance(address, tuple) and address else ""
+        self.occupancy.admit(stream, ip)
+        super().handle_stream(stream, address)
+
+    def start_request(
+        self, server_conn: object, request_conn: tornado.httputil.HTTPConnection
+    ) -> tornado.httputil.HTTPMessageDelegate:
+        delegate = super().start_request(server_conn, request_conn)
+        stream = cast(HTTP1ServerConnection, server_conn).stream
+        deadline = RequestDeadline(self, stream, delegate)
+        previous = self._deadlines.get(stream)
+        if previous is not None:
+            previous.cancel()
+        self._deadlines[stream] = deadline
+        return deadline
+
+    def on_close(self, server_conn: object) -> None:
+        stream = cast(HTTP1ServerConnection, server_conn).stream
+        deadline = self._deadlines.pop(stream, None)
+        if deadline is not None:
+            deadline.cancel()
+        self.occupancy.leave_http(stream)
+        super().on_close(server_conn)
+
+    def request_timed_out(self, stream: tornado.iostream.IOStream, headers_in: bool) -> None:
+        self._deadlines.pop(stream, None)
+        if stream.closed():
+            return
+        self.metrics.request_timeouts += 1
+        self._log_timeout(
+            "closed a connection from %s: its request did not arrive within "
+            "limits.request_timeout (%gs)",
+            _peer(stream),
+            self.request_timeout,
+        )
+        if headers_in:
+            # A handler may have begun its answer (the publish API refuses early): close.
+            stream.close()
+            return
+        stream.write(TIMEOUT_408).add_done_callback(lambda _: stream.close())
+        IOLoop.current().call_later(CLOSE_AFTER_408, stream.close)
+
+
+class RequestDeadline(tornado.httputil.HTTPMessageDelegate):
+    """Tornado's delegate for one request, behind a timer that closes the connection if
+    the request's headers and body have not all arrived within request_timeout."""
+
+    __slots__ = ("_delegate", "_headers_in", "_server", "_stream", "_timer")
+
+    def __init__(
+        self,
+        server: FrontDoor,
+        stream: tornado.iostream.IOStream,
+        delegate: tornado.httputil.HTTPMessageDelegate,
+    ) -> None:
+        self._server = server
+        self._stream = stream
+        self._delegate = delegate
+        self._headers_in = False
+        self._timer: object | None = IOLoop.current().call_later(
+            server.request_timeout, self._expire
+        )
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            IOLoop.current().remove_timeout(self._timer)
+            self._timer = None
+
+    def _expire(self) -> None:
+        self._timer = None
+        self._server.request_timed_out(self._stream, self._headers_in)
+
+    def headers_received(
+        self,
+        start_line: tornado.httputil.RequestStartLine | tornado.httputil.ResponseStartLine,
+        headers: tornado.httputil.HTTPHeaders,
+    ) -> Any:
+        self._headers_in = True
+        return self._delegate.headers_received(start_line, headers)
+
+    def data_received(self, chunk: bytes) -> Any:
+        return self._delegate.data_received(chunk)
+
+    def finish(self) -> None:
+        self.cancel()
+        self._delegate.finish()
+
+    def on_connection_close(self) -> None:
+        self.cancel()
+        self._delegate.on_connection_close()
+
+
+def _drain_and_close(connection: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        for _ in range(16):  # what a client sent after its refusal, up to 1 MiB, unread
+            if not connection.recv(65536):
+                break
+    connection.close()
+
+
+def _peer(stream: tornado.iostream.IOStream) -> str:
+    try:
+        address = stream.socket.getpeername()
+    except (OSError, AttributeError):
+        return "a client"
+    return str(address[0]) if isinstance(address, tuple) else "a client"
+
+
+def _open_files_limit() -> str:
+    try:
+        import resource
+
+        return str(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    except (ImportError, OSError, ValueError):
+        return "unknown"

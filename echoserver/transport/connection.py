@@ -1,0 +1,572 @@
+"""The WebSocket connection after the handshake: the I/O adapter around ServerProtocol.
+
+The endpoint (endpoints/websocket.py) answers the handshake and hands the detached stream to run().
+Plain connections then move to an asyncio (or uvloop) transport; TLS connections stay on
+Tornado's stream through stream_io.StreamIO. Either way:
+
+- each read goes to the protocol whole; the application's messages are dispatched in
+  order and the replies they cause leave in one write at the end of the read;
+- frames queued from elsewhere (broadcasts) leave in one write per connection per loop
+  pass (flusher.Flusher); the loop serves every ready socket once per pass, so no
+  connection can monopolise it;
+- after the server's close frame the socket is read (and discarded) until the peer's
+  close frame, so nothing sent before the close is destroyed by a reset; a close the peer
+  never answers, or that waits behind data it does not read, ends in a reset after
+  CLOSING_TIMEOUT, which frees what the kernel holds for it.
+
+As a hub subscriber it shares one encoded frame (and one deflated frame per window size)
+among every receiver of a broadcast.
+
+Why one module of this length: reading, writing, pausing and closing act on the same few
+fields of one object on the hot path (a method call per message is the cost that matters
+here), so they stay together; the protocol rules themselves are in wire/protocol.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+import tornado.iostream
+
+from echoserver.transport.flusher import Flusher
+from echoserver.transport.keepalive import Keepalive
+from echoserver.transport.stream_io import StreamIO
+from echoserver.transport.tornado_seam import take_read_buffer
+from echoserver.wire.framing import (
+    CLOSE,
+    FAIL,
+    MESSAGE,
+    OP_BINARY,
+    OP_TEXT,
+    PONG,
+    CloseCode,
+    Event,
+    encode_frame,
+)
+from echoserver.wire.protocol import CLOSED, OPEN, ServerProtocol
+from echoserver.wire.shared import SharedMessage
+
+if TYPE_CHECKING:
+    from echoserver.wire.deflate import Deflater
+
+log = logging.getLogger("echoserver.ws")
+
+# How long to wait for the peer's half of a closing handshake before resetting the socket;
+# also how long a close frame may wait behind what a peer that stopped reading left unread.
+CLOSING_TIMEOUT = 3.0
+# After a protocol error (1002) the peer's frames cannot be followed to its close frame: the
+# socket is closed once the peer has sent nothing for this long (nothing left unread, so no
+# reset that would destroy the close frame on its way).
+CLOSING_QUIET = 0.5
+# The kernel's send buffer per connection (it reserves twice this): a peer that stops
+# reading pins at most max_queue_bytes in the server plus about 2 x this in the kernel.
+SEND_BUFFER = 128 * 1024
+
+# Why reading is paused (bits of WebSocketConnection._paused).
+PAUSED_OPENING = 1  # the endpoint's on_open() has not run
+PAUSED_HANDLER = 2  # an on_raw_message coroutine is running
+PAUSED_WRITES = 4  # the peer is not taking what we write
+
+
+class Endpoint(Protocol):
+    """What a connection needs of the handler it serves (see endpoints/websocket.py)."""
+
+    @property
+    def peer(self) -> str:
+        """Who it is, for log lines: "address path"."""
+
+    def on_open(self) -> None:
+        """The socket is taken over; messages may now arrive."""
+
+    def on_raw_message(self, payload: bytes, binary: bool) -> Awaitable[None] | None:
+        """One message (text already checked as UTF-8); an awaitable pauses reading."""
+
+    def on_connection_closed(self, code: int) -> None:
+        """The connection is gone, with this close code (1006: no close frame)."""
+
+
+class RateLimiter(Protocol):
+    def allow(self) -> bool:
+        """Whether one more message may pass now."""
+
+
+Transport = asyncio.Transport | StreamIO
+
+
+class _TransportIO(asyncio.Protocol):
+    """asyncio's side of a connection: bytes in, write pressure, loss."""
+
+    def __init__(self, connection: WebSocketConnection) -> None:
+        self.connection = connection
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop may call this after connect_accepted_socket() has returned, so the
+        # connection learns of its transport here, not from that call.
+        self.connection.transport_made(transport)  # type: ignore[arg-type]
+
+    def data_received(self, data: bytes) -> None:
+        self.connection.feed(data)
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.connection.connection_lost()
+
+    def pause_writing(self) -> None:
+        # The peer reads slower than it makes us write: stop reading what it sends.
+        self.connection.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.connection.resume_reading()
+
+
+class WebSocketConnection:
+    """Server side of one WebSocket connection: I/O, timers, dispatch, fan-out role."""
+
+    __slots__ = (
+        "_backlog",
+        "_closing_timer",
+        "_dirty",
+        "_feeding",
+        "_lost",
+        "_paused",
+        "_pending",
+        "_quiet_timer",
+        "awaiting_pong",
+        "endpoint",
+        "flusher",
+        "keepalive",
+        "protocol",
+        "rate_limit",
+        "render",
+        "sub_id",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        protocol: ServerProtocol,
+        flusher: Flusher,
+        keepalive: Keepalive,
+        rate_limit: RateLimiter | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.protocol = protocol
+        self.flusher = flusher
+        self.keepalive = keepalive
+        self.rate_limit = rate_limit
+        self.transport: Transport | None = None
+        self.sub_id = ""  # its id as a hub subscriber
+        # How a broadcast's payload is wrapped for this client (mixed mode's JSON envelope,
+        # cached on the Delivery); None = sent as is. Returning None skips the message.
+        self.render: Callable[[SharedMessage], bytes | None] | None = None
+        self.awaiting_pong = False
+        self._dirty = False  # marked with the flusher
+        self._feeding = False  # inside feed(): it writes once at its end
+        self._paused = PAUSED_OPENING
+        self._pending = b""  # bytes that arrived while reading was paused
+        self._backlog: tuple[list[Event], int] | None = None
+        self._closing_timer: asyncio.TimerHandle | None = None
+        self._quiet_timer: asyncio.TimerHandle | None = None
+        self._lost = False
+
+    # --- taking the socket over ----------------------------------------------------------
+
+    async def run(self, stream: tornado.iostream.IOStream, response: bytes = b"") -> None:
+        """Write the handshake's `response` (the 101) on Tornado's stream, then take the
+        socket off it and serve it."""
+        try:
+            read_loop = await self._take_over(stream, response)
+        except (OSError, tornado.iostream.StreamClosedError):
+            self.connection_lost()
+            return
+        self.keepalive.add(self)
+        try:
+            self.endpoint.on_open()
+        except Exception:
+            log.exception("opening %s failed", self.endpoint.peer)
+            self._abort()
+            return
+        if self._lost:
+            return
+        self.resume_reading(PAUSED_OPENING)
+        if read_loop is not None:
+            await read_loop
+
+    async def _take_over(
+        self, stream: tornado.iostream.IOStream, response: bytes
+    ) -> Awaitable[None] | None:
+        """Move the socket to an asyncio transport; return a read loop if it stays on stream."""
+        await stream.write(response)  # the 101 response has left
+        self._pending = take_read_buffer(stream)  # frames sent right after the handshake
+        if isinstance(stream, tornado.iostream.SSLIOStream):
+            io = StreamIO(stream, self, self.connection_lost)
+            self.transport = io
+            if self.protocol.out:  # queued before the 101 (a channel's replayed history)
+                self.flush()
+            return io.read_loop()
+        sock = stream.socket.dup()
+        stream.close()  # closes Tornado's descriptor; the duplicate keeps the connection
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # A fixed send buffer instead of the kernel's autotuned one (up to 4 MB): what a
+        # peer that stops reading can pin in the kernel is bounded (see SEND_BUFFER).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        loop = asyncio.get_running_loop()
+        await loop.connect_accepted_socket(lambda: _TransportIO(self), sock=sock)
+        return None
+
+    def transport_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        if self._paused:
+            transport.pause_reading()
+        if self.protocol.out:
+            self.flush()
+        if not self._paused:
+            self._feed_pending()
+
+    def _feed_pending(self) -> None:
+        if self._pending:
+            pending, self._pending = self._pending, b""
+            self.feed(pending)
+
+    # --- reading -------------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        """Bytes from the peer: act on every complete frame, then write once."""
+        if self._lost:
+            return
+        if self._paused:
+            # uvloop may deliver data after pause_reading() (even before on_open() has
+            # run): keep it for resume_reading(), in order.
+            self._pending += data
+            return
+        protocol = self.protocol
+        if protocol.state != OPEN:
+            self._feed_closing(data)
+            return
+        self._feeding = True
+        try:
+            events = protocol.receive(data)
+            if events:
+                self._handle_events(events, 0)
+        finally:
+            self._feeding = False
+            if protocol.out:
+                self.flush()
+        if protocol.state != OPEN:
+            self._closing()
+
+    def _handle_events(self, events: list[Event], index: int) -> None:
+        protocol = self.protocol
+        on_message = self.endpoint.on_raw_message
+        count = len(events)
+        while index < count:
+            event = events[index]
+            kind, arg, payload = event
+            index += 1
+            if kind == MESSAGE:
+                if protocol.state != OPEN:
+                    break
+                if self.rate_limit is not None and not self.rate_limit.allow():
+                    self.fail(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
+                    break
+                try:
+                    result = on_message(payload, arg == OP_BINARY)  # type: ignore[arg-type]
+                except Exception:
+                    self._internal_error()
+                    break
+                if result is not None:
+                    self._wait_for(result, events, index)
+                    return
+            elif kind == FAIL:
+                self.fail(arg, payload)  # type: ignore[arg-type]
+                break
+            elif kind != CLOSE and self.rate_limit is not None and not self.rate_limit.allow():
+                # Pings and pongs cost a token each, like messages.
+                self.fail(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
+                break
+            elif kind == PONG:
+                self.awaiting_pong = False
+            elif protocol.handle(event):  # the peer's close
+                return
+        if index < count and protocol.state != OPEN:
+            # Closed with events left in this read: the peer's close frame may be among them.
+            protocol.after_close(events[index:])
+
+    def _wait_for(self, result: Awaitable[Any], events: list[Event], index: int) -> None:
+        """on_raw_message returned an awaitable: read nothing more until it ends."""
+        self.pause_reading(PAUSED_HANDLER)
+        self._backlog = (events, index)
+        future = asyncio.ensure_future(result)
+        future.add_done_callback(self._handler_done)
+
+    def _handler_done(self, future: asyncio.Future[Any]) -> None:
+        error = None if future.cancelled() else future.exception()
+        if future.cancelled() or error is not None:
+            if error is not None:
+                log.error("handling a message from %s failed", self.endpoint.peer, exc_info=error)
+            self._internal_error(logged=True)
+            return
+        backlog, self._backlog = self._backlog, None
+        if backlog is not None and backlog[1] < len(backlog[0]):  # events left to handle
+            self._feeding = True
+            try:
+                self._handle_events(*backlog)
+            finally:
+                self._feeding = False
+                if self.protocol.out:
+                    self.flush()
+            if self.protocol.state != OPEN:
+                self._closing()
+        if self._backlog is None:
+            self.resume_reading(PAUSED_HANDLER)
+
+    def pause_reading(self, reason: int = PAUSED_WRITES) -> None:
+        if self.protocol.state != OPEN:
+            return  # closing: read on until the peer's close frame
+        if not self._paused and self.transport is not None and not self._lost:
+            self.transport.pause_reading()
+        self._paused |= reason
+
+    def resume_reading(self, reason: int = PAUSED_WRITES) -> None:
+        if not self._paused & reason:
+            return
+        self._paused &= ~reason
+        if self._paused or self.transport is None or self._lost:
+            return
+        self.transport.resume_reading()
+        self._feed_pending()
+
+    # --- writing -------------------------------------------------------------------------
+
+    # send_frame is the hot path (a call per message costs a measurable share of an echo):
+    # it queues into the protocol's `out` itself rather than calling
+    # ServerProtocol.send_frame, which does the same for the protocol's own frames.
+
+    def send_frame(self, frame: bytes) -> None:
+        """Queue an encoded frame; it leaves with the others queued this loop pass."""
+        protocol = self.protocol
+        protocol.out.append(frame)
+        protocol.out_size += len(frame)
+        if not self._dirty:
+            self._dirty = True
+            if not self._feeding:
+                self.flusher.mark(self)
+
+    def send(self, payload: bytes, binary: bool) -> None:
+        """Queue one message (text payloads must already be UTF-8)."""
+        self.send_frame(self.protocol.encode(payload, binary))
+
+    def ping(self) -> None:
+        self.protocol.ping()
+        self._mark()
+
+    def _mark(self) -> None:
+        if not self._dirty:
+            self._dirty = True
+            if not self._feeding:
+                self.flusher.mark(self)
+
+    def flush(self) -> None:
+        self._dirty = False
+        protocol = self.protocol
+        if self.transport is None:
+            return  # kept until the transport exists (transport_made flushes)
+        if self._lost:
+            protocol.out.clear()
+            protocol.out_size = 0
+            return
+        out = protocol.out
+        if out:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+            protocol.out_size = 0
+
+    # --- as a hub subscriber -------------------------------------------------------------
+
+    @property
+    def peer(self) -> str:
+        return self.endpoint.peer
+
+    def deliver(self, delivery: SharedMessage) -> None:
+        """Queue a broadcast: encoded once and shared by every receiver without compression."""
+        protocol = self.protocol
+        if protocol.state:  # not OPEN (CLOSED once the socket is lost)
+            return
+        frame = delivery.frame
+        if frame is None or protocol.deflater is not None:
+            frame = self._frame_for(delivery)
+            if frame is None:
+                return
+        self.send_frame(frame)
+
+    def _frame_for(self, delivery: SharedMessage) -> bytes | None:
+        """This receiver's frame of a delivery: the shared one, encoded (or deflated) by
+        the first receiver that needs it; None when this receiver skips the message."""
+        deflater = self.protocol.deflater
+        if deflater is not None:
+            return self._deflated_frame(delivery, deflater)
+        frame = delivery.frame
+        if frame is None:
+            data = delivery.data if self.render is None else self.render(delivery)
+            if data is None:
+                return None
+            opcode = OP_BINARY if delivery.binary else OP_TEXT
+            frame = delivery.frame = encode_frame(opcode, data)
+        return frame
+
+    def _deflated_frame(self, delivery: SharedMessage, deflater: Deflater) -> bytes | None:
+        shared = deflater.shared
+        if shared:
+            window = deflater.window_bits
+            cached = delivery.deflated
+            if cached is not None and cached[0] == window:
+                return cached[1]
+        data = delivery.data if self.render is None else self.render(delivery)
+        if data is None:
+            return None
+        opcode = OP_BINARY if delivery.binary else OP_TEXT
+        frame = encode_frame(opcode, deflater.compress(data), True)
+        if shared:  # without context takeover the same bytes serve every such receiver
+            delivery.deflated = (deflater.window_bits, frame)
+        return frame
+
+    def queued_bytes(self) -> int:
+        """Bytes queued for this peer that it has not taken yet."""
+        if self.transport is None:
+            return self.protocol.out_size
+        return self.protocol.out_size + self.transport.get_write_buffer_size()
+
+    def close_slow(self) -> None:
+        self.close(CloseCode.TRY_AGAIN_LATER, "receiving too slowly")
+
+    # --- closing -------------------------------------------------------------------------
+
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Start the closing handshake (once)."""
+        if self.protocol.state == OPEN and not self._lost:
+            self.protocol.close(code, reason)
+            self.flush()
+            self._closing()
+
+    def fail(self, code: int, reason: str) -> None:
+        """The peer broke a rule or a policy: close with `code`, logged."""
+        if self.protocol.state == OPEN:
+            log.info("closing %s with %d: %s", self.endpoint.peer, code, reason)
+        self.close(code, reason)
+
+    def give_up(self, code: int, reason: str) -> None:
+        """Send the close frame and close without waiting for a peer that is not there."""
+        log.info("closing %s with %d: %s", self.endpoint.peer, code, reason)
+        self.protocol.close(code, reason)
+        self.protocol.give_up()
+        self.flush()
+        self._closing()
+
+    def is_closing(self) -> bool:
+        return self.protocol.state != OPEN  # CLOSED once the socket is lost, too
+
+    def _internal_error(self, logged: bool = False) -> None:
+        if not logged:
+            log.exception("handling a message from %s failed", self.endpoint.peer)
+        self.close(CloseCode.INTERNAL_ERROR, "internal error")
+
+    def _closing(self) -> None:
+        """The protocol left OPEN: read until the peer closes, or close the socket."""
+        if self._lost:
+            return
+        if self.protocol.state == CLOSED:
+            self._close_transport()
+        else:
+            self._read_until_peer_closes()
+        if self._closing_timer is None:
+            # Also bounds a close that waits behind data the peer does not read.
+            loop = asyncio.get_running_loop()
+            self._closing_timer = loop.call_later(CLOSING_TIMEOUT, self._abort)
+
+    def _read_until_peer_closes(self) -> None:
+        """Whatever paused reading, the peer's close frame must be read."""
+        if self.protocol.discarding:
+            self._wait_for_quiet()
+        paused, self._paused = self._paused, 0
+        if paused and self.transport is not None:
+            self.transport.resume_reading()
+            if not self._feeding:
+                self._feed_pending()
+
+    def _feed_closing(self, data: bytes) -> None:
+        """Our close frame is sent: only the peer's close frame matters now.
+
+        Closing a socket with unread data makes the kernel reset the connection, and a
+        reset destroys what the peer has not read yet: the last replies and the close frame.
+        """
+        protocol = self.protocol
+        protocol.receive(data)
+        if protocol.state == CLOSED:
+            self._close_transport()
+        elif protocol.discarding:
+            self._wait_for_quiet()
+
+    def _wait_for_quiet(self) -> None:
+        """The peer's frames can no longer be parsed: close once it has fallen quiet."""
+        if self._quiet_timer is not None:
+            self._quiet_timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._quiet_timer = loop.call_later(CLOSING_QUIET, self._peer_fell_quiet)
+
+    def _peer_fell_quiet(self) -> None:
+        self._quiet_timer = None
+        self.protocol.give_up()
+        self._close_transport()
+
+    def _close_transport(self) -> None:
+        if self.transport is not None and not self._lost:
+            self.transport.close()  # after what is buffered has been sent
+
+    def _abort(self) -> None:
+        """Reset the connection: nothing it still holds in the kernel is kept or sent."""
+        self._closing_timer = None
+        self.protocol.give_up()
+        if self.transport is not None and not self._lost:
+            reset_on_close(self.transport)
+            self.transport.abort()
+        elif self.transport is None:
+            self.connection_lost()
+
+    def abort(self) -> None:
+        """The HTTP side saw the connection go (before the take-over finished)."""
+        self._abort()
+
+    def connection_lost(self) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        for timer in (self._closing_timer, self._quiet_timer):
+            if timer is not None:
+                timer.cancel()
+        self._closing_timer = self._quiet_timer = None
+        self.keepalive.discard(self)
+        protocol = self.protocol
+        code = protocol.close_code
+        protocol.give_up()
+        protocol.out.clear()
+        protocol.out_size = 0
+        self.endpoint.on_connection_closed(code)
+
+
+def reset_on_close(transport: Transport) -> None:
+    """Make the coming close a reset (SO_LINGER 0): a plain close of a socket whose peer
+    stopped reading keeps its unsent megabytes in the kernel (FIN-WAIT-1) for minutes."""
+    sock = transport.get_extra_info("socket")
+    if not isinstance(sock, socket.socket) and not hasattr(sock, "setsockopt"):
+        return
+    with contextlib.suppress(OSError):  # already closed
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
