@@ -49,16 +49,10 @@ from echoserver.brokers.redis_base import (
 )
 from echoserver.brokers.redis_presence import COUNT_SCRIPT, RedisPresence
 from echoserver.brokers.redis_wire import (
-    BACKLOG_SCRIPT,
     decode,
     decode_kept,
     encode,
-    publish_script,
-    sha1,
 )
-
-_PUBLISH = publish_script(b"PUBLISH")
-_SCRIPTS = {sha1(body): body for body in (_PUBLISH, BACKLOG_SCRIPT, COUNT_SCRIPT)}
 
 # Kept importable from here: the wire format's functions.
 __all__ = ["RedisBroker", "decode", "decode_kept", "encode"]
@@ -70,8 +64,8 @@ class RedisBroker(PipelinedRedisBroker):
     SUBSCRIBE = "SUBSCRIBE"
     UNSUBSCRIBE = "UNSUBSCRIBE"
     PUSHED = (b"message", b"subscribe", b"unsubscribe")
-    SCRIPTS = _SCRIPTS
-    PUBLISH_SHA, BACKLOG_SHA = list(_SCRIPTS)[:2]
+    PUBLISH_COMMAND = b"PUBLISH"
+    OTHER_SCRIPTS = (COUNT_SCRIPT,)
 
     def __init__(self, url: str, options: RedisOptions | None = None) -> None:
         options = options or RedisOptions()
@@ -162,8 +156,7 @@ class RedisBroker(PipelinedRedisBroker):
         names = [self._keys.pubsub(channel) for channel in channels]
         try:
             await sub.send((command, *names))
-            if waiters:
-                await asyncio.wait_for(asyncio.gather(*waiters), self._op_timeout)
+            await self._await_confirmations(waiters)
         except (RedisError, OSError, asyncio.TimeoutError) as error:
             if strict:
                 raise
@@ -195,7 +188,7 @@ class RedisBroker(PipelinedRedisBroker):
         timeout = self._op_timeout
         await asyncio.wait_for(sub.connect(), timeout)
         await asyncio.wait_for(cmd.connect(), timeout)
-        for body in _SCRIPTS.values():
+        for body in self.SCRIPTS.values():
             await asyncio.wait_for(self._call(cmd, "SCRIPT", "LOAD", body), timeout)
         ttl_ms = int(self._presence_ttl * 1000)
         await asyncio.wait_for(

@@ -47,7 +47,16 @@ from redis.exceptions import RedisError
 
 from echoserver.brokers.base import Backlog, Broker, BrokerUnavailable, Envelope, OnEnvelope
 from echoserver.brokers.redis_presence import RedisPresence
-from echoserver.brokers.redis_wire import KeyNames, decode, encode, jittered, read_backlog
+from echoserver.brokers.redis_wire import (
+    BACKLOG_SCRIPT,
+    KeyNames,
+    decode,
+    encode,
+    jittered,
+    publish_script,
+    read_backlog,
+    sha1,
+)
 
 log = logging.getLogger("echoserver.broker")
 
@@ -109,9 +118,20 @@ class PipelinedRedisBroker(Broker):
     # The kinds of pub/sub push a subscriber connection reads: a message, a subscription
     # confirmed, one ended.
     PUSHED: ClassVar[tuple[bytes, bytes, bytes]]
+    # The command the publish script ends with (PUBLISH or SPUBLISH) and the other scripts
+    # a subclass runs; __init_subclass__ derives SCRIPTS and the two SHA1s from them.
+    PUBLISH_COMMAND: ClassVar[bytes]
+    OTHER_SCRIPTS: ClassVar[tuple[bytes, ...]]
     SCRIPTS: ClassVar[dict[bytes, bytes]]
     PUBLISH_SHA: ClassVar[bytes]
     BACKLOG_SHA: ClassVar[bytes]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        publish = publish_script(cls.PUBLISH_COMMAND)
+        cls.PUBLISH_SHA, cls.BACKLOG_SHA = sha1(publish), sha1(BACKLOG_SCRIPT)
+        bodies = (publish, BACKLOG_SCRIPT, *cls.OTHER_SCRIPTS)
+        cls.SCRIPTS = {sha1(body): body for body in bodies}
 
     def __init__(self, where: str, db: int, options: RedisOptions) -> None:
         self.where = where
@@ -416,6 +436,11 @@ class PipelinedRedisBroker(Broker):
             self._sub_waiters.setdefault(channel, deque()).append(waiter)
             waiters.append(waiter)
         return waiters
+
+    async def _await_confirmations(self, waiters: list[asyncio.Future[None]]) -> None:
+        """Wait up to op_timeout for the subscriptions just sent to be confirmed."""
+        if waiters:
+            await asyncio.wait_for(asyncio.gather(*waiters), self._op_timeout)
 
     def _confirmed(self, name: bytes) -> None:
         """Redis confirmed a subscription to this pub/sub name."""

@@ -56,11 +56,7 @@ from echoserver.brokers.redis_cluster_presence import (
     SET_SCRIPT,
     ClusterPresence,
 )
-from echoserver.brokers.redis_wire import BACKLOG_SCRIPT, publish_script, sha1
 from echoserver.brokers.urls import split_cluster_url
-
-_SPUBLISH = publish_script(b"SPUBLISH")
-_SCRIPTS = {sha1(body): body for body in (_SPUBLISH, BACKLOG_SCRIPT, COUNT_SCRIPT, SET_SCRIPT)}
 
 # Replies that mean the cluster's shape changed or is changing: re-discover it.
 _TOPOLOGY_ERRORS = ("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN")
@@ -94,8 +90,8 @@ class RedisClusterBroker(PipelinedRedisBroker):
     SUBSCRIBE = "SSUBSCRIBE"
     UNSUBSCRIBE = "SUNSUBSCRIBE"
     PUSHED = (b"smessage", b"ssubscribe", b"sunsubscribe")
-    SCRIPTS = _SCRIPTS
-    PUBLISH_SHA, BACKLOG_SHA = list(_SCRIPTS)[:2]
+    PUBLISH_COMMAND = b"SPUBLISH"
+    OTHER_SCRIPTS = (COUNT_SCRIPT, SET_SCRIPT)
 
     def __init__(self, url: str, options: RedisOptions | None = None) -> None:
         options = options or RedisOptions()
@@ -225,8 +221,7 @@ class RedisClusterBroker(PipelinedRedisBroker):
                         shard.unsubscribing[key] = shard.unsubscribing.get(key, 0) + 1
                 # One command per channel: the channels of one command must share a slot.
                 await shard.send(*[(command, name) for name in names])
-            if waiters:
-                await asyncio.wait_for(asyncio.gather(*waiters), self._op_timeout)
+            await self._await_confirmations(waiters)
         except (RedisError, OSError, asyncio.TimeoutError) as error:
             if strict:
                 raise
@@ -334,7 +329,7 @@ class RedisClusterBroker(PipelinedRedisBroker):
                 info = await self._call(connection, "CLUSTER", "INFO")
                 if b"cluster_state:ok" not in info:
                     raise ConnectionError(f"{node.name} says the cluster is not ok")
-                for body in _SCRIPTS.values():
+                for body in self.SCRIPTS.values():
                     await self._call(connection, "SCRIPT", "LOAD", body)
         except BaseException:
             for shard in shards:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from echoserver.brokers.base import BrokerUnavailable
-from echoserver.brokers.redis_presence import Command, RedisPresence
+from echoserver.brokers.redis_presence import Command, RedisPresence, count_script
 from echoserver.brokers.redis_wire import sha1
 
 # KEYS: the channel's presence hash. ARGV: process id, members, ttl in ms.
@@ -35,21 +35,13 @@ return 1
 """
 
 # KEYS: the channel's presence hash. Counts the live entries, drops the expired ones.
-COUNT_SCRIPT = b"""
-local fields = redis.call('HGETALL', KEYS[1])
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-local total = 0
-for i = 1, #fields, 2 do
-  local members, deadline = string.match(fields[i + 1], '^(%d+) (%d+)$')
-  if members and tonumber(deadline) >= now then
-    total = total + tonumber(members)
-  else
-    redis.call('HDEL', KEYS[1], fields[i])
-  end
-end
-return total
-"""
+COUNT_SCRIPT = count_script(
+    before=b"""local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)""",
+    entry=b"local members, deadline = string.match(fields[i + 1], '^(%d+) (%d+)$')",
+    alive=b"members and tonumber(deadline) >= now",
+    members=b"tonumber(members)",
+)
 SET_SHA = sha1(SET_SCRIPT)
 COUNT_SHA = sha1(COUNT_SCRIPT)
 

@@ -16,20 +16,33 @@ from typing import Any
 from echoserver.brokers.base import BrokerUnavailable, Presence
 from echoserver.brokers.redis_wire import sha1
 
+
 # KEYS: the channel's presence hash. ARGV: heartbeat key prefix.
 # Heartbeat keys are not declared in KEYS: fine on a standalone Redis (not Redis Cluster).
-COUNT_SCRIPT = b"""
+def count_script(*, before: bytes = b"", entry: bytes = b"", alive: bytes, members: bytes) -> bytes:
+    """A script that adds up the live entries of the presence hash KEYS[1] and drops the
+    others. In the loop, ``fields[i]`` is an entry's process id and ``fields[i + 1]`` its
+    value; `entry` (Lua) runs first for each, `alive` says whether it counts, `members` is
+    how many it counts for. `before` runs once, before the loop."""
+    return b"""
 local fields = redis.call('HGETALL', KEYS[1])
+%s
 local total = 0
 for i = 1, #fields, 2 do
-  if redis.call('EXISTS', ARGV[1] .. fields[i]) == 1 then
-    total = total + tonumber(fields[i + 1])
+  %s
+  if %s then
+    total = total + %s
   else
     redis.call('HDEL', KEYS[1], fields[i])
   end
 end
 return total
-"""
+""" % (before, entry, alive, members)
+
+
+COUNT_SCRIPT = count_script(
+    alive=b"redis.call('EXISTS', ARGV[1] .. fields[i]) == 1", members=b"tonumber(fields[i + 1])"
+)
 _COUNT_SHA = sha1(COUNT_SCRIPT)
 
 Command = tuple[Any, ...]

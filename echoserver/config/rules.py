@@ -109,15 +109,23 @@ _WS_PATH = Rule(
 _ORIGIN_RE = re.compile(r"https?://(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(:[0-9]{1,5})?")
 
 
-def _check_origins(v: tuple[str, ...]) -> str | None:
-    if v == ("*",):
+def _items_or_star(pattern: re.Pattern[str]) -> Callable[[tuple[str, ...]], str | None]:
+    """A check for a list whose items match `pattern`, or ["*"] alone."""
+
+    def check(v: tuple[str, ...]) -> str | None:
+        if v == ("*",):
+            return None
+        for item in v:
+            if item == "*":
+                return '"*" must be the only item'
+            if not pattern.fullmatch(item):
+                return f"bad item {format_value(item)}"
         return None
-    for item in v:
-        if item == "*":
-            return '"*" must be the only item'
-        if not _ORIGIN_RE.fullmatch(item):
-            return f"bad item {format_value(item)}"
-    return None
+
+    return check
+
+
+_check_origins = _items_or_star(_ORIGIN_RE)
 
 
 _ORIGINS = Rule(
@@ -129,15 +137,7 @@ _ORIGINS = Rule(
 _HOSTNAME_RE = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9_.-]+)(:[0-9]{1,5})?")
 
 
-def _check_hosts(v: tuple[str, ...]) -> str | None:
-    if v == ("*",):
-        return None
-    for item in v:
-        if item == "*":
-            return '"*" must be the only item'
-        if not _HOSTNAME_RE.fullmatch(item):
-            return f"bad item {format_value(item)}"
-    return None
+_check_hosts = _items_or_star(_HOSTNAME_RE)
 
 
 _HOSTS = Rule(
