@@ -8,7 +8,7 @@ routes, under a path prefix, for your ``tornado.web.Application``::
     from echoserver import embed
 
     rt = embed.Realtime(embed.settings(mode="broadcast"), prefix="/rt")
-    app = tornado.web.Application([*rt.routes(), (r"/hello", Hello)])
+    app = tornado.web.Application([*rt.routes(), (r"/hello", Hello)], **rt.app_settings())
     app.listen(port, "127.0.0.1")
     await rt.start()
     ...
@@ -21,11 +21,13 @@ Everything else in the package is internal and may change between releases.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import tornado.routing
 
 from echoserver.brokers import Broker, create_broker
 from echoserver.config import ConfigError, Settings, load
+from echoserver.endpoints.access import log_request
 from echoserver.metrics import Metrics
 from echoserver.web.app import ServerState, new_hub
 
@@ -94,6 +96,13 @@ class Realtime:
         others hand each handler this instance's state. Call it once per Application.
         """
         return self._state.routes(check_host=True)
+
+    def app_settings(self) -> dict[str, Any]:
+        """Application settings to pass along with yours (``**rt.app_settings()``): the
+        server's access log for every route (logger ``echoserver.access``), where a probe
+        or a refused Host is a debug line, so a client cannot make the log grow by one
+        warning a request. Optional: without it Tornado logs each request its own way."""
+        return {"log_function": log_request}
 
     async def start(self) -> None:
         """Connect the broker, on the loop that serves the routes (the first client would

@@ -32,7 +32,8 @@ async def main(port: int) -> None:
     settings = embed.settings(mode="broadcast", flags={"websocket.max_message_size": 64 * 1024})
     # The hub, broker (broadcast.broker: memory here), metrics and limits, under /rt.
     rt = embed.Realtime(settings, prefix="/rt")
-    app = tornado.web.Application([*rt.routes(), (r"/hello", Hello)])
+    # Your handlers beside the mounted ones; app_settings() gives the server's access log.
+    app = tornado.web.Application([*rt.routes(), (r"/hello", Hello)], **rt.app_settings())
     # Loopback only; to serve other hosts, set `host` or websocket.allowed_hosts so the
     # Host check under /rt admits the names clients use.
     server = app.listen(port, address="127.0.0.1")

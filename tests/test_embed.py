@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import socket
@@ -151,7 +152,9 @@ class Hello(tornado.web.RequestHandler):
         self.write("hello")
 
 
-def test_mounted_under_another_prefix_in_an_application_of_our_own() -> None:
+def test_mounted_under_another_prefix_in_an_application_of_our_own(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     settings = embed.settings(
         mode="broadcast", env={}, config_path="", flags={"websocket.ping_interval": 0.0}
     )
@@ -159,7 +162,7 @@ def test_mounted_under_another_prefix_in_an_application_of_our_own() -> None:
     async def scenario() -> None:
         rt = embed.Realtime(settings, prefix="/live/v2")
         assert rt.websocket_path == "/live/v2/ws"
-        app = tornado.web.Application([(r"/hello", Hello), *rt.routes()])
+        app = tornado.web.Application([(r"/hello", Hello), *rt.routes()], **rt.app_settings())
         sock, port = tornado.testing.bind_unused_port()
         server = tornado.httpserver.HTTPServer(app)
         server.add_sockets([sock])
@@ -175,10 +178,14 @@ def test_mounted_under_another_prefix_in_an_application_of_our_own() -> None:
             assert rt.connections == 2
             assert "echoserver_" in rt.metrics.render().decode()
             # The mounted routes check Host (DNS rebinding); the application's own do not.
-            rebound = HTTPRequest(f"http://{base}/live/v2/healthz", headers={"Host": "evil.test"})
-            with pytest.raises(HTTPClientError) as refused:
-                await http.fetch(rebound)
-            assert refused.value.code == 403
+            caplog.set_level(logging.DEBUG)
+            for path in ("/live/v2/healthz", "/live/v2/ws/room", "/live/v2"):
+                rebound = HTTPRequest(f"http://{base}{path}", headers={"Host": "evil.test"})
+                with pytest.raises(HTTPClientError) as refused:
+                    await http.fetch(rebound)
+                assert refused.value.code == 403
+            # Three refusals, one warning (the throttled one); the access lines at debug.
+            assert [r.levelno >= logging.WARNING for r in caplog.records].count(True) == 1
             mine = await http.fetch(
                 HTTPRequest(f"http://{base}/hello", headers={"Host": "evil.test"})
             )
