@@ -38,9 +38,10 @@ def with_channel(prefix: str) -> str:
     return rf"{re.escape(prefix)}/({CHANNEL_PATTERN})"
 
 
-def channel_messages() -> str:
-    """The Tornado pattern for the publish API, /api/channels/<channel>/messages."""
-    return rf"{with_channel(CHANNELS)}/{re.escape(MESSAGES)}"
+def channel_messages(prefix: str = "") -> str:
+    """The Tornado pattern for the publish API, /api/channels/<channel>/messages (below
+    `prefix` when the routes are mounted under one)."""
+    return rf"{with_channel(prefix + CHANNELS)}/{re.escape(MESSAGES)}"
 
 
 def clash(path: str) -> str | None:

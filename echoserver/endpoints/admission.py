@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import cast
 
 import tornado.web
 
 from echoserver.endpoints.base import BaseHandler
-from echoserver.endpoints.context import ServerContext
 from echoserver.wire.handshake import (
     Refusal,
     bearer_token,
@@ -40,12 +38,6 @@ def parse_offset(text: str) -> int | Refusal:
 
 class AdmittedHandler(BaseHandler):
     """A handler whose connections count against max_connections and obey the policy."""
-
-    server: ServerContext  # the Application, seen as what handlers may use of it
-
-    def initialize(self) -> None:
-        # An attribute, not a property: endpoints read it on every message.
-        self.server = cast(ServerContext, self.application)
 
     @property
     def peer(self) -> str:

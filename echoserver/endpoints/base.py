@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import time
 from types import TracebackType
-from typing import cast
 
 import tornado.web
 from tornado.log import app_log, gen_log
@@ -32,6 +31,13 @@ INVALID_UNICODE = "Invalid unicode in "
 
 
 class BaseHandler(SummaryHandler):
+    # The server-wide state, from the route's init kwargs ({"server": ...}), so a handler
+    # works mounted in any Application (web.app builds every route with it).
+    server: ServerContext
+
+    def initialize(self, server: ServerContext) -> None:
+        self.server = server
+
     def set_default_headers(self) -> None:
         self.set_header("Server", SERVER)
         self.set_header("X-Content-Type-Options", "nosniff")
@@ -64,7 +70,7 @@ class HostRefused(BaseHandler):
     quiet_when_ok = True  # the access line at debug: see above
 
     def prepare(self) -> None:
-        server = cast(ServerContext, self.application)
+        server = self.server
         request = self.request
         host = request.headers.get("Host", "")
         held_back = server.refused_hosts.ready(time.monotonic())

@@ -1,8 +1,10 @@
-"""What request handlers may use of the server, as a protocol the Application satisfies.
+"""What request handlers may use of the server, as a protocol web.app.ServerState satisfies.
 
 Handlers reach the server-wide state (settings, hub, metrics, open connections, the drain
 flag) through ServerContext instead of importing web/app.py, so imports flow one way:
-web.app -> web.handlers and the endpoints -> context.
+web.app -> web.handlers and the endpoints -> context. Each route passes it in its init
+kwargs ({"server": state}), not through the Application, so the handlers also work mounted
+in someone else's tornado.web.Application (echoserver.embed).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from echoserver.wire.hosts import Throttle
 
 class ServerContext(Protocol):
     config: Settings
+    prefix: str  # the path the routes are mounted under ("" when the server runs itself)
     hub: Hub
     metrics: Metrics
     connections: set[Any]  # the open WebSocket endpoints (websocket.BaseSocket)

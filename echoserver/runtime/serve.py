@@ -17,7 +17,6 @@ import os
 import signal
 import socket
 import ssl
-import time
 from collections.abc import Mapping
 
 import tornado.httpserver
@@ -32,7 +31,6 @@ from echoserver.runtime.startup import StartupError, listen, report
 from echoserver.runtime.tls import reload_tls, ssl_context
 from echoserver.runtime.workers import fork_workers
 from echoserver.web.app import EchoServerApp, make_app
-from echoserver.wire.framing import CloseCode
 
 log = logging.getLogger("echoserver")
 
@@ -101,11 +99,11 @@ async def serve(
             context = ssl_context(settings)
     broker = create_broker(settings.broadcast.broker)
     app = make_app(settings, broker)
-    await app.hub.start()
+    await app.server.hub.start()
     server = FrontDoor(
         app,
-        occupancy=app.occupancy,
-        metrics=app.metrics,
+        occupancy=app.server.occupancy,
+        metrics=app.server.metrics,
         request_timeout=settings.limits.request_timeout,
         ssl_options=context,
         xheaders=False,
@@ -145,17 +143,8 @@ async def drain(app: EchoServerApp, server: tornado.httpserver.HTTPServer, timeo
     The port stays open while clients leave, so /healthz can answer 503 "draining" (and a
     new handshake 503) to load balancers; it closes when the wait is over.
     """
-    log.info("draining %d connections (up to %.1fs)", len(app.connections), timeout)
-    app.draining = True
-    for connection in list(app.connections):
-        connection.close(CloseCode.GOING_AWAY, "server shutting down")
-    deadline = time.monotonic() + timeout
-    while app.connections and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    if app.connections:
-        log.warning("%d connections did not close in time", len(app.connections))
+    await app.server.drain(timeout)
     server.stop()
     await server.close_all_connections()
-    app.keepalive.close()
-    await app.hub.close()
+    await app.server.close()
     log.info("stopped")

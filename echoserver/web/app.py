@@ -1,13 +1,18 @@
 """make_app(settings) -> the tornado Application: routes, static files and server state.
 
-The Application owns everything that lives as long as the server: the settings, the hub,
-the metrics registry and the set of open connections. Handlers reach it as a
-context.ServerContext; nothing is kept in module or class attributes.
+ServerState owns everything that lives as long as the server: the settings, the hub, the
+metrics registry, the set of open connections, and the one route table (routes()), whose
+every rule hands the state to its handler (context.ServerContext); nothing is kept in
+module or class attributes. EchoServerApp is the server's own Application: those routes at
+the root, plus the page and its assets. echoserver.embed mounts the same routes, under a
+prefix, in a user's Application.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Coroutine
@@ -15,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import tornado.httputil
+import tornado.routing
 import tornado.web
 
 from echoserver import routes
@@ -31,12 +37,15 @@ from echoserver.metrics import Metrics
 from echoserver.transport.flusher import Flusher
 from echoserver.transport.keepalive import Keepalive
 from echoserver.web import handlers, redact
+from echoserver.wire.framing import CloseCode
 from echoserver.wire.handshake import normalise_origin
 from echoserver.wire.hosts import HostPolicy, Throttle
 
 # Seconds between two warnings about a refused Host; the ones between are counted in the
 # next, and each is logged at debug.
 HOST_WARNING_INTERVAL = 60.0
+
+log = logging.getLogger("echoserver")
 
 
 # The WebSocket endpoint for each mode.
@@ -58,9 +67,31 @@ def static_dir(settings: Settings) -> Path:
     return package.parent / "static"  # a source checkout or editable install
 
 
-class EchoServerApp(tornado.web.Application):
-    def __init__(self, config: Settings, hub: Hub) -> None:
+class RefusedHost(tornado.routing.Matcher):
+    """Matches a request under `prefix` whose Host the policy refuses: the mounted routes'
+    own Host check (EchoServerApp checks every request before routing instead)."""
+
+    def __init__(self, prefix: str, hosts: HostPolicy) -> None:
+        self.under = re.compile(rf"{re.escape(prefix)}(?:/|$)")
+        self.hosts = hosts
+
+    def match(self, request: tornado.httputil.HTTPServerRequest) -> dict[str, Any] | None:
+        if request.path is None or not self.under.match(request.path):
+            return None
+        if self.hosts.allows(request.headers.get("Host")):
+            return None
+        return {}
+
+
+class ServerState:
+    """The server-wide state every handler reaches (it satisfies context.ServerContext),
+    and the route table that hands it to them."""
+
+    def __init__(self, config: Settings, hub: Hub, prefix: str = "") -> None:
+        if prefix and (not prefix.startswith("/") or prefix.endswith("/")):
+            raise ValueError(f"a route prefix starts with / and does not end with one: {prefix!r}")
         self.config = config
+        self.prefix = prefix
         self.hub = hub
         self.connections: set[BaseSocket | EventStream] = set()
         self.metrics = Metrics(self._open_connections, lambda: hub.stats)
@@ -79,46 +110,44 @@ class EchoServerApp(tornado.web.Application):
         self.metrics.held_connections = lambda: self.occupancy.total
         self.started = time.monotonic()
         self._tasks: set[asyncio.Task[Any]] = set()
-        page = static_dir(config)
-        ws_path = config.websocket.path
+
+    def routes(self, *, check_host: bool = False) -> list[tornado.routing.Rule]:
+        """The WebSocket endpoint, /healthz, /metrics, the channel and publish APIs and (but
+        in echo mode) the event streams, each under the prefix. `check_host`: a first rule
+        answering a refused Host under the prefix with 403 (for an Application that does
+        not check Host itself, as EchoServerApp does)."""
+        config = self.config
+        prefix = self.prefix
+        state = {"server": self}
         socket = SOCKETS[config.mode]
-        page_files = {"path": str(page), "default_filename": "index.html"}
+        ws_path = prefix + config.websocket.path
+        rules: list[tornado.routing.Rule] = []
+        if check_host:
+            rules.append(tornado.routing.Rule(RefusedHost(prefix, self.hosts), HostRefused, state))
         # The WebSocket routes first: a reconnect storm is thousands of handshakes a second,
         # and each rule before them is one more regex tried per handshake. The order
         # changes no match (config refuses a WebSocket path that overlaps another route).
-        rules: list[Any] = [(routes.exact(ws_path), socket)]
+        paths: list[tuple[str, type[tornado.web.RequestHandler]]] = [
+            (routes.exact(ws_path), socket)
+        ]
         if config.mode != "echo":
-            rules.append((routes.with_channel(ws_path), socket))
-        rules += [
-            # An empty file path: the handler serves default_filename.
-            (rf"{routes.exact(routes.PAGE)}()", handlers.PageHandler, page_files),
-            (routes.exact(routes.HEALTH), handlers.HealthHandler),
-            (routes.exact(routes.METRICS), handlers.MetricsHandler),
-            (routes.exact(routes.PROTOCOL), handlers.ProtocolHandler),
-            (routes.with_channel(routes.CHANNELS), handlers.ChannelHandler),
-            (routes.channel_messages(), handlers.PublishHandler),
+            paths.append((routes.with_channel(ws_path), socket))
+        paths += [
+            (routes.exact(prefix + routes.HEALTH), handlers.HealthHandler),
+            (routes.exact(prefix + routes.METRICS), handlers.MetricsHandler),
+            (routes.exact(prefix + routes.PROTOCOL), handlers.ProtocolHandler),
+            (routes.with_channel(prefix + routes.CHANNELS), handlers.ChannelHandler),
+            (routes.channel_messages(prefix), handlers.PublishHandler),
         ]
         if config.mode != "echo":
             # A channel as Server-Sent Events: /sse is channel "default".
-            rules.append((routes.exact(routes.SSE), EventStream))
-            rules.append((routes.with_channel(routes.SSE), EventStream))
-        super().__init__(
-            rules,
-            # Tornado adds STATIC/(.*) and STATIC_FILES for static_path.
-            static_path=str(page),
-            static_url_prefix=routes.STATIC + "/",
-            static_handler_class=handlers.PageHandler,
-            log_function=log_request,
-            default_handler_class=NotFound,
-            access_log=config.log.access,
-        )
-
-    def find_handler(self, request: tornado.httputil.HTTPServerRequest, **kwargs: Any) -> Any:
-        # Before any route: a rebound page reads the page, /healthz and the APIs as well as
-        # the WebSocket. A request without Host (HTTP/1.0) is not a browser's (hosts.py).
-        if not self.hosts.allows(request.headers.get("Host")):
-            return self.get_handler_delegate(request, HostRefused)
-        return super().find_handler(request, **kwargs)
+            paths.append((routes.exact(prefix + routes.SSE), EventStream))
+            paths.append((routes.with_channel(prefix + routes.SSE), EventStream))
+        rules += [
+            tornado.routing.Rule(tornado.routing.PathMatches(pattern), handler, state)
+            for pattern, handler in paths
+        ]
+        return rules
 
     def _open_connections(self) -> Counter[tuple[str, str]]:
         return Counter((self.config.mode, c.channel) for c in self.connections)
@@ -129,18 +158,72 @@ class EchoServerApp(tornado.web.Application):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def drain(self, timeout: float) -> None:
+        """Refuse new clients, close every client with 1001, wait for them up to `timeout`
+        seconds."""
+        log.info("draining %d connections (up to %.1fs)", len(self.connections), timeout)
+        self.draining = True
+        for connection in list(self.connections):
+            connection.close(CloseCode.GOING_AWAY, "server shutting down")
+        deadline = time.monotonic() + timeout
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.connections:
+            log.warning("%d connections did not close in time", len(self.connections))
+
+    async def close(self) -> None:
+        """Stop the background work: the keepalive and the hub (its broker included)."""
+        self.keepalive.close()
+        await self.hub.close()
+
+
+class EchoServerApp(tornado.web.Application):
+    """The server's own Application: ServerState's routes at the root, and the page."""
+
+    def __init__(self, config: Settings, hub: Hub) -> None:
+        self.server = state = ServerState(config, hub)
+        page = static_dir(config)
+        page_files = {"server": state, "path": str(page), "default_filename": "index.html"}
+        rules: list[Any] = state.routes()
+        # An empty file path: the handler serves default_filename.
+        rules.append((rf"{routes.exact(routes.PAGE)}()", handlers.PageHandler, page_files))
+        super().__init__(
+            rules,
+            # Tornado adds STATIC/(.*) and STATIC_FILES for static_path.
+            static_path=str(page),
+            static_url_prefix=routes.STATIC + "/",
+            static_handler_class=handlers.PageHandler,
+            static_handler_args={"server": state},
+            log_function=log_request,
+            default_handler_class=NotFound,
+            default_handler_args={"server": state},
+            access_log=config.log.access,
+        )
+
+    def find_handler(self, request: tornado.httputil.HTTPServerRequest, **kwargs: Any) -> Any:
+        # Before any route: a rebound page reads the page, /healthz and the APIs as well as
+        # the WebSocket. A request without Host (HTTP/1.0) is not a browser's (hosts.py).
+        if not self.server.hosts.allows(request.headers.get("Host")):
+            return self.get_handler_delegate(request, HostRefused, {"server": self.server})
+        return super().find_handler(request, **kwargs)
+
+
+def new_hub(settings: Settings, broker: Broker | None = None) -> Hub:
+    """The hub for these settings, on `broker` (the memory broker unless one is given)."""
+    broadcast = settings.broadcast
+    return Hub(
+        broker or MemoryBroker(),
+        include_sender=broadcast.include_sender,
+        history=broadcast.history,
+        history_ttl=broadcast.history_ttl,
+        history_bytes=broadcast.history_bytes,
+        history_total_bytes=broadcast.history_total_bytes,
+        publish_timeout=broadcast.publish_timeout,
+        max_queue_bytes=broadcast.max_queue_bytes,
+        slow_client=broadcast.slow_client,
+    )
+
 
 def make_app(settings: Settings, broker: Broker | None = None) -> EchoServerApp:
     """The Application for these settings; the memory broker unless one is given."""
-    hub = Hub(
-        broker or MemoryBroker(),
-        include_sender=settings.broadcast.include_sender,
-        history=settings.broadcast.history,
-        history_ttl=settings.broadcast.history_ttl,
-        history_bytes=settings.broadcast.history_bytes,
-        history_total_bytes=settings.broadcast.history_total_bytes,
-        publish_timeout=settings.broadcast.publish_timeout,
-        max_queue_bytes=settings.broadcast.max_queue_bytes,
-        slow_client=settings.broadcast.slow_client,
-    )
-    return EchoServerApp(settings, hub)
+    return EchoServerApp(settings, new_hub(settings, broker))

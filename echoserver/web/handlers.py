@@ -2,8 +2,8 @@
 the publish API (POST /api/channels/<channel>/messages).
 
 The WebSocket endpoints are in endpoints/websocket.py and endpoints/mixed.py. Handlers
-reach the server-wide state through endpoints.context.ServerContext, which the
-Application satisfies.
+reach the server-wide state through endpoints.context.ServerContext, given in each route's
+init kwargs (web/app.py builds them).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from typing import Any, cast
+from typing import Any
 
 import tornado.web
 
@@ -26,10 +26,6 @@ from echoserver.wire.handshake import bearer_token, token_matches
 
 
 class JSONHandler(BaseHandler):
-    @property
-    def server(self) -> ServerContext:
-        return cast(ServerContext, self.application)
-
     def write_json(self, body: dict[str, Any], status: int = 200) -> None:
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
@@ -56,7 +52,7 @@ class HealthHandler(JSONHandler):
             "version": __version__,
             "connections": len(server.connections),
             "uptime": round(time.monotonic() - server.started, 3),
-            "path": config.websocket.path,  # where the page connects
+            "path": server.prefix + config.websocket.path,  # where the page connects
             "auth": bool(config.websocket.auth_token),  # whether it needs a token
             # whether /metrics and /api/channels/... need the API key (the page then
             # shows no member count)
@@ -81,7 +77,7 @@ class ProtectedRead(BaseHandler):
     otherwise): who is on which channel, and the counters, are the operator's to see."""
 
     def prepare(self) -> None:
-        api = cast(ServerContext, self.application).config.api
+        api = self.server.config.api
         if not api.protect_reads:
             return
         given = bearer_token(self.request.headers.get("Authorization"))
@@ -194,7 +190,7 @@ class MetricsHandler(ProtectedRead):
 
     def get(self) -> None:
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
-        self.finish(cast(ServerContext, self.application).metrics.render())
+        self.finish(self.server.metrics.render())
 
 
 # A Host safe to repeat in the page's CSP (Tornado admits more characters, ";" among them).
@@ -217,6 +213,12 @@ class PageHandler(BaseHandler, tornado.web.StaticFileHandler):
     so an upgraded server never leaves a browser on a stale page; a ?v= URL is cached for
     good (Tornado's versioned static URLs). Every response, errors included, carries the
     page's security headers: no framing, no referrer, nothing from another origin."""
+
+    def initialize(  # type: ignore[override]
+        self, server: ServerContext, path: str, default_filename: str | None = None
+    ) -> None:
+        BaseHandler.initialize(self, server)
+        tornado.web.StaticFileHandler.initialize(self, path, default_filename)
 
     def set_default_headers(self) -> None:
         super().set_default_headers()

@@ -1,0 +1,241 @@
+"""Embedding: the endpoints mounted in a user's own tornado.web.Application (echoserver.embed).
+
+examples/embed.py runs as a user runs it, a subprocess on its own loop (the other one than
+the test's, as for the server's own processes); the in-process tests mount the routes under
+another prefix beside a handler of the test's own, on a plain Tornado HTTPServer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+
+import pytest
+import tornado.httpserver
+import tornado.testing
+import tornado.web
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from tornado.websocket import WebSocketClientConnection, websocket_connect
+
+from echoserver import embed
+from tests.conftest import ROOT, SERVER_LOOP, fetch, run
+
+EXAMPLE = ROOT / "examples" / "embed.py"
+# The example on the chosen loop: as `python examples/embed.py PORT`, uvloop installed first.
+UVLOOP_FIRST = (
+    "import asyncio, runpy, sys, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy()); "
+    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Example:
+    """`python examples/embed.py PORT` in a subprocess, its output collected."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ECHOSERVER_")}
+        env["PYTHONUNBUFFERED"] = "1"
+        command = [sys.executable, str(EXAMPLE), str(self.port)]
+        if SERVER_LOOP == "uvloop":
+            command[1:1] = ["-c", UVLOOP_FIRST]
+        self.proc = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            if line.startswith("listening on"):
+                self.ready.set()
+        self.ready.set()
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def example() -> Iterator[Example]:
+    started = Example()
+    try:
+        if not started.ready.wait(15) or started.proc.poll() is not None:
+            raise RuntimeError("the example did not start:\n" + "\n".join(started.lines))
+        yield started
+    finally:
+        if started.proc.poll() is None:
+            started.proc.kill()
+            started.proc.wait()
+
+
+async def receive(client: WebSocketClientConnection, timeout: float = 5.0) -> str | bytes | None:
+    return await asyncio.wait_for(client.read_message(), timeout)
+
+
+def test_the_example_serves_hello_and_broadcast_under_rt(example: Example) -> None:
+    base = f"127.0.0.1:{example.port}"
+    assert fetch(f"http://{base}/hello")[2] == b"hello"
+    health = json.loads(fetch(f"http://{base}/rt/healthz")[2])
+    assert (health["status"], health["mode"], health["path"]) == ("ok", "broadcast", "/rt/ws")
+    # The server's own routes are not at the root: only what the example mounts.
+    assert fetch(f"http://{base}/ws")[0] == 404
+
+    async def scenario() -> int | None:
+        a = await websocket_connect(f"ws://{base}/rt/ws/news")
+        b = await websocket_connect(f"ws://{base}/rt/ws/news")
+        other = await websocket_connect(f"ws://{base}/rt/ws/sports")
+        a.write_message("from a")
+        assert await receive(b) == "from a"
+        assert await receive(a) == "from a"  # broadcast.include_sender
+        b.write_message("from b")
+        assert await receive(a) == "from b"
+        assert await receive(b) == "from b"
+        # Delivered to both on "news" already; the other channel's first message is its own.
+        other.write_message("sports only")
+        assert await receive(other) == "sports only"
+        # The example's websocket.max_message_size is 64 KiB: the bound applies mounted too.
+        other.write_message(b"x" * (64 * 1024 + 1), binary=True)
+        assert await receive(other) is None
+        code = other.close_code
+        for client in (a, b):
+            client.close()
+        return code
+
+    assert run(scenario()) == 1009
+    assert example.stop() == 0, "\n".join(example.lines)
+
+
+def test_sigterm_closes_the_clients_with_1001_and_exits_0(example: Example) -> None:
+    async def scenario() -> int | None:
+        client = await websocket_connect(f"ws://127.0.0.1:{example.port}/rt/ws/news")
+        client.write_message("hi")
+        assert await receive(client) == "hi"
+        example.proc.send_signal(signal.SIGTERM)
+        assert await receive(client) is None
+        return client.close_code
+
+    assert run(scenario()) == 1001
+    assert example.proc.wait(15) == 0, "\n".join(example.lines)
+
+
+class Hello(tornado.web.RequestHandler):
+    def get(self) -> None:
+        self.write("hello")
+
+
+def test_mounted_under_another_prefix_in_an_application_of_our_own(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = embed.settings(
+        mode="broadcast", env={}, config_path="", flags={"websocket.ping_interval": 0.0}
+    )
+
+    async def scenario() -> None:
+        rt = embed.Realtime(settings, prefix="/live/v2")
+        assert rt.websocket_path == "/live/v2/ws"
+        app = tornado.web.Application([(r"/hello", Hello), *rt.routes()], **rt.app_settings())
+        sock, port = tornado.testing.bind_unused_port()
+        server = tornado.httpserver.HTTPServer(app)
+        server.add_sockets([sock])
+        await rt.start()
+        base = f"127.0.0.1:{port}"
+        http = AsyncHTTPClient()
+        try:
+            a = await websocket_connect(f"ws://{base}/live/v2/ws/room")
+            b = await websocket_connect(f"ws://{base}/live/v2/ws/room")
+            a.write_message("hi")
+            assert await receive(b) == "hi"
+            assert await receive(a) == "hi"  # broadcast.include_sender
+            assert rt.connections == 2
+            assert "echoserver_" in rt.metrics.render().decode()
+            # The mounted routes check Host (DNS rebinding); the application's own do not.
+            caplog.set_level(logging.DEBUG)
+            for path in ("/live/v2/healthz", "/live/v2/ws/room", "/live/v2"):
+                rebound = HTTPRequest(f"http://{base}{path}", headers={"Host": "evil.test"})
+                with pytest.raises(HTTPClientError) as refused:
+                    await http.fetch(rebound)
+                assert refused.value.code == 403
+            # Three refusals, one warning (the throttled one); the access lines at debug.
+            assert [r.levelno >= logging.WARNING for r in caplog.records].count(True) == 1
+            mine = await http.fetch(
+                HTTPRequest(f"http://{base}/hello", headers={"Host": "evil.test"})
+            )
+            assert mine.body == b"hello"
+            # stop(): the open clients get 1001, a new handshake 503 while the port is open.
+            stopping = asyncio.ensure_future(rt.stop(timeout=5.0))
+            assert await receive(a) is None and a.close_code == 1001
+            assert await receive(b) is None and b.close_code == 1001
+            with pytest.raises(HTTPClientError) as late:
+                await websocket_connect(f"ws://{base}/live/v2/ws/room")
+            assert late.value.code == 503
+            await asyncio.wait_for(stopping, 5)
+            assert rt.connections == 0
+        finally:
+            server.stop()
+            await server.close_all_connections()
+            http.close()
+
+    run(scenario())
+
+
+def test_echo_mode_mounted_at_the_root_beside_other_handlers() -> None:
+    settings = embed.settings(
+        mode="echo", env={}, config_path="", flags={"websocket.ping_interval": 0.0}
+    )
+
+    async def scenario() -> None:
+        rt = embed.Realtime(settings)
+        app = tornado.web.Application([*rt.routes(), (r"/hello", Hello)])
+        sock, port = tornado.testing.bind_unused_port()
+        server = tornado.httpserver.HTTPServer(app)
+        server.add_sockets([sock])
+        await rt.start()
+        try:
+            client = await websocket_connect(f"ws://127.0.0.1:{port}/ws")
+            for n in range(3):
+                client.write_message(f"echo {n}")
+                assert await receive(client) == f"echo {n}"
+            response = await AsyncHTTPClient().fetch(f"http://127.0.0.1:{port}/hello")
+            assert response.body == b"hello"
+            client.close()
+            await rt.stop(timeout=2.0)
+        finally:
+            server.stop()
+            await server.close_all_connections()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("prefix", ["rt", "/rt/", "/"])
+def test_a_prefix_is_a_path_without_a_trailing_slash(prefix: str) -> None:
+    with pytest.raises(ValueError, match="prefix"):
+        embed.Realtime(embed.settings(env={}, config_path=""), prefix=prefix)
