@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import time
 import urllib.error
@@ -22,8 +21,9 @@ from typing import Any, TypeVar
 import pytest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-from tests.conftest import ROOT, ServerProcess, wait_until
+from tests.conftest import ServerProcess, wait_until
 from tests.redis_server import RedisServer, redis_server
+from tests.servers import run_once
 
 __all__ = ["redis_server"]  # the fixture
 
@@ -251,15 +251,7 @@ def test_redis_outage_keeps_servers_and_clients_alive(
 
 
 def test_memory_broker_refuses_more_than_one_process() -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ECHOSERVER_")}
-    result = subprocess.run(
-        [sys.executable, "-m", "echoserver", "--mode", "broadcast", "--processes", "2"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = run_once("--mode", "broadcast", "--processes", "2")
     assert result.returncode == 2
     assert "Redis broker" in result.stderr and "processes" in result.stderr
 
