@@ -19,9 +19,9 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -33,18 +33,12 @@ from echoserver.brokers.redis_base import RedisOptions
 from echoserver.brokers.redis_cluster import RedisClusterBroker
 from echoserver.fanout.delivery import Delivery
 from echoserver.fanout.hub import Hub
-from tests.conftest import ROOT
+from tests.conftest import run
 from tests.redis_cluster import LocalCluster, clean_redis_cluster, redis_cluster
 from tests.redis_server import RedisServer, free_port, redis_server, require_redis_server
+from tests.servers import ROOT
 
 __all__ = ["clean_redis_cluster", "redis_cluster", "redis_server"]  # fixtures, used by `kit`
-
-T = TypeVar("T")
-
-
-def run(coroutine: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
-    """Run one test scenario on a fresh loop, bounded in time."""
-    return asyncio.run(asyncio.wait_for(coroutine, timeout))
 
 
 async def offset(published: Published) -> int:

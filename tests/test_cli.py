@@ -19,8 +19,9 @@ import echoserver
 import echoserver.runtime
 from echoserver import cli, config
 from echoserver.config import KEYS, Settings, load
+from tests.certs import tls_pair
 from tests.servers import ROOT, run_once
-from tests.test_config import page_dir, tls_pair
+from tests.test_config import page_dir
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -16,22 +16,16 @@ import urllib.error
 import urllib.request
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-from tests.conftest import ServerProcess, wait_until
+from tests.conftest import run, wait_until
 from tests.redis_server import RedisServer, redis_server
-from tests.servers import run_once
+from tests.servers import ServerProcess, run_once
 
 __all__ = ["redis_server"]  # the fixture
-
-T = TypeVar("T")
-
-
-def run(coroutine: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
-    return asyncio.run(asyncio.wait_for(coroutine, timeout))
 
 
 def get_json(url: str) -> tuple[int, dict[str, Any]]:
@@ -92,7 +86,7 @@ def test_two_hosts_deliver_every_message_to_all_six_in_one_order(
             client.close()
         return seen
 
-    seen = run(scenario())
+    seen = run(scenario(), timeout=60)
     assert all(s == seen[0] for s in seen), "receivers saw different orders"
     assert sorted(seen[0]) == sorted(f"{i}:{n}" for i in range(6) for n in range(each))
     for i in range(6):
@@ -119,7 +113,7 @@ def test_listen_count_and_history_span_hosts(run_server: Any, redis_server: Redi
             client.close()
         return replies, received_on_b, history
 
-    replies, received_on_b, history = run(scenario())
+    replies, received_on_b, history = run(scenario(), timeout=60)
     results = [r for r in replies if r["type"] == "broadcastResult"]
     assert [r["listenCount"] for r in results] == [3] * 5
     assert [r["payload"] for r in results] == list(range(5))
@@ -194,7 +188,7 @@ def test_two_processes_on_one_port_reach_every_client(
             closes.append(client.close_code)
         return seen, spread, closes
 
-    seen, spread, closes = run(scenario())
+    seen, spread, closes = run(scenario(), timeout=60)
     assert all(count > 0 for count in spread.values()), spread
     assert all(s == seen[0] for s in seen), "receivers saw different orders"
     assert sorted(seen[0]) == sorted(f"m{n}" for n in range(10))

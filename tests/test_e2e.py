@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from tornado.websocket import websocket_connect
 
-from tests.conftest import ROOT, fetch
-from tests.servers import run_once
+from tests.conftest import fetch
+from tests.servers import ROOT, run_once
 
 
 def health(server) -> dict:

@@ -29,9 +29,9 @@ from echoserver.brokers.base import BrokerUnavailable, Envelope
 from echoserver.brokers.redis import RedisBroker
 from echoserver.brokers.redis_base import RedisOptions
 from echoserver.brokers.redis_wire import KeyNames
-from tests.conftest import ServerProcess
 from tests.redis_cluster import LocalCluster, own_redis_cluster
 from tests.redis_server import RedisServer, redis_server
+from tests.servers import ServerProcess
 from tests.test_cluster import connect, members, read, run, wait_for
 
 __all__ = ["own_redis_cluster", "redis_server"]  # fixtures

@@ -19,8 +19,9 @@ import pytest
 from tornado.httpclient import HTTPClientError
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-from tests.conftest import ServerProcess, run
+from tests.conftest import run
 from tests.redis_server import RedisServer, redis_server
+from tests.servers import ServerProcess
 
 __all__ = ["redis_server"]  # the fixture
 

@@ -20,8 +20,9 @@ from typing import Any
 import pytest
 from websockets.sync.client import connect as ws_connect
 
-from tests.conftest import ServerProcess, fetch, wait_until
+from tests.conftest import fetch, wait_until
 from tests.redis_server import RedisServer, redis_server
+from tests.servers import ServerProcess
 from tests.test_browser import Server, browser
 
 __all__ = ["browser", "redis_server"]  # fixtures
