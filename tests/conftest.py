@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import json
 import ssl
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -108,6 +109,27 @@ def run(coroutine: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
     return asyncio.run(asyncio.wait_for(coroutine, timeout))
 
 
+async def eventually(check: Callable[[], Any], timeout: float = 10.0) -> bool:
+    """wait_until for coroutines: poll `check` (a bool, or an awaitable of one) until true or
+    `timeout` seconds have passed; its last answer."""
+
+    async def answer() -> bool:
+        value = check()
+        return bool(await value if inspect.isawaitable(value) else value)
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await answer():
+            return True
+        await asyncio.sleep(0.05)
+    return await answer()
+
+
+async def equals(value: Awaitable[Any], expected: Any) -> bool:
+    """For eventually(): eventually(lambda: equals(members(server), 3))."""
+    return await value == expected
+
+
 def fetch(url: str, context: ssl.SSLContext | None = None) -> tuple[int, dict[str, str], bytes]:
     """GET: (status, headers, body), an HTTP error status included."""
     try:
@@ -115,6 +137,12 @@ def fetch(url: str, context: ssl.SSLContext | None = None) -> tuple[int, dict[st
             return response.status, dict(response.headers), response.read()
     except urllib.error.HTTPError as error:
         return error.code, dict(error.headers), error.read()
+
+
+def fetch_json(url: str) -> tuple[int, Any]:
+    """GET a JSON document: (status, the parsed body), an HTTP error status included."""
+    status, _, body = fetch(url)
+    return status, json.loads(body)
 
 
 def metric(server: Any, name: str, **labels: str) -> float:
