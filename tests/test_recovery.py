@@ -93,7 +93,9 @@ def test_since_replays_what_was_missed_then_live(run_server: Any) -> None:
     assert [m["payload"] for m in got] == list(range(7))
 
 
-def test_since_older_than_the_history_is_not_recovered(run_server: Any) -> None:
+def test_since_older_than_the_history_replays_what_is_kept_marked_not_recovered(
+    run_server: Any,
+) -> None:
     server = mixed(run_server, "--history", "3")
 
     async def scenario() -> tuple[dict[str, Any], list[dict[str, Any]]]:
