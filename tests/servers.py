@@ -43,11 +43,14 @@ def run_once(
     python: str = sys.executable,
     timeout: float = 30.0,
     check: bool = False,
+    code: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """`python -m echoserver ARGS` run to its exit (--print-config, a refused start, ...),
-    its output captured as text."""
+    its output captured as text; or, given `code`, `python -c CODE ARGS` (a server started
+    through the API, say)."""
+    program = ["-c", code] if code is not None else ["-m", "echoserver"]
     return subprocess.run(
-        [python, "-m", "echoserver", *args],
+        [python, *program, *args],
         env=server_env(env, inherit),
         cwd=cwd,
         capture_output=True,

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import ServerProcess
+from tests.servers import ROOT, ServerProcess
 
 pytestmark = pytest.mark.browser
 
-REPO = Path(__file__).resolve().parents[1]
-ARTIFACTS = REPO / "tests" / "artifacts"
+ARTIFACTS = ROOT / "tests" / "artifacts"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--no-sandbox",

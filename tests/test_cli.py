@@ -415,15 +415,7 @@ def test_uvloop_asked_for_but_missing_is_a_config_error() -> None:
 
 def run_code(code: str, args: list[str]) -> subprocess.CompletedProcess[str]:
     """`python -c CODE ARGS` with the same clean environment as run_cli()."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("ECHOSERVER_")}
-    return subprocess.run(
-        [sys.executable, "-c", code, *args],
-        env=base,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_once(*args, code=code, timeout=60)
 
 
 def assert_one_line_exit_2(proc: subprocess.CompletedProcess[str]) -> None:

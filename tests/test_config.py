@@ -17,13 +17,13 @@ from echoserver import config, routes
 from echoserver.config import KEYS, ConfigError, Settings, load, to_toml
 from echoserver.web.app import make_app
 from tests.certs import tls_pair
+from tests.servers import ROOT
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config" / "echoserver.toml"
 REDIS_EXAMPLE = ROOT / "config" / "broadcast-redis.toml"
 
