@@ -13,11 +13,12 @@ from cryptography.x509.oid import NameOID
 
 
 def make_certificate(
-    directory: Path, name: str = "cert", *, ca: bool = False
+    directory: Path, name: str = "cert", *, ca: bool = False, passphrase: bytes = b""
 ) -> tuple[Path, Path, int]:
     """An ECDSA P-256 certificate for 127.0.0.1 and localhost: (certfile, keyfile, serial).
 
-    `ca` marks it a CA, so a client context can trust it as its own root (cafile=...).
+    `ca` marks it a CA, so a client context can trust it as its own root (cafile=...);
+    `passphrase` encrypts the key file with it.
     """
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"echoserver test {name}")])
@@ -45,11 +46,18 @@ def make_certificate(
     certificate = builder.sign(key, hashes.SHA256())
     certfile, keyfile = directory / f"{name}.crt", directory / f"{name}.key"
     certfile.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    encryption = (
+        serialization.BestAvailableEncryption(passphrase)
+        if passphrase
+        else serialization.NoEncryption()
+    )
     keyfile.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
     )
     return certfile, keyfile, serial
+
+
+def tls_pair(directory: Path, name: str = "server", passphrase: bytes = b"") -> tuple[str, str]:
+    """make_certificate's files as the strings a setting holds: (certfile, keyfile)."""
+    certfile, keyfile, _ = make_certificate(directory, name, passphrase=passphrase)
+    return str(certfile), str(keyfile)

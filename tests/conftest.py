@@ -1,21 +1,18 @@
-"""Shared fixtures: the pytest-tornado `app`, settings builders and real server processes."""
+"""Shared fixtures and helpers: the pytest-tornado `app`, settings builders, `run_server`
+(tests/servers.py starts the processes), a bounded coroutine runner and HTTP probes."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import json
-import os
-import re
-import signal
 import ssl
-import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,15 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from echoserver.config import Settings
 from echoserver.web.app import make_app
-
-ROOT = Path(__file__).resolve().parent.parent
-# ECHOSERVER_TEST_LOOP=uvloop|asyncio runs the in-process tests on that loop and the server
-# subprocesses on the other one, so one pass each way covers both loops everywhere. It is
-# taken out of the environment: the server refuses ECHOSERVER_* variables it does not know,
-# and both config.load() in-process and every server subprocess read the environment.
-TEST_LOOP = os.environ.pop("ECHOSERVER_TEST_LOOP", "asyncio")
-SERVER_LOOP = {"asyncio": "uvloop", "uvloop": "asyncio"}[TEST_LOOP]
-READY = re.compile(r"page (https?)://([\d.]+):(\d+)/")
+from tests.servers import ROOT, SERVER_LOOP, TEST_LOOP, ServerProcess
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -83,66 +72,6 @@ def app(settings: Settings):
     return make_app(settings)
 
 
-class ServerProcess:
-    """`python -m echoserver` in a subprocess, with its log lines collected."""
-
-    def __init__(self, args: list[str], env: dict[str, str] | None, cwd: Path, python: str) -> None:
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("ECHOSERVER_")}
-        full_env.update(env or {})
-        full_env.setdefault("PYTHONUNBUFFERED", "1")
-        self.proc = subprocess.Popen(
-            [python, "-m", "echoserver", "--port", "0", "--loop", SERVER_LOOP, *args],
-            cwd=cwd,
-            env=full_env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self._ready = threading.Event()
-        self.scheme = "http"
-        self.port = 0
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-            match = READY.search(line)
-            if match and not self._ready.is_set():
-                self.scheme, self.port = match.group(1), int(match.group(3))
-                self._ready.set()
-        self._ready.set()
-
-    def wait_ready(self, timeout: float = 15.0) -> ServerProcess:
-        if not self._ready.wait(timeout) or not self.port:
-            self.stop()
-            raise RuntimeError("server did not start:\n" + "\n".join(self.lines))
-        return self
-
-    @property
-    def url(self) -> str:
-        return f"{self.scheme}://127.0.0.1:{self.port}"
-
-    @property
-    def ws_url(self) -> str:
-        return f"{'wss' if self.scheme == 'https' else 'ws'}://127.0.0.1:{self.port}"
-
-    def log(self) -> str:
-        return "\n".join(self.lines)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-
 @pytest.fixture
 def run_server() -> Iterator[Any]:
     """Factory: run_server("--mode", "broadcast", env={...}) -> a started ServerProcess."""
@@ -180,6 +109,27 @@ def run(coroutine: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
     return asyncio.run(asyncio.wait_for(coroutine, timeout))
 
 
+async def eventually(check: Callable[[], Any], timeout: float = 10.0) -> bool:
+    """wait_until for coroutines: poll `check` (a bool, or an awaitable of one) until true or
+    `timeout` seconds have passed; its last answer."""
+
+    async def answer() -> bool:
+        value = check()
+        return bool(await value if inspect.isawaitable(value) else value)
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await answer():
+            return True
+        await asyncio.sleep(0.05)
+    return await answer()
+
+
+async def equals(value: Awaitable[Any], expected: Any) -> bool:
+    """For eventually(): eventually(lambda: equals(members(server), 3))."""
+    return await value == expected
+
+
 def fetch(url: str, context: ssl.SSLContext | None = None) -> tuple[int, dict[str, str], bytes]:
     """GET: (status, headers, body), an HTTP error status included."""
     try:
@@ -187,6 +137,12 @@ def fetch(url: str, context: ssl.SSLContext | None = None) -> tuple[int, dict[st
             return response.status, dict(response.headers), response.read()
     except urllib.error.HTTPError as error:
         return error.code, dict(error.headers), error.read()
+
+
+def fetch_json(url: str) -> tuple[int, Any]:
+    """GET a JSON document: (status, the parsed body), an HTTP error status included."""
+    status, _, body = fetch(url)
+    return status, json.loads(body)
 
 
 def metric(server: Any, name: str, **labels: str) -> float:

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from tests.redis_server import require_redis_server
+from tests.servers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 
 pytestmark = pytest.mark.timeout(90)

@@ -19,9 +19,8 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -33,18 +32,12 @@ from echoserver.brokers.redis_base import RedisOptions
 from echoserver.brokers.redis_cluster import RedisClusterBroker
 from echoserver.fanout.delivery import Delivery
 from echoserver.fanout.hub import Hub
-from tests.conftest import ROOT
+from tests.conftest import equals, eventually, run
 from tests.redis_cluster import LocalCluster, clean_redis_cluster, redis_cluster
 from tests.redis_server import RedisServer, free_port, redis_server, require_redis_server
+from tests.servers import ROOT
 
 __all__ = ["clean_redis_cluster", "redis_cluster", "redis_server"]  # fixtures, used by `kit`
-
-T = TypeVar("T")
-
-
-def run(coroutine: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
-    """Run one test scenario on a fresh loop, bounded in time."""
-    return asyncio.run(asyncio.wait_for(coroutine, timeout))
 
 
 async def offset(published: Published) -> int:
@@ -55,15 +48,6 @@ async def offset(published: Published) -> int:
 async def publish(broker: Broker, envelope: Envelope) -> int:
     """Publish one message and wait for its offset."""
     return await offset(broker.publish(envelope))
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await check():
-            return True
-        await asyncio.sleep(0.05)
-    return await check()
 
 
 @dataclass
@@ -576,7 +560,7 @@ def test_presence_of_a_crashed_process_expires(kit: Kit) -> None:
             before = await broker.presence.count("p")
             worker.kill()  # no clean-up: like a crash or a power cut
             killed = time.monotonic()
-            assert await eventually(lambda: _equals(broker.presence.count("p"), 1), 3 * ttl + 2)
+            assert await eventually(lambda: equals(broker.presence.count("p"), 1), 3 * ttl + 2)
             elapsed = time.monotonic() - killed
             await broker.close()
             return before, elapsed
@@ -587,10 +571,6 @@ def test_presence_of_a_crashed_process_expires(kit: Kit) -> None:
     finally:
         worker.kill()
         worker.wait()
-
-
-async def _equals(value: Awaitable[int], expected: int) -> bool:
-    return await value == expected
 
 
 def test_health_follows_the_connection(kit: Kit) -> None:
@@ -613,7 +593,7 @@ def test_health_follows_the_connection(kit: Kit) -> None:
         await got_b.wait("r", 1)
 
         await asyncio.to_thread(redis.stop)
-        assert await eventually(_async(lambda: not a.healthy and not b.healthy))
+        assert await eventually(lambda: not a.healthy and not b.healthy)
         assert "unreachable" in a.health_reason and redis.address in a.health_reason
         waited = a.publish(Envelope("r", b"waited", False))  # waits for Redis to come back
         assert isinstance(waited, asyncio.Future) and not waited.done()
@@ -622,7 +602,7 @@ def test_health_follows_the_connection(kit: Kit) -> None:
         await b.subscribe("joined-while-down")
 
         await asyncio.to_thread(redis.start)  # the same port, empty: a restarted Redis
-        assert await eventually(_async(lambda: a.healthy and b.healthy))
+        assert await eventually(lambda: a.healthy and b.healthy)
         assert a.health_reason == ""
         assert await offset(waited) == 1  # a restarted Redis numbers from 1 again
         await publish(b, Envelope("r", b"after", False))
@@ -631,7 +611,7 @@ def test_health_follows_the_connection(kit: Kit) -> None:
         assert [e.data for e in await got_a.wait("r", 3)] == expected
         # Another process gets what waited only if it re-subscribed before the publisher
         # came back (Redis pub/sub delivers at most once): a client there recovers it.
-        assert await eventually(_async(lambda: b"after" in [e.data for e in got_b.on("r")]))
+        assert await eventually(lambda: b"after" in [e.data for e in got_b.on("r")])
         assert [e.data for e in got_b.on("r")] in (expected, expected[::2])
         assert [e.data for e in await got_b.wait("joined-while-down", 1)] == [b"hello"]
         assert await b.presence.count("r") == 2  # a wrote its members into the new Redis
@@ -639,13 +619,6 @@ def test_health_follows_the_connection(kit: Kit) -> None:
         await b.close()
 
     run(scenario(), timeout=60)
-
-
-def _async(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
-    async def wrapped() -> bool:
-        return check()
-
-    return wrapped
 
 
 @pytest.mark.redis
@@ -662,7 +635,7 @@ def test_redis_broker_starts_degraded_and_connects_when_redis_appears(tmp_path: 
         assert not broker.healthy and "unreachable" in broker.health_reason
         await broker.subscribe("late")
         await asyncio.to_thread(redis.start)
-        assert await eventually(_async(lambda: broker.healthy))
+        assert await eventually(lambda: broker.healthy)
         await publish(broker, Envelope("late", b"hi", False))
         assert [e.data for e in await got.wait("late", 1)] == [b"hi"]
         await broker.close()
@@ -799,7 +772,7 @@ def test_hub_publishes_wait_for_redis_in_order_through_a_restart(kit: Kit) -> No
         assert await offset(hub.publish("r", b"before", False, None)) == 1
         published = [hub.publish("r", b"%d" % n, False, None) for n in range(200)]
         await asyncio.to_thread(redis.stop)
-        assert await eventually(_async(lambda: not hub.broker.healthy))
+        assert await eventually(lambda: not hub.broker.healthy)
         published += [hub.publish("r", b"%d" % n, False, None) for n in range(200, 300)]
         await asyncio.to_thread(redis.start)
         offsets = [await offset(p) for p in published]
@@ -831,7 +804,7 @@ def test_a_publish_waits_publish_timeout_then_fails_oldest_first(kit: Kit) -> No
         member = Member("m")
         await hub.join("r", member)
         await asyncio.to_thread(redis.stop)
-        assert await eventually(_async(lambda: not hub.broker.healthy))
+        assert await eventually(lambda: not hub.broker.healthy)
         first = hub.publish("r", b"first", False, None)
         await asyncio.sleep(0.3)
         second = hub.publish("r", b"second", False, None)
@@ -844,7 +817,7 @@ def test_a_publish_waits_publish_timeout_then_fails_oldest_first(kit: Kit) -> No
             await second
         assert 0.15 <= time.monotonic() - started <= 1.5
         await asyncio.to_thread(redis.start)
-        assert await eventually(_async(lambda: hub.broker.healthy))
+        assert await eventually(lambda: hub.broker.healthy)
         assert await offset(hub.publish("r", b"after", False, None)) == 1
         await hub.close()
 
@@ -860,7 +833,7 @@ def test_a_closing_broker_fails_what_waits(kit: Kit) -> None:
         broker, _ = await started(kit)
         broker.publish_timeout = 30
         await asyncio.to_thread(redis.stop)
-        assert await eventually(_async(lambda: not broker.healthy))
+        assert await eventually(lambda: not broker.healthy)
         waiting = broker.publish(Envelope("r", b"x", False))
         await broker.close()
         with pytest.raises(BrokerUnavailable, match="closed"):

@@ -9,21 +9,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from tests.servers import ROOT, ServerProcess
+
 pytestmark = pytest.mark.browser
 
-REPO = Path(__file__).resolve().parents[1]
-ARTIFACTS = REPO / "tests" / "artifacts"
+ARTIFACTS = ROOT / "tests" / "artifacts"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -48,80 +45,13 @@ def _unavailable(reason: str):
 # ---------------------------------------------------------------- server subprocess
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`python -m echoserver --mode MODE --port PORT` as a real subprocess."""
-
-    def __init__(self, mode: str, port: int | None = None, extra_args: tuple[str, ...] = ()):
-        self.mode = mode
-        self.extra_args = list(extra_args)
-        self.port = port or _free_port()
-        self.proc: subprocess.Popen | None = None
-        self.log_path = ARTIFACTS / f"server-{mode}-{self.port}.log"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 15.0) -> Server:
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        # A developer's ECHOSERVER_* environment must not change what is under test.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ECHOSERVER_")}
-        env["PYTHONUNBUFFERED"] = "1"
-        cmd = [sys.executable, "-m", "echoserver", "--mode", self.mode, "--port", str(self.port)]
-        with open(self.log_path, "ab") as log:  # the child keeps its own copy of the fd
-            self.proc = subprocess.Popen(
-                [*cmd, *self.extra_args],
-                cwd=REPO,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                with urllib.request.urlopen(self.url + "/healthz", timeout=1) as r:
-                    if r.status == 200:
-                        return self
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"server not healthy within {timeout}s:\n{self.output()}")
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        """Hard kill (SIGKILL): clients see the connection drop."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-
-    def output(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-4000:]
-        except OSError:
-            return ""
+def start_server(mode: str, *args: str) -> ServerProcess:
+    """`python -m echoserver --mode MODE ARGS`, its log also in tests/artifacts/, once healthy."""
+    return ServerProcess(["--mode", mode, *args], log_dir=ARTIFACTS).wait_healthy()
 
 
 def _serve(mode: str):
-    server = Server(mode).start()
+    server = start_server(mode)
     yield server
     server.stop()
 
@@ -172,7 +102,7 @@ class Tab:
         self.page.on("console", lambda m: m.type == "error" and self.console_errors.append(m.text))
         self.page.on("pageerror", lambda e: self.page_errors.append(str(e)))
 
-    def open(self, server: Server, query: str = "") -> Tab:
+    def open(self, server: ServerProcess, query: str = "") -> Tab:
         self.page.goto(server.url + "/" + query)
         self.wait_state("open")
         return self
@@ -347,7 +277,7 @@ def test_mixed_mode_envelopes(tabs, mixed_server):
 
 
 def test_reconnects_after_server_restart(tabs):
-    server = Server("echo").start()
+    server = start_server("echo")
     try:
         t = tabs().open(server)
         assert t.page.is_checked("#reconnect")
@@ -364,7 +294,7 @@ def test_reconnects_after_server_restart(tabs):
         )
         server.kill()
         t.wait_state("closed")
-        server.start()
+        server.restart().wait_healthy()
         t.wait_state("open", timeout=20_000)  # no click: the page reconnected by itself
         seen = t.page.evaluate("window.__seen")
         states = [s.split("|")[0] for s in seen]
@@ -380,7 +310,7 @@ def test_reconnects_after_server_restart(tabs):
 
 
 def test_token_hint_and_reconnect_switch(tabs):
-    server = Server("echo", extra_args=("--auth-token", "s3cret")).start()
+    server = start_server("echo", "--auth-token", "s3cret")
     try:
         t = tabs()
         t.page.goto(server.url + "/")
@@ -606,7 +536,7 @@ def test_filter_without_match_says_so(tabs, echo_server):
 
 
 def test_refused_token_waits_for_the_user(tabs):
-    server = Server("echo", extra_args=("--auth-token", "s3cret")).start()
+    server = start_server("echo", "--auth-token", "s3cret")
     try:
         t = tabs()
         t.page.goto(server.url + "/")
@@ -683,7 +613,7 @@ def test_not_connected_error_clears_once_connected(tabs, echo_server):
 
 
 def test_health_line_follows_a_broker_outage(tabs, redis):
-    server = Server("mixed", extra_args=("--broker", redis.url)).start()
+    server = start_server("mixed", "--broker", redis.url)
     try:
         t = tabs().open(server)
         phone = tabs(PHONE).open(server)
@@ -714,8 +644,7 @@ def test_broadcast_not_delivered_close_is_an_error(tabs, redis):
     """Broadcast mode is a raw relay, so the server reports an undeliverable message by
     closing the sender with 1013 "not delivered: ..."; the others stay connected."""
     # A message waits publish_timeout for Redis to come back before its sender is told.
-    server = Server("broadcast", extra_args=("--broker", redis.url, "--publish-timeout", "1"))
-    server.start()
+    server = start_server("broadcast", "--broker", redis.url, "--publish-timeout", "1")
     try:
         sender = tabs().open(server, "?channel=outage")
         receiver = tabs().open(server, "?channel=outage")
@@ -737,7 +666,7 @@ def test_broadcast_not_delivered_close_is_an_error(tabs, redis):
 
 
 def test_replayed_history_is_marked(tabs):
-    server = Server("mixed", extra_args=("--history", "5")).start()
+    server = start_server("mixed", "--history", "5")
     try:
         a = tabs().open(server, "?channel=kept")
         a.page.select_option("#envelope", "broadcast")
@@ -771,7 +700,9 @@ RECEIVED_BROADCASTS = """() => [...document.querySelectorAll('#log .entry[data-d
              e.dataset.replay || null])"""
 
 
-def _publish(server: Server, channel: str, body: str, content_type: str = "text/plain") -> int:
+def _publish(
+    server: ServerProcess, channel: str, body: str, content_type: str = "text/plain"
+) -> int:
     """POST to the publish API; returns the message's offset."""
     request = urllib.request.Request(
         f"{server.url}/api/channels/{channel}/messages",
@@ -821,8 +752,8 @@ def test_reconnect_resumes_from_the_last_offset_through_redis(tabs, redis):
     other, and the page, reconnecting by itself to the restarted server, gets every one of
     them exactly once, in order, marked as recovered, then the live stream."""
     args = ("--broker", redis.url, "--history", "100", "--api-key", API_KEY)
-    a = Server("mixed", port=_free_port(), extra_args=args).start()
-    b = Server("mixed", extra_args=args).start()
+    a = start_server("mixed", *args)
+    b = start_server("mixed", *args)
     try:
         t = tabs()
         t.page.add_init_script(CAPTURE_SOCKETS)
@@ -834,7 +765,7 @@ def test_reconnect_resumes_from_the_last_offset_through_redis(tabs, redis):
         t.wait_state("closed")
         missed = [_publish(b, "resume", f"missed {i}") for i in range(1, 6)]
         assert missed == [3, 4, 5, 6, 7]
-        a.start()  # the same port
+        a.restart().wait_healthy()  # the same port
         t.wait_state("open", timeout=20_000)  # no click: it reconnected by itself
         t.entry("sys", "Recovered 5 messages (offsets 3\u20137) published while disconnected")
         assert _publish(b, "resume", "live after") == 8
@@ -859,7 +790,7 @@ def test_reconnect_resumes_from_the_last_offset_through_redis(tabs, redis):
 
 
 def test_recovery_says_what_was_missed_when_history_is_too_short(tabs):
-    server = Server("mixed", extra_args=("--history", "3", "--api-key", API_KEY)).start()
+    server = start_server("mixed", "--history", "3", "--api-key", API_KEY)
     try:
         t = tabs(PHONE)
         t.page.add_init_script(CAPTURE_SOCKETS)
@@ -895,7 +826,7 @@ def test_recovery_says_what_was_missed_when_history_is_too_short(tabs):
 
 
 def test_curl_lines_name_this_server_and_channel_and_copy(tabs, echo_server):
-    server = Server("mixed", extra_args=("--api-key", API_KEY)).start()
+    server = start_server("mixed", "--api-key", API_KEY)
     try:
         t = tabs()
         t.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)

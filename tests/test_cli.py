@@ -19,31 +19,23 @@ import echoserver
 import echoserver.runtime
 from echoserver import cli, config
 from echoserver.config import KEYS, Settings, load
-from tests.test_config import page_dir, tls_pair
+from tests.certs import tls_pair
+from tests.servers import ROOT, run_once
+from tests.test_config import page_dir
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-ROOT = Path(__file__).resolve().parent.parent
 
-
-def run(
+def run_cli(
     args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """`python -m echoserver ARGS` with a clean ECHOSERVER_* environment plus `env`."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("ECHOSERVER_")}
-    base["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), base.get("PYTHONPATH")]))
-    base.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "echoserver", *args],
-        env=base,
-        cwd=cwd or ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    """`python -m echoserver ARGS` with a clean ECHOSERVER_* environment plus `env`; the
+    checkout on PYTHONPATH, so that a test may run it from another directory."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return run_once(*args, env={"PYTHONPATH": path, **(env or {})}, cwd=cwd or ROOT, timeout=60)
 
 
 def printed_settings(tmp_path: Path, stdout: str) -> Settings:
@@ -56,7 +48,7 @@ def printed_settings(tmp_path: Path, stdout: str) -> Settings:
 
 
 def test_print_config_defaults(tmp_path: Path) -> None:
-    proc = run(["--print-config"])
+    proc = run_cli(["--print-config"])
     assert (proc.returncode, proc.stderr) == (0, "")
     assert printed_settings(tmp_path, proc.stdout) == Settings()
 
@@ -80,7 +72,7 @@ def test_precedence_through_the_cli(tmp_path: Path) -> None:
     }
     flags = ["--port", "9003", "--broker", "rediss://flag:6380/1", "--log-level", "error"]
     flags += ["--compression", "--processes", "0"]
-    proc = run([*flags, "--print-config"], env=env)
+    proc = run_cli([*flags, "--print-config"], env=env)
     assert (proc.returncode, proc.stderr) == (0, "")
     data = tomllib.loads(proc.stdout)
     assert data["port"] == 9003  # flag > env > file
@@ -110,7 +102,7 @@ def test_config_flag_beats_config_env(tmp_path: Path) -> None:
     (tmp_path / "a.toml").write_text("port = 1111\n", encoding="utf-8")
     (tmp_path / "b.toml").write_text("port = 2222\n", encoding="utf-8")
     env = {"ECHOSERVER_CONFIG": str(tmp_path / "a.toml")}
-    proc = run(["--config", str(tmp_path / "b.toml"), "--print-config"], env=env)
+    proc = run_cli(["--config", str(tmp_path / "b.toml"), "--print-config"], env=env)
     assert tomllib.loads(proc.stdout)["port"] == 2222
 
 
@@ -133,7 +125,7 @@ def test_print_config_round_trips_a_full_config(tmp_path: Path) -> None:
         "--tls-min-version", "1.3",
         "--log-level", "debug", "--log-format", "json", "--no-log-access",
     ]  # fmt: skip
-    proc = run([*args, "--print-config"])
+    proc = run_cli([*args, "--print-config"])
     assert (proc.returncode, proc.stderr) == (0, "")
     # The token is not printed; put it back to reuse the file.
     assert "t0ken" not in proc.stdout
@@ -145,19 +137,19 @@ def test_print_config_round_trips_a_full_config(tmp_path: Path) -> None:
         assert value != key_.default, key_.name
     # --check-config on the printed file, through the same process path
     printed = tmp_path / "printed.toml"
-    proc = run(["--config", str(printed), "--check-config"])
+    proc = run_cli(["--config", str(printed), "--check-config"])
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "config ok\n", "")
 
 
 def test_print_config_hides_the_auth_token(tmp_path: Path) -> None:
-    proc = run(["--print-config"], env={"ECHOSERVER_WEBSOCKET_AUTH_TOKEN": "s3cr3t"})
+    proc = run_cli(["--print-config"], env={"ECHOSERVER_WEBSOCKET_AUTH_TOKEN": "s3cr3t"})
     assert (proc.returncode, proc.stderr) == (0, "")
     assert "s3cr3t" not in proc.stdout
     assert "# websocket.auth_token is set but not printed" in proc.stdout
     assert tomllib.loads(proc.stdout)["websocket"]["auth_token"] == config.HIDDEN
     # Fed back as it is, the placeholder is refused rather than taken for the token.
     (tmp_path / "printed.toml").write_text(proc.stdout, encoding="utf-8")
-    proc = run(["--config", str(tmp_path / "printed.toml"), "--check-config"])
+    proc = run_cli(["--config", str(tmp_path / "printed.toml"), "--check-config"])
     assert proc.returncode == 2
     assert proc.stderr.startswith("echoserver: config error: websocket.auth_token = <hidden>")
 
@@ -172,7 +164,7 @@ def test_print_config_hides_the_auth_token(tmp_path: Path) -> None:
     ],
 )
 def test_check_config_ok(args: list[str]) -> None:
-    proc = run(args)
+    proc = run_cli(args)
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "config ok\n", "")
 
 
@@ -374,7 +366,7 @@ ERRORS: dict[str, Case] = {
 @pytest.mark.parametrize("case", list(ERRORS.values()), ids=list(ERRORS))
 def test_config_error_is_one_clear_line(tmp_path: Path, case: Case) -> None:
     args, env, expected = case(tmp_path)
-    proc = run([*args, "--check-config"], env=env)
+    proc = run_cli([*args, "--check-config"], env=env)
     assert proc.returncode == 2, proc
     assert proc.stdout == ""
     assert "Traceback" not in proc.stderr
@@ -386,7 +378,7 @@ def test_config_error_is_one_clear_line(tmp_path: Path, case: Case) -> None:
 
 def test_config_error_also_stops_print_config_and_serving() -> None:
     for extra in (["--print-config"], []):
-        proc = run(["--port", "70000", *extra])
+        proc = run_cli(["--port", "70000", *extra])
         assert (proc.returncode, proc.stdout) == (2, "")
         assert proc.stderr == (
             "echoserver: config error: port = 70000 (from flag --port): "
@@ -398,7 +390,7 @@ def test_check_config_loads_good_tls_files_and_page(tmp_path: Path) -> None:
     cert, key = tls_pair(tmp_path)
     page = page_dir(tmp_path / "page")
     args = ["--tls-certfile", cert, "--tls-keyfile", key, "--static-dir", str(page)]
-    proc = run([*args, "--check-config"])
+    proc = run_cli([*args, "--check-config"])
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "config ok\n", "")
 
 
@@ -422,16 +414,8 @@ def test_uvloop_asked_for_but_missing_is_a_config_error() -> None:
 
 
 def run_code(code: str, args: list[str]) -> subprocess.CompletedProcess[str]:
-    """`python -c CODE ARGS` with the same clean environment as run()."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("ECHOSERVER_")}
-    return subprocess.run(
-        [sys.executable, "-c", code, *args],
-        env=base,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    """`python -c CODE ARGS` with the same clean environment as run_cli()."""
+    return run_once(*args, code=code, timeout=60)
 
 
 def assert_one_line_exit_2(proc: subprocess.CompletedProcess[str]) -> None:
@@ -453,7 +437,7 @@ def taken_port() -> Any:
 @pytest.mark.parametrize("processes", ["1", "2"])
 def test_port_in_use_is_one_line(taken_port: int, processes: str) -> None:
     """The most common newcomer mistake; with workers too, as the port is bound before fork."""
-    proc = run(["--port", str(taken_port), "--processes", processes])
+    proc = run_cli(["--port", str(taken_port), "--processes", processes])
     assert_one_line_exit_2(proc)
     assert proc.stderr.startswith(
         f"echoserver: cannot listen: port = {taken_port} (from flag --port): "
@@ -462,18 +446,18 @@ def test_port_in_use_is_one_line(taken_port: int, processes: str) -> None:
 
 
 def test_port_in_use_names_where_the_port_came_from(taken_port: int, tmp_path: Path) -> None:
-    proc = run([], env={"ECHOSERVER_PORT": str(taken_port)})
+    proc = run_cli([], env={"ECHOSERVER_PORT": str(taken_port)})
     assert_one_line_exit_2(proc)
     assert f"port = {taken_port} (from env ECHOSERVER_PORT): address already in use" in proc.stderr
     conf = tmp_path / "c.toml"
     conf.write_text(f"port = {taken_port}\n", encoding="utf-8")
-    proc = run(["--config", str(conf)])
+    proc = run_cli(["--config", str(conf)])
     assert_one_line_exit_2(proc)
     assert f"port = {taken_port} (from file {conf}): address already in use" in proc.stderr
 
 
 def test_port_in_use_with_json_logs_is_one_json_record(taken_port: int) -> None:
-    proc = run(["--port", str(taken_port), "--log-format", "json"])
+    proc = run_cli(["--port", str(taken_port), "--log-format", "json"])
     assert_one_line_exit_2(proc)
     record = json.loads(proc.stderr)
     assert record["level"] == "critical"
@@ -483,7 +467,7 @@ def test_port_in_use_with_json_logs_is_one_json_record(taken_port: int) -> None:
 
 def test_host_not_on_this_machine_is_one_line() -> None:
     """10.255.255.1 is no local address: bind() fails at once, nothing is sent anywhere."""
-    proc = run(["--host", "10.255.255.1", "--port", "0", "--processes", "2"])
+    proc = run_cli(["--host", "10.255.255.1", "--port", "0", "--processes", "2"])
     assert_one_line_exit_2(proc)
     assert proc.stderr.startswith(
         'echoserver: cannot listen: host = "10.255.255.1" (from flag --host): '
@@ -540,7 +524,7 @@ def test_tls_files_broken_after_the_check_are_one_line(tmp_path: Path) -> None:
     ],
 )
 def test_usage_errors_are_one_line_with_status_2(args: list[str], expected: str) -> None:
-    proc = run(args)
+    proc = run_cli(args)
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
@@ -549,7 +533,7 @@ def test_usage_errors_are_one_line_with_status_2(args: list[str], expected: str)
 
 
 def test_version() -> None:
-    proc = run(["--version"])
+    proc = run_cli(["--version"])
     assert (proc.returncode, proc.stdout.strip()) == (0, f"echoserver {echoserver.__version__}")
 
 
@@ -629,13 +613,13 @@ def test_main_hands_settings_to_server_run(monkeypatch: pytest.MonkeyPatch, tmp_
     received: list[Settings] = []
     sources: list[dict[str, str]] = []
 
-    def run(settings: Settings, where: dict[str, str]) -> int:
+    def serve_run(settings: Settings, where: dict[str, str]) -> int:
         received.append(settings)
         sources.append(where)
         return 0
 
     fake = types.ModuleType("echoserver.runtime.serve")
-    fake.run = run  # type: ignore[attr-defined]
+    fake.run = serve_run  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "echoserver.runtime.serve", fake)
     monkeypatch.setattr(echoserver.runtime, "serve", fake, raising=False)
     for name in [n for n in os.environ if n.startswith("ECHOSERVER_")]:
@@ -655,10 +639,10 @@ def test_main_does_not_start_the_server_on_error(
 ) -> None:
     fake = types.ModuleType("echoserver.runtime.serve")
 
-    def run(settings: Settings) -> Any:
+    def serve_run(settings: Settings) -> Any:
         raise AssertionError("server started")
 
-    fake.run = run  # type: ignore[attr-defined]
+    fake.run = serve_run  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "echoserver.runtime.serve", fake)
     monkeypatch.setattr(echoserver.runtime, "serve", fake, raising=False)
     assert cli.main(["--history", "-1"]) == 2

@@ -10,51 +10,24 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-from tests.conftest import ROOT, ServerProcess, wait_until
+from tests.conftest import equals, eventually, fetch_json, run, wait_until
 from tests.redis_server import RedisServer, redis_server
+from tests.servers import ServerProcess, run_once
 
 __all__ = ["redis_server"]  # the fixture
 
-T = TypeVar("T")
-
-
-def run(coroutine: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
-    return asyncio.run(asyncio.wait_for(coroutine, timeout))
-
-
-def get_json(url: str) -> tuple[int, dict[str, Any]]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
 
 async def members(server: ServerProcess, channel: str = "room") -> int:
-    _, body = await asyncio.to_thread(get_json, f"{server.url}/api/channels/{channel}")
+    _, body = await asyncio.to_thread(fetch_json, f"{server.url}/api/channels/{channel}")
     return int(body["members"])
-
-
-async def wait_for(check: Any, timeout: float = 15.0) -> bool:
-    """Poll an async predicate until true or timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await check():
-            return True
-        await asyncio.sleep(0.05)
-    return bool(await check())
 
 
 async def connect(server: ServerProcess, channel: str = "room") -> WebSocketClientConnection:
@@ -80,7 +53,7 @@ def test_two_hosts_deliver_every_message_to_all_six_in_one_order(
 
     async def scenario() -> list[list[str | bytes]]:
         clients = [await connect(host) for host in hosts for _ in range(3)]
-        assert await wait_for(lambda: _is(members(hosts[0]), 6))
+        assert await eventually(lambda: equals(members(hosts[0]), 6), 15)
 
         async def send(index: int, client: WebSocketClientConnection) -> None:
             for n in range(each):
@@ -92,7 +65,7 @@ def test_two_hosts_deliver_every_message_to_all_six_in_one_order(
             client.close()
         return seen
 
-    seen = run(scenario())
+    seen = run(scenario(), timeout=60)
     assert all(s == seen[0] for s in seen), "receivers saw different orders"
     assert sorted(seen[0]) == sorted(f"{i}:{n}" for i in range(6) for n in range(each))
     for i in range(6):
@@ -108,7 +81,7 @@ def test_listen_count_and_history_span_hosts(run_server: Any, redis_server: Redi
     async def scenario() -> tuple[list[Any], list[Any], list[Any]]:
         on_a = [await connect(a) for _ in range(2)]
         on_b = await connect(b)
-        assert await wait_for(lambda: _is(members(b), 3))
+        assert await eventually(lambda: equals(members(b), 3), 15)
         for n in range(5):
             await on_a[0].write_message(json.dumps({"type": "broadcast", "payload": n}))
         replies = [json.loads(await read(on_a[0])) for _ in range(10)]
@@ -119,7 +92,7 @@ def test_listen_count_and_history_span_hosts(run_server: Any, redis_server: Redi
             client.close()
         return replies, received_on_b, history
 
-    replies, received_on_b, history = run(scenario())
+    replies, received_on_b, history = run(scenario(), timeout=60)
     results = [r for r in replies if r["type"] == "broadcastResult"]
     assert [r["listenCount"] for r in results] == [3] * 5
     assert [r["payload"] for r in results] == list(range(5))
@@ -181,7 +154,7 @@ def test_two_processes_on_one_port_reach_every_client(
             if all(spread.values()):
                 break
             clients.append(await connect(server))
-        assert await wait_for(lambda: _is(members(server), len(clients)))
+        assert await eventually(lambda: equals(members(server), len(clients)), 15)
         for n in range(10):
             await clients[n % 2].write_message(f"m{n}")
         seen = [[await read(c) for _ in range(10)] for c in clients]
@@ -194,7 +167,7 @@ def test_two_processes_on_one_port_reach_every_client(
             closes.append(client.close_code)
         return seen, spread, closes
 
-    seen, spread, closes = run(scenario())
+    seen, spread, closes = run(scenario(), timeout=60)
     assert all(count > 0 for count in spread.values()), spread
     assert all(s == seen[0] for s in seen), "receivers saw different orders"
     assert sorted(seen[0]) == sorted(f"m{n}" for n in range(10))
@@ -215,13 +188,13 @@ def test_redis_outage_keeps_servers_and_clients_alive(
 
     async def scenario() -> dict[str, Any]:
         clients = [await connect(a), await connect(a), await connect(b)]
-        assert await wait_for(lambda: _is(members(a), 3))
+        assert await eventually(lambda: equals(members(a), 3), 15)
         await clients[0].write_message("before")
         assert [await read(c) for c in clients] == ["before"] * 3
 
         await asyncio.to_thread(redis_server.stop)
-        assert await wait_for(lambda: _all(_status(a, 503), _status(b, 503)))
-        status, health = await asyncio.to_thread(get_json, a.url + "/healthz")
+        assert await eventually(lambda: _all(_status(a, 503), _status(b, 503)), 15)
+        status, health = await asyncio.to_thread(fetch_json, a.url + "/healthz")
         await clients[2].write_message("while down")
         # A raw relay cannot carry a notice a peer could not forge: the sender whose
         # message was lost is closed with 1013 (try again later); the others stay.
@@ -231,8 +204,8 @@ def test_redis_outage_keeps_servers_and_clients_alive(
         late = await connect(b)  # and so does joining
 
         await asyncio.to_thread(redis_server.start)  # same port, empty
-        assert await wait_for(lambda: _all(_status(a, 200), _status(b, 200)), 20)
-        assert await wait_for(lambda: _is(members(a), 4))
+        assert await eventually(lambda: _all(_status(a, 200), _status(b, 200)), 20)
+        assert await eventually(lambda: equals(members(a), 4), 15)
         await clients[2].write_message("after")
         after = [await read(c) for c in [*clients, late]]
         for client in [*clients, late]:
@@ -251,25 +224,13 @@ def test_redis_outage_keeps_servers_and_clients_alive(
 
 
 def test_memory_broker_refuses_more_than_one_process() -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ECHOSERVER_")}
-    result = subprocess.run(
-        [sys.executable, "-m", "echoserver", "--mode", "broadcast", "--processes", "2"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = run_once("--mode", "broadcast", "--processes", "2")
     assert result.returncode == 2
     assert "Redis broker" in result.stderr and "processes" in result.stderr
 
 
-async def _is(value: Coroutine[Any, Any, int], expected: int) -> bool:
-    return await value == expected
-
-
 async def _status(server: ServerProcess, expected: int) -> bool:
-    status, _ = await asyncio.to_thread(get_json, server.url + "/healthz")
+    status, _ = await asyncio.to_thread(fetch_json, server.url + "/healthz")
     return status == expected
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import os
 import re
 import sys
@@ -12,20 +11,19 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 
 from echoserver import config, routes
 from echoserver.config import KEYS, ConfigError, Settings, load, to_toml
 from echoserver.web.app import make_app
+from tests.certs import tls_pair
+from tests.servers import ROOT
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config" / "echoserver.toml"
 REDIS_EXAMPLE = ROOT / "config" / "broadcast-redis.toml"
 
@@ -34,34 +32,6 @@ def write(tmp_path: Path, text: str, name: str = "echoserver.toml") -> str:
     path = tmp_path / name
     path.write_text(text, encoding="utf-8")
     return str(path)
-
-
-def tls_pair(directory: Path, name: str = "server", passphrase: bytes = b"") -> tuple[str, str]:
-    """A self-signed certificate and its private key as PEM files: (certfile, keyfile)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    encryption = (
-        serialization.BestAvailableEncryption(passphrase)
-        if passphrase
-        else serialization.NoEncryption()
-    )
-    certfile, keyfile = directory / f"{name}-cert.pem", directory / f"{name}-key.pem"
-    certfile.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    keyfile.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
-    )
-    return str(certfile), str(keyfile)
 
 
 def page_dir(directory: Path) -> Path:
@@ -618,12 +588,8 @@ def test_secrets_are_not_echoed_in_errors() -> None:
 # --- cross-field checks ---------------------------------------------------------------
 
 
-def tls_files(tmp_path: Path) -> tuple[str, str]:
-    return tls_pair(tmp_path)
-
-
 def test_tls_both_or_neither(tmp_path: Path) -> None:
-    cert, key = tls_files(tmp_path)
+    cert, key = tls_pair(tmp_path)
     settings = load(env={}, flags={"tls.certfile": cert, "tls.keyfile": key})
     assert (settings.tls.certfile, settings.tls.keyfile) == (cert, key)
     message = error_of(flags={"tls.certfile": cert})
@@ -634,7 +600,7 @@ def test_tls_both_or_neither(tmp_path: Path) -> None:
 
 
 def test_tls_files_must_be_readable(tmp_path: Path) -> None:
-    cert, key = tls_files(tmp_path)
+    cert, key = tls_pair(tmp_path)
     missing = str(tmp_path / "missing.pem")
     message = error_of(flags={"tls.certfile": missing, "tls.keyfile": key})
     assert message.startswith(f'tls.certfile = "{missing}" (from flag --tls-certfile)')
@@ -744,7 +710,7 @@ def test_to_toml_round_trips_defaults(tmp_path: Path) -> None:
 
 def test_to_toml_round_trips_awkward_values(tmp_path: Path) -> None:
     odd_dir = page_dir(tmp_path / 'we"ird\\dir ü\t')
-    cert, key = tls_files(tmp_path)
+    cert, key = tls_pair(tmp_path)
     flags = {
         "mode": "mixed",
         "port": 0,

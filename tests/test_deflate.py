@@ -7,7 +7,6 @@ import asyncio
 import base64
 import os
 import socket
-import sys
 import zlib
 
 import pytest
@@ -17,7 +16,8 @@ from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFact
 
 from echoserver.wire.deflate import Deflater, Inflater, negotiate, parse_extensions
 from echoserver.wire.framing import FAIL, MESSAGE, OP_TEXT, FrameParser
-from tests.conftest import ROOT, ServerProcess, run
+from tests.conftest import run
+from tests.servers import ServerProcess
 from tests.wsraw import build_frame
 
 PMD = "permessage-deflate"
@@ -206,7 +206,7 @@ MAX_SIZE = 65536
 @pytest.fixture(scope="module")
 def echo_server():
     args = ["--mode", "echo", "--compression", "--max-message-size", str(MAX_SIZE)]
-    process = ServerProcess(args, None, ROOT, sys.executable).wait_ready()
+    process = ServerProcess(args).wait_ready()
     yield process
     process.stop()
 
@@ -214,7 +214,7 @@ def echo_server():
 @pytest.fixture(scope="module")
 def broadcast_server():
     args = ["--mode", "broadcast", "--compression"]
-    process = ServerProcess(args, None, ROOT, sys.executable).wait_ready()
+    process = ServerProcess(args).wait_ready()
     yield process
     process.stop()
 

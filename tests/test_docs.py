@@ -9,7 +9,6 @@ until the document matches what that would write.
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from echoserver.config import KEYS, format_value  # noqa: E402
+from tests.servers import run_once  # noqa: E402
 
 DOC = ROOT / "docs" / "configuration.md"
 BEGIN, END = "<!-- keys:begin -->", "<!-- keys:end -->"
@@ -57,13 +57,8 @@ def test_the_key_table_is_what_the_keys_say() -> None:
 
 
 def test_the_table_names_every_key_print_config_prints() -> None:
-    printed = subprocess.run(
-        [sys.executable, "-m", "echoserver", "--print-config"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-        env={"PATH": "/usr/bin:/bin"},
+    printed = run_once(
+        "--print-config", env={"PATH": "/usr/bin:/bin"}, inherit=False, check=True
     ).stdout
     section = ""
     names = []

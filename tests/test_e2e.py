@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from tornado.websocket import websocket_connect
 
-from tests.conftest import ROOT, fetch
+from tests.conftest import fetch
+from tests.servers import ROOT, run_once
 
 
 def health(server) -> dict:
@@ -94,14 +95,7 @@ def test_precedence_file_env_flag(run_server, tmp_path):
     ],
 )
 def test_bad_config_exits_2_with_one_line(args, env, named):
-    result = subprocess.run(
-        [sys.executable, "-m", "echoserver", *args],
-        env={"PATH": "/usr/bin:/bin", **env},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = run_once(*args, env={"PATH": "/usr/bin:/bin", **env}, inherit=False)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -112,22 +106,10 @@ def test_bad_config_exits_2_with_one_line(args, env, named):
 def test_a_second_server_on_the_same_port_says_so_in_one_line(run_server):
     first = run_server("--mode", "echo")
     for processes in ("1", "2"):
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "echoserver",
-                "--port",
-                str(first.port),
-                "--processes",
-                processes,
-            ],
-            env={"PATH": "/usr/bin:/bin"},
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        result = run_once(
+            "--port", str(first.port), "--processes", processes,
+            env={"PATH": "/usr/bin:/bin"}, inherit=False,
+        )  # fmt: skip
         assert result.returncode == 2
         assert result.stderr == (
             f"echoserver: cannot listen: port = {first.port} (from flag --port): address "

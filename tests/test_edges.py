@@ -23,8 +23,9 @@ import websocket  # websocket-client
 import websockets
 from websockets.sync.client import connect as sync_connect
 
-from tests.conftest import ServerProcess, run, wait_until
+from tests.conftest import run, wait_until
 from tests.redis_server import RedisServer, redis_server  # noqa: F401 (fixture)
+from tests.servers import ServerProcess
 from tests.wspeer import Peer
 from tests.wsraw import build_frame
 

@@ -17,7 +17,6 @@ import io
 import os
 import socket
 import struct
-import sys
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -30,7 +29,7 @@ from hypothesis import strategies as st
 
 from echoserver import cli
 from echoserver.config import KEYS, ConfigError, Settings, format_value, load
-from tests.conftest import ROOT, ServerProcess
+from tests.servers import ServerProcess
 from tests.wspeer import Peer
 from tests.wsraw import build_frame, close_payload
 
@@ -207,10 +206,7 @@ def test_cli_flags(name: str, value: str, bare: bool) -> None:
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerProcess]:
     process = ServerProcess(
-        ["--auth-token", TOKEN, "--compression", "--max-message-size", "4096"],
-        None,
-        ROOT,
-        sys.executable,
+        ["--auth-token", TOKEN, "--compression", "--max-message-size", "4096"]
     ).wait_ready()
     yield process
     assert process.stop() == 0

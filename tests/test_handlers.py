@@ -226,7 +226,7 @@ async def test_protocol_route_serves_the_channel_rule_and_close_codes(http_clien
 
 
 def test_the_page_repeats_neither_the_channel_rule_nor_the_close_codes():
-    from tests.conftest import ROOT
+    from tests.servers import ROOT
 
     script = (ROOT / "static" / "app.js").read_text()
     assert "A-Za-z0-9" not in script

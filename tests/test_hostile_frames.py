@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import select
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -16,7 +15,8 @@ import pytest
 
 from echoserver.wire.framing import CLOSE, FAIL, FRAME_COST, OP_BINARY, OP_TEXT, PING, FrameParser
 from echoserver.wire.protocol import CLOSED, ServerProtocol
-from tests.conftest import ROOT, ServerProcess, wait_until
+from tests.conftest import wait_until
+from tests.servers import ServerProcess
 from tests.wspeer import Peer
 from tests.wsraw import RawClient, build_frame, close_payload
 
@@ -26,9 +26,7 @@ MAX_SIZE = 1 << 20  # the default websocket.max_message_size
 
 def start(*args: str) -> ServerProcess:
     # No keepalive pings: RawClient sees every frame the server sends.
-    return ServerProcess(
-        ["--mode", "echo", "--ping-interval", "0", *args], None, ROOT, sys.executable
-    )
+    return ServerProcess(["--mode", "echo", "--ping-interval", "0", *args])
 
 
 @pytest.fixture(scope="module")

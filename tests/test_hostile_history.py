@@ -14,7 +14,8 @@ from tornado.websocket import websocket_connect
 
 from echoserver.brokers.base import Envelope
 from echoserver.brokers.memory import MemoryBroker
-from tests.conftest import ServerProcess, run
+from tests.conftest import run
+from tests.servers import ServerProcess
 
 MIB = 1 << 20
 

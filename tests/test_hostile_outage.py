@@ -29,10 +29,11 @@ from echoserver.brokers.base import BrokerUnavailable, Envelope
 from echoserver.brokers.redis import RedisBroker
 from echoserver.brokers.redis_base import RedisOptions
 from echoserver.brokers.redis_wire import KeyNames
-from tests.conftest import ServerProcess
+from tests.conftest import equals, eventually, run
 from tests.redis_cluster import LocalCluster, own_redis_cluster
 from tests.redis_server import RedisServer, redis_server
-from tests.test_cluster import connect, members, read, run, wait_for
+from tests.servers import ServerProcess
+from tests.test_cluster import connect, members, read
 
 __all__ = ["own_redis_cluster", "redis_server"]  # fixtures
 
@@ -120,7 +121,7 @@ def through(server: ServerProcess, mode: str, cut: Callable[[], None]) -> None:
 
     async def scenario() -> tuple[list[list[tuple[str, Any]]], bool]:
         sender, *receivers = [await connect(server) for _ in range(3)]
-        assert await wait_for(lambda: _equals(members(server), 3))
+        assert await eventually(lambda: equals(members(server), 3), 15)
         outage = Outage(server, cut)
 
         async def paced() -> None:
@@ -153,10 +154,6 @@ def through(server: ServerProcess, mode: str, cut: Callable[[], None]) -> None:
     assert saw_503, "/healthz did not report the outage"
     assert server.proc.poll() is None
     assert "connected again" in server.log()
-
-
-async def _equals(value: Any, expected: int) -> bool:
-    return await value == expected
 
 
 def restart(redis: RedisServer) -> Callable[[], None]:
@@ -200,7 +197,7 @@ def test_past_publish_timeout_the_sender_is_told_as_before(
     async def scenario() -> dict[str, Any]:
         on_relay, on_mixed = await connect(relay), await connect(mixed)
         await asyncio.to_thread(redis_server.stop)
-        assert await wait_for(lambda: _down(relay, mixed))
+        assert await eventually(lambda: _down(relay, mixed), 15)
         started = time.monotonic()
         await on_relay.write_message("lost")
         await on_mixed.write_message(json.dumps({"type": "broadcast", "payload": "lost"}))
@@ -211,7 +208,7 @@ def test_past_publish_timeout_the_sender_is_told_as_before(
         api_status, api_body = await api
         await asyncio.sleep(max(0.0, 3.0 - (time.monotonic() - started)))
         await asyncio.to_thread(redis_server.start)
-        assert await wait_for(lambda: _up(relay, mixed), 20)
+        assert await eventually(lambda: _up(relay, mixed), 20)
         await on_mixed.write_message(json.dumps({"type": "broadcast", "payload": "after"}))
         after = [json.loads(await read(on_mixed)) for _ in range(2)]
         on_mixed.close()
@@ -249,7 +246,7 @@ def test_the_publish_api_waits_for_redis_to_come_back(
 
     async def scenario() -> tuple[int, dict[str, Any], float]:
         await asyncio.to_thread(redis_server.stop)
-        assert await wait_for(lambda: _down(server))
+        assert await eventually(lambda: _down(server), 15)
         started = time.monotonic()
         api = asyncio.ensure_future(asyncio.to_thread(post, server, "waited"))
         await asyncio.sleep(1.0)
@@ -282,7 +279,7 @@ def test_a_connection_may_not_have_more_than_max_queue_bytes_waiting(
     async def scenario() -> tuple[int | None, str | None, float]:
         sender = await connect(server)
         await asyncio.to_thread(redis_server.stop)
-        assert await wait_for(lambda: _down(server))
+        assert await eventually(lambda: _down(server), 15)
         started = time.monotonic()
         await sender.write_message("a" * 600)  # waits
         await sender.write_message("b" * 600)  # would make 1200 bytes waiting
@@ -308,7 +305,7 @@ def test_the_process_may_not_have_more_than_max_waiting_bytes_waiting(
         broker.publish_timeout = 30
         await broker.start(lambda envelope: None)
         await asyncio.to_thread(redis_server.stop)
-        assert await wait_for(lambda: _async(not broker.healthy))
+        assert await eventually(lambda: not broker.healthy, 15)
         waiting = broker.publish(Envelope("room", b"a" * 600, False, "one"))
         with pytest.raises(BrokerUnavailable, match="1000 bytes wait already"):
             broker.publish(Envelope("room", b"b" * 600, False, "two"))
@@ -318,7 +315,3 @@ def test_the_process_may_not_have_more_than_max_waiting_bytes_waiting(
         return offset
 
     assert run(scenario(), timeout=60) == 1
-
-
-async def _async(value: bool) -> bool:
-    return value

@@ -22,7 +22,7 @@ from echoserver.web.redact import REDACTED, redact
 from echoserver.wire.handshake import origin_allowed
 from echoserver.wire.hosts import HostPolicy, Throttle
 from tests.conftest import make_settings
-from tests.test_browser import Server, Tab, browser  # noqa: F401 (a fixture)
+from tests.test_browser import Tab, browser, start_server  # noqa: F401 (a fixture)
 from tests.test_security import Handshake, status_of
 
 TOKEN = "T0ken-for-the-clients.7f3a"
@@ -440,7 +440,7 @@ def test_any_host_on_a_server_listening_everywhere(run_server):
 @pytest.mark.parametrize("protect_reads", [False, True])
 def test_page_works_under_its_policy(browser, protect_reads):  # noqa: F811
     args = ("--api-key", API_KEY, "--api-protect-reads") if protect_reads else ()
-    server = Server("broadcast", extra_args=args).start()
+    server = start_server("broadcast", *args)
     opened: list[Tab] = []
     try:
         for _ in range(2):

@@ -13,6 +13,7 @@ import pytest
 from echoserver.brokers import Backlog, BrokerUnavailable, Envelope, MemoryBroker
 from echoserver.fanout.delivery import Delivery, Replay
 from echoserver.fanout.hub import Hub
+from tests.conftest import run
 
 
 class Recorder:
@@ -36,10 +37,6 @@ class Recorder:
 
     def close_slow(self) -> None:
         self.closed = True
-
-
-def run(coroutine):
-    return asyncio.run(coroutine)
 
 
 def test_fan_out_reaches_every_member_of_the_channel_only():

@@ -4,40 +4,21 @@ clearly what to raise when the hard limit stops short."""
 from __future__ import annotations
 
 import resource
-import subprocess
-import sys
-import time
 
-from tests.conftest import ROOT
+from tests.servers import ServerProcess
 
 
 def start_with_file_limit(soft: int, hard: int, *args: str) -> str:
-    """Start a server under this RLIMIT_NOFILE, stop it once ready; its log."""
+    """Start a server under this RLIMIT_NOFILE, stop it once ready; its log up to then."""
 
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "echoserver", "--port", "0", *args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        preexec_fn=limit,
-    )
-    assert proc.stdout is not None
-    lines = []
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if " page http" in line:
-            break
-    proc.terminate()
-    proc.wait(10)
-    return "".join(lines)
+    server = ServerProcess(list(args), preexec_fn=limit)
+    try:
+        return server.wait_ready().log()
+    finally:
+        server.stop()
 
 
 def test_a_hard_limit_below_max_connections_is_named_with_what_to_raise() -> None:

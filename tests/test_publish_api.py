@@ -8,7 +8,6 @@ Most tests drive an in-process app through pytest-tornado; the last ones run a r
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -22,8 +21,9 @@ from echoserver import config
 from echoserver.brokers import BrokerUnavailable, Envelope, MemoryBroker
 from echoserver.config import Settings
 from echoserver.web.app import make_app
-from tests.conftest import ROOT, make_settings, metric, wait_until
+from tests.conftest import make_settings, metric, wait_until
 from tests.redis_server import redis_server
+from tests.servers import run_once
 
 __all__ = ["redis_server"]  # the fixture
 
@@ -295,13 +295,8 @@ def test_a_backend_publishes_to_a_real_server_with_the_key_from_the_environment(
 
 
 def test_print_config_hides_the_api_key() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "echoserver", "--api-key", KEY, "--print-config"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={"PATH": "/usr/bin:/bin"},
+    proc = run_once(
+        "--api-key", KEY, "--print-config", env={"PATH": "/usr/bin:/bin"}, inherit=False
     )
     assert proc.returncode == 0, proc.stderr
     assert KEY not in proc.stdout

@@ -19,8 +19,9 @@ import pytest
 from tornado.httpclient import HTTPClientError
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-from tests.conftest import ServerProcess, run
+from tests.conftest import run
 from tests.redis_server import RedisServer, redis_server
+from tests.servers import ServerProcess
 
 __all__ = ["redis_server"]  # the fixture
 
@@ -92,7 +93,9 @@ def test_since_replays_what_was_missed_then_live(run_server: Any) -> None:
     assert [m["payload"] for m in got] == list(range(7))
 
 
-def test_since_older_than_the_history_is_not_recovered(run_server: Any) -> None:
+def test_since_older_than_the_history_replays_what_is_kept_marked_not_recovered(
+    run_server: Any,
+) -> None:
     server = mixed(run_server, "--history", "3")
 
     async def scenario() -> tuple[dict[str, Any], list[dict[str, Any]]]:

@@ -19,6 +19,7 @@ from echoserver.brokers.base import Envelope
 from echoserver.brokers.redis_base import RedisOptions
 from echoserver.brokers.redis_cluster import RedisClusterBroker
 from echoserver.brokers.redis_wire import KeyNames
+from tests.conftest import equals, eventually, fetch_json, run
 from tests.redis_cluster import (
     LocalCluster,
     clean_redis_cluster,
@@ -26,8 +27,8 @@ from tests.redis_cluster import (
     redis_cluster,
     tls_redis_cluster,
 )
-from tests.test_broker_contract import Recorder, _async, eventually, offset, publish, run
-from tests.test_cluster import _all, _is, _status, connect, get_json, members, read, wait_for
+from tests.test_broker_contract import Recorder, offset, publish
+from tests.test_cluster import _all, _status, connect, members, read
 
 __all__ = ["clean_redis_cluster", "own_redis_cluster", "redis_cluster", "tls_redis_cluster"]
 
@@ -180,12 +181,12 @@ def test_a_killed_primary_fails_over_and_delivery_resumes(
         # Publishes in flight on a surviving shard when the primary dies.
         in_flight = [a.publish(Envelope(survivor, b"%d" % n, False)) for n in range(100)]
         await asyncio.to_thread(cluster.kill, victim)
-        assert await eventually(_async(lambda: not a.healthy and not b.healthy), 10)
+        assert await eventually(lambda: not a.healthy and not b.healthy, 10)
         reason = a.health_reason
         waited = a.publish(Envelope(doomed, b"waited", False))  # waits for the failover
         own_count = await a.presence.count(doomed)  # its own members, while it cannot ask
 
-        assert await eventually(_async(lambda: a.healthy and b.healthy), 30)
+        assert await eventually(lambda: a.healthy and b.healthy, 30)
         outcomes = await asyncio.gather(*(offset(p) for p in in_flight), return_exceptions=True)
         waited_offset = await offset(waited)
         after = await publish(b, Envelope(doomed, b"after", False))
@@ -242,7 +243,7 @@ def test_two_servers_share_broadcasts_through_the_cluster_and_outlive_a_failover
 
     async def scenario() -> dict[str, Any]:
         on_a, on_b = await connect(a), await connect(b)
-        assert await wait_for(lambda: _is(members(a), 2))
+        assert await eventually(lambda: equals(members(a), 2), 15)
         await broadcast(on_a, "from a")
         await broadcast(on_b, "from b")
         # Each sees both (its own message, then its broadcastResult, and the other's).
@@ -250,9 +251,9 @@ def test_two_servers_share_broadcasts_through_the_cluster_and_outlive_a_failover
         got_b = [json.loads(await read(on_b)) for _ in range(3)]
 
         await asyncio.to_thread(cluster.kill, victim)
-        assert await wait_for(lambda: _all(_status(a, 503), _status(b, 503)), 15)
-        status, health = await asyncio.to_thread(get_json, a.url + "/healthz")
-        assert await wait_for(lambda: _all(_status(a, 200), _status(b, 200)), 30)
+        assert await eventually(lambda: _all(_status(a, 503), _status(b, 503)), 15)
+        status, health = await asyncio.to_thread(fetch_json, a.url + "/healthz")
+        assert await eventually(lambda: _all(_status(a, 200), _status(b, 200)), 30)
         # The clients stayed connected through it; delivery resumed by itself.
         await broadcast(on_b, "after")
         after_a = json.loads(await read(on_a))

@@ -11,8 +11,6 @@ import json
 import signal
 import socket
 import struct
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -23,7 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
 
-from tests.conftest import ROOT, fetch, run, wait_until
+from tests.conftest import fetch, run, wait_until
+from tests.servers import run_once
 from tests.wspeer import Peer
 from tests.wsraw import build_frame, close_payload
 
@@ -193,13 +192,7 @@ def test_uncaught_errors_are_json_too():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = subprocess.run(
-            [sys.executable, "-m", "echoserver", "--port", str(port), "--log-format", "json"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        result = run_once("--port", str(port), "--log-format", "json")
     assert result.returncode != 0
     records = parse_json_lines((result.stdout + result.stderr).splitlines())
     assert any("Address already in use" in r.get("exception", "") for r in records)

@@ -20,9 +20,10 @@ from typing import Any
 import pytest
 from websockets.sync.client import connect as ws_connect
 
-from tests.conftest import ServerProcess, fetch, wait_until
+from tests.conftest import fetch, wait_until
 from tests.redis_server import RedisServer, redis_server
-from tests.test_browser import Server, browser
+from tests.servers import ServerProcess
+from tests.test_browser import browser, start_server
 
 __all__ = ["browser", "redis_server"]  # fixtures
 
@@ -255,8 +256,8 @@ def test_eventsource_in_chromium_recovers_by_itself(
     server publishes; the browser's EventSource reconnects with Last-Event-ID and gets
     every message exactly once, in order, from the history kept in Redis."""
     common = ("--broker", redis_server.url, "--history", "1000", "--api-key", KEY)
-    a = Server("broadcast", extra_args=common).start()
-    b = Server("broadcast", extra_args=common).start()
+    a = start_server("broadcast", *common)
+    b = start_server("broadcast", *common)
     page = browser.new_page()
     try:
         page.goto(a.url + "/healthz")
@@ -273,7 +274,7 @@ def test_eventsource_in_chromium_recovers_by_itself(
         a.kill()
         for n in range(101, 301):  # published while the browser's server is away
             publish_to(b, f"m{n}")
-        a.start()
+        a.restart().wait_healthy()  # the same port
         for n in range(301, 401):
             publish_to(b, f"m{n}")
         page.wait_for_function("window.got.length >= 400", timeout=30_000)
@@ -287,7 +288,7 @@ def test_eventsource_in_chromium_recovers_by_itself(
     assert got == [[str(n), f"m{n}"] for n in range(1, 401)]
 
 
-def publish_to(server: Server, text: str) -> None:
+def publish_to(server: ServerProcess, text: str) -> None:
     request = urllib.request.Request(
         f"{server.url}/api/channels/news/messages",
         data=text.encode(),

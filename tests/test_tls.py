@@ -23,6 +23,7 @@ from tornado.websocket import websocket_connect
 
 from tests.certs import make_certificate
 from tests.conftest import fetch, open_connections, run, wait_until
+from tests.servers import run_once
 from tests.wspeer import Peer
 from tests.wsraw import build_frame, close_payload
 
@@ -217,20 +218,10 @@ def test_wss_abrupt_drops_free_their_connections(tls_server, client_context):
 
 def test_tls_files_are_checked_at_startup(tmp_path: Path):
     """A certificate that cannot be read is a config error (exit 2, one line)."""
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
     missing = tmp_path / "missing.pem"
-    result = subprocess.run(
-        [sys.executable, "-m", "echoserver", "--tls-certfile", str(missing),
-         "--tls-keyfile", str(missing), "--check-config"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )  # fmt: skip
+    result = run_once(
+        "--tls-certfile", str(missing), "--tls-keyfile", str(missing), "--check-config"
+    )
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1
     assert "tls.certfile" in result.stderr

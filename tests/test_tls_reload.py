@@ -17,7 +17,8 @@ from cryptography import x509
 from websockets.sync.client import connect
 
 from tests.certs import make_certificate
-from tests.conftest import ServerProcess, wait_until
+from tests.conftest import wait_until
+from tests.servers import ServerProcess
 
 LOOPS = pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 
