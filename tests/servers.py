@@ -66,6 +66,9 @@ class ServerProcess:
     It listens on `port` (0: any free one, learnt from the "page" log line) and runs on
     SERVER_LOOP unless `loop` says otherwise (None: the server's own choice). `log_dir` also
     writes the log to a file there; `preexec_fn` runs in the child before it starts.
+    `program` runs another Python program serving echoserver instead (an example: its
+    arguments after the interpreter; `port` is then its own), ready when a line matches
+    `ready` (groups: scheme, host, port).
     """
 
     def __init__(
@@ -79,8 +82,11 @@ class ServerProcess:
         loop: str | None = SERVER_LOOP,
         log_dir: Path | None = None,
         preexec_fn: Callable[[], None] | None = None,
+        program: list[str] | None = None,
+        ready: re.Pattern[str] = READY,
     ) -> None:
         self.args = list(args)
+        self.program, self.ready = program, ready
         self.env = server_env(env)
         self.env.setdefault("PYTHONUNBUFFERED", "1")
         self.cwd, self.python, self.loop = cwd, python, loop
@@ -93,8 +99,9 @@ class ServerProcess:
 
     def _launch(self) -> None:
         loop = ["--loop", self.loop] if self.loop else []
+        ours = ["-m", "echoserver", "--port", str(self.port), *loop, *self.args]
         self.proc = subprocess.Popen(
-            [self.python, "-m", "echoserver", "--port", str(self.port), *loop, *self.args],
+            [self.python, *(ours if self.program is None else self.program)],
             cwd=self.cwd,
             env=self.env,
             stdin=subprocess.DEVNULL,
@@ -116,7 +123,7 @@ class ServerProcess:
             if self.log_file is not None:
                 with self.log_file.open("a") as log:
                     log.write(line)
-            match = READY.search(line)
+            match = self.ready.search(line)
             if match and not ready.is_set():
                 self.scheme, self.port = match.group(1), int(match.group(3))
                 ready.set()

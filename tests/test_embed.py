@@ -10,12 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
+import re
 import signal
-import socket
-import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 
 import pytest
@@ -27,6 +23,8 @@ from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from echoserver import embed
 from tests.conftest import ROOT, SERVER_LOOP, fetch, run
+from tests.redis_server import free_port
+from tests.servers import ServerProcess
 
 EXAMPLE = ROOT / "examples" / "embed.py"
 # The example on the chosen loop: as `python examples/embed.py PORT`, uvloop installed first.
@@ -36,72 +34,28 @@ UVLOOP_FIRST = (
 )
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Example:
-    """`python examples/embed.py PORT` in a subprocess, its output collected."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ECHOSERVER_")}
-        env["PYTHONUNBUFFERED"] = "1"
-        command = [sys.executable, str(EXAMPLE), str(self.port)]
-        if SERVER_LOOP == "uvloop":
-            command[1:1] = ["-c", UVLOOP_FIRST]
-        self.proc = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self.ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-            if line.startswith("listening on"):
-                self.ready.set()
-        self.ready.set()
-
-    def stop(self, timeout: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+# The example is up once it says where it listens.
+EXAMPLE_READY = re.compile(r"listening on (http)://(127\.0\.0\.1):(\d+)/hello")
 
 
 @pytest.fixture
-def example() -> Iterator[Example]:
-    started = Example()
+def example() -> Iterator[ServerProcess]:
+    port = free_port()
+    program = [str(EXAMPLE), str(port)]
+    if SERVER_LOOP == "uvloop":
+        program[0:0] = ["-c", UVLOOP_FIRST]
+    started = ServerProcess([], port=port, program=program, ready=EXAMPLE_READY)
     try:
-        if not started.ready.wait(15) or started.proc.poll() is not None:
-            raise RuntimeError("the example did not start:\n" + "\n".join(started.lines))
-        yield started
+        yield started.wait_ready()
     finally:
-        if started.proc.poll() is None:
-            started.proc.kill()
-            started.proc.wait()
+        started.kill()
 
 
 async def receive(client: WebSocketClientConnection, timeout: float = 5.0) -> str | bytes | None:
     return await asyncio.wait_for(client.read_message(), timeout)
 
 
-def test_the_example_serves_hello_and_broadcast_under_rt(example: Example) -> None:
+def test_the_example_serves_hello_and_broadcast_under_rt(example: ServerProcess) -> None:
     base = f"127.0.0.1:{example.port}"
     assert fetch(f"http://{base}/hello")[2] == b"hello"
     health = json.loads(fetch(f"http://{base}/rt/healthz")[2])
@@ -131,10 +85,10 @@ def test_the_example_serves_hello_and_broadcast_under_rt(example: Example) -> No
         return code
 
     assert run(scenario()) == 1009
-    assert example.stop() == 0, "\n".join(example.lines)
+    assert example.stop() == 0, example.log()
 
 
-def test_sigterm_closes_the_clients_with_1001_and_exits_0(example: Example) -> None:
+def test_sigterm_closes_the_clients_with_1001_and_exits_0(example: ServerProcess) -> None:
     async def scenario() -> int | None:
         client = await websocket_connect(f"ws://127.0.0.1:{example.port}/rt/ws/news")
         client.write_message("hi")
@@ -144,7 +98,7 @@ def test_sigterm_closes_the_clients_with_1001_and_exits_0(example: Example) -> N
         return client.close_code
 
     assert run(scenario()) == 1001
-    assert example.proc.wait(15) == 0, "\n".join(example.lines)
+    assert example.proc.wait(15) == 0, example.log()
 
 
 class Hello(tornado.web.RequestHandler):
