@@ -50,9 +50,6 @@ from echoserver.brokers.redis_base import (
 from echoserver.brokers.redis_presence import COUNT_SCRIPT, RedisPresence
 from echoserver.brokers.redis_wire import (
     BACKLOG_SCRIPT,
-    decode,
-    decode_kept,
-    encode,
     publish_script,
     sha1,
 )
@@ -60,8 +57,7 @@ from echoserver.brokers.redis_wire import (
 _PUBLISH = publish_script(b"PUBLISH")
 _SCRIPTS = {sha1(body): body for body in (_PUBLISH, BACKLOG_SCRIPT, COUNT_SCRIPT)}
 
-# Kept importable from here: the wire format's functions.
-__all__ = ["RedisBroker", "decode", "decode_kept", "encode"]
+__all__ = ["RedisBroker"]
 
 
 class RedisBroker(PipelinedRedisBroker):
