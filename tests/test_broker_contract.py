@@ -27,9 +27,10 @@ import pytest
 from echoserver.brokers import create_broker
 from echoserver.brokers.base import Backlog, Broker, BrokerUnavailable, Envelope, Published
 from echoserver.brokers.memory import MemoryBroker
-from echoserver.brokers.redis import RedisBroker, decode, encode
+from echoserver.brokers.redis import RedisBroker
 from echoserver.brokers.redis_base import RedisOptions
 from echoserver.brokers.redis_cluster import RedisClusterBroker
+from echoserver.brokers.redis_wire import decode, encode
 from echoserver.fanout.delivery import Delivery
 from echoserver.fanout.hub import Hub
 from tests.conftest import equals, eventually, run

@@ -112,12 +112,6 @@ def test_the_server_can_ask_for_no_context_takeover_itself():
     assert agreement.deflater().shared
 
 
-def test_tornado_compression_options_are_honoured():
-    agreement = negotiate(PMD, options={"compression_level": 1, "mem_level": 9})
-    assert agreement is not None
-    assert (agreement.level, agreement.mem_level) == (1, 9)
-
-
 def test_parse_extensions():
     header = 'a; b; c=1; d="x\\y", bad;;, e ; f = "2"'
     assert parse_extensions(header) == [

@@ -16,17 +16,14 @@ __all__ = [
 ]
 
 
-def create_broker(
-    url: str, *, history: int = 0, history_ttl: float = 0.0, history_bytes: int = 1 << 20
-) -> Broker:
-    """The broker named by the `broadcast.broker` setting, keeping `history` per channel
-    (at most `history_bytes` of payload) for at most `history_ttl` seconds (0 = no age
-    limit). The hub may set these (and the other bounds) on the broker it is given."""
+def create_broker(url: str) -> Broker:
+    """The broker named by the `broadcast.broker` setting. Its history and other bounds are
+    the hub's to set (Hub sets them on the broker it is given)."""
     if url == "memory":
-        return MemoryBroker(history=history, history_ttl=history_ttl, history_bytes=history_bytes)
+        return MemoryBroker()
     from echoserver.brokers.redis_base import RedisOptions
 
-    options = RedisOptions(history=history, history_ttl=history_ttl, history_bytes=history_bytes)
+    options = RedisOptions()
     if url.startswith(("redis-cluster://", "rediss-cluster://")):
         from echoserver.brokers.redis_cluster import RedisClusterBroker
 

@@ -48,14 +48,8 @@ from echoserver.brokers.redis_base import (
     log,
 )
 from echoserver.brokers.redis_presence import COUNT_SCRIPT, RedisPresence
-from echoserver.brokers.redis_wire import (
-    decode,
-    decode_kept,
-    encode,
-)
 
-# Kept importable from here: the wire format's functions.
-__all__ = ["RedisBroker", "decode", "decode_kept", "encode"]
+__all__ = ["RedisBroker"]
 
 
 class RedisBroker(PipelinedRedisBroker):

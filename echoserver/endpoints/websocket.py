@@ -15,7 +15,6 @@ import asyncio
 import functools
 import json
 import logging
-import time
 from collections.abc import Awaitable
 
 from echoserver.brokers import BrokerUnavailable
@@ -23,17 +22,16 @@ from echoserver.endpoints.access import RequestRecord, write_access_line
 from echoserver.endpoints.admission import AdmittedHandler
 from echoserver.endpoints.occupancy import Slot
 from echoserver.fanout.delivery import Replay
+from echoserver.transport.assembly import new_connection
 from echoserver.transport.connection import WebSocketConnection
-from echoserver.transport.tornado_seam import forget_response, websocket_mask
-from echoserver.wire import deflate
-from echoserver.wire.framing import CloseCode, FrameParser
+from echoserver.transport.tornado_seam import forget_response
+from echoserver.wire.framing import CloseCode
 from echoserver.wire.handshake import (
     VERSIONS,
     Refusal,
     accept_value,
     check_upgrade,
 )
-from echoserver.wire.protocol import ServerProtocol
 
 log = logging.getLogger("echoserver.ws")
 
@@ -43,27 +41,6 @@ MAX_PUBLISHES_IN_FLIGHT = 64
 NO_PATH_ARGS: list[str] = []
 NO_PATH_KWARGS: dict[str, str] = {}
 NO_HEADERS: list[tuple[str, str]] = []  # never appended to (see add_upgrade_header)
-
-
-class RateLimit:
-    """A token bucket: `rate` messages a second, bursts of up to one second's worth."""
-
-    __slots__ = ("_last", "_tokens", "burst", "rate")
-
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self.burst = max(1.0, rate)
-        self._tokens = self.burst
-        self._last = time.monotonic()
-
-    def allow(self) -> bool:
-        now = time.monotonic()
-        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
-        self._last = now
-        if self._tokens < 1.0:
-            return False
-        self._tokens -= 1.0
-        return True
 
 
 class BaseSocket(AdmittedHandler):
@@ -151,24 +128,17 @@ class BaseSocket(AdmittedHandler):
 
     def _new_connection(self) -> WebSocketConnection:
         server = self.server
-        ws = server.config.websocket
-        # Tornado's C unmasking: the hot path of every client frame.
-        parser = FrameParser(ws.max_message_size, unmask=websocket_mask)
-        deflater = None
-        if ws.compression:
-            agreement = deflate.negotiate(
-                self.request.headers.get("Sec-WebSocket-Extensions"),
-                # Every message compressed alone (RFC 7692 7.1.1.1 lets the server ask): one
-                # deflated frame then serves every receiver with the same window.
-                server_no_context_takeover=self.shares_frames,
-            )
-            if agreement is not None:
-                self.add_upgrade_header("Sec-WebSocket-Extensions", agreement.response())
-                deflater = agreement.deflater()
-                parser.decompress = agreement.inflater(ws.max_message_size).decompress
-        limit = RateLimit(ws.rate_limit) if ws.rate_limit > 0 else None
-        protocol = ServerProtocol(parser, deflater)
-        return WebSocketConnection(self, protocol, server.flusher, server.keepalive, limit)
+        connection, extensions = new_connection(
+            self,
+            server.config.websocket,
+            server.flusher,
+            server.keepalive,
+            self.request.headers.get("Sec-WebSocket-Extensions"),
+            shares_frames=self.shares_frames,
+        )
+        if extensions is not None:
+            self.add_upgrade_header("Sec-WebSocket-Extensions", extensions)
+        return connection
 
     async def before_upgrade(self, channel: str) -> None:
         """Runs before the 101 is sent: what a client may count on once it has its 101."""

@@ -43,11 +43,9 @@ from echoserver.wire.framing import (
     FAIL,
     MESSAGE,
     OP_BINARY,
-    OP_TEXT,
     PONG,
     CloseCode,
     Event,
-    encode_frame,
 )
 from echoserver.wire.protocol import CLOSED, OPEN, ServerProtocol
 from echoserver.wire.shared import SharedMessage
@@ -193,7 +191,7 @@ class WebSocketConnection:
             self.endpoint.on_open()
         except Exception:
             log.exception("opening %s failed", self.endpoint.peer)
-            self._abort()
+            self._finish(reset=True)
             return
         if self._lost:
             return
@@ -210,7 +208,7 @@ class WebSocketConnection:
         if isinstance(stream, tornado.iostream.SSLIOStream):
             io = StreamIO(stream, self, self.connection_lost)
             self.transport = io
-            if self.protocol.out:  # queued before the 101 (a channel's replayed history)
+            if self.protocol.buffered:  # queued before the 101 (a channel's replayed history)
                 self.flush()
             return io.read_loop()
         sock = stream.socket.dup()
@@ -227,7 +225,7 @@ class WebSocketConnection:
         self.transport = transport
         if self._paused:
             transport.pause_reading()
-        if self.protocol.out:
+        if self.protocol.buffered:
             self.flush()
         if not self._paused:
             self._feed_pending()
@@ -259,10 +257,13 @@ class WebSocketConnection:
                 self._handle_events(events, 0)
         finally:
             self._feeding = False
-            if protocol.out:
-                self.flush()
+            if protocol.buffered:
+                # flush(), inlined on the hot path: the transport exists while it feeds us,
+                # and a lost connection's protocol holds nothing.
+                self._dirty = False
+                self.transport.write(protocol.data_to_send())  # type: ignore[union-attr]
         if protocol.state != OPEN:
-            self._closing()
+            self._after_close_sent()
 
     def _handle_events(self, events: list[Event], index: int) -> None:
         protocol = self.protocol
@@ -322,10 +323,10 @@ class WebSocketConnection:
                 self._handle_events(*backlog)
             finally:
                 self._feeding = False
-                if self.protocol.out:
+                if self.protocol.buffered:
                     self.flush()
             if self.protocol.state != OPEN:
-                self._closing()
+                self._after_close_sent()
         if self._backlog is None:
             self.resume_reading(PAUSED_HANDLER)
 
@@ -347,23 +348,17 @@ class WebSocketConnection:
 
     # --- writing -------------------------------------------------------------------------
 
-    # send_frame is the hot path (a call per message costs a measurable share of an echo):
-    # it queues into the protocol's `out` itself rather than calling
-    # ServerProtocol.send_frame, which does the same for the protocol's own frames.
+    # The protocol frames and queues; the connection only marks itself with the flusher, so
+    # that what was queued outside a read leaves in this loop pass (inside a read, feed()
+    # writes once at its end).
 
-    def send_frame(self, frame: bytes) -> None:
-        """Queue an encoded frame; it leaves with the others queued this loop pass."""
-        protocol = self.protocol
-        protocol.out.append(frame)
-        protocol.out_size += len(frame)
+    def send(self, payload: bytes, binary: bool) -> None:
+        """Queue one message (text payloads must already be UTF-8)."""
+        self.protocol.send_message(payload, binary)
         if not self._dirty:
             self._dirty = True
             if not self._feeding:
                 self.flusher.mark(self)
-
-    def send(self, payload: bytes, binary: bool) -> None:
-        """Queue one message (text payloads must already be UTF-8)."""
-        self.send_frame(self.protocol.encode(payload, binary))
 
     def ping(self) -> None:
         self.protocol.ping()
@@ -376,19 +371,13 @@ class WebSocketConnection:
                 self.flusher.mark(self)
 
     def flush(self) -> None:
+        """Write what the protocol has queued, in one write."""
         self._dirty = False
-        protocol = self.protocol
         if self.transport is None:
             return  # kept until the transport exists (transport_made flushes)
-        if self._lost:
-            protocol.out.clear()
-            protocol.out_size = 0
-            return
-        out = protocol.out
-        if out:
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
-            out.clear()
-            protocol.out_size = 0
+        protocol = self.protocol
+        if protocol.buffered:
+            self.transport.write(protocol.data_to_send())
 
     # --- as a hub subscriber -------------------------------------------------------------
 
@@ -406,7 +395,11 @@ class WebSocketConnection:
             frame = self._frame_for(delivery)
             if frame is None:
                 return
-        self.send_frame(frame)
+        protocol.send_frame(frame)
+        if not self._dirty:
+            self._dirty = True
+            if not self._feeding:
+                self.flusher.mark(self)
 
     def _frame_for(self, delivery: SharedMessage) -> bytes | None:
         """This receiver's frame of a delivery: the shared one, encoded (or deflated) by
@@ -419,8 +412,7 @@ class WebSocketConnection:
             data = delivery.data if self.render is None else self.render(delivery)
             if data is None:
                 return None
-            opcode = OP_BINARY if delivery.binary else OP_TEXT
-            frame = delivery.frame = encode_frame(opcode, data)
+            frame = delivery.frame = self.protocol.encode(data, delivery.binary)
         return frame
 
     def _deflated_frame(self, delivery: SharedMessage, deflater: Deflater) -> bytes | None:
@@ -433,8 +425,7 @@ class WebSocketConnection:
         data = delivery.data if self.render is None else self.render(delivery)
         if data is None:
             return None
-        opcode = OP_BINARY if delivery.binary else OP_TEXT
-        frame = encode_frame(opcode, deflater.compress(data), True)
+        frame = self.protocol.encode(data, delivery.binary)
         if shared:  # without context takeover the same bytes serve every such receiver
             delivery.deflated = (deflater.window_bits, frame)
         return frame
@@ -442,20 +433,26 @@ class WebSocketConnection:
     def queued_bytes(self) -> int:
         """Bytes queued for this peer that it has not taken yet."""
         if self.transport is None:
-            return self.protocol.out_size
-        return self.protocol.out_size + self.transport.get_write_buffer_size()
+            return self.protocol.buffered
+        return self.protocol.buffered + self.transport.get_write_buffer_size()
 
     def close_slow(self) -> None:
         self.close(CloseCode.TRY_AGAIN_LATER, "receiving too slowly")
 
     # --- closing -------------------------------------------------------------------------
+    #
+    # One path: close() (or fail(), or close_now()) queues our close frame through the
+    # protocol, then _after_close_sent() reads on until the peer's close frame
+    # (_feed_closing) or the closing timeout; every way out ends in _finish(), the one place
+    # the socket is closed (gracefully, or reset); connection_lost() is the transport
+    # telling us it is gone, and tells the endpoint.
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
-        """Start the closing handshake (once)."""
+        """Start the closing handshake (once): send our close frame, wait for the peer's."""
         if self.protocol.state == OPEN and not self._lost:
             self.protocol.close(code, reason)
             self.flush()
-            self._closing()
+            self._after_close_sent()
 
     def fail(self, code: int, reason: str) -> None:
         """The peer broke a rule or a policy: close with `code`, logged."""
@@ -463,13 +460,18 @@ class WebSocketConnection:
             log.info("closing %s with %d: %s", self.endpoint.peer, code, reason)
         self.close(code, reason)
 
-    def give_up(self, code: int, reason: str) -> None:
-        """Send the close frame and close without waiting for a peer that is not there."""
+    def close_now(self, code: int, reason: str) -> None:
+        """Send our close frame and close the socket without waiting for the peer's (a peer
+        that does not answer pings is not there to answer)."""
         log.info("closing %s with %d: %s", self.endpoint.peer, code, reason)
         self.protocol.close(code, reason)
-        self.protocol.give_up()
+        self.protocol.end()
         self.flush()
-        self._closing()
+        self._after_close_sent()
+
+    def abort(self) -> None:
+        """The HTTP side saw the connection go (before the take-over finished)."""
+        self._finish(reset=True)
 
     def is_closing(self) -> bool:
         return self.protocol.state != OPEN  # CLOSED once the socket is lost, too
@@ -479,18 +481,18 @@ class WebSocketConnection:
             log.exception("handling a message from %s failed", self.endpoint.peer)
         self.close(CloseCode.INTERNAL_ERROR, "internal error")
 
-    def _closing(self) -> None:
-        """The protocol left OPEN: read until the peer closes, or close the socket."""
+    def _after_close_sent(self) -> None:
+        """The protocol left OPEN: read until the peer closes, or close the socket now."""
         if self._lost:
             return
         if self.protocol.state == CLOSED:
-            self._close_transport()
+            self._finish()
         else:
             self._read_until_peer_closes()
         if self._closing_timer is None:
             # Also bounds a close that waits behind data the peer does not read.
             loop = asyncio.get_running_loop()
-            self._closing_timer = loop.call_later(CLOSING_TIMEOUT, self._abort)
+            self._closing_timer = loop.call_later(CLOSING_TIMEOUT, self._finish, True)
 
     def _read_until_peer_closes(self) -> None:
         """Whatever paused reading, the peer's close frame must be read."""
@@ -510,42 +512,42 @@ class WebSocketConnection:
         """
         protocol = self.protocol
         protocol.receive(data)
-        if protocol.state == CLOSED:
-            self._close_transport()
+        if protocol.state == CLOSED:  # the peer's close frame
+            self._finish()
         elif protocol.discarding:
             self._wait_for_quiet()
 
     def _wait_for_quiet(self) -> None:
-        """The peer's frames can no longer be parsed: close once it has fallen quiet."""
+        """The peer's frames can no longer be parsed (after a 1002): close once it has sent
+        nothing for CLOSING_QUIET, so that nothing is left unread to turn the close into a
+        reset."""
         if self._quiet_timer is not None:
             self._quiet_timer.cancel()
         loop = asyncio.get_running_loop()
-        self._quiet_timer = loop.call_later(CLOSING_QUIET, self._peer_fell_quiet)
+        self._quiet_timer = loop.call_later(CLOSING_QUIET, self._finish)
 
-    def _peer_fell_quiet(self) -> None:
-        self._quiet_timer = None
-        self.protocol.give_up()
-        self._close_transport()
-
-    def _close_transport(self) -> None:
-        if self.transport is not None and not self._lost:
-            self.transport.close()  # after what is buffered has been sent
-
-    def _abort(self) -> None:
-        """Reset the connection: nothing it still holds in the kernel is kept or sent."""
-        self._closing_timer = None
-        self.protocol.give_up()
-        if self.transport is not None and not self._lost:
-            reset_on_close(self.transport)
-            self.transport.abort()
-        elif self.transport is None:
-            self.connection_lost()
-
-    def abort(self) -> None:
-        """The HTTP side saw the connection go (before the take-over finished)."""
-        self._abort()
+    def _finish(self, reset: bool = False) -> None:
+        """The one place the socket is closed: after what is buffered has been sent, or
+        with `reset` (the closing timeout, a failed open, the HTTP side's abort) at once,
+        dropping what the kernel still holds for it."""
+        self.protocol.end()
+        transport = self.transport
+        if reset:
+            timer, self._closing_timer = self._closing_timer, None
+            if timer is not None:
+                timer.cancel()  # a no-op when it is the timer that called
+        if transport is None:
+            if reset:
+                self.connection_lost()  # nothing to close: the stream was never taken over
+        elif not self._lost:
+            if reset:
+                reset_on_close(transport)
+                transport.abort()
+            else:
+                transport.close()
 
     def connection_lost(self) -> None:
+        """The transport is gone: stop the timers and tell the endpoint, once."""
         if self._lost:
             return
         self._lost = True
@@ -556,9 +558,7 @@ class WebSocketConnection:
         self.keepalive.discard(self)
         protocol = self.protocol
         code = protocol.close_code
-        protocol.give_up()
-        protocol.out.clear()
-        protocol.out_size = 0
+        protocol.end(discard_output=True)
         self.endpoint.on_connection_closed(code)
 
 

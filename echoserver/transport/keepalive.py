@@ -21,8 +21,8 @@ class Pingable(Protocol):
     def is_closing(self) -> bool:
         """True once the connection is closing or closed."""
 
-    def give_up(self, code: int, reason: str) -> None:
-        """Close without waiting for the peer."""
+    def close_now(self, code: int, reason: str) -> None:
+        """Send the close frame and close without waiting for the peer's."""
 
 
 class Keepalive:
@@ -62,7 +62,7 @@ class Keepalive:
                 for connection in pinged:
                     if connection.awaiting_pong and not connection.is_closing():
                         # As websockets does: 1011, and no wait for a peer that is not there.
-                        connection.give_up(
+                        connection.close_now(
                             CloseCode.INTERNAL_ERROR, f"no pong within {self.timeout}s"
                         )
                 await asyncio.sleep(max(0.0, started + self.interval - loop.time()))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import re
 import zlib
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,23 +141,18 @@ def negotiate(
     header: str | None,
     *,
     server_no_context_takeover: bool = False,
-    options: Mapping[str, Any] | None = None,
 ) -> Agreement | None:
     """The first acceptable permessage-deflate offer in `header`, or None (no compression).
 
     server_no_context_takeover: ask for it even when the client did not offer it (RFC 7692
-    7.1.1.1), so that every message compresses alone. `options` are Tornado's compression
-    options (`compression_level`, `mem_level`).
+    7.1.1.1), so that every message compresses alone.
     """
     if not header:
         return None
-    options = options or {}
-    level = int(options.get("compression_level", LEVEL))
-    mem_level = int(options.get("mem_level", MEM_LEVEL))
     for extension in parse_extensions(header):
         if extension is None or extension[0] != NAME:
             continue
-        agreement = _accept(extension[1], server_no_context_takeover, level, mem_level)
+        agreement = _accept(extension[1], server_no_context_takeover, LEVEL, MEM_LEVEL)
         if agreement is not None:
             return agreement
     return None

@@ -72,12 +72,6 @@ class CloseCode(IntEnum):
         return self.name.lower().replace("_", " ")
 
 
-CLOSE_NORMAL: Final = CloseCode.NORMAL
-CLOSE_PROTOCOL_ERROR: Final = CloseCode.PROTOCOL_ERROR
-CLOSE_NO_STATUS: Final = CloseCode.NO_STATUS
-CLOSE_INVALID_DATA: Final = CloseCode.INVALID_DATA
-CLOSE_TOO_BIG: Final = CloseCode.MESSAGE_TOO_BIG
-
 Event = tuple[int, int, bytes | str]
 
 # What a fragment costs while its message is open, beyond its payload: the bytes object's
@@ -207,7 +201,7 @@ class FrameParser:
             frame_end = pos + header + length
             if failure is not None:
                 events.append(failure)
-                if failure[1] == CLOSE_PROTOCOL_ERROR:
+                if failure[1] == CloseCode.PROTOCOL_ERROR:
                     self._lose()
                     return events
                 # Too big, but its length is known: skip it and follow the frames after it.
@@ -229,7 +223,7 @@ class FrameParser:
             if event is not None:
                 events.append(event)
                 if event[0] == FAIL:
-                    if first & 0x08 or event[1] == CLOSE_PROTOCOL_ERROR:  # a control frame
+                    if first & 0x08 or event[1] == CloseCode.PROTOCOL_ERROR:  # a control frame
                         self._lose()
                         return events
                     return events + self._stop(data, pos)
@@ -336,13 +330,13 @@ class FrameParser:
         """What breaks the framing itself (a message's rules no longer apply)."""
         opcode = first & 0x0F
         if not second & 0x80:
-            return (FAIL, CLOSE_PROTOCOL_ERROR, "client frame not masked")
+            return (FAIL, CloseCode.PROTOCOL_ERROR, "client frame not masked")
         if OP_BINARY < opcode < OP_CLOSE or opcode > OP_PONG:
-            return (FAIL, CLOSE_PROTOCOL_ERROR, f"reserved opcode {opcode:#x}")
+            return (FAIL, CloseCode.PROTOCOL_ERROR, f"reserved opcode {opcode:#x}")
         if opcode >= OP_CLOSE and (length > 125 or not first & 0x80 or first & 0x70):
-            return (FAIL, CLOSE_PROTOCOL_ERROR, "invalid control frame")
+            return (FAIL, CloseCode.PROTOCOL_ERROR, "invalid control frame")
         if length >> 63:
-            return (FAIL, CLOSE_PROTOCOL_ERROR, "64-bit payload length with its top bit set")
+            return (FAIL, CloseCode.PROTOCOL_ERROR, "64-bit payload length with its top bit set")
         return None
 
     def _is_plain_text(self, first: int) -> bool:
@@ -366,37 +360,38 @@ class FrameParser:
         if utf8_goes_on(self._text, self.unmask(mask, chunk), False):
             return []
         self.stop_messages()  # skips the rest of this frame
-        return [(FAIL, CLOSE_INVALID_DATA, "text message is not valid UTF-8")]
+        return [(FAIL, CloseCode.INVALID_DATA, "text message is not valid UTF-8")]
 
     def _check_header(self, first: int, second: int, length: int) -> Event | None:
         """Everything that can be judged before the payload has arrived."""
         opcode = first & 0x0F
         if not second & 0x80:
-            return (FAIL, CLOSE_PROTOCOL_ERROR, "client frame not masked")
+            return (FAIL, CloseCode.PROTOCOL_ERROR, "client frame not masked")
         rsv = first & 0x70
         if opcode >= OP_CLOSE:
             if opcode > OP_PONG:
-                return (FAIL, CLOSE_PROTOCOL_ERROR, f"reserved opcode {opcode:#x}")
+                return (FAIL, CloseCode.PROTOCOL_ERROR, f"reserved opcode {opcode:#x}")
             if rsv:
-                return (FAIL, CLOSE_PROTOCOL_ERROR, "reserved bits set on a control frame")
+                return (FAIL, CloseCode.PROTOCOL_ERROR, "reserved bits set on a control frame")
             if not first & 0x80:
-                return (FAIL, CLOSE_PROTOCOL_ERROR, "fragmented control frame")
+                return (FAIL, CloseCode.PROTOCOL_ERROR, "fragmented control frame")
             if length > 125:
-                return (FAIL, CLOSE_PROTOCOL_ERROR, "control frame over 125 bytes")
+                return (FAIL, CloseCode.PROTOCOL_ERROR, "control frame over 125 bytes")
             return None
         if opcode > OP_BINARY:
-            return (FAIL, CLOSE_PROTOCOL_ERROR, f"reserved opcode {opcode:#x}")
+            return (FAIL, CloseCode.PROTOCOL_ERROR, f"reserved opcode {opcode:#x}")
         if length >> 63:
-            return (FAIL, CLOSE_PROTOCOL_ERROR, "64-bit payload length with its top bit set")
+            return (FAIL, CloseCode.PROTOCOL_ERROR, "64-bit payload length with its top bit set")
         if rsv and not (rsv == 0x40 and opcode != OP_CONT and self.decompress is not None):
-            return (FAIL, CLOSE_PROTOCOL_ERROR, "reserved bits set")
+            return (FAIL, CloseCode.PROTOCOL_ERROR, "reserved bits set")
         if opcode == OP_CONT:
             if self._fragments is None:
-                return (FAIL, CLOSE_PROTOCOL_ERROR, "continuation without a message to continue")
+                reason = "continuation without a message to continue"
+                return (FAIL, CloseCode.PROTOCOL_ERROR, reason)
         elif self._fragments is not None:
-            return (FAIL, CLOSE_PROTOCOL_ERROR, "new message inside a fragmented message")
+            return (FAIL, CloseCode.PROTOCOL_ERROR, "new message inside a fragmented message")
         if self._fragments_size + length > self.max_size:
-            return (FAIL, CLOSE_TOO_BIG, f"message over {self.max_size} bytes")
+            return (FAIL, CloseCode.MESSAGE_TOO_BIG, f"message over {self.max_size} bytes")
         return None
 
     def _on_frame(self, first: int, payload: bytes) -> Event | None:
@@ -417,7 +412,7 @@ class FrameParser:
             done = self._checked
             self._checked = self._text_at = 0
             if not utf8_goes_on(self._text, payload[done:] if done else payload, bool(fin)):
-                return (FAIL, CLOSE_INVALID_DATA, "text message is not valid UTF-8")
+                return (FAIL, CloseCode.INVALID_DATA, "text message is not valid UTF-8")
             if fin:
                 self._text = None
         if not fin:
@@ -441,11 +436,11 @@ class FrameParser:
             try:
                 payload = self.decompress(payload)
             except zlib.error as error:
-                return (FAIL, CLOSE_INVALID_DATA, f"cannot inflate: {error}")
+                return (FAIL, CloseCode.INVALID_DATA, f"cannot inflate: {error}")
             except ValueError as error:
-                return (FAIL, CLOSE_TOO_BIG, str(error))
+                return (FAIL, CloseCode.MESSAGE_TOO_BIG, str(error))
         if opcode == OP_TEXT and not checked and not is_utf8(payload):
-            return (FAIL, CLOSE_INVALID_DATA, "text message is not valid UTF-8")
+            return (FAIL, CloseCode.INVALID_DATA, "text message is not valid UTF-8")
         return (MESSAGE, opcode, payload)
 
     @staticmethod
@@ -455,15 +450,15 @@ class FrameParser:
         if opcode == OP_PONG:
             return (PONG, 0, payload)
         if not payload:
-            return (CLOSE, CLOSE_NO_STATUS, b"")
+            return (CLOSE, CloseCode.NO_STATUS, b"")
         if len(payload) == 1:
-            return (FAIL, CLOSE_PROTOCOL_ERROR, "close payload of one byte")
+            return (FAIL, CloseCode.PROTOCOL_ERROR, "close payload of one byte")
         code = int.from_bytes(payload[:2], "big")
         if not close_code_allowed(code):
-            return (FAIL, CLOSE_PROTOCOL_ERROR, f"invalid close code {code}")
+            return (FAIL, CloseCode.PROTOCOL_ERROR, f"invalid close code {code}")
         reason = payload[2:]
         if not is_utf8(reason):
-            return (FAIL, CLOSE_INVALID_DATA, "close reason is not valid UTF-8")
+            return (FAIL, CloseCode.INVALID_DATA, "close reason is not valid UTF-8")
         return (CLOSE, code, reason)
 
 

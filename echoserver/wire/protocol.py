@@ -2,9 +2,9 @@
 
 ServerProtocol takes the bytes a peer sent and returns the events they make; the I/O
 adapter hands messages to the application and control events back to handle(), in order.
-What has to go back (pongs, close frames, replies, broadcasts) is queued in `out` for the
-adapter to write in one go. It owns the rules that do not
-depend on sockets or clocks:
+What has to go back (pongs, close frames, replies, broadcasts) is framed and queued here;
+the adapter asks for it with data_to_send() and writes it in one go, as the websockets
+library's sans-I/O layer does. It owns the rules that do not depend on sockets or clocks:
 
 - pings are answered; a close frame from the peer is echoed (its code, or an empty close
   for an empty one) and ends the connection (state CLOSED: the adapter closes the socket);
@@ -16,7 +16,7 @@ depend on sockets or clocks:
 - which close code the connection ended with, for logs and metrics.
 
 Timers (the closing timeout, keepalive pings) and policy (rate limits) belong to the adapter
-in transport/connection.py, which calls close() or fail() when they fire.
+in transport/connection.py, which calls close() or end() when they fire.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from typing import Final
 from echoserver.wire.deflate import Deflater
 from echoserver.wire.framing import (
     CLOSE,
-    FAIL,
     OP_BINARY,
     OP_PING,
     OP_PONG,
@@ -46,23 +45,27 @@ CLOSED: Final = 2  # both close frames exchanged (or given up): close the socket
 
 
 class ServerProtocol:
-    """The protocol state of one connection: bytes in, events out, frames queued in `out`.
+    """The protocol state of one connection: bytes in, events and frames to send out.
 
     receive(data) parses `data` into events, in order; none once the server has sent its
     close frame (then only the peer's close frame is looked for). MESSAGE and PONG events
-    are the application's. Every other event (PING, CLOSE, FAIL) goes to handle() in its
-    turn, after the messages before it, so that replies to those messages leave before a
-    pong or a close frame. (receive is an attribute: the parser's own method while OPEN,
-    one call less per read on the hot path, then _receive_closing.)
+    are the application's. PING and CLOSE events go to handle() in their turn, after the
+    messages before them, so that replies to those messages leave before a pong or a close
+    frame; the adapter turns FAIL events into close(). (receive is an attribute: the
+    parser's own method while OPEN, one call less per read on the hot path, then
+    _receive_closing.)
+
+    Frames to send are queued here (send_message, send_frame, ping, close, and the replies
+    handle() makes); the adapter takes them with data_to_send() and reads `buffered` for
+    its queue cap. Nothing is queued once the server's close frame is (RFC 6455 5.5.1).
     """
 
     __slots__ = (
-        "close_reason",
+        "_out",
+        "buffered",
         "close_received",
         "close_sent",
         "deflater",
-        "out",
-        "out_size",
         "parser",
         "peer_initiated",
         "receive",
@@ -74,28 +77,25 @@ class ServerProtocol:
         self.deflater = deflater  # set when permessage-deflate was negotiated
         self.state = OPEN
         self.receive: Callable[[bytes], list[Event]] = parser.receive
-        self.out: list[bytes] = []  # encoded frames not yet handed to the transport
-        self.out_size = 0
+        self._out: list[bytes] = []  # encoded frames not yet taken by data_to_send()
+        self.buffered = 0  # their size in bytes (read-only outside this class)
         self.close_sent: int | None = None  # the code of our close frame (None: empty close)
         self.close_received: int | None = None  # the peer's (1005 for an empty close)
-        self.close_reason = ""
         self.peer_initiated = False  # the peer sent the first close frame
 
     # --- bytes in -------------------------------------------------------------------------
 
     def handle(self, event: Event) -> bool:
-        """Act on a control event; True when the events after it must be ignored."""
+        """Act on a PING or CLOSE event; True after the peer's close (the events after it
+        must be ignored)."""
         kind = event[0]
         if kind == PING:
             self.send_frame(encode_frame(OP_PONG, event[2]))  # type: ignore[arg-type]
             return False
         if kind == CLOSE:
-            self._peer_closed(event[1], event[2])  # type: ignore[arg-type]
+            self._peer_closed(event[1])
             return True
-        if kind == FAIL:
-            self.fail(event[1], event[2])  # type: ignore[arg-type]
-            return True
-        return False  # MESSAGE and PONG: nothing for the protocol to do
+        return False  # MESSAGE, PONG and FAIL are the adapter's
 
     def _receive_closing(self, data: bytes) -> list[Event]:
         if self.state == CLOSED or self.parser.failed:
@@ -108,7 +108,7 @@ class ServerProtocol:
         frame counts."""
         for event in events:
             if event[0] == CLOSE and self.state == CLOSING:
-                self._peer_closed(event[1], event[2])  # type: ignore[arg-type]
+                self._peer_closed(event[1])
                 break
 
     def _leave(self, state: int) -> None:
@@ -116,9 +116,8 @@ class ServerProtocol:
         self.receive = self._receive_closing
         self.parser.stop_messages()
 
-    def _peer_closed(self, code: int, reason: bytes) -> None:
+    def _peer_closed(self, code: int) -> None:
         self.close_received = int(code)
-        self.close_reason = reason.decode()
         if self.state == OPEN:
             self.peer_initiated = True
             # Echo the peer's code (RFC 6455 5.5.1); an empty close answers an empty close.
@@ -127,28 +126,42 @@ class ServerProtocol:
 
     # --- frames out -----------------------------------------------------------------------
 
-    def send_frame(self, frame: bytes) -> None:
-        """Queue an encoded frame (a broadcast's, shared by every receiver)."""
-        self.out.append(frame)
-        self.out_size += len(frame)
-
     def encode(self, payload: bytes, binary: bool) -> bytes:
-        """One message as this connection's frame: deflated when that was negotiated (a
-        text payload must already be UTF-8)."""
+        """One message as this connection's frame: text or binary, deflated when that was
+        negotiated (a text payload must already be UTF-8). The one place a message is
+        framed; a broadcast's shared frame is made here too, by its first receiver."""
         opcode = OP_BINARY if binary else OP_TEXT
         if self.deflater is not None:
             return encode_frame(opcode, self.deflater.compress(payload), True)
         return encode_frame(opcode, payload)
 
+    def send_message(self, payload: bytes, binary: bool) -> None:
+        """Frame one message and queue it (dropped once our close frame is queued)."""
+        if self.state:  # not OPEN
+            return
+        frame = self.encode(payload, binary)
+        self._out.append(frame)
+        self.buffered += len(frame)
+
+    def send_frame(self, frame: bytes) -> None:
+        """Queue an encoded frame (a broadcast's, shared by every receiver); dropped once
+        our close frame is queued."""
+        if self.state:  # not OPEN
+            return
+        self._out.append(frame)
+        self.buffered += len(frame)
+
     def ping(self, data: bytes = b"") -> None:
         self.send_frame(encode_frame(OP_PING, data))
 
-    def take_output(self) -> bytes:
-        """Everything queued, as one write; the queue is then empty."""
-        out = self.out
+    def data_to_send(self) -> bytes:
+        """Everything queued, as one write (b"" when nothing is); the queue is then empty."""
+        out = self._out
+        if not out:
+            return b""
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
-        self.out_size = 0
+        self.buffered = 0
         return data
 
     # --- closing ---------------------------------------------------------------------------
@@ -159,17 +172,20 @@ class ServerProtocol:
             self._queue_close(code, reason)
             self._leave(CLOSING)
 
-    def fail(self, code: int, reason: str) -> None:
-        """The peer broke the rules (or a policy): close with `code`."""
-        self.close(code, reason)
-
     def _queue_close(self, code: int | None, reason: str) -> None:
         self.close_sent = None if code is None else int(code)
-        self.send_frame(encode_close(code, reason))
+        frame = encode_close(code, reason)
+        self._out.append(frame)
+        self.buffered += len(frame)
 
-    def give_up(self) -> None:
-        """Stop waiting for the peer (timeout, a peer that is not there): close the socket."""
+    def end(self, discard_output: bool = False) -> None:
+        """The connection ends now, handshake finished or not (a timeout, a peer that fell
+        quiet or went away): state CLOSED; with discard_output, what is still queued is
+        dropped (the socket is gone)."""
         self._leave(CLOSED)
+        if discard_output:
+            self._out.clear()
+            self.buffered = 0
 
     @property
     def discarding(self) -> bool:
