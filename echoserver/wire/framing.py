@@ -118,6 +118,18 @@ def python_unmask(mask: bytes, data: bytes) -> bytes:
     return (int.from_bytes(data, "big") ^ key).to_bytes(size, "big")
 
 
+def _frame_sizes(data: bytes, pos: int, end: int) -> tuple[int, int] | None:
+    """(header size, payload length) of the masked frame at `pos`, or None while its
+    extended length is not all in. The parser's hot loop inlines the same reading."""
+    length = data[pos + 1] & 0x7F
+    if length < 126:
+        return 6, length
+    header = 8 if length == 126 else 14
+    if end - pos < header:
+        return None
+    return header, int.from_bytes(data[pos + 2 : pos + header - 4], "big")
+
+
 class FrameParser:
     """Client-to-server frames in, events out. One parser per connection."""
 
@@ -282,21 +294,12 @@ class FrameParser:
         pos = 0
         end = len(data)
         while end - pos >= 2:
+            sizes = _frame_sizes(data, pos, end)
+            if sizes is None:
+                break
+            header, length = sizes
             first = data[pos]
-            second = data[pos + 1]
-            length = second & 0x7F
-            header = 6
-            if length == 126:
-                header = 8
-                if end - pos < 8:
-                    break
-                length = int.from_bytes(data[pos + 2 : pos + 4], "big")
-            elif length == 127:
-                header = 14
-                if end - pos < 14:
-                    break
-                length = int.from_bytes(data[pos + 2 : pos + 10], "big")
-            failure = self._check_skimmed(first, second, length)
+            failure = self._check_skimmed(first, data[pos + 1], length)
             if failure is not None:
                 events.append(failure)
                 self._lose()
