@@ -511,6 +511,7 @@ def test_tls_files_broken_after_the_check_are_one_line(tmp_path: Path) -> None:
     assert proc.stderr.startswith(
         f'echoserver: cannot load TLS files: tls.certfile = "{cert}" (from flag --tls-certfile), '
         f'tls.keyfile = "{key}" (from flag --tls-keyfile): '
+        "tls.keyfile must be a PEM private key; found no key in it"
     )
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from echoserver.config.keys import _BY_NAME, KEYS, Key
 from echoserver.config.loader import _from_text, describe, load, resolve
 from echoserver.config.render import to_toml
-from echoserver.config.rules import Rule
+from echoserver.config.rules import Rule, load_tls_identity
 from echoserver.config.settings import (
     CONFIG_ENV,
     ENV_PREFIX,
@@ -53,6 +53,7 @@ __all__ = [
     "describe",
     "format_value",
     "load",
+    "load_tls_identity",
     "resolve",
     "to_toml",
 ]

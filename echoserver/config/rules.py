@@ -208,11 +208,15 @@ def _no_passphrase() -> bytes:
     raise _Passphrase  # instead of OpenSSL asking on the terminal
 
 
-def _check_tls(cert: str, cert_src: str, key: str) -> tuple[str, str] | None:
-    """(key name, what is wrong) if the two files do not make a TLS server's identity."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        context.load_verify_locations(cafile=cert)  # parses every certificate in the file
+def load_tls_identity(
+    context: ssl.SSLContext, cert: str, key: str, cert_src: str = "default"
+) -> tuple[str, str] | None:
+    """Load `cert` and `key` into `context` as its identity; (key name, what is wrong) when
+    they do not make one. The config check and the server's own context both load through
+    this, so a file that passes --check-config is read the same way when the server starts
+    or reloads it."""
+    try:  # parses every certificate in the file, into a context of its own
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=cert)
     except (ssl.SSLError, OSError):
         return "tls.certfile", "must be a PEM certificate chain; found no certificate in it"
     try:
@@ -229,6 +233,11 @@ def _check_tls(cert: str, cert_src: str, key: str) -> tuple[str, str] | None:
     except OSError as err:
         return "tls.keyfile", f"cannot be read: {err.strerror or err}"
     return None
+
+
+def _check_tls(cert: str, cert_src: str, key: str) -> tuple[str, str] | None:
+    """(key name, what is wrong) if the two files do not make a TLS server's identity."""
+    return load_tls_identity(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), cert, key, cert_src)
 
 
 def _check_static_dir(v: str) -> str | None:

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import tornado.httpserver
 
-from echoserver.config import Settings, describe
+from echoserver.config import Settings, describe, load_tls_identity
 from echoserver.runtime.startup import StartupError
 
 log = logging.getLogger("echoserver")
@@ -24,14 +24,13 @@ def ssl_context(
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = TLS_VERSIONS[settings.tls.min_version]
     context.set_alpn_protocols(["http/1.1"])  # the only protocol served
-    try:
-        # config has checked the files; this catches one changed since. A key with a
-        # passphrase fails here instead of OpenSSL prompting on the terminal.
-        context.load_cert_chain(settings.tls.certfile, settings.tls.keyfile, password=lambda: b"")
-    except (OSError, ValueError) as err:  # ssl.SSLError is an OSError
+    # config has checked the files; this catches one changed since (a reload, a worker
+    # started later), with the same rules and messages.
+    problem = load_tls_identity(context, settings.tls.certfile, settings.tls.keyfile)
+    if problem is not None:
         cert = describe(settings, "tls.certfile", sources)
         key = describe(settings, "tls.keyfile", sources)
-        raise StartupError(f"cannot load TLS files: {cert}, {key}: {err}") from err
+        raise StartupError(f"cannot load TLS files: {cert}, {key}: {problem[0]} {problem[1]}")
     return context
 
 
