@@ -266,8 +266,8 @@ def test_one_delivery_object_per_fan_out_reaches_every_receiver():
 
     class Keeper(Recorder):
         def deliver(self, delivery: Delivery) -> None:
-            if delivery.frame is None:
-                delivery.frame = b"encoded " + delivery.data  # the first receiver encodes
+            if "frame" not in delivery.encoded:  # the first receiver encodes
+                delivery.encoded["frame"] = b"encoded " + delivery.data
             seen.append(delivery)
 
     async def scenario():
@@ -283,7 +283,10 @@ def test_one_delivery_object_per_fan_out_reaches_every_receiver():
     first, second = seen[:5], seen[5:]
     assert all(delivery is first[0] for delivery in first)
     assert all(delivery is second[0] for delivery in second) and second[0] is not first[0]
-    assert [d.frame for d in (first[0], second[0])] == [b"encoded shared", b"encoded next"]
+    assert [d.encoded for d in (first[0], second[0])] == [
+        {"frame": b"encoded shared"},
+        {"frame": b"encoded next"},
+    ]
     assert [(d.data, d.binary, d.seq) for d in (first[0], second[0])] == [
         (b"shared", False, 1),
         (b"next", False, 2),

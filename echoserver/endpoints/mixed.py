@@ -23,7 +23,7 @@ class MixedSocket(ChannelSocket):
     async def before_upgrade(self, channel: str) -> None:
         member = self.connection
         assert member is not None
-        member.render = mixed_broadcast  # payloads go out in broadcast envelopes
+        member.wrap_broadcasts(mixed_broadcast)  # payloads go out in broadcast envelopes
         await super().before_upgrade(channel)
 
     def before_replay(self, replay: Replay) -> None:

@@ -48,6 +48,9 @@ def event(data: bytes, *, offset: int | None = None, kind: str | None = None) ->
     return head + b"".join(b"data: " + line + b"\n" for line in lines) + b"\n"
 
 
+SSE_EVENT = "sse event"  # the key of message_event's bytes in a delivery
+
+
 def message_event(delivery: Delivery) -> bytes:
     if delivery.binary:
         return event(base64.b64encode(delivery.data), offset=delivery.seq, kind="binary")
@@ -128,9 +131,9 @@ class EventStream(AdmittedHandler):
 
     def deliver(self, delivery: Delivery) -> None:
         if not self._ended:
-            chunk = delivery.event
+            chunk = delivery.encoded.get(SSE_EVENT)
             if chunk is None:  # the first stream of this fan-out builds it for the rest
-                chunk = delivery.event = message_event(delivery)
+                chunk = delivery.encoded[SSE_EVENT] = message_event(delivery)
             self._queue(chunk)
 
     def queued_bytes(self) -> int:

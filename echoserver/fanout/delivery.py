@@ -1,5 +1,5 @@
-"""What the hub hands out: a Delivery per message and fan-out (with the frame caches its
-receivers share), a Replay per joiner, a Posted per message from the publish API.
+"""What the hub hands out: a Delivery per message and fan-out (with the cache its receivers
+share), a Replay per joiner, a Posted per message from the publish API.
 
 Receivers see a Delivery, never the broker's Envelope. The wire and the transport know it
 only as wire.shared.SharedMessage, which it satisfies.
@@ -7,6 +7,7 @@ only as wire.shared.SharedMessage, which it satisfies.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 from echoserver.brokers.base import Envelope
@@ -15,23 +16,21 @@ from echoserver.brokers.base import Envelope
 class Delivery:
     """One message as the hub hands it to the receivers of one fan-out.
 
-    Receivers read it and may fill its frame cache, which every receiver of the same
-    fan-out shares: the first receiver encodes the frame (or deflates it, for one window
-    size), the others reuse it. The broker's Envelope is never handed out.
+    Receivers read it and share `encoded`, the message's bytes by encoding: the first
+    receiver of an encoding (a WebSocket frame, a deflated frame for one window size, mixed
+    mode's envelope, a Server-Sent Events chunk: the receivers name their own keys) builds
+    them, the others reuse them. The hub knows none of these encodings. The broker's
+    Envelope is never handed out.
     """
 
-    __slots__ = ("binary", "data", "deflated", "envelope", "event", "frame", "rendered", "seq")
+    __slots__ = ("binary", "data", "encoded", "envelope", "seq")
 
     def __init__(self, envelope: Envelope) -> None:
         self.envelope = envelope
         self.data = envelope.data
         self.binary = envelope.binary
         self.seq = envelope.seq  # the message's offset on its channel
-        # The message as the receivers' protocol wraps it (mixed mode's JSON envelope).
-        self.rendered: bytes | None = None
-        self.frame: bytes | None = None  # the encoded WebSocket frame
-        self.deflated: tuple[int, bytes] | None = None  # (window bits, deflated frame)
-        self.event: bytes | None = None  # the Server-Sent Events chunk (endpoints/sse.py)
+        self.encoded: dict[Hashable, bytes] = {}
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,7 @@ import contextlib
 import logging
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import tornado.iostream
@@ -51,7 +51,7 @@ from echoserver.wire.protocol import CLOSED, OPEN, ServerProtocol
 from echoserver.wire.shared import SharedMessage
 
 if TYPE_CHECKING:
-    from echoserver.wire.deflate import Deflater
+    pass
 
 log = logging.getLogger("echoserver.ws")
 
@@ -138,6 +138,7 @@ class WebSocketConnection:
         "_pending",
         "_quiet_timer",
         "awaiting_pong",
+        "encoding",
         "endpoint",
         "flusher",
         "keepalive",
@@ -163,9 +164,12 @@ class WebSocketConnection:
         self.rate_limit = rate_limit
         self.transport: Transport | None = None
         self.sub_id = ""  # its id as a hub subscriber
-        # How a broadcast's payload is wrapped for this client (mixed mode's JSON envelope,
-        # cached on the Delivery); None = sent as is. Returning None skips the message.
+        # How a broadcast's payload is wrapped for this client (mixed mode's JSON envelope);
+        # None = sent as is. Returning None skips the message.
         self.render: Callable[[SharedMessage], bytes | None] | None = None
+        # The key of this client's frames in a delivery's shared `encoded`; None when its
+        # frames are its own (compressed with context takeover).
+        self.encoding: Hashable | None = self._encoding()
         self.awaiting_pong = False
         self._dirty = False  # marked with the flusher
         self._feeding = False  # inside feed(): it writes once at its end
@@ -385,13 +389,26 @@ class WebSocketConnection:
     def peer(self) -> str:
         return self.endpoint.peer
 
+    def wrap_broadcasts(self, render: Callable[[SharedMessage], bytes | None]) -> None:
+        """Send broadcasts as `render` makes them (None from it: skip the message)."""
+        self.render = render
+        self.encoding = self._encoding()
+
+    def _encoding(self) -> Hashable | None:
+        deflater = self.protocol.deflater
+        if deflater is None:
+            return ("frame", self.render)
+        if deflater.shared:  # without context takeover the same bytes serve every such receiver
+            return ("deflated", deflater.window_bits, self.render)
+        return None
+
     def deliver(self, delivery: SharedMessage) -> None:
-        """Queue a broadcast: encoded once and shared by every receiver without compression."""
+        """Queue a broadcast: framed once per encoding and shared by its receivers."""
         protocol = self.protocol
         if protocol.state:  # not OPEN (CLOSED once the socket is lost)
             return
-        frame = delivery.frame
-        if frame is None or protocol.deflater is not None:
+        frame = delivery.encoded.get(self.encoding)
+        if frame is None:
             frame = self._frame_for(delivery)
             if frame is None:
                 return
@@ -402,32 +419,14 @@ class WebSocketConnection:
                 self.flusher.mark(self)
 
     def _frame_for(self, delivery: SharedMessage) -> bytes | None:
-        """This receiver's frame of a delivery: the shared one, encoded (or deflated) by
-        the first receiver that needs it; None when this receiver skips the message."""
-        deflater = self.protocol.deflater
-        if deflater is not None:
-            return self._deflated_frame(delivery, deflater)
-        frame = delivery.frame
-        if frame is None:
-            data = delivery.data if self.render is None else self.render(delivery)
-            if data is None:
-                return None
-            frame = delivery.frame = self.protocol.encode(data, delivery.binary)
-        return frame
-
-    def _deflated_frame(self, delivery: SharedMessage, deflater: Deflater) -> bytes | None:
-        shared = deflater.shared
-        if shared:
-            window = deflater.window_bits
-            cached = delivery.deflated
-            if cached is not None and cached[0] == window:
-                return cached[1]
+        """This receiver's frame of a delivery, built and (when it can be shared) kept
+        under its encoding for the others; None when this receiver skips the message."""
         data = delivery.data if self.render is None else self.render(delivery)
         if data is None:
             return None
         frame = self.protocol.encode(data, delivery.binary)
-        if shared:  # without context takeover the same bytes serve every such receiver
-            delivery.deflated = (deflater.window_bits, frame)
+        if self.encoding is not None:
+            delivery.encoded[self.encoding] = frame
         return frame
 
     def queued_bytes(self) -> int:

@@ -91,16 +91,18 @@ def mixed_payload(value: Any) -> bytes:
         return json.dumps(value, separators=(",", ":")).encode()
 
 
+MIXED_BROADCAST = "mixed broadcast"  # the key of mixed_broadcast's bytes in a delivery
+
+
 def mixed_broadcast(delivery: SharedMessage) -> bytes | None:
     """The mixed-mode envelope of a delivery, built by its first receiver; None for a
     binary message, which mixed mode does not carry."""
-    rendered = delivery.rendered
+    if delivery.binary:
+        return None
+    rendered = delivery.encoded.get(MIXED_BROADCAST)
     if rendered is None:
-        if delivery.binary:
-            return None
-        rendered = delivery.rendered = b'{"type":"broadcast","payload":%s,"offset":%d}' % (
-            delivery.data,
-            delivery.seq,
+        rendered = delivery.encoded[MIXED_BROADCAST] = (
+            b'{"type":"broadcast","payload":%s,"offset":%d}' % (delivery.data, delivery.seq)
         )
     return rendered
 
