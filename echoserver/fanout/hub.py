@@ -31,7 +31,7 @@ import asyncio
 import itertools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from echoserver.brokers.base import Backlog, Broker, BrokerUnavailable, Envelope
@@ -240,9 +240,9 @@ class Hub:
             before_replay(replay)
         stats = self._stats(channel)
         for envelope in past:
-            self._offer(subscriber, Delivery(envelope), stats)
+            self._offer((subscriber,), Delivery(envelope), stats)
         for delivery in live:
-            self._offer(subscriber, delivery, stats)
+            self._offer((subscriber,), delivery, stats)
         await self.presence.set_local(channel, len(now))
         return replay
 
@@ -345,16 +345,25 @@ class Hub:
         members = self._channels.get(envelope.channel)
         if not members:
             return
-        delivery = Delivery(envelope)  # one per fan-out: its receivers share its frames
-        stats = self._stats(envelope.channel)
         skip = None if self.include_sender else envelope.sender
-        limit = self.max_queue_bytes - len(envelope.data)
-        dropping = self._dropping
-        delivered = 0
         # A copy, because closing a slow receiver may make it leave the channel. Of the
         # values, not the items: a (key, value) tuple per member is an allocation the
         # cyclic GC counts, so a fan-out to 19,000 members set off ~30 collections.
-        for subscriber in list(members.values()):
+        self._offer(list(members.values()), Delivery(envelope), self._stats(envelope.channel), skip)
+
+    def _offer(
+        self,
+        receivers: Iterable[Subscriber],
+        delivery: Delivery,
+        stats: ChannelStats,
+        skip: str | None = None,
+    ) -> None:
+        """One delivery (one per fan-out: its receivers share its bytes) to each receiver
+        but `skip`, through the queue cap."""
+        limit = self.max_queue_bytes - len(delivery.data)
+        dropping = self._dropping
+        delivered = 0
+        for subscriber in receivers:
             if skip is not None and subscriber.sub_id == skip:
                 continue
             if subscriber.queued_bytes() > limit:
@@ -362,20 +371,11 @@ class Hub:
             else:
                 if dropping and subscriber.sub_id in dropping:
                     dropping.discard(subscriber.sub_id)
-                    log.info("%s on %s caught up", subscriber.peer, envelope.channel)
+                    log.info("%s on %s caught up", subscriber.peer, delivery.envelope.channel)
                 subscriber.deliver(delivery)
                 delivered += 1
         stats.deliveries += delivered
-        stats.delivered_bytes += delivered * len(envelope.data)
-
-    def _offer(self, subscriber: Subscriber, delivery: Delivery, stats: ChannelStats) -> None:
-        """One delivery through the queue cap (history replay)."""
-        if subscriber.queued_bytes() > self.max_queue_bytes - len(delivery.data):
-            self._fall_behind(subscriber, stats)
-        else:
-            subscriber.deliver(delivery)
-            stats.deliveries += 1
-            stats.delivered_bytes += len(delivery.data)
+        stats.delivered_bytes += delivered * len(delivery.data)
 
     def _fall_behind(self, subscriber: Subscriber | _Joining, stats: ChannelStats) -> None:
         if self.disconnect_slow:
