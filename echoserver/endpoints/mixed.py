@@ -7,14 +7,20 @@ The envelopes themselves are sans-I/O, in wire/envelopes.py.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable
 from typing import Any
 
 from echoserver.brokers import BrokerUnavailable
 from echoserver.endpoints.websocket import ChannelSocket
 from echoserver.fanout.delivery import Replay
-from echoserver.wire.envelopes import NotJson, load_json, mixed_broadcast, mixed_payload
+from echoserver.wire.envelopes import (
+    NotJson,
+    load_json,
+    mixed_broadcast,
+    mixed_payload,
+    notice,
+    recovery_fields,
+)
 
 
 class MixedSocket(ChannelSocket):
@@ -29,15 +35,10 @@ class MixedSocket(ChannelSocket):
     def before_replay(self, replay: Replay) -> None:
         super().before_replay(replay)
         if replay.since is not None:
-            recovery = {
-                "type": "recovery",
-                "recovered": replay.recovered,
-                "since": replay.since,
-                "first": replay.first,
-            }
-            self.send(json.dumps(recovery).encode(), False)
+            fields = recovery_fields(replay.since, replay.recovered, replay.first)
+            self.send(notice("recovery", **fields), False)
         elif replay.count:
-            self.send(json.dumps({"type": "history", "count": replay.count}).encode(), False)
+            self.send(notice("history", count=replay.count), False)
 
     def on_raw_message(self, payload: bytes, binary: bool) -> Awaitable[None] | None:
         self.count_in(payload)
@@ -73,13 +74,8 @@ class MixedSocket(ChannelSocket):
             self.not_delivered(exc)
             return
         listeners = await hub.members(self.channel)
-        result = {
-            "type": "broadcastResult",
-            "payload": inner,
-            "listenCount": listeners,
-            "offset": offset,
-        }
-        self.send(json.dumps(result).encode(), False)
+        result = notice("broadcastResult", payload=inner, listenCount=listeners, offset=offset)
+        self.send(result, False)
 
     def _error(self, text: str) -> None:
-        self.send(json.dumps({"type": "error", "error": text}).encode(), False)
+        self.send(notice("error", error=text), False)

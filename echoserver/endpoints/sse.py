@@ -27,6 +27,7 @@ from echoserver.endpoints.occupancy import Slot
 from echoserver.fanout.delivery import Delivery, Replay
 from echoserver.transport.flusher import Flusher
 from echoserver.transport.tornado_seam import unsent_bytes
+from echoserver.wire.envelopes import recovery_fields
 from echoserver.wire.handshake import Refusal
 
 log = logging.getLogger("echoserver.sse")
@@ -124,7 +125,7 @@ class EventStream(AdmittedHandler):
     def _before_replay(self, replay: Replay) -> None:
         if replay.since is None:
             return
-        body = {"recovered": replay.recovered, "since": replay.since, "first": replay.first}
+        body = recovery_fields(replay.since, replay.recovered, replay.first)
         self._queue(event(json.dumps(body).encode(), kind="recovery"))
 
     # --- as a hub subscriber -----------------------------------------------------------

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 from collections.abc import Awaitable
 
@@ -25,6 +24,7 @@ from echoserver.fanout.delivery import Replay
 from echoserver.transport.assembly import new_connection
 from echoserver.transport.connection import WebSocketConnection
 from echoserver.transport.tornado_seam import forget_response
+from echoserver.wire.envelopes import notice
 from echoserver.wire.framing import CloseCode
 from echoserver.wire.handshake import (
     VERSIONS,
@@ -344,8 +344,7 @@ class ChannelSocket(BaseSocket):
     def not_delivered(self, error: BaseException) -> None:
         """Tell the sender; mixed mode's JSON notices cannot be forged by peers, whose
         messages reach others only inside broadcast envelopes."""
-        message = {"type": "error", "error": f"not delivered: {error}"}
-        self.send(json.dumps(message).encode(), False)
+        self.send(notice("error", error=f"not delivered: {error}"), False)
 
 
 class BroadcastSocket(ChannelSocket):

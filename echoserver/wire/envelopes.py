@@ -91,6 +91,17 @@ def mixed_payload(value: Any) -> bytes:
         return json.dumps(value, separators=(",", ":")).encode()
 
 
+def notice(kind: str, **fields: Any) -> bytes:
+    """A JSON notice of the server's own to one client: {"type": kind, ...fields}."""
+    return json.dumps({"type": kind, **fields}).encode()
+
+
+def recovery_fields(since: int, recovered: bool | None, first: int | None) -> dict[str, Any]:
+    """What a client resuming after offset `since` is told of its replay (mixed mode's
+    {"type":"recovery"}, the event stream's recovery event)."""
+    return {"recovered": recovered, "since": since, "first": first}
+
+
 MIXED_BROADCAST = "mixed broadcast"  # the key of mixed_broadcast's bytes in a delivery
 
 
