@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from echoserver.brokers import Broker, BrokerUnavailable, Envelope
 from echoserver.config import Settings
 from echoserver.web.app import make_app
 from tests.servers import ROOT, SERVER_LOOP, TEST_LOOP, ServerProcess
@@ -123,6 +124,17 @@ async def eventually(check: Callable[[], Any], timeout: float = 10.0) -> bool:
             return True
         await asyncio.sleep(0.05)
     return await answer()
+
+
+async def kept(broker: Broker, channel: str, limit: int) -> list[Envelope]:
+    """The channel's last `limit` kept envelopes, oldest first, read as the hub reads them
+    (backlog after offset 0); empty when unknown or while the broker cannot tell."""
+    if limit <= 0:
+        return []
+    try:
+        return (await broker.backlog(channel, 0, limit)).envelopes
+    except BrokerUnavailable:
+        return []
 
 
 async def equals(value: Awaitable[Any], expected: Any) -> bool:

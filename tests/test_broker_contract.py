@@ -33,7 +33,7 @@ from echoserver.brokers.redis_cluster import RedisClusterBroker
 from echoserver.brokers.redis_wire import decode, encode
 from echoserver.fanout.delivery import Delivery
 from echoserver.fanout.hub import Hub
-from tests.conftest import equals, eventually, run
+from tests.conftest import equals, eventually, kept, run
 from tests.redis_cluster import LocalCluster, clean_redis_cluster, redis_cluster
 from tests.redis_server import RedisServer, free_port, redis_server, require_redis_server
 from tests.servers import ROOT
@@ -316,12 +316,12 @@ def test_history_is_capped_and_oldest_first(kit: Kit) -> None:
         await unkept.close()
         live = await recorder.wait("h", 10)
         result = {
-            "last4": await broker.history("h", 4),
-            "last2": await broker.history("h", 2),
-            "more": await broker.history("h", 100),
-            "zero": await broker.history("h", 0),
-            "unknown": await broker.history("never-used", 5),
-            "none": await broker.history("none", 5),
+            "last4": await kept(broker, "h", 4),
+            "last2": await kept(broker, "h", 2),
+            "more": await kept(broker, "h", 100),
+            "zero": await kept(broker, "h", 0),
+            "unknown": await kept(broker, "never-used", 5),
+            "none": await kept(broker, "none", 5),
             "live": live,
         }
         await broker.close()
@@ -484,7 +484,7 @@ def test_history_is_the_same_from_every_process(kit: Kit) -> None:
         (a, _), (b, _) = await started(kit, history=5), await started(kit, history=5)
         for n in range(6):
             await publish(a if n % 2 else b, Envelope("h", b"%d" % n, False))
-        seen = await a.history("h", 5), await b.history("h", 5)
+        seen = await kept(a, "h", 5), await kept(b, "h", 5)
         await a.close()
         await b.close()
         return seen
@@ -598,7 +598,7 @@ def test_health_follows_the_connection(kit: Kit) -> None:
         assert "unreachable" in a.health_reason and redis.address in a.health_reason
         waited = a.publish(Envelope("r", b"waited", False))  # waits for Redis to come back
         assert isinstance(waited, asyncio.Future) and not waited.done()
-        assert await a.history("r", 5) == []
+        assert await kept(a, "r", 5) == []
         assert await a.presence.count("r") == 2  # its own members, while it cannot ask
         await b.subscribe("joined-while-down")
 
@@ -745,7 +745,7 @@ def test_a_flushed_script_cache_is_reloaded(kit: Kit) -> None:
         results = await asyncio.gather(
             *(publish(broker, Envelope("s", b"%d" % n, False)) for n in range(5)),
             broker.presence.count("s"),
-            broker.history("s", 3),
+            kept(broker, "s", 3),
         )
         data = [e.data for e in await got.wait("s", 5)]
         assert broker.healthy

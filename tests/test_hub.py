@@ -13,7 +13,7 @@ import pytest
 from echoserver.brokers import Backlog, BrokerUnavailable, Envelope, MemoryBroker
 from echoserver.fanout.delivery import Delivery, Replay
 from echoserver.fanout.hub import Hub
-from tests.conftest import run
+from tests.conftest import kept, run
 
 
 class Recorder:
@@ -277,9 +277,9 @@ def test_one_delivery_object_per_fan_out_reaches_every_receiver():
             await hub.join("room", Keeper(hub))
         hub.publish("room", b"shared", False, None)
         hub.publish("room", b"next", False, None)
-        return await broker.history("room", 5)
+        return await kept(broker, "room", 5)
 
-    kept = run(scenario())
+    history = run(scenario())
     first, second = seen[:5], seen[5:]
     assert all(delivery is first[0] for delivery in first)
     assert all(delivery is second[0] for delivery in second) and second[0] is not first[0]
@@ -291,7 +291,7 @@ def test_one_delivery_object_per_fan_out_reaches_every_receiver():
         (b"shared", False, 1),
         (b"next", False, 2),
     ]
-    assert [e.data for e in kept] == [b"shared", b"next"]
+    assert [e.data for e in history] == [b"shared", b"next"]
     assert not any(isinstance(d, Envelope) for d in seen)
 
 

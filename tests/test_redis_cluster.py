@@ -19,7 +19,7 @@ from echoserver.brokers.base import Envelope
 from echoserver.brokers.redis_base import RedisOptions
 from echoserver.brokers.redis_cluster import RedisClusterBroker
 from echoserver.brokers.redis_wire import KeyNames
-from tests.conftest import equals, eventually, fetch_json, run
+from tests.conftest import equals, eventually, fetch_json, kept, run
 from tests.redis_cluster import (
     LocalCluster,
     clean_redis_cluster,
@@ -205,7 +205,7 @@ def test_a_killed_primary_fails_over_and_delivery_resumes(
             "after": after,
             "received": received,
             "survivor_last": [e.data for e in got_a.on(survivor)][-1],
-            "history": [e.seq for e in await b.history(doomed, 10)],
+            "history": [e.seq for e in await kept(b, doomed, 10)],
             "count": await b.presence.count(doomed),
             "new_primary": cluster.primary_of(NAMES.pubsub(doomed)).port,
         }

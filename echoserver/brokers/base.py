@@ -117,15 +117,6 @@ class Broker(abc.ABC):
         most), and the channel's latest offset, as one consistent read. Raises
         BrokerUnavailable when the broker cannot tell (e.g. Redis unreachable)."""
 
-    async def history(self, channel: str, limit: int) -> list[Envelope]:
-        """The channel's last `limit` kept envelopes, oldest first; empty when unknown."""
-        if limit <= 0:
-            return []
-        try:
-            return (await self.backlog(channel, 0, limit)).envelopes
-        except BrokerUnavailable:
-            return []
-
     @property
     @abc.abstractmethod
     def healthy(self) -> bool:
