@@ -26,7 +26,7 @@ class ServerContext(Protocol):
     prefix: str  # the path the routes are mounted under ("" when the server runs itself)
     hub: Hub
     metrics: Metrics
-    connections: set[Any]  # the open WebSocket endpoints (websocket.BaseSocket)
+    connections: set[Any]  # the open WebSocket endpoints and event streams (going_away())
     draining: bool  # SIGTERM received: refuse new clients, close the rest with 1001
     handshakes: int  # WebSocket handshakes under way, counted against max_connections
     # Every accepted connection's slot (when served by intake.FrontDoor; an embedding

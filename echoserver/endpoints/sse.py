@@ -177,7 +177,12 @@ class EventStream(AdmittedHandler):
 
     # --- ending ------------------------------------------------------------------------------
 
-    def close(self, code: int = 1000, reason: str = "") -> None:
+    def going_away(self) -> None:
+        """The server is shutting down: end the stream (an event stream has no close
+        code); the client reconnects, elsewhere or later, and resumes."""
+        self.close()
+
+    def close(self) -> None:
         """End the stream (the drain, a slow client); the client may reconnect and resume."""
         if self._ended:
             return

@@ -193,7 +193,7 @@ class BaseSocket(AdmittedHandler):
         self._release()
         self.server.connections.add(self)
         if self.server.draining:  # the handshake began before the drain
-            self.close(CloseCode.GOING_AWAY, "server shutting down")
+            self.going_away()
 
     def on_raw_message(self, payload: bytes, binary: bool) -> Awaitable[None] | None:
         raise NotImplementedError
@@ -212,6 +212,10 @@ class BaseSocket(AdmittedHandler):
         server.metrics.closes[code] += 1
         if server.config.log.access:
             write_access_line(self.record or RequestRecord(self.request), 101, close=code)
+
+    def going_away(self) -> None:
+        """The server is shutting down: close with 1001."""
+        self.close(CloseCode.GOING_AWAY, "server shutting down")
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Close the connection (the server's drain, a lost broadcast)."""

@@ -37,7 +37,6 @@ from echoserver.metrics import Metrics
 from echoserver.transport.flusher import Flusher
 from echoserver.transport.keepalive import Keepalive
 from echoserver.web import handlers, redact
-from echoserver.wire.framing import CloseCode
 from echoserver.wire.handshake import normalise_origin
 from echoserver.wire.hosts import HostPolicy, Throttle
 
@@ -164,7 +163,7 @@ class ServerState:
         log.info("draining %d connections (up to %.1fs)", len(self.connections), timeout)
         self.draining = True
         for connection in list(self.connections):
-            connection.close(CloseCode.GOING_AWAY, "server shutting down")
+            connection.going_away()
         deadline = time.monotonic() + timeout
         while self.connections and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
