@@ -29,7 +29,8 @@ import contextlib
 import logging
 import socket
 import struct
-from collections.abc import Awaitable, Callable, Hashable
+import sys
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import tornado.iostream
@@ -169,7 +170,7 @@ class WebSocketConnection:
         self.render: Callable[[SharedMessage], bytes | None] | None = None
         # The key of this client's frames in a delivery's shared `encoded`; None when its
         # frames are its own (compressed with context takeover).
-        self.encoding: Hashable | None = self._encoding()
+        self.encoding: str | None = self._encoding()
         self.awaiting_pong = False
         self._dirty = False  # marked with the flusher
         self._feeding = False  # inside feed(): it writes once at its end
@@ -394,12 +395,16 @@ class WebSocketConnection:
         self.render = render
         self.encoding = self._encoding()
 
-    def _encoding(self) -> Hashable | None:
+    def _encoding(self) -> str | None:
+        # An interned string: its hash is computed once, not per delivery as a tuple's is.
+        render = (
+            "" if self.render is None else f" {self.render.__module__}.{self.render.__qualname__}"
+        )
         deflater = self.protocol.deflater
         if deflater is None:
-            return ("frame", self.render)
+            return sys.intern("frame" + render)
         if deflater.shared:  # without context takeover the same bytes serve every such receiver
-            return ("deflated", deflater.window_bits, self.render)
+            return sys.intern(f"deflated {deflater.window_bits}{render}")
         return None
 
     def deliver(self, delivery: SharedMessage) -> None:
