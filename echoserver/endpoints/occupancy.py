@@ -31,7 +31,7 @@ class Slot:
 
     __slots__ = ("_occupancy", "address", "held", "key", "stream")
 
-    def __init__(self, occupancy: Occupancy, key: Hashable, address: str) -> None:
+    def __init__(self, occupancy: Occupancy, key: Hashable | None, address: str) -> None:
         self._occupancy = occupancy
         self.key = key
         self.address = address
@@ -85,7 +85,10 @@ class Occupancy:
     def take(self, key: Hashable) -> Slot | None:
         """The WebSocket endpoint takes its connection's slot over from the HTTP side."""
         self._plain.pop(key, None)
-        return self._in_http.pop(key, None)
+        slot = self._in_http.pop(key, None)
+        if slot is not None:
+            slot.key = None  # the HTTP stream it was filed under is not kept alive with it
+        return slot
 
     def leave_http(self, key: Hashable) -> None:
         """The connection left Tornado's HTTP loop: its slot goes back unless taken."""
