@@ -28,6 +28,7 @@ import logging
 import os
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any, cast
 
@@ -105,7 +106,11 @@ class FrontDoor(tornado.httpserver.HTTPServer):
         self._accepting = False
         self._resume_timer: object | None = None
         self._reserve: list[int] = []
-        self._deadlines: dict[tornado.iostream.IOStream, RequestDeadline] = {}
+        # The requests under way, oldest first: every deadline is request_timeout long, so
+        # this is also the order they expire in, and one sweep timer serves them all (a
+        # timer per request cost every handshake a timer set and cancelled, and memory).
+        self._deadlines: OrderedDict[tornado.iostream.IOStream, RequestDeadline] = OrderedDict()
+        self._sweep_timer: object | None = None
         self._log_timeout = OncePer(logging.INFO)
         self._log_refused = {
             "full": OncePer(logging.WARNING),
@@ -286,22 +291,44 @@ class FrontDoor(tornado.httpserver.HTTPServer):
         delegate = super().start_request(server_conn, request_conn)
         stream = cast(HTTP1ServerConnection, server_conn).stream
         deadline = RequestDeadline(self, stream, delegate)
-        previous = self._deadlines.get(stream)
-        if previous is not None:
-            previous.cancel()
-        self._deadlines[stream] = deadline
+        self._deadlines.pop(stream, None)  # the previous request's, if still there
+        self._deadlines[stream] = deadline  # the newest: last in expiry order
+        if self._sweep_timer is None:
+            self._schedule_sweep()
         return deadline
+
+    def _schedule_sweep(self) -> None:
+        # Deadlines are met within a quarter of request_timeout (at most 1 s) of their time.
+        interval = min(1.0, self.request_timeout / 4)
+        self._sweep_timer = IOLoop.current().call_later(interval, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweep_timer = None
+        deadlines = self._deadlines
+        now = time.monotonic()
+        while deadlines:
+            stream = next(iter(deadlines))
+            deadline = deadlines[stream]
+            if deadline.expires > now:
+                break
+            del deadlines[stream]
+            deadline.expire()
+        if deadlines:
+            self._schedule_sweep()
+
+    def cancel_deadline(self, deadline: RequestDeadline) -> None:
+        """A request arrived whole (or its connection closed): its deadline is off."""
+        stream = deadline.stream
+        if self._deadlines.get(stream) is deadline:
+            del self._deadlines[stream]
 
     def on_close(self, server_conn: object) -> None:
         stream = cast(HTTP1ServerConnection, server_conn).stream
-        deadline = self._deadlines.pop(stream, None)
-        if deadline is not None:
-            deadline.cancel()
+        self._deadlines.pop(stream, None)
         self.occupancy.leave_http(stream)
         super().on_close(server_conn)
 
     def request_timed_out(self, stream: tornado.iostream.IOStream, headers_in: bool) -> None:
-        self._deadlines.pop(stream, None)
         if stream.closed():
             return
         self.metrics.request_timeouts += 1
@@ -320,10 +347,10 @@ class FrontDoor(tornado.httpserver.HTTPServer):
 
 
 class RequestDeadline(tornado.httputil.HTTPMessageDelegate):
-    """Tornado's delegate for one request, behind a timer that closes the connection if
-    the request's headers and body have not all arrived within request_timeout."""
+    """Tornado's delegate for one request, with a deadline: the FrontDoor's sweep closes
+    the connection if the request's headers and body have not all arrived by `expires`."""
 
-    __slots__ = ("_delegate", "_headers_in", "_server", "_stream", "_timer")
+    __slots__ = ("_delegate", "_headers_in", "_server", "expires", "stream")
 
     def __init__(
         self,
@@ -332,21 +359,16 @@ class RequestDeadline(tornado.httputil.HTTPMessageDelegate):
         delegate: tornado.httputil.HTTPMessageDelegate,
     ) -> None:
         self._server = server
-        self._stream = stream
+        self.stream = stream
         self._delegate = delegate
         self._headers_in = False
-        self._timer: object | None = IOLoop.current().call_later(
-            server.request_timeout, self._expire
-        )
+        self.expires = time.monotonic() + server.request_timeout
 
     def cancel(self) -> None:
-        if self._timer is not None:
-            IOLoop.current().remove_timeout(self._timer)
-            self._timer = None
+        self._server.cancel_deadline(self)
 
-    def _expire(self) -> None:
-        self._timer = None
-        self._server.request_timed_out(self._stream, self._headers_in)
+    def expire(self) -> None:
+        self._server.request_timed_out(self.stream, self._headers_in)
 
     def headers_received(
         self,
