@@ -16,7 +16,7 @@ FrontDoor is the HTTPServer the server runs. Over Tornado's own it adds:
   sends its headers or body slowly, or not at all, is closed (408 when it had not sent
   its headers yet), over TLS too.
 
-Log lines a client can cause here are rate-limited (OncePer): one per LOG_INTERVAL per
+Log lines a client can cause here are rate-limited (logs.OncePer): one per LOG_INTERVAL per
 kind, with the count of what was held back.
 """
 
@@ -40,6 +40,7 @@ from tornado.ioloop import IOLoop
 
 from echoserver.endpoints.occupancy import Occupancy
 from echoserver.metrics import Metrics
+from echoserver.runtime.logs import OncePer
 from echoserver.transport.tornado_seam import handle_connection
 
 log = logging.getLogger("echoserver")
@@ -63,28 +64,6 @@ REFUSAL_TEXT = {
 def response_503(reason: str) -> bytes:
     body = REFUSAL_TEXT.get(reason, "try again later").encode() + b"\n"
     return FULL + b"Content-Type: text/plain\r\nContent-Length: %d\r\n\r\n" % len(body) + body
-
-
-class OncePer:
-    """Log at most one line per `interval` seconds; the next says how many were held back."""
-
-    def __init__(self, level: int, interval: float = LOG_INTERVAL) -> None:
-        self.level = level
-        self.interval = interval
-        self._last = -interval
-        self._held = 0
-
-    def __call__(self, message: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._last < self.interval:
-            self._held += 1
-            return
-        self._last = now
-        if self._held:
-            message += " (and %d more like it in the last %.0fs)"
-            args = (*args, self._held, self.interval)
-            self._held = 0
-        log.log(self.level, message, *args)
 
 
 class FrontDoor(tornado.httpserver.HTTPServer):
@@ -111,12 +90,12 @@ class FrontDoor(tornado.httpserver.HTTPServer):
         # timer per request cost every handshake a timer set and cancelled, and memory).
         self._deadlines: OrderedDict[tornado.iostream.IOStream, RequestDeadline] = OrderedDict()
         self._sweep_timer: object | None = None
-        self._log_timeout = OncePer(logging.INFO)
+        self._log_timeout = OncePer(logging.INFO, LOG_INTERVAL)
         self._log_refused = {
-            "full": OncePer(logging.WARNING),
-            "per_address": OncePer(logging.WARNING),
+            "full": OncePer(logging.WARNING, LOG_INTERVAL),
+            "per_address": OncePer(logging.WARNING, LOG_INTERVAL),
         }
-        self._log_accept_error = OncePer(logging.WARNING)
+        self._log_accept_error = OncePer(logging.WARNING, LOG_INTERVAL)
         self.occupancy.on_release = self._slot_released
 
     # --- accepting -----------------------------------------------------------------------

@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 
 from echoserver.config import Settings
 from echoserver.web import redact
+from echoserver.wire.hosts import Throttle
 
 log = logging.getLogger("echoserver")
 
@@ -50,3 +52,21 @@ def configure_logging(settings: Settings) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log.level.upper())
+
+
+class OncePer:
+    """Log at most one line per `interval` seconds; the next says how many were held back
+    (for what a client can make the server log by the line)."""
+
+    def __init__(self, level: int, interval: float) -> None:
+        self.level = level
+        self._throttle = Throttle(interval)
+
+    def __call__(self, message: str, *args: object) -> None:
+        held = self._throttle.ready(time.monotonic())
+        if held is None:
+            return
+        if held:
+            message += " (and %d more like it in the last %.0fs)"
+            args = (*args, held, self._throttle.interval)
+        log.log(self.level, message, *args)
