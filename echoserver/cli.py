@@ -20,6 +20,7 @@ _SECTION_TITLES = {
     "tls": "[tls]",
     "log": "[log]",
     "limits": "[limits]",
+    "auth": "[auth] (JWT connection tokens; [[namespaces]] are set in the file or ECHOSERVER_NAMESPACES)",
 }
 
 
