@@ -20,7 +20,8 @@ _SECTION_TITLES = {
     "tls": "[tls]",
     "log": "[log]",
     "limits": "[limits]",
-    "auth": "[auth] (JWT connection tokens; [[namespaces]] are set in the file or ECHOSERVER_NAMESPACES)",
+    # [[namespaces]] have no flags: they are tables (the file, or ECHOSERVER_NAMESPACES).
+    "auth": "[auth] (connection tokens)",
 }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import urllib.parse
+from dataclasses import dataclass
 from typing import Any
 
 import jwt
@@ -92,21 +93,43 @@ def key_algorithms(key: Any) -> tuple[str, ...]:
     raise KeyProblem(f"a {type(key).__name__} cannot verify tokens")
 
 
-def parse_jwks(data: bytes) -> jwt.PyJWKSet:
-    """A JWKS document's keys that can verify a signature (public keys with a kid)."""
+@dataclass(frozen=True, slots=True)
+class VerifyKey:
+    """A key that verifies tokens: which algorithms it may, and its kid when it has one."""
+
+    key: Any  # bytes (an HMAC secret) or a cryptography public key
+    algorithms: tuple[str, ...]
+    kid: str | None = None
+
+
+def parse_jwks(data: bytes) -> list[VerifyKey]:
+    """A JWKS document's keys that can verify a signature: public keys (never "oct": a
+    shared secret published in a JWKS is a mistake) not marked for encryption only."""
     try:
         document = json.loads(data)
-        keys = [k for k in document["keys"] if isinstance(k, dict)]
+        entries = [k for k in document["keys"] if isinstance(k, dict)]
     except (ValueError, KeyError, TypeError):
         raise KeyProblem('not a JWKS: a JSON object with a "keys" array') from None
-    usable = [k for k in keys if k.get("use", "sig") == "sig" and k.get("kty") != "oct"]
-    try:
-        return jwt.PyJWKSet(usable)
-    except jwt.PyJWKSetError as err:
-        raise KeyProblem(f"no usable key in it ({err})") from None
+    keys = []
+    for entry in entries:
+        if entry.get("use", "sig") != "sig" or entry.get("kty") == "oct":
+            continue
+        try:
+            key = jwt.PyJWK(entry).key
+            algorithms = key_algorithms(key)
+        except (jwt.PyJWKError, jwt.InvalidKeyError, KeyProblem):
+            continue
+        declared = entry.get("alg")
+        if isinstance(declared, str):
+            algorithms = tuple(alg for alg in algorithms if alg == declared)
+        kid = entry.get("kid")
+        keys.append(VerifyKey(key, algorithms, kid if isinstance(kid, str) else None))
+    if not keys:
+        raise KeyProblem("no usable public key in it")
+    return keys
 
 
-def read_jwks_file(path: str) -> jwt.PyJWKSet:
+def read_jwks_file(path: str) -> list[VerifyKey]:
     try:
         with open(path, "rb") as fh:
             data = fh.read()

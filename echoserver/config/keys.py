@@ -10,6 +10,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from echoserver import routes
+from echoserver.config.jwt_keys import (
+    check_algorithms,
+    check_jwks,
+    check_public_keys,
+    check_secrets,
+)
 from echoserver.config.rules import (
     _API_KEY,
     _BOOL,
@@ -26,12 +32,6 @@ from echoserver.config.rules import (
     _choice,
     _int_range,
     _number,
-)
-from echoserver.config.jwt_keys import (
-    check_algorithms,
-    check_jwks,
-    check_public_keys,
-    check_secrets,
 )
 from echoserver.config.settings import _UNPREFIXED_FLAG_SECTIONS, ENV_PREFIX, SECTIONS
 
@@ -84,13 +84,12 @@ def _key(name: str, doc: str, rule: Rule, *, secret: bool = False) -> Key:
 
 
 _JWT_SECRETS = Rule(
-    'a list of at most two HMAC secrets of 32 bytes or more, each the value itself or '
+    "a list of at most two HMAC secrets of 32 bytes or more, each the value itself or "
     '"file:PATH"; [] = none',
     check_secrets,
 )
 _PUBLIC_KEYS = Rule(
-    "a list of at most two paths of PEM public keys (RSA, EC P-256/384/521 or Ed25519); "
-    "[] = none",
+    "a list of at most two paths of PEM public keys (RSA, EC P-256/384/521 or Ed25519); [] = none",
     check_public_keys,
 )
 _JWKS = Rule(

@@ -26,7 +26,7 @@ PATTERN_RE = re.compile(r"[A-Za-z0-9_.\-*?\[\]!]*(\{sub\}[A-Za-z0-9_.\-*?\[\]!]*
 MAX_PATTERN = 128
 
 _OPTIONS: dict[str, tuple[type, str]] = {
-    "pattern": (str, "a glob over channel names, like \"chat.*\" or \"user.{sub}\""),
+    "pattern": (str, 'a glob over channel names, like "chat.*" or "user.{sub}"'),
     "subscribe": (str, 'one of "anyone", "user", "claim"'),
     "publish": (str, 'one of "members", "claim", "api"'),
     "history": (int, f"an integer -1..{MAX_HISTORY} (-1 = broadcast.history)"),
