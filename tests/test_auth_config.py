@@ -152,3 +152,19 @@ def test_a_jwks_file_without_a_usable_key_is_refused(tmp_path: Path) -> None:
     assert "no usable public key" in error_of(flags={"auth.jwks": str(path)})
     path.write_text("[]")
     assert 'a JSON object with a "keys" array' in error_of(flags={"auth.jwks": str(path)})
+
+
+def test_the_example_namespaces_load() -> None:
+    example = Path(__file__).resolve().parent.parent / "examples" / "namespaces.toml"
+    proc = run_once(
+        "--config", str(example), "--mode", "mixed", "--auth-jwt-secret", SECRET, "--check-config"
+    )
+    assert (proc.returncode, proc.stdout.strip()) == (0, "config ok"), proc.stderr
+    assert [
+        ns.pattern
+        for ns in load(str(example), env={}, flags={"auth.jwt_secret": SECRET}).namespaces
+    ] == [
+        "user.{sub}",
+        "dash.*",
+        "room.*",
+    ]
