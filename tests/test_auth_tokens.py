@@ -167,6 +167,7 @@ class TestRefusals:
         }
         response = await AsyncHTTPClient().fetch(url, headers=headers, raise_error=False)
         assert response.code == 401
+        assert response.headers["WWW-Authenticate"] == 'Bearer realm="echoserver"'
         return response.body.decode()
 
     @pytest.mark.gen_test

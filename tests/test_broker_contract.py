@@ -406,6 +406,29 @@ def test_history_ttl_forgets_old_messages_but_not_the_offset(kit: Kit) -> None:
     assert (expired.envelopes, expired.last) == ([], 5)
 
 
+def test_retention_sets_each_channels_own_history(kit: Kit) -> None:
+    """A namespace's history: `retention` decides per channel (messages, seconds), over
+    history_size and history_ttl."""
+
+    async def scenario() -> tuple[Backlog, Backlog, Backlog, Backlog]:
+        broker, _ = await started(kit, history=10)
+        rules = {"room": (3, 0.0), "quiet": (0, 0.0), "brief": (10, 0.3)}
+        broker.retention = lambda channel: rules.get(channel, (10, 0.0))
+        for channel in ("room", "quiet", "brief", "other"):
+            for n in range(5):
+                await publish(broker, Envelope(channel, b"m%d" % n, False))
+        await asyncio.sleep(0.5)  # past brief's 0.3 s
+        backlogs = [await broker.backlog(c, 0, 100) for c in ("room", "quiet", "brief", "other")]
+        await broker.close()
+        return backlogs[0], backlogs[1], backlogs[2], backlogs[3]
+
+    room, quiet, brief, other = run(scenario())
+    assert [e.data for e in room.envelopes] == [b"m2", b"m3", b"m4"]
+    assert (quiet.envelopes, quiet.last) == ([], 5)
+    assert (brief.envelopes, brief.last) == ([], 5)
+    assert len(other.envelopes) == 5
+
+
 def test_history_is_bounded_in_bytes_oldest_first(kit: Kit) -> None:
     """history_bytes caps a channel's kept payload bytes whatever `history` allows; a
     message over it is not kept and ends what was; a `since` past what the bytes kept is
