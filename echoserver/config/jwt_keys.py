@@ -38,19 +38,22 @@ class KeyProblem(ValueError):
     """Why a configured key cannot be used (one line, without the key's value)."""
 
 
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as err:
+        raise KeyProblem(f"cannot read {path}: {err.strerror or err}") from None
+    except ValueError:
+        raise KeyProblem("not a valid path") from None
+
+
 def read_secret(item: str) -> bytes:
     """An HMAC secret: the value itself, or the bytes of the file after `file:` (one
     trailing newline dropped, as editors and `echo` add it)."""
     if not item.startswith("file:"):
         return item.encode()
-    path = item[len("file:") :]
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except OSError as err:
-        raise KeyProblem(f"cannot read {path}: {err.strerror or err}") from None
-    except ValueError:
-        raise KeyProblem("not a valid path") from None
+    data = _read(item[len("file:") :])
     return data[:-1] if data.endswith(b"\n") else data
 
 
@@ -63,14 +66,7 @@ def hmac_algorithms(secret: bytes) -> tuple[str, ...]:
 def load_public_key(path: str) -> PublicKey:
     """A PEM public key (RSA, EC on P-256/384/521, or Ed25519)."""
     try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except OSError as err:
-        raise KeyProblem(f"cannot read it: {err.strerror or err}") from None
-    except ValueError:
-        raise KeyProblem("not a valid path") from None
-    try:
-        key = serialization.load_pem_public_key(data)
+        key = serialization.load_pem_public_key(_read(path))
     except ValueError:
         raise KeyProblem("found no PEM public key in it") from None
     if not isinstance(key, PublicKey):
@@ -130,14 +126,7 @@ def parse_jwks(data: bytes) -> list[VerifyKey]:
 
 
 def read_jwks_file(path: str) -> list[VerifyKey]:
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except OSError as err:
-        raise KeyProblem(f"cannot read it: {err.strerror or err}") from None
-    except ValueError:
-        raise KeyProblem("not a valid path") from None
-    return parse_jwks(data)
+    return parse_jwks(_read(path))
 
 
 def is_jwks_url(value: str) -> bool:

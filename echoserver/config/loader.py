@@ -209,6 +209,16 @@ def _flag_layer(flags: Mapping[str, object]) -> _Layer:
 # Validation and assembly.
 
 
+def _bad_value(merged: _Layer, name: str, message: str) -> ConfigError:
+    """A key's value (as merged) refused with a message of its own."""
+    value, source = merged[name]
+    return ConfigError(
+        f"{name} = {_show(_BY_NAME[name], value)} (from {source}): {message}",
+        key=name,
+        source=source,
+    )
+
+
 def _validate(merged: _Layer) -> None:
     """Check every key, then the cross-field rules; fills in defaults that follow others."""
     for key in KEYS:
@@ -217,14 +227,6 @@ def _validate(merged: _Layer) -> None:
         if detail is not None:
             raise _bad(key, value, source, detail)
 
-    def bad(name: str, message: str) -> ConfigError:
-        value, source = merged[name]
-        return ConfigError(
-            f"{name} = {_show(_BY_NAME[name], value)} (from {source}): {message}",
-            key=name,
-            source=source,
-        )
-
     cert, cert_src = merged["tls.certfile"]
     keyf, key_src = merged["tls.keyfile"]
     if bool(cert) != bool(keyf):
@@ -232,7 +234,8 @@ def _validate(merged: _Layer) -> None:
             ("tls.keyfile", cert, cert_src) if cert else ("tls.certfile", keyf, key_src)
         )
         set_name = "tls.certfile" if cert else "tls.keyfile"
-        raise bad(
+        raise _bad_value(
+            merged,
             empty,
             f"must be set too, because {set_name} = {_show(None, other)} "
             f"(from {other_src}); set both or neither",
@@ -240,7 +243,7 @@ def _validate(merged: _Layer) -> None:
     if cert:
         problem = _check_tls(cert, cert_src, keyf)
         if problem is not None:
-            raise bad(*problem)
+            raise _bad_value(merged, *problem)
 
     interval, interval_src = merged["websocket.ping_interval"]
     timeout, timeout_src = merged["websocket.ping_timeout"]
@@ -248,7 +251,8 @@ def _validate(merged: _Layer) -> None:
         # Lowering only ping_interval should just work: the default timeout follows it.
         merged["websocket.ping_timeout"] = (interval, interval_src)
     elif interval > 0 and timeout > interval:
-        raise bad(
+        raise _bad_value(
+            merged,
             "websocket.ping_timeout",
             f"must be a number > 0 and <= websocket.ping_interval "
             f"({_show(None, interval)} from {interval_src})",
@@ -257,7 +261,8 @@ def _validate(merged: _Layer) -> None:
     protect, _ = merged["api.protect_reads"]
     api_key, api_key_src = merged["api.key"]
     if protect and not api_key:
-        raise bad(
+        raise _bad_value(
+            merged,
             "api.protect_reads",
             f'needs api.key, which is "" (from {api_key_src}); set a key or leave this false',
         )
@@ -266,7 +271,8 @@ def _validate(merged: _Layer) -> None:
     mode, mode_src = merged["mode"]
     broker, _ = merged["broadcast.broker"]
     if processes != 1 and mode in ("broadcast", "mixed") and broker == "memory":
-        raise bad(
+        raise _bad_value(
+            merged,
             "processes",
             f'must be 1 with mode = "{mode}" (from {mode_src}) and the memory broker, '
             "which cannot share messages between processes; configure a Redis broker "
@@ -281,24 +287,18 @@ def _validate_auth(merged: _Layer, spaces: tuple[NamespaceSettings, ...], spaces
     jwks, _ = merged["auth.jwks"]
     jwt_set = bool(secrets or public_keys or jwks)
 
-    def bad(name: str, message: str) -> ConfigError:
-        value, source = merged[name]
-        return ConfigError(
-            f"{name} = {_show(_BY_NAME[name], value)} (from {source}): {message}",
-            key=name,
-            source=source,
-        )
-
     token, _ = merged["websocket.auth_token"]
     if token and jwt_set:
-        raise bad(
+        raise _bad_value(
+            merged,
             "websocket.auth_token",
             "cannot be set together with JWT keys (auth.jwt_secret, auth.jwt_public_key, "
             'auth.jwks): a client sends one token; set auth_token = "" or remove the keys',
         )
     anonymous, _ = merged["auth.anonymous"]
     if anonymous and not jwt_set:
-        raise bad(
+        raise _bad_value(
+            merged,
             "auth.anonymous",
             "needs JWT keys (auth.jwt_secret, auth.jwt_public_key or auth.jwks): without "
             "them every client is a guest already",
@@ -315,14 +315,15 @@ def _validate_auth(merged: _Layer, spaces: tuple[NamespaceSettings, ...], spaces
     for alg in algorithms:
         if alg in fitting or (jwks and alg not in HMAC):
             continue
-        raise bad(
+        raise _bad_value(
+            merged,
             "auth.algorithms",
             f"{alg} fits none of the configured keys (auth.jwt_secret, auth.jwt_public_key"
             + (", auth.jwks" if jwks else "")
             + ")",
         )
     if jwt_set and algorithms and not (fitting.intersection(algorithms) or jwks):
-        raise bad("auth.algorithms", "leaves no configured key usable")
+        raise _bad_value(merged, "auth.algorithms", "leaves no configured key usable")
     if not jwt_set:
         for index, space in enumerate(spaces):
             if namespaces.needs_identity(space):
