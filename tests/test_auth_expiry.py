@@ -86,7 +86,7 @@ async def test_a_refused_refresh_keeps_the_old_expiry(servers: dict[str, ServerP
     for token, error in (
         (
             mint(sub="mallory", ttl=60),
-            "the new token is for another user; reconnect with it instead",
+            "the new token is for another user; reconnect with it",
         ),
         (mint(key="k" * 40, ttl=60), "token refused"),
         (mint(ttl=-10), "token refused"),
