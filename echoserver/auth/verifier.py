@@ -8,6 +8,8 @@ TokenRefused with the reason for the server's log (the client learns only "401")
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -56,6 +58,20 @@ _REFUSALS: tuple[tuple[type[Exception], str, str | None], ...] = (
     (jwt.DecodeError, "malformed", "malformed token"),
     (jwt.InvalidTokenError, "claims", None),
 )
+
+
+def _header(token: str) -> dict[str, Any]:
+    """The token's JOSE header, read only to pick the algorithm and key (PyJWT verifies the
+    whole token after). PyJWT's own reader decodes all three parts, checking each character
+    of them in Python: a sixth of a verification, for a header of a few dozen bytes."""
+    head = token.partition(".")[0]
+    try:
+        header = json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
+    except (ValueError, TypeError):
+        header = None
+    if not isinstance(header, dict):
+        raise TokenRefused("malformed token", "malformed")
+    return header
 
 
 class Verifier:
@@ -109,10 +125,7 @@ class Verifier:
     def verify_now(self, token: str) -> Identity:
         if len(token) > MAX_TOKEN_CHARS:
             raise TokenRefused(f"token over {MAX_TOKEN_CHARS} characters", "malformed")
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.DecodeError:
-            raise TokenRefused("malformed token", "malformed") from None
+        header = _header(token)
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self.algorithms:
             shown = alg[:20] if isinstance(alg, str) else type(alg).__name__
