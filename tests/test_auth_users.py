@@ -1,0 +1,324 @@
+"""The user API end to end: POST /api/users/<sub>/messages reaches the user's personal
+channel and DELETE /api/users/<sub>/connections closes the user's connections on every
+process, through the hub's control channel.
+
+The servers are real `python -m echoserver` processes, two of them sharing a real
+redis-server (or one on the memory broker); the clients are Tornado WebSocket clients and a
+streaming HTTP client for the event streams, all over loopback. The refusals (401, 404) are
+asked of an in-process app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import jwt
+import pytest
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
+from tornado.websocket import WebSocketClientConnection, websocket_connect
+
+from echoserver.config import Settings
+from echoserver.config.settings import NamespaceSettings
+from echoserver.wire.framing import CloseCode
+from tests.conftest import equals, eventually, fetch_json, make_settings, run
+from tests.redis_server import RedisServer, redis_server
+from tests.servers import ServerProcess
+
+__all__ = ["redis_server"]  # the fixture
+
+KEY = "user-api-key"
+SECRET = "a-connection-token-secret-of-40-bytes...."
+PERSONAL = [{"pattern": "user.{sub}", "subscribe": "user", "publish": "api"}]
+DISCONNECTED = "disconnected by the server"
+
+
+def token(sub: str) -> str:
+    return jwt.encode({"sub": sub, "exp": int(time.time()) + 600}, SECRET, algorithm="HS256")
+
+
+def start(*args: str, namespaces: list[dict[str, Any]] | None = None) -> ServerProcess:
+    env = {"ECHOSERVER_NAMESPACES": json.dumps(PERSONAL if namespaces is None else namespaces)}
+    base = ["--api-key", KEY, "--auth-jwt-secret", SECRET]
+    return ServerProcess([*base, *args], env).wait_healthy()
+
+
+async def members(server: ServerProcess, channel: str) -> int:
+    _, body = await asyncio.to_thread(fetch_json, f"{server.url}/api/channels/{channel}")
+    return int(body["members"])
+
+
+async def connect(
+    server: ServerProcess, sub: str, bearer: bool = False
+) -> WebSocketClientConnection:
+    """`sub` on their personal channel, the token in the query or (bearer) the header."""
+    url = f"{server.ws_url}/ws/user.{sub}"
+    if bearer:
+        request = HTTPRequest(url, headers={"Authorization": f"Bearer {token(sub)}"})
+        return await websocket_connect(request)
+    return await websocket_connect(f"{url}?token={token(sub)}")
+
+
+async def read(client: WebSocketClientConnection, timeout: float = 10.0) -> str | bytes:
+    message = await asyncio.wait_for(client.read_message(), timeout)
+    assert message is not None, f"connection closed ({client.close_code} {client.close_reason})"
+    return message
+
+
+async def closed(client: WebSocketClientConnection, timeout: float = 10.0) -> tuple[Any, Any]:
+    """Read until the server closes: (close code, reason); messages before it are ignored."""
+
+    async def until_none() -> None:
+        for _ in range(100):
+            if await client.read_message() is None:
+                return
+        raise AssertionError("still open after 100 messages")
+
+    await asyncio.wait_for(until_none(), timeout)
+    return client.close_code, client.close_reason
+
+
+def payload(mode: str, message: str | bytes) -> Any:
+    """The JSON body the API published, as a member of the channel sees it in this mode:
+    the body itself (broadcast) or in a broadcast envelope (mixed)."""
+    if mode == "mixed":
+        envelope = json.loads(message)
+        assert envelope["type"] == "broadcast", envelope
+        return envelope["payload"]
+    return json.loads(message)
+
+
+async def api(
+    server: ServerProcess, method: str, path: str, body: str | None = None, key: str | None = KEY
+) -> tuple[int, dict[str, Any]]:
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    response: HTTPResponse = await AsyncHTTPClient().fetch(
+        f"{server.url}{path}",
+        method=method,
+        body=body,
+        headers=headers,
+        raise_error=False,
+        request_timeout=10,
+    )
+    return response.code, json.loads(response.body) if response.body else {}
+
+
+class EventStream:
+    """An event stream of `sub`'s personal channel, read as it comes."""
+
+    def __init__(self, server: ServerProcess, sub: str) -> None:
+        self.data = b""
+        self.arrived = asyncio.Event()
+        request = HTTPRequest(
+            f"{server.url}/sse/user.{sub}?token={token(sub)}",
+            streaming_callback=self._chunk,
+            request_timeout=20,
+        )
+        self.done: asyncio.Future[HTTPResponse] = asyncio.ensure_future(
+            AsyncHTTPClient(force_instance=True).fetch(request, raise_error=False)
+        )
+
+    def _chunk(self, chunk: bytes) -> None:
+        self.data += chunk
+        self.arrived.set()
+
+    async def opened(self, timeout: float = 10.0) -> None:
+        await asyncio.wait_for(self.arrived.wait(), timeout)
+        assert self.data.startswith(b"retry:"), self.data
+
+    async def ended(self, timeout: float = 10.0) -> bytes:
+        """Everything it got once the server ended it."""
+        response = await asyncio.wait_for(asyncio.shield(self.done), timeout)
+        assert response.code == 200, response
+        return self.data
+
+
+async def both_got(mode: str, clients: list[WebSocketClientConnection], expected: Any) -> None:
+    for client in clients:
+        assert payload(mode, await read(client)) == expected
+
+
+# --- two processes sharing one Redis --------------------------------------------------------
+
+
+@pytest.fixture(params=["broadcast", "mixed"])
+def two_hosts(request: pytest.FixtureRequest, redis_server: RedisServer) -> Any:
+    mode = request.param
+    hosts = [start("--mode", mode, "--broker", redis_server.url) for _ in range(2)]
+    yield mode, hosts
+    for host in hosts:
+        host.stop()
+
+
+@pytest.mark.redis
+@pytest.mark.timeout(60)
+def test_a_message_to_a_user_reaches_her_on_every_process_and_nobody_else(two_hosts) -> None:
+    mode, (a, b) = two_hosts
+
+    async def scenario() -> None:
+        alice = [await connect(a, "alice"), await connect(b, "alice", bearer=True)]
+        bob = await connect(a, "bob")
+        assert await eventually(lambda: equals(members(b, "user.alice"), 2), 10)
+        assert await eventually(lambda: equals(members(b, "user.bob"), 1), 10)
+
+        status, answer = await api(b, "POST", "/api/users/alice/messages", '"hi alice"')
+        assert status == 200, answer
+        assert answer["channel"] == "user.alice"
+        assert answer["offset"] == 1
+        assert answer["receivers"] == 2
+        await both_got(mode, alice, "hi alice")
+
+        # Bob's first message is his own: alice's never reached him.
+        status, answer = await api(a, "POST", "/api/users/bob/messages", '"hi bob"')
+        assert (status, answer["channel"], answer["offset"]) == (200, "user.bob", 1)
+        assert payload(mode, await read(bob)) == "hi bob"
+        status, answer = await api(a, "POST", "/api/users/alice/messages", '"again"')
+        assert (status, answer["offset"]) == (200, 2)
+        await both_got(mode, alice, "again")
+        for client in [*alice, bob]:
+            client.close()
+
+    run(scenario(), timeout=40)
+
+
+@pytest.mark.redis
+@pytest.mark.timeout(60)
+def test_disconnecting_a_user_closes_her_connections_on_every_process(two_hosts) -> None:
+    mode, (a, b) = two_hosts
+
+    async def scenario() -> None:
+        alice = [await connect(a, "alice"), await connect(b, "alice", bearer=True)]
+        stream = EventStream(b, "alice")
+        await stream.opened()
+        bob = [await connect(a, "bob"), await connect(b, "bob")]
+        assert await eventually(lambda: equals(members(a, "user.alice"), 3), 10)
+        assert await eventually(lambda: equals(members(a, "user.bob"), 2), 10)
+
+        status, answer = await api(a, "DELETE", "/api/users/alice/connections")
+        assert (status, answer) == (202, {"user": "alice", "disconnecting": True})
+        for client in alice:
+            assert await closed(client) == (CloseCode.DISCONNECTED_BY_THE_SERVER, DISCONNECTED)
+        data = await stream.ended()
+        assert data.endswith(b"event: disconnected\ndata: {}\n\n"), data
+        assert await eventually(lambda: equals(members(a, "user.alice"), 0), 10)
+
+        # Bob was left alone: still connected, still served, on both processes.
+        status, answer = await api(b, "POST", "/api/users/bob/messages", '"still here"')
+        assert (status, answer["receivers"]) == (200, 2)
+        await both_got(mode, bob, "still here")
+        assert all(client.close_code is None for client in bob)
+        # A disconnect is not a ban: alice may connect again.
+        again = await connect(b, "alice")
+        assert (await api(a, "POST", "/api/users/alice/messages", '"back"'))[0] == 200
+        assert payload(mode, await read(again)) == "back"
+        for client in [*bob, again]:
+            client.close()
+
+    run(scenario(), timeout=40)
+    assert "disconnected 1 connections of user 'alice'" in a.log()
+    assert "disconnected 2 connections of user 'alice'" in b.log()  # a WebSocket and a stream
+
+
+# --- one process, the memory broker ----------------------------------------------------------
+
+
+@pytest.mark.timeout(40)
+@pytest.mark.parametrize("mode", ["broadcast", "mixed"])
+def test_disconnecting_works_on_one_process_with_the_memory_broker(mode: str) -> None:
+    server = start("--mode", mode)
+    try:
+
+        async def scenario() -> None:
+            alice = [await connect(server, "alice"), await connect(server, "alice")]
+            stream = EventStream(server, "alice")
+            await stream.opened()
+            bob = await connect(server, "bob")
+            assert await eventually(lambda: equals(members(server, "user.alice"), 3), 10)
+            status, _ = await api(server, "DELETE", "/api/users/alice/connections")
+            assert status == 202
+            for client in alice:
+                assert await closed(client) == (CloseCode.DISCONNECTED_BY_THE_SERVER, DISCONNECTED)
+            assert (await stream.ended()).endswith(b"event: disconnected\ndata: {}\n\n")
+            status, answer = await api(server, "POST", "/api/users/bob/messages", '"hi"')
+            assert (status, answer["offset"]) == (200, 1)
+            assert payload(mode, await read(bob)) == "hi"
+            bob.close()
+
+        run(scenario(), timeout=30)
+        assert "disconnected 3 connections of user 'alice'" in server.log()
+    finally:
+        server.stop()
+
+
+# --- refusals, in-process ----------------------------------------------------------------------
+
+
+def user_settings(jwt_keys: bool = True, personal: bool = True) -> Settings:
+    changes: dict[str, Any] = {"mode": "broadcast", "api.key": KEY}
+    if jwt_keys:
+        changes["auth.jwt_secret"] = (SECRET,)
+    pattern = "user.{sub}" if personal else "room.*"
+    changes["namespaces"] = (NamespaceSettings(pattern=pattern, subscribe="user", publish="api"),)
+    if not jwt_keys:
+        changes["namespaces"] = ()
+    return make_settings(**changes)
+
+
+class Local:
+    """The in-process app's port, as the helpers above want a server."""
+
+    def __init__(self, port: int) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+
+
+class TestRefusals:
+    @pytest.fixture
+    def settings(self) -> Settings:
+        return user_settings()
+
+    @pytest.mark.gen_test(timeout=10)
+    async def test_401_without_the_api_key(self, app, http_server, http_port) -> None:
+        await app.server.start()
+        server: Any = Local(http_port)
+        for key in (None, "wrong"):
+            status, body = await api(server, "POST", "/api/users/alice/messages", "1", key)
+            assert status == 401, body
+            status, body = await api(server, "DELETE", "/api/users/alice/connections", key=key)
+            assert status == 401, body
+        assert (await api(server, "POST", "/api/users/alice/messages", "1"))[0] == 200
+        assert (await api(server, "DELETE", "/api/users/alice/connections"))[0] == 202
+
+
+class TestNoPersonalNamespace:
+    @pytest.fixture
+    def settings(self) -> Settings:
+        return user_settings(personal=False)
+
+    @pytest.mark.gen_test(timeout=10)
+    async def test_post_is_404(self, app, http_server, http_port) -> None:
+        await app.server.start()
+        server: Any = Local(http_port)
+        status, body = await api(server, "POST", "/api/users/alice/messages", "1")
+        assert status == 404, body
+        assert "{sub}" in body["error"]
+        # Disconnecting needs no personal channel, only users.
+        assert (await api(server, "DELETE", "/api/users/alice/connections"))[0] == 202
+
+
+class TestNoJwtKeys:
+    @pytest.fixture
+    def settings(self) -> Settings:
+        return user_settings(jwt_keys=False)
+
+    @pytest.mark.gen_test(timeout=10)
+    async def test_delete_is_404(self, app, http_server, http_port) -> None:
+        await app.server.start()
+        server: Any = Local(http_port)
+        status, body = await api(server, "DELETE", "/api/users/alice/connections")
+        assert status == 404, body
+        assert "JWT" in body["error"]
+        assert (await api(server, "DELETE", "/api/users/alice/connections", key=None))[0] == 401
