@@ -34,6 +34,11 @@ class RemoteJwks:
         """Whether an unknown kid may fetch the document again now."""
         return self._clock() - self._fetched_at >= REFETCH_INTERVAL
 
+    @property
+    def fetching(self) -> bool:
+        """Whether a fetch is under way (refresh() then waits for it)."""
+        return self._pending is not None
+
     async def refresh(self) -> None:
         """Fetch the document unless it was fetched in the last minute; concurrent callers
         share one fetch."""
