@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import jwt
 import pytest
@@ -33,6 +34,7 @@ KEY = "user-api-key"
 SECRET = "a-connection-token-secret-of-40-bytes...."
 PERSONAL = [{"pattern": "user.{sub}", "subscribe": "user", "publish": "api"}]
 DISCONNECTED = "disconnected by the server"
+C = TypeVar("C", WebSocketClientConnection, "EventStream")
 
 
 def token(sub: str) -> str:
@@ -108,33 +110,64 @@ async def api(
 
 
 class EventStream:
-    """An event stream of `sub`'s personal channel, read as it comes."""
+    """An event stream of `sub`'s personal channel over a plain socket: HTTP/1.0, so the
+    server ends the stream by closing the connection."""
 
-    def __init__(self, server: ServerProcess, sub: str) -> None:
-        self.data = b""
-        self.arrived = asyncio.Event()
-        request = HTTPRequest(
-            f"{server.url}/sse/user.{sub}?token={token(sub)}",
-            streaming_callback=self._chunk,
-            request_timeout=20,
-        )
-        self.done: asyncio.Future[HTTPResponse] = asyncio.ensure_future(
-            AsyncHTTPClient(force_instance=True).fetch(request, raise_error=False)
-        )
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
 
-    def _chunk(self, chunk: bytes) -> None:
-        self.data += chunk
-        self.arrived.set()
-
-    async def opened(self, timeout: float = 10.0) -> None:
-        await asyncio.wait_for(self.arrived.wait(), timeout)
-        assert self.data.startswith(b"retry:"), self.data
+    @classmethod
+    async def open(cls, server: ServerProcess, sub: str, timeout: float = 10.0) -> EventStream:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        stream = cls(reader, writer)
+        path = f"/sse/user.{sub}?token={token(sub)}"
+        writer.write(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+            assert head.startswith(b"HTTP/1.1 200 "), head
+            first = await asyncio.wait_for(reader.readuntil(b"\n\n"), timeout)
+            assert first.startswith(b"retry:"), first
+        except BaseException:
+            stream.close()
+            raise
+        return stream
 
     async def ended(self, timeout: float = 10.0) -> bytes:
-        """Everything it got once the server ended it."""
-        response = await asyncio.wait_for(asyncio.shield(self.done), timeout)
-        assert response.code == 200, response
-        return self.data
+        """What it got from here until the server ended it (closed the connection)."""
+        return await asyncio.wait_for(self.reader.read(), timeout)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class Clients:
+    """What a scenario opens, closed when it ends however it ends."""
+
+    def __init__(self) -> None:
+        self.opened: list[WebSocketClientConnection | EventStream] = []
+
+    def __call__(self, client: C) -> C:
+        self.opened.append(client)
+        return client
+
+    def close(self) -> None:
+        for client in self.opened:
+            client.close()
+
+
+def scenario_with_clients(
+    scenario: Callable[[Clients], Coroutine[Any, Any, None]], timeout: float = 40.0
+) -> None:
+    """run() the scenario; the clients it opened are closed before its loop ends."""
+
+    async def closing() -> None:
+        opened = Clients()
+        try:
+            await scenario(opened)
+        finally:
+            opened.close()
+
+    run(closing(), timeout)
 
 
 async def both_got(mode: str, clients: list[WebSocketClientConnection], expected: Any) -> None:
@@ -159,9 +192,9 @@ def two_hosts(request: pytest.FixtureRequest, redis_server: RedisServer) -> Any:
 def test_a_message_to_a_user_reaches_her_on_every_process_and_nobody_else(two_hosts) -> None:
     mode, (a, b) = two_hosts
 
-    async def scenario() -> None:
-        alice = [await connect(a, "alice"), await connect(b, "alice", bearer=True)]
-        bob = await connect(a, "bob")
+    async def scenario(opened: Clients) -> None:
+        alice = [opened(await connect(a, "alice")), opened(await connect(b, "alice", bearer=True))]
+        bob = opened(await connect(a, "bob"))
         assert await eventually(lambda: equals(members(b, "user.alice"), 2), 10)
         assert await eventually(lambda: equals(members(b, "user.bob"), 1), 10)
 
@@ -179,10 +212,8 @@ def test_a_message_to_a_user_reaches_her_on_every_process_and_nobody_else(two_ho
         status, answer = await api(a, "POST", "/api/users/alice/messages", '"again"')
         assert (status, answer["offset"]) == (200, 2)
         await both_got(mode, alice, "again")
-        for client in [*alice, bob]:
-            client.close()
 
-    run(scenario(), timeout=40)
+    scenario_with_clients(scenario)
 
 
 @pytest.mark.redis
@@ -190,11 +221,10 @@ def test_a_message_to_a_user_reaches_her_on_every_process_and_nobody_else(two_ho
 def test_disconnecting_a_user_closes_her_connections_on_every_process(two_hosts) -> None:
     mode, (a, b) = two_hosts
 
-    async def scenario() -> None:
-        alice = [await connect(a, "alice"), await connect(b, "alice", bearer=True)]
-        stream = EventStream(b, "alice")
-        await stream.opened()
-        bob = [await connect(a, "bob"), await connect(b, "bob")]
+    async def scenario(opened: Clients) -> None:
+        alice = [opened(await connect(a, "alice")), opened(await connect(b, "alice", bearer=True))]
+        stream = opened(await EventStream.open(b, "alice"))
+        bob = [opened(await connect(a, "bob")), opened(await connect(b, "bob"))]
         assert await eventually(lambda: equals(members(a, "user.alice"), 3), 10)
         assert await eventually(lambda: equals(members(a, "user.bob"), 2), 10)
 
@@ -202,8 +232,7 @@ def test_disconnecting_a_user_closes_her_connections_on_every_process(two_hosts)
         assert (status, answer) == (202, {"user": "alice", "disconnecting": True})
         for client in alice:
             assert await closed(client) == (CloseCode.DISCONNECTED_BY_THE_SERVER, DISCONNECTED)
-        data = await stream.ended()
-        assert data.endswith(b"event: disconnected\ndata: {}\n\n"), data
+        assert (await stream.ended()).split(b"\n\n")[-2:] == [b"event: disconnected\ndata: {}", b""]
         assert await eventually(lambda: equals(members(a, "user.alice"), 0), 10)
 
         # Bob was left alone: still connected, still served, on both processes.
@@ -212,13 +241,11 @@ def test_disconnecting_a_user_closes_her_connections_on_every_process(two_hosts)
         await both_got(mode, bob, "still here")
         assert all(client.close_code is None for client in bob)
         # A disconnect is not a ban: alice may connect again.
-        again = await connect(b, "alice")
+        again = opened(await connect(b, "alice"))
         assert (await api(a, "POST", "/api/users/alice/messages", '"back"'))[0] == 200
         assert payload(mode, await read(again)) == "back"
-        for client in [*bob, again]:
-            client.close()
 
-    run(scenario(), timeout=40)
+    scenario_with_clients(scenario)
     assert "disconnected 1 connections of user 'alice'" in a.log()
     assert "disconnected 2 connections of user 'alice'" in b.log()  # a WebSocket and a stream
 
@@ -230,25 +257,23 @@ def test_disconnecting_a_user_closes_her_connections_on_every_process(two_hosts)
 @pytest.mark.parametrize("mode", ["broadcast", "mixed"])
 def test_disconnecting_works_on_one_process_with_the_memory_broker(mode: str) -> None:
     server = start("--mode", mode)
+
+    async def scenario(opened: Clients) -> None:
+        alice = [opened(await connect(server, "alice")), opened(await connect(server, "alice"))]
+        stream = opened(await EventStream.open(server, "alice"))
+        bob = opened(await connect(server, "bob"))
+        assert await eventually(lambda: equals(members(server, "user.alice"), 3), 10)
+        status, _ = await api(server, "DELETE", "/api/users/alice/connections")
+        assert status == 202
+        for client in alice:
+            assert await closed(client) == (CloseCode.DISCONNECTED_BY_THE_SERVER, DISCONNECTED)
+        assert (await stream.ended()).split(b"\n\n")[-2:] == [b"event: disconnected\ndata: {}", b""]
+        status, answer = await api(server, "POST", "/api/users/bob/messages", '"hi"')
+        assert (status, answer["offset"]) == (200, 1)
+        assert payload(mode, await read(bob)) == "hi"
+
     try:
-
-        async def scenario() -> None:
-            alice = [await connect(server, "alice"), await connect(server, "alice")]
-            stream = EventStream(server, "alice")
-            await stream.opened()
-            bob = await connect(server, "bob")
-            assert await eventually(lambda: equals(members(server, "user.alice"), 3), 10)
-            status, _ = await api(server, "DELETE", "/api/users/alice/connections")
-            assert status == 202
-            for client in alice:
-                assert await closed(client) == (CloseCode.DISCONNECTED_BY_THE_SERVER, DISCONNECTED)
-            assert (await stream.ended()).endswith(b"event: disconnected\ndata: {}\n\n")
-            status, answer = await api(server, "POST", "/api/users/bob/messages", '"hi"')
-            assert (status, answer["offset"]) == (200, 1)
-            assert payload(mode, await read(bob)) == "hi"
-            bob.close()
-
-        run(scenario(), timeout=30)
+        scenario_with_clients(scenario, timeout=30)
         assert "disconnected 3 connections of user 'alice'" in server.log()
     finally:
         server.stop()
