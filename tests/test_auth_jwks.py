@@ -323,7 +323,7 @@ async def test_a_slow_fetch_never_holds_up_the_event_loop(
         started = time.monotonic()
         await other.write_message(f"echo {n}")
         assert await asyncio.wait_for(other.read_message(), 5) == f"echo {n}"
-        assert time.monotonic() - started < 0.3
+        assert time.monotonic() - started < 0.5  # a loop held by the fetch: 1 s or more
     assert not joining.done()  # still waiting on the JWKS
     assert await joining
     other.close()
