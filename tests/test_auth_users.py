@@ -23,8 +23,9 @@ from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from echoserver.config import Settings
 from echoserver.config.settings import NamespaceSettings
+from echoserver.fanout.hub import CONTROL_CHANNEL
 from echoserver.wire.framing import CloseCode
-from tests.conftest import equals, eventually, fetch_json, make_settings, run
+from tests.conftest import equals, eventually, fetch_json, kept, make_settings, run
 from tests.redis_server import RedisServer, redis_server
 from tests.servers import ServerProcess
 
@@ -332,6 +333,29 @@ class TestNoPersonalNamespace:
         assert "{sub}" in body["error"]
         # Disconnecting needs no personal channel, only users.
         assert (await api(server, "DELETE", "/api/users/alice/connections"))[0] == 202
+
+
+class TestNoNamespaces:
+    """JWT keys and no [[namespaces]]: the user API's control messages are still not kept,
+    however much history the channels keep."""
+
+    @pytest.fixture
+    def settings(self) -> Settings:
+        return make_settings(
+            mode="broadcast",
+            **{"api.key": KEY, "auth.jwt_secret": (SECRET,), "broadcast.history": 10},
+        )
+
+    @pytest.mark.gen_test(timeout=10)
+    async def test_control_messages_keep_no_history(self, app, http_server, http_port) -> None:
+        await app.server.start()
+        server: Any = Local(http_port)
+        for sub in ("alice", "bob"):
+            assert (await api(server, "DELETE", f"/api/users/{sub}/connections"))[0] == 202
+        broker = app.server.hub.broker
+        assert broker.kept_for(CONTROL_CHANNEL)[0] == 0
+        assert await kept(broker, CONTROL_CHANNEL, 10) == []
+        assert broker.kept_for("news") == (10, 0.0)  # the channels keep theirs
 
 
 class TestNoJwtKeys:
