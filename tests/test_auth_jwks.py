@@ -389,6 +389,7 @@ async def test_remote_jwks_keeps_its_keys_when_the_answer_is_not_http(
 # --- a real server ----------------------------------------------------------------------------
 
 
+@pytest.mark.timeout(40)
 def test_a_real_server_fetches_at_start_and_logs_an_unknown_kid() -> None:
     """`python -m echoserver --auth-jwks URL` against the JWKS app on this test's loop."""
     jwks = Jwks(key("RS256", "k1"))
