@@ -6,6 +6,7 @@ the network. A failed fetch keeps the keys already known and is logged without a
 from __future__ import annotations
 
 import asyncio
+import http.client
 import logging
 import math
 import time
@@ -34,6 +35,11 @@ class RemoteJwks:
         """Whether an unknown kid may fetch the document again now."""
         return self._clock() - self._fetched_at >= REFETCH_INTERVAL
 
+    @property
+    def fetching(self) -> bool:
+        """Whether a fetch is under way (refresh() then waits for it)."""
+        return self._pending is not None
+
     async def refresh(self) -> None:
         """Fetch the document unless it was fetched in the last minute; concurrent callers
         share one fetch."""
@@ -49,7 +55,8 @@ class RemoteJwks:
         try:
             data = await loop.run_in_executor(None, self._download)
             keys = parse_jwks(data)
-        except (OSError, KeyProblem, ValueError) as err:
+        except (OSError, http.client.HTTPException, KeyProblem, ValueError) as err:
+            # HTTPException: an answer that is not HTTP (a wrong port, say)
             log.warning(
                 "auth.jwks: could not fetch %s: %s; keeping %d known keys",
                 self.url,

@@ -117,7 +117,8 @@ class Verifier:
         try:
             return self.verify_now(token)
         except UnknownKeyId:
-            if self.remote is None or not self.remote.due():
+            # A fetch under way (set off by another client) may bring the kid: wait for it.
+            if self.remote is None or not (self.remote.due() or self.remote.fetching):
                 raise
         await self.remote.refresh()
         return self.verify_now(token)

@@ -178,6 +178,9 @@ class Hub:
     async def listen(self, on_control: Callable[[bytes], None]) -> None:
         """Receive what control() sends, from this and every process sharing the broker."""
         self._on_control = on_control
+        if self.broker.retention is None:
+            # No per-channel rule (no namespaces): set one all the same, so control keeps none.
+            self.keep_history(lambda channel, default: default)
         await self.start()
         await self.broker.subscribe(CONTROL_CHANNEL)
 
