@@ -386,6 +386,35 @@ async def test_remote_jwks_keeps_its_keys_when_the_answer_is_not_http(
     assert "could not fetch" in log.text and "keeping 1 known keys" in log.text
 
 
+@pytest.mark.gen_test(timeout=15)
+async def test_a_redirect_off_https_is_refused(log: pytest.LogCaptureFixture) -> None:
+    """A redirect is followed only where auth.jwks could point: never to http elsewhere."""
+    targets = ["http://10.255.255.1/jwks.json", "file:///etc/passwd"]
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        location = targets.pop(0).encode()
+        writer.write(b"HTTP/1.0 302 Found\r\nLocation: " + location + b"\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    listener = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    clock = Clock()
+    remote = RemoteJwks(f"http://127.0.0.1:{port}/jwks.json", clock=clock)
+    try:
+        started = time.monotonic()
+        await remote.refresh()
+        clock.a_minute_later()
+        await remote.refresh()
+    finally:
+        listener.close()
+    assert time.monotonic() - started < 3  # refused at once, never tried
+    assert not targets and remote.keys == []
+    assert "refused a redirect to 'http://10.255.255.1/jwks.json'" in log.text
+    assert "Redirection to url 'file:///etc/passwd' is not allowed" in log.text
+
+
 # --- a real server ----------------------------------------------------------------------------
 
 

@@ -10,16 +10,33 @@ import http.client
 import logging
 import math
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
+from typing import Any
 
-from echoserver.config.jwt_keys import KeyProblem, VerifyKey, parse_jwks
+from echoserver.config.jwt_keys import KeyProblem, VerifyKey, check_jwks, parse_jwks
 
 log = logging.getLogger("echoserver.auth")
 
 REFETCH_INTERVAL = 60.0  # seconds between fetches an unknown kid may set off
 FETCH_TIMEOUT = 5.0
 MAX_DOCUMENT_BYTES = 1 << 20
+
+
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to a URL auth.jwks itself could name: https, or http to a
+    loopback address. Otherwise an https JWKS could be sent to plain http elsewhere."""
+
+    def redirect_request(
+        self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str
+    ) -> urllib.request.Request | None:
+        if not newurl.startswith(("https://", "http://")) or check_jwks(newurl) is not None:
+            raise urllib.error.URLError(f"refused a redirect to {newurl[:100]!r}")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_CheckedRedirects)
 
 
 class RemoteJwks:
@@ -73,7 +90,7 @@ class RemoteJwks:
 
     def _download(self) -> bytes:
         request = urllib.request.Request(self.url, headers={"Accept": "application/json"})
-        with urllib.request.urlopen(request, timeout=FETCH_TIMEOUT) as response:
+        with _OPENER.open(request, timeout=FETCH_TIMEOUT) as response:
             data: bytes = response.read(MAX_DOCUMENT_BYTES + 1)
         if len(data) > MAX_DOCUMENT_BYTES:
             raise ValueError(f"the document is over {MAX_DOCUMENT_BYTES} bytes")
