@@ -427,6 +427,7 @@
     var exp = seconds(msg.exp);
     var sent = state.refreshPending;
     state.refreshPending = null;
+    state.warnPhase = null;   // a new expiry: the warning's words are written afresh
     state.connToken = {
       sub: sent ? sent.sub : state.connToken ? state.connToken.sub : null,
       exp: exp,
