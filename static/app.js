@@ -238,7 +238,7 @@
         // A server with a non-default WebSocket path may announce it here.
         if (typeof j.path === "string" && /^\/[^?#\s]*$/.test(j.path)) state.wsPath = j.path.replace(/\/+$/, "") || "/ws";
         if (typeof j.auth === "boolean") setAuthRequired(j.auth);
-        else if (j.auth === "none" || j.auth === "token" || j.auth === "jwt") setAuthKind(j.auth);
+        else if (j.auth === "none" || j.auth === "token" || j.auth === "jwt") setAuthKind(j.auth, j.anonymous === true);
         if (typeof j.protect_reads === "boolean") setMembersLocked(j.protect_reads);
         setText(el.serverAbout, j.version ? "echoserver " + j.version + " · " : "");
         var status = typeof j.status === "string" ? j.status : "unknown";
@@ -274,13 +274,17 @@
 
   function setAuthRequired(required) {
     state.authRequired = required;
-    setText(el.tokenNeed, required ? (state.authKind === "jwt" ? "(a JWT, required)" : "(required)") : "(not required)");
+    var jwt = state.authKind === "jwt";
+    setText(el.tokenNeed, required ? (jwt ? "(a JWT, required)" : "(required)")
+      : jwt ? "(a JWT, or none to join as a guest)" : "(not required)");
     renderCli();
   }
 
-  function setAuthKind(kind) {
+  // /healthz says which token the server wants: "none", "token" (one shared secret) or
+  // "jwt" (per user; with `anonymous`, a client without one joins as a guest).
+  function setAuthKind(kind, anonymous) {
     state.authKind = kind;
-    setAuthRequired(kind !== "none");
+    setAuthRequired(kind === "token" || (kind === "jwt" && !anonymous));
   }
 
   /* ---------- JWTs: who the token names and when it expires ---------- */
@@ -638,7 +642,9 @@
       showHint("The server refused the connection for now (503: full or shutting down)." +
         (el.reconnect.checked && state.wanted ? " The page keeps retrying." : ""));
     } else if (status === 403) {
-      showHint("The server refused this page's origin or host name (403): check its allowed origins and allowed hosts.");
+      showHint(state.authKind === "jwt"
+        ? "The server refused the connection (403): the token does not allow this channel, or the server does not allow this page's origin or host name."
+        : "The server refused this page's origin or host name (403): check its allowed origins and allowed hosts.");
     } else {
       showHint("The connection failed before opening. Check the allowed origins and that the server is running.");
     }

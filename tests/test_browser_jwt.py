@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import time
+import urllib.request
 from datetime import datetime, timezone
 
 import pytest
@@ -150,3 +151,164 @@ def test_refresh_button_only_in_mixed_mode_with_a_jwt(tabs, plain_echo, plain_mi
     page.click("#disconnect")
     m.wait_state("closed")
     assert page.is_disabled("#refresh-token")
+
+
+# ---------------------------------------------------------------- against a JWT server
+
+
+def jwt_server(mode: str, *args: str):
+    """A server whose connection tokens are JWTs signed with SECRET, closing a connection
+    the moment its token expires (no leeway)."""
+    return start_server(mode, "--auth-jwt-secret", SECRET, "--auth-leeway", "0", *args)
+
+
+@pytest.fixture(scope="module")
+def jwt_mixed():
+    server = jwt_server("mixed", "--api-key", API_KEY)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def jwt_echo():
+    server = jwt_server("echo")
+    yield server
+    server.stop()
+
+
+API_KEY = "browser-test-api-key"
+
+
+def refused_at_load(t: Tab, server) -> None:
+    """Open the page: with no token yet its first attempt is refused (401) and it waits."""
+    t.page.goto(server.url + "/")
+    t.page.wait_for_function(
+        "document.querySelector('#status').textContent.includes('token required')"
+    )
+
+
+def connect_with(t: Tab, token: str) -> None:
+    t.page.fill("#token", token)
+    t.page.click("#connect")
+    t.wait_state("open")
+
+
+def connected_count(t: Tab) -> int:
+    return t.page.locator('#log .entry[data-dir="sys"]', has_text="Connected to").count()
+
+
+def assert_waits_for_the_user(t: Tab, connections: int, ms: int = 2500) -> None:
+    """Auto-reconnect is on, yet nothing is retried for a while."""
+    assert t.page.is_checked("#reconnect")
+    t.page.wait_for_timeout(ms)
+    assert t.page.text_content("#retry") == ""
+    assert t.page.get_attribute("#status", "data-state") == "closed"
+    assert connected_count(t) == connections
+    assert not t.page.is_disabled("#connect")
+
+
+def test_jwt_server_label_and_refused_tokens_wait_for_the_user(tabs, jwt_mixed):
+    t = tabs()
+    refused_at_load(t, jwt_mixed)
+    page = t.page
+    assert page.text_content("#token-need") == "(a JWT, required)"
+    # Signed with another secret: 401, said so, no retry.
+    forged = make_token("alice", secret="another-secret-0123456789abcdefgh")
+    page.fill("#token", forged)
+    page.click("#connect")
+    page.locator('#log .entry[data-dir="error"]', has_text="wrong token (401)").wait_for()
+    page.wait_for_function(
+        "document.querySelector('#status').textContent.includes('token refused')"
+    )
+    assert page.get_attribute("#token", "aria-invalid") == "true"
+    assert_waits_for_the_user(t, 0, ms=1500)
+    # Genuine but expired: the hint says when it expired.
+    page.fill("#token", make_token("alice", ttl=-60))
+    page.click("#connect")
+    page.locator('#log .entry[data-dir="error"]', has_text="the token expired (401)").wait_for()
+    assert "expired at" in page.text_content("#hint")
+    # A good one connects, and the page shows whom it names.
+    connect_with(t, make_token("alice", ttl=600))
+    assert page.text_content("#jwt-sub") == "alice"
+    assert page.get_attribute("#token", "aria-invalid") is None
+    assert page.is_hidden("#hint")
+
+
+def test_expiry_warns_then_4001_and_no_reconnect(tabs, jwt_echo):
+    t = tabs()
+    refused_at_load(t, jwt_echo)
+    page = t.page
+    connect_with(t, make_token("alice", ttl=3))
+    assert page.text_content("#jwt-sub") == "alice"
+    # The warning, with its countdown, before the server closes the connection.
+    page.wait_for_selector("#token-warning:not([hidden])", timeout=5_000)
+    assert "expires soon" in page.text_content("#token-warning-text")
+    assert "press Connect" in page.text_content("#token-warning-hint")
+    # 4001 at exp: said in the log, the status and the hint.
+    t.wait_state("closed", timeout=5_000)
+    page.locator('#log .entry[data-dir="error"]', has_text="4001").wait_for()
+    assert "token expired" in page.text_content("#status")
+    assert "Paste a new token" in page.text_content("#hint")
+    assert page.get_attribute("#token", "aria-invalid") == "true"
+    assert page.is_hidden("#token-warning")
+    t.shot("desktop-jwt-expired.png")
+    # No reconnect loop with the same expired token.
+    assert_waits_for_the_user(t, 1)
+    # A new token connects again.
+    connect_with(t, make_token("alice", ttl=600))
+    assert page.is_hidden("#hint")
+
+
+def test_refresh_keeps_the_connection_past_the_first_expiry(tabs, jwt_mixed):
+    t = tabs()
+    refused_at_load(t, jwt_mixed)
+    page = t.page
+    first = make_token("alice", ttl=4)
+    connect_with(t, first)
+    assert page.is_visible("#refresh-token") and page.is_enabled("#refresh-token")
+    second = make_token("alice", ttl=120)
+    page.fill("#token", second)
+    page.click("#refresh-token")
+    refreshed = t.entry("in", "Token refreshed").first
+    assert refreshed.locator(".tag").text_content() == "refreshed"
+    assert t.entry("out", "New token for alice").count() == 1
+    # The token itself never reaches the log.
+    assert second not in page.text_content("#log")
+    # Past the first token's expiry: still open, still answering.
+    wait_ms = (claims_of(first)["exp"] + 1.5 - time.time()) * 1000
+    page.wait_for_timeout(max(0, wait_ms))
+    assert page.get_attribute("#status", "data-state") == "open"
+    assert page.is_hidden("#token-warning")
+    page.select_option("#envelope", "echo")
+    t.send("still here")
+    t.entry("in", "still here")
+    assert connected_count(t) == 1
+    # A token for another user is refused; the connection and its expiry stay.
+    page.fill("#token", make_token("mallory", ttl=120))
+    page.click("#refresh-token")
+    bad = page.locator('#log .entry[data-dir="error"]', has_text="another user").first
+    bad.wait_for()
+    assert bad.locator(".tag").text_content() == "refresh refused"
+    assert page.get_attribute("#status", "data-state") == "open"
+    t.shot("desktop-jwt-refreshed.png")
+
+
+def test_4003_disconnect_waits_for_the_user(tabs, jwt_mixed):
+    t = tabs()
+    refused_at_load(t, jwt_mixed)
+    page = t.page
+    connect_with(t, make_token("dave", ttl=600))
+    request = urllib.request.Request(
+        jwt_mixed.url + "/api/users/dave/connections",
+        method="DELETE",
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        assert response.status == 202
+    t.wait_state("closed")
+    page.locator('#log .entry[data-dir="error"]', has_text="4003").wait_for()
+    assert "disconnected by the server" in page.text_content("#status")
+    assert "4003" in page.text_content("#hint")
+    assert_waits_for_the_user(t, 1)
+    page.click("#connect")
+    t.wait_state("open")
