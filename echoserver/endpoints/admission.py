@@ -141,4 +141,6 @@ class AdmittedHandler(BaseHandler):
         why = refusal.detail or refusal.message
         log.info("refused %s from %s: %s", request.path, request.remote_ip, why)
         self.set_status(refusal.status)
+        if refusal.status == 401:
+            self.set_header("WWW-Authenticate", 'Bearer realm="echoserver"')
         self.finish(refusal.message)

@@ -106,7 +106,7 @@ class MixedSocket(ChannelSocket):
             self._error("token refused")
             return
         if new.sub != old.sub:
-            self._error("the new token is for another user; reconnect with it instead")
+            self._error("the new token is for another user; reconnect with it")
             return
         why = authority.rights.join_refusal(new, self.channel)
         if why is not None:
