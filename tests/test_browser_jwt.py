@@ -324,3 +324,14 @@ def test_4003_disconnect_waits_for_the_user(tabs, jwt_mixed):
     assert_waits_for_the_user(t, 1)
     page.click("#connect")
     t.wait_state("open")
+
+
+def test_guests_welcome_label(tabs):
+    """With auth.anonymous a client without a token joins as a guest: the label says so."""
+    server = jwt_server("mixed", "--auth-anonymous")
+    try:
+        t = tabs().open(server)
+        assert t.page.text_content("#token-need") == "(a JWT, or none to join as a guest)"
+        assert t.page.is_hidden("#jwt-claims")
+    finally:
+        server.stop()
