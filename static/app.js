@@ -39,7 +39,9 @@
     "composer", "msgtype-field", "msgtype", "encoding-field", "encoding", "envelope-field", "envelope",
     "message", "message-help", "file-field", "file", "send", "compose-error", "log", "log-count",
     "filter", "clear", "autoscroll", "offsets-note", "cli-card", "cli-channel", "curl-publish",
-    "curl-subscribe", "copy-publish", "copy-subscribe", "copy-status"
+    "curl-subscribe", "copy-publish", "copy-subscribe", "copy-status",
+    "jwt-claims", "jwt-sub", "jwt-exp-wrap", "jwt-exp", "jwt-left", "jwt-noexp", "refresh-token",
+    "token-warning", "token-warning-text", "token-warning-left", "token-warning-hint"
   ].forEach(function (id) { el[id.replace(/-(\w)/g, function (_, c) { return c.toUpperCase(); })] = $(id); });
 
   var state = {
@@ -57,6 +59,15 @@
     healthTimer: null,
     healthInflight: null,  // the GET /healthz under way, shared by every caller
     authRequired: null,    // does the server require a token? null = not known yet
+    authKind: null,        // what /healthz says it wants: "none" | "token" | "jwt" | null
+    // JWTs (display only, see decodeJwt): the field's token, the expiry the open connection
+    // is held to (from the token it connected with, then from each "refreshed"), and the
+    // claims of a refresh sent and not yet answered.
+    fieldJwt: null,
+    connToken: null,       // {sub, exp (ms or null), start (ms: when its lifetime began)}
+    refreshPending: null,
+    jwtTimer: null,
+    warnPhase: "",         // what the warning's live region last said: "", "soon", "past"
     replayLeft: 0,         // messages still to come of a history replay (mixed mode)
     // Resuming (mixed mode): the offset of the last broadcast seen on offsetChannel. A
     // reconnect to that channel asks for what came after it with ?since=; another channel
@@ -143,8 +154,9 @@
   }
   function closeLabel(code, reason) {
     var s = String(code);
-    if (CLOSE_NAMES[code]) s += " " + CLOSE_NAMES[code];
-    if (reason) s += " — " + reason;
+    var name = CLOSE_NAMES[code];
+    if (name) s += " " + name;
+    if (reason && (!name || reason.toLowerCase() !== String(name).toLowerCase())) s += " — " + reason;
     return s;
   }
 
@@ -172,6 +184,7 @@
     el.connect.disabled = active || connecting;
     el.disconnect.disabled = !(active || connecting || state.retryTimer);
     el.send.disabled = !isOpen();
+    renderJwt();
     moveFocusOff(el.connect, el.disconnect);
     moveFocusOff(el.disconnect, el.connect);
   }
@@ -194,6 +207,8 @@
     el.fileField.hidden = mixed;
     el.offsetsNote.hidden = state.mode !== "broadcast";
     el.cliCard.hidden = !channels;
+    el.refreshToken.hidden = !mixed;
+    renderJwt();
     renderCli();
     updateComposerHints();
   }
@@ -223,6 +238,7 @@
         // A server with a non-default WebSocket path may announce it here.
         if (typeof j.path === "string" && /^\/[^?#\s]*$/.test(j.path)) state.wsPath = j.path.replace(/\/+$/, "") || "/ws";
         if (typeof j.auth === "boolean") setAuthRequired(j.auth);
+        else if (j.auth === "none" || j.auth === "token" || j.auth === "jwt") setAuthKind(j.auth, j.anonymous === true);
         if (typeof j.protect_reads === "boolean") setMembersLocked(j.protect_reads);
         setText(el.serverAbout, j.version ? "echoserver " + j.version + " · " : "");
         var status = typeof j.status === "string" ? j.status : "unknown";
@@ -258,8 +274,176 @@
 
   function setAuthRequired(required) {
     state.authRequired = required;
-    setText(el.tokenNeed, required ? "(required)" : "(not required)");
+    var jwt = state.authKind === "jwt";
+    setText(el.tokenNeed, required ? (jwt ? "(a JWT, required)" : "(required)")
+      : jwt ? "(a JWT, or none to join as a guest)" : "(not required)");
     renderCli();
+  }
+
+  // /healthz says which token the server wants: "none", "token" (one shared secret) or
+  // "jwt" (per user; with `anonymous`, a client without one joins as a guest).
+  function setAuthKind(kind, anonymous) {
+    state.authKind = kind;
+    setAuthRequired(kind === "token" || (kind === "jwt" && !anonymous));
+  }
+
+  /* ---------- JWTs: who the token names and when it expires ---------- */
+
+  // Display only: the page decodes a JWT's payload to show its user and expiry, and never
+  // verifies the signature (it has no key, and needs none): the server checks every token
+  // and alone decides. Claims are untrusted input, so they reach the page as textContent.
+  var JWT_RE = /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$/;
+  var MAX_JWT_CHARS = 16384;
+  var MAX_SUB_CHARS = 200;
+  var WARN_BEFORE_MS = 60000;     // warn this long before the expiry ...
+  var WARN_FRACTION = 0.2;        // ... or for this part of the lifetime, if shorter
+  var JWT_TICK_MS = 250;
+
+  function jsonPart(part) {
+    var t = part.replace(/-/g, "+").replace(/_/g, "/");
+    while (t.length % 4) t += "=";
+    var bin = atob(t);
+    var bytes = new Uint8Array(bin.length);
+    for (var i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
+    var v = JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(bytes));
+    if (!v || typeof v !== "object" || Array.isArray(v)) throw new Error("not a JSON object");
+    return v;
+  }
+
+  function seconds(v) { return typeof v === "number" && isFinite(v) ? v * 1000 : null; }
+
+  // {sub, exp, iat} (times in ms, null when absent) of a JWT-shaped token, else null: three
+  // base64url parts whose first two are JSON objects. Anything else is left to the server.
+  function decodeJwt(token) {
+    if (!token || token.length > MAX_JWT_CHARS || !JWT_RE.test(token)) return null;
+    var parts = token.split(".");
+    var claims;
+    try {
+      jsonPart(parts[0]);
+      claims = jsonPart(parts[1]);
+    } catch (e) {
+      return null;
+    }
+    return {
+      sub: typeof claims.sub === "string" ? claims.sub : null,
+      exp: seconds(claims.exp),
+      iat: seconds(claims.iat)
+    };
+  }
+
+  function fmtWhen(ms) {
+    var d = new Date(ms), now = new Date();
+    var t = pad(d.getHours(), 2) + ":" + pad(d.getMinutes(), 2) + ":" + pad(d.getSeconds(), 2);
+    if (d.toDateString() === now.toDateString()) return t;
+    return d.getFullYear() + "-" + pad(d.getMonth() + 1, 2) + "-" + pad(d.getDate(), 2) + " " + t;
+  }
+
+  function fmtSpan(ms) {
+    var sec = Math.max(0, Math.ceil(ms / 1000));
+    var d = Math.floor(sec / 86400), hh = Math.floor(sec % 86400 / 3600),
+        mm = Math.floor(sec % 3600 / 60), ss = sec % 60;
+    if (d) return d + " d " + hh + " h";
+    if (hh) return hh + " h " + pad(mm, 2) + " min";
+    if (mm) return mm + " min " + pad(ss, 2) + " s";
+    return ss + " s";
+  }
+
+  // "in 42 s" or "expired 3 s ago", against this computer's clock (the server uses its own).
+  function fmtLeft(exp) {
+    var left = exp - Date.now();
+    return left > 0 ? "in " + fmtSpan(left) : "expired " + fmtSpan(-left) + " ago";
+  }
+
+  function onTokenInput() {
+    state.fieldJwt = decodeJwt(el.token.value);
+    renderJwt();
+  }
+
+  function renderJwt() {
+    var now = Date.now();
+    var jwt = state.fieldJwt;
+    el.jwtClaims.hidden = !jwt;
+    if (jwt) {
+      var sub = jwt.sub === null ? "(none)" : jwt.sub.length > MAX_SUB_CHARS ? jwt.sub.slice(0, MAX_SUB_CHARS) + "…" : jwt.sub;
+      setText(el.jwtSub, sub);
+      el.jwtExpWrap.hidden = jwt.exp === null;
+      el.jwtNoexp.hidden = jwt.exp !== null;
+      if (jwt.exp !== null) {
+        var iso = new Date(jwt.exp).toISOString();
+        if (el.jwtExp.dateTime !== iso) el.jwtExp.dateTime = iso;
+        setText(el.jwtExp, fmtWhen(jwt.exp));
+        setText(el.jwtLeft, "(" + fmtLeft(jwt.exp) + ")");
+        el.jwtClaims.setAttribute("data-expired", String(jwt.exp <= now));
+      } else {
+        el.jwtClaims.removeAttribute("data-expired");
+      }
+    }
+    var mixed = state.mode === "mixed";
+    el.refreshToken.disabled = !(mixed && isOpen() && jwt);
+    renderWarning(now);
+    // Tick while there is a countdown on show.
+    var ticking = (jwt && jwt.exp !== null) || (state.connToken && state.connToken.exp !== null);
+    if (ticking && !state.jwtTimer) state.jwtTimer = setInterval(renderJwt, JWT_TICK_MS);
+    else if (!ticking && state.jwtTimer) { clearInterval(state.jwtTimer); state.jwtTimer = null; }
+  }
+
+  // The open connection's token runs out soon: say so (the live region speaks once per
+  // phase; the countdown beside it is not live, so screen readers are not flooded).
+  function renderWarning(now) {
+    var tok = isOpen() ? state.connToken : null;
+    var phase = "";
+    if (tok && tok.exp !== null) {
+      var left = tok.exp - now;
+      var ahead = Math.min(WARN_BEFORE_MS, Math.max(0, tok.exp - tok.start) * WARN_FRACTION);
+      if (left <= 0) phase = "past";
+      else if (left <= ahead) phase = "soon";
+    }
+    el.tokenWarning.hidden = !phase;
+    if (phase !== state.warnPhase) {
+      state.warnPhase = phase;
+      var mixed = state.mode === "mixed";
+      setText(el.tokenWarningText, !phase ? "" : phase === "soon"
+        ? "The connection's token expires soon, at " + fmtWhen(tok.exp) + "."
+        : "The connection's token expired at " + fmtWhen(tok.exp) + ": the server closes the connection any moment.");
+      setText(el.tokenWarningHint, !phase ? "" : mixed
+        ? "Paste a new token above and press Refresh token to keep this connection."
+        : "The server then closes the connection: paste a new token above and press Connect.");
+    }
+    setText(el.tokenWarningLeft, phase === "soon" ? fmtLeft(tok.exp) : "");
+  }
+
+  function refreshToken() {
+    var token = el.token.value;
+    var claims = decodeJwt(token);
+    if (!isOpen() || state.mode !== "mixed" || !claims) return;
+    var wire = JSON.stringify({ type: "refresh", token: token });
+    state.ws.send(wire);
+    state.refreshPending = claims;
+    // The token itself is a credential: the log names what it says, not what it is.
+    addEntry({
+      dir: "out", kind: "text", size: utf8Length(wire), tag: "refresh",
+      text: "New token for " + (claims.sub === null ? "(no sub)" : claims.sub) +
+        (claims.exp === null ? ", without expiry" : ", expiring " + fmtWhen(claims.exp))
+    });
+  }
+
+  function onRefreshed(msg, size) {
+    var exp = seconds(msg.exp);
+    var sent = state.refreshPending;
+    state.refreshPending = null;
+    state.warnPhase = null;   // a new expiry: the warning's words are written afresh
+    state.connToken = {
+      sub: sent ? sent.sub : state.connToken ? state.connToken.sub : null,
+      exp: exp,
+      start: sent && sent.iat !== null && sent.iat < Date.now() ? sent.iat : Date.now()
+    };
+    addEntry({
+      dir: "in", kind: "text", size: size, tag: "refreshed",
+      text: exp === null
+        ? "Token refreshed: the connection no longer expires."
+        : "Token refreshed: the connection now lasts until " + fmtWhen(exp) + " (" + fmtLeft(exp) + ")."
+    });
+    renderJwt();
   }
 
   /* ---------- connection ---------- */
@@ -300,6 +484,8 @@
     state.ws = null;
     state.opened = false;
     ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+    state.connToken = null;
+    state.refreshPending = null;
     try { ws.close(1000, "reconnecting"); } catch (e) { /* already closed */ }
     stopMembers();
   }
@@ -329,6 +515,7 @@
     if (state.offsetChannel !== channel) { state.lastOffset = null; state.offsetChannel = channel; }
     var since = state.mode === "mixed" && state.lastOffset !== null ? state.lastOffset : null;
     var target = buildUrl(channel, since);
+    var used = decodeJwt(el.token.value);   // the token this connection is held to
     el.url.textContent = target.shown;
     renderCli();
     var ws;
@@ -349,6 +536,10 @@
       if (state.ws !== ws) return;
       state.opened = true;
       state.attempt = 0;
+      state.connToken = used && {
+        sub: used.sub, exp: used.exp, start: used.iat !== null && used.iat < Date.now() ? used.iat : Date.now()
+      };
+      state.refreshPending = null;
       state.replayLeft = 0;
       state.recovery = null;
       showHint("");
@@ -372,6 +563,8 @@
       state.opened = false;
       state.replayLeft = 0;
       state.recovery = null;
+      state.connToken = null;
+      state.refreshPending = null;
       pending.clear();
       stopMembers();
       var label = closeLabel(ev.code, ev.reason);
@@ -379,6 +572,22 @@
       if (!wasOpen) logSys("Could not connect: " + label);
       else if (isErrorClose(ev.code)) logError("The server closed the connection: " + label);
       else logSys("Connection closed: " + label);
+      if (ev.code === 4001 || ev.code === 4003) {
+        // The server ended this session on purpose: reconnecting (with the same, expired
+        // token, or as a user just disconnected) would only be refused or undo it. Wait.
+        state.wanted = false;
+        if (ev.code === 4001) {
+          state.closedText = "Closed · token expired";
+          el.token.setAttribute("aria-invalid", "true");
+          showHint("The token expired (4001). Paste a new token above and press Connect.");
+        } else {
+          state.closedText = "Closed · disconnected by the server";
+          showHint("The server disconnected this user (4003). Press Connect to connect again.");
+        }
+        setStatus("closed", state.closedText);
+        refreshHealth();
+        return;
+      }
       setStatus("closed", state.closedText);
       // What the server says now (degraded, draining, gone), and, for a refused handshake,
       // why it was refused, before deciding whether to retry.
@@ -418,10 +627,14 @@
     if (status === 401) {
       setAuthRequired(true);
       el.token.setAttribute("aria-invalid", "true");
-      showHint(el.token.value
+      var jwt = state.fieldJwt;
+      showHint(jwt && jwt.exp !== null && jwt.exp <= Date.now()
+        ? "The server refused the token (401): it expired at " + fmtWhen(jwt.exp) + ". Paste a new token and press Connect."
+        : el.token.value
         ? "The server refused the token (401). Enter the right token and press Connect."
         : "This server requires a token (401 without one). Enter it above and press Connect.");
-      logError(el.token.value ? "Handshake refused: wrong token (401)" : "Handshake refused: a token is required (401)");
+      logError(jwt && jwt.exp !== null && jwt.exp <= Date.now() ? "Handshake refused: the token expired (401)"
+        : el.token.value ? "Handshake refused: wrong token (401)" : "Handshake refused: a token is required (401)");
     } else if (state.healthOk === false || status === 0) {
       showHint("The server is not reachable: it may be down or restarting." +
         (el.reconnect.checked && state.wanted ? " The page keeps retrying." : ""));
@@ -429,7 +642,9 @@
       showHint("The server refused the connection for now (503: full or shutting down)." +
         (el.reconnect.checked && state.wanted ? " The page keeps retrying." : ""));
     } else if (status === 403) {
-      showHint("The server refused this page's origin or host name (403): check its allowed origins and allowed hosts.");
+      showHint(state.authKind === "jwt"
+        ? "The server refused the connection (403): the token does not allow this channel, or the server does not allow this page's origin or host name."
+        : "The server refused this page's origin or host name (403): check its allowed origins and allowed hosts.");
     } else {
       showHint("The connection failed before opening. Check the allowed origins and that the server is running.");
     }
@@ -663,7 +878,14 @@
         try { msg = JSON.parse(data); } catch (e) { msg = null; }
         if (msg && typeof msg === "object" && typeof msg.type === "string") {
           if (msg.type === "error") {
-            add({ dir: "error", kind: "text", size: size, text: String(msg.error), tag: "server notice" });
+            // The server answers a refused refresh with an error, and keeps the old expiry.
+            var refused = state.refreshPending !== null;
+            state.refreshPending = null;
+            add({ dir: "error", kind: "text", size: size, text: String(msg.error), tag: refused ? "refresh refused" : "server notice" });
+            return;
+          }
+          if (msg.type === "refreshed" && !replayed) {
+            onRefreshed(msg, size);
             return;
           }
           if (msg.type === "history" && !replayed) {
@@ -1017,6 +1239,8 @@
       connect();
     }
   });
+  el.token.addEventListener("input", onTokenInput);
+  el.refreshToken.addEventListener("click", refreshToken);
   el.token.addEventListener("keydown", function (ev) {
     if (ev.key === "Enter") { ev.preventDefault(); state.attempt = 0; connect(); }
   });
@@ -1054,6 +1278,7 @@
   /* ---------- start ---------- */
 
   (function init() {
+    onTokenInput();   // a token the browser kept in the field across a reload
     updateComposerHints();
     flush();
     startHealthPolling();

@@ -62,13 +62,18 @@ class BaseSocket(AdmittedHandler):
     # --- the opening handshake ------------------------------------------------------------
 
     async def get(self, channel: str | None = None) -> None:
-        refusal = self._refusal()
+        # The token and the channel's rights come before the request's own validity as an
+        # upgrade, as the shared token does (in the policy): a plain GET of the URL, which
+        # the page sends to learn why its handshake failed, then answers 401 or 403 too.
+        refusal = self.policy_refusal(reserved=self.server.handshakes)
         if refusal is None:
             refusal = await self.authenticate()
             if refusal is None:
                 refusal = self.rights_refusal(channel or "default")
             if self._gone:
                 return
+        if refusal is None:
+            refusal = self._refusal()
         if refusal is not None:
             self.refuse(refusal)
             return
@@ -122,11 +127,8 @@ class BaseSocket(AdmittedHandler):
         self._upgrade_headers.append((name, value))
 
     def _refusal(self) -> Refusal | None:
-        """Why this handshake is refused, or None: policy first, then the request itself."""
-        refusal = self.policy_refusal(reserved=self.server.handshakes)
-        if refusal is None:
-            refusal = check_upgrade(self.request.method or "", self.request.headers.get)
-        return refusal
+        """Why the request itself is not a handshake this endpoint takes, or None."""
+        return check_upgrade(self.request.method or "", self.request.headers.get)
 
     def rights_refusal(self, channel: str) -> Refusal | None:
         """Why the identity may not have this connection (a channel's rights), or None."""
