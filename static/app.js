@@ -598,10 +598,12 @@
         if (seq !== state.connectSeq || state.ws || !state.wanted) return;
         var refusal = wasOpen ? 0 : results[1];
         if (!wasOpen) explainRefusal(refusal);
-        if (refusal === 401) {
-          // A missing or wrong token will not fix itself: wait for the user.
+        if (refusal === 401 || refusal === 403) {
+          // A missing or wrong token, a channel the token does not open, an origin the
+          // server does not allow: none will fix itself. Wait for the user.
           state.wanted = false;
-          state.closedText = "Closed · " + (el.token.value ? "token refused" : "token required");
+          state.closedText = "Closed · " + (refusal === 403 ? "not allowed"
+            : el.token.value ? "token refused" : "token required");
           setStatus("closed", state.closedText);
           return;
         }
@@ -612,7 +614,8 @@
 
   /* A browser does not expose why a WebSocket handshake failed. Ask the endpoint itself:
      a plain GET of the same URL goes through the same checks before the upgrade, so it
-     answers 401 (token), 503 (full, draining), or 400 (no upgrade: those checks passed).
+     answers 401 (token), 403 (origin, Host, the channel's rights), 503 (full, draining), or
+     400 (no upgrade: those checks passed).
      Resolves to the status, or 0 when the server did not answer. */
   function probeHandshake(wsUrl) {
     var httpUrl = wsUrl.replace(/^ws/, "http");

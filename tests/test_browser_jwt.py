@@ -335,3 +335,27 @@ def test_guests_welcome_label(tabs):
         assert t.page.is_hidden("#jwt-claims")
     finally:
         server.stop()
+
+
+def test_a_channel_the_token_does_not_open_is_403_and_waits_for_the_user(tabs, tmp_path):
+    """Another user's personal channel: 403, said so, and not retried (it will not change)."""
+    config = tmp_path / "namespaces.toml"
+    config.write_text('[[namespaces]]\npattern = "user.{sub}"\nsubscribe = "user"\n')
+    server = jwt_server("broadcast", "--config", str(config))
+    try:
+        t = tabs()
+        refused_at_load(t, server)
+        page = t.page
+        page.fill("#channel", "user.bob")
+        page.fill("#token", make_token("alice", ttl=600))
+        page.click("#connect")
+        page.wait_for_function(
+            "document.querySelector('#status').textContent.includes('not allowed')"
+        )
+        assert "does not allow this channel" in page.text_content("#hint")
+        assert_waits_for_the_user(t, 0, ms=1500)
+        page.fill("#channel", "user.alice")  # her own
+        page.click("#connect")
+        t.wait_state("open")
+    finally:
+        server.stop()
