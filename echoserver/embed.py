@@ -109,6 +109,16 @@ class Realtime:
         otherwise do it), fetch a remote JWKS, and listen for the user API's disconnects."""
         await self._state.start()
 
+    async def disconnect_user(self, sub: str) -> None:
+        """Close every connection of the user (a verified token's `sub`) on every process
+        sharing the broker: WebSockets with 4003, event streams with `event: disconnected`.
+        What DELETE /api/users/<sub>/connections does, for an application that decides it
+        itself (a logout, a ban). Raises BrokerUnavailable when the broker cannot carry it."""
+        state = self._state
+        outcome = state.hub.control(state.authority.disconnect_message(sub))
+        if not isinstance(outcome, int):
+            await outcome
+
     async def stop(self, timeout: float | None = None) -> None:
         """Refuse new clients (503), close every client with 1001 and wait for them up to
         `timeout` seconds (default ``shutdown_timeout``), then stop the keepalive and the

@@ -193,3 +193,40 @@ def test_echo_mode_mounted_at_the_root_beside_other_handlers() -> None:
 def test_a_prefix_is_a_path_without_a_trailing_slash(prefix: str) -> None:
     with pytest.raises(ValueError, match="prefix"):
         embed.Realtime(embed.settings(env={}, config_path=""), prefix=prefix)
+
+
+def test_the_application_disconnects_a_user_itself() -> None:
+    """A logout in the host application: disconnect_user() closes that user's sockets
+    (4003) and nobody else's."""
+    from tests.authkeys import SECRET, mint
+
+    settings = embed.settings(
+        mode="broadcast",
+        env={},
+        config_path="",
+        flags={"websocket.ping_interval": 0.0, "auth.jwt_secret": SECRET},
+    )
+
+    async def scenario() -> None:
+        rt = embed.Realtime(settings, prefix="/rt")
+        app = tornado.web.Application(rt.routes())
+        sock, port = tornado.testing.bind_unused_port()
+        server = tornado.httpserver.HTTPServer(app)
+        server.add_sockets([sock])
+        await rt.start()
+        try:
+            url = f"ws://127.0.0.1:{port}/rt/ws/room?token="
+            alice = [await websocket_connect(url + mint(sub="alice")) for _ in range(2)]
+            bob = await websocket_connect(url + mint(sub="bob"))
+            await rt.disconnect_user("alice")
+            for tab in alice:
+                assert await receive(tab) is None
+                assert (tab.close_code, tab.close_reason) == (4003, "disconnected by the server")
+            bob.write_message("still here")
+            assert await receive(bob) == "still here"
+            await rt.stop(timeout=2.0)
+        finally:
+            server.stop()
+            await server.close_all_connections()
+
+    run(scenario())
