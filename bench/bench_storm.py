@@ -15,6 +15,9 @@ connection. bench_scale.py opens its members with picows clients instead, which 
 300 µs per handshake themselves, so there the client, not the server, sets the rate.
 
     python bench/bench_storm.py [--runs 3] [--count 19000] [--only ours|baseline]
+    python bench/bench_storm.py --auth none,token,hs256,rs256,es256,eddsa [--token-in header]
+        (ours only, once per auth variant beside no auth: what a credential costs a
+        handshake; the keys, tokens and flags are storm_auth.py's)
     python bench/bench_storm.py client --port N [--count 19000]   (the client, by hand: it
     prints OPEN {json} once all are open and holds them until its stdin closes)
 """
