@@ -20,6 +20,8 @@ _SECTION_TITLES = {
     "tls": "[tls]",
     "log": "[log]",
     "limits": "[limits]",
+    # [[namespaces]] have no flags: they are tables (the file, or ECHOSERVER_NAMESPACES).
+    "auth": "[auth] (connection tokens)",
 }
 
 

@@ -106,8 +106,8 @@ class Realtime:
 
     async def start(self) -> None:
         """Connect the broker, on the loop that serves the routes (the first client would
-        otherwise do it)."""
-        await self._state.hub.start()
+        otherwise do it), fetch a remote JWKS, and listen for the user API's disconnects."""
+        await self._state.start()
 
     async def stop(self, timeout: float | None = None) -> None:
         """Refuse new clients (503), close every client with 1001 and wait for them up to

@@ -43,6 +43,7 @@ class Metrics(Collector):
         self.messages_out = 0
         self.bytes_out = 0
         self.handshakes_refused: Counter[str] = Counter()
+        self.tokens_refused: Counter[str] = Counter()  # connection tokens, by what failed
         self.closes: Counter[int] = Counter()
         self.api_requests: Counter[int] = Counter()  # publish API requests, by status
         self.connections_refused: Counter[str] = Counter()  # at accept, by reason
@@ -120,6 +121,14 @@ class Metrics(Collector):
                 "WebSocket handshakes refused, by reason.",
                 "reason",
                 self.handshakes_refused,
+            ),
+            (
+                "echoserver_tokens_refused",
+                "Connection tokens refused (WebSocket and SSE), by what failed: missing, "
+                "malformed, algorithm, kid, signature, expired, not_yet_valid, audience, "
+                "issuer, claims.",
+                "reason",
+                self.tokens_refused,
             ),
             (
                 "echoserver_closes",

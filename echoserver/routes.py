@@ -19,13 +19,26 @@ HEALTH = "/healthz"
 METRICS = "/metrics"
 CHANNELS = "/api/channels"  # /api/channels/<channel>, POST /api/channels/<channel>/messages
 MESSAGES = "messages"  # the publish API's last path segment, below a channel
+USERS = "/api/users"  # POST /api/users/<sub>/messages, DELETE /api/users/<sub>/connections
+CONNECTIONS = "connections"
+# A user's sub in a URL: any characters but "/" (percent-encoded as needed), 1..256 of them.
+SUB_PATTERN = r"[^/]{1,256}"
 PROTOCOL = "/api/protocol"  # channel names and close codes, for clients such as the page
 SSE = "/sse"  # /sse and /sse/<channel>: a channel as Server-Sent Events
 # Tornado serves these two from the static directory as well.
 STATIC_FILES = ("/favicon.ico", "/robots.txt")
 
 # Every prefix the WebSocket path may not equal, fall under or contain.
-RESERVED: tuple[str, ...] = (STATIC, *STATIC_FILES, HEALTH, METRICS, CHANNELS, PROTOCOL, SSE)
+RESERVED: tuple[str, ...] = (
+    STATIC,
+    *STATIC_FILES,
+    HEALTH,
+    METRICS,
+    CHANNELS,
+    USERS,
+    PROTOCOL,
+    SSE,
+)
 
 
 def exact(path: str) -> str:
@@ -42,6 +55,16 @@ def channel_messages(prefix: str = "") -> str:
     """The Tornado pattern for the publish API, /api/channels/<channel>/messages (below
     `prefix` when the routes are mounted under one)."""
     return rf"{with_channel(prefix + CHANNELS)}/{re.escape(MESSAGES)}"
+
+
+def user_messages(prefix: str = "") -> str:
+    """POST /api/users/<sub>/messages: to the user's personal channel."""
+    return rf"{re.escape(prefix + USERS)}/({SUB_PATTERN})/{re.escape(MESSAGES)}"
+
+
+def user_connections(prefix: str = "") -> str:
+    """DELETE /api/users/<sub>/connections: close all of the user's connections."""
+    return rf"{re.escape(prefix + USERS)}/({SUB_PATTERN})/{re.escape(CONNECTIONS)}"
 
 
 def clash(path: str) -> str | None:

@@ -83,6 +83,15 @@ class Broker(abc.ABC):
     # (a broker that is never down ignores it).
     publish_timeout: float = 5.0
 
+    # Per-channel history limits where some channels differ (namespaces): channel ->
+    # (messages, seconds). None: every channel keeps history_size and history_ttl.
+    retention: Callable[[str], tuple[int, float]] | None = None
+
+    def kept_for(self, channel: str) -> tuple[int, float]:
+        """(messages, seconds) of history this channel keeps."""
+        rule = self.retention
+        return (self.history_size, self.history_ttl) if rule is None else rule(channel)
+
     @abc.abstractmethod
     async def start(self, on_envelope: OnEnvelope) -> None:
         """Connect; from now on every envelope of a subscribed channel goes to on_envelope."""

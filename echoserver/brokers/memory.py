@@ -108,15 +108,16 @@ class MemoryBroker(Broker):
         else:
             self._channels.move_to_end(name)
         seq = envelope.seq = channel.last = channel.last + 1
-        if self.history_size > 0:
-            self._keep(channel, envelope)
+        size, ttl = self.kept_for(name)
+        if size > 0:
+            self._keep(channel, envelope, size, ttl)
         elif channel.kept:
             self._drop_all(channel)
         if self._on_envelope is not None and name in self._subscribed:
             self._on_envelope(envelope)
         return seq
 
-    def _keep(self, channel: _Channel, envelope: Envelope) -> None:
+    def _keep(self, channel: _Channel, envelope: Envelope, limit: int, ttl: float) -> None:
         size = len(envelope.data)
         if size > self.history_bytes:
             # Not kept, and neither is anything older: kept offsets must end at the last.
@@ -131,9 +132,9 @@ class MemoryBroker(Broker):
         self._kept_count += 1
         self.kept_bytes += size
         self._fifo.append((channel, envelope.seq))
-        while len(kept) > self.history_size or channel.kept_bytes > self.history_bytes:
+        while len(kept) > limit or channel.kept_bytes > self.history_bytes:
             self._drop_oldest(channel)
-        self._expire(channel, now)
+        self._expire(channel, now, ttl)
         fifo = self._fifo
         while self.kept_bytes > self.history_total_bytes and fifo:
             oldest, seq = fifo.popleft()
@@ -168,8 +169,7 @@ class MemoryBroker(Broker):
                 self._drop_all(self._channels.pop(name))
                 return
 
-    def _expire(self, channel: _Channel, now: float) -> None:
-        ttl = self.history_ttl
+    def _expire(self, channel: _Channel, now: float, ttl: float) -> None:
         if ttl > 0:
             kept = channel.kept
             while kept and now - kept[0][0] > ttl:
@@ -180,7 +180,7 @@ class MemoryBroker(Broker):
         state = self._channels.get(channel)
         if state is None:
             return Backlog([], 0)
-        self._expire(state, time.monotonic())
+        self._expire(state, time.monotonic(), self.kept_for(channel)[1])
         kept = state.kept
         if not kept:
             return Backlog([], state.last)

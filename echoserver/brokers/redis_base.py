@@ -258,6 +258,7 @@ class PipelinedRedisBroker(Broker):
         BrokerUnavailable at once only when the broker is closing or MAX_WAITING_BYTES wait."""
         header, data = encode(envelope)
         name, seq_key, history_key, bytes_key = self._keys(envelope.channel)
+        size, ttl = self.kept_for(envelope.channel)
         args = (
             "EVALSHA",
             self.PUBLISH_SHA,
@@ -268,8 +269,8 @@ class PipelinedRedisBroker(Broker):
             name,
             header,
             data,
-            self.history_size,
-            int(self.history_ttl * 1000),
+            size,
+            int(ttl * 1000),
             self.history_bytes,
         )
         if self._healthy:
@@ -288,7 +289,7 @@ class PipelinedRedisBroker(Broker):
         reply = await self._command(
             "EVALSHA", self.BACKLOG_SHA, 2, seq_key, history_key, after, max(limit, 0)
         )
-        return read_backlog(channel, reply, int(self.history_ttl * 1000))
+        return read_backlog(channel, reply, int(self.kept_for(channel)[1] * 1000))
 
     @property
     def healthy(self) -> bool:

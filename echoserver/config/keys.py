@@ -10,6 +10,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from echoserver import routes
+from echoserver.config.jwt_keys import (
+    check_algorithms,
+    check_jwks,
+    check_public_keys,
+    check_secrets,
+)
 from echoserver.config.rules import (
     _API_KEY,
     _BOOL,
@@ -76,6 +82,27 @@ def _key(name: str, doc: str, rule: Rule, *, secret: bool = False) -> Key:
         secret=secret,
     )
 
+
+_JWT_SECRETS = Rule(
+    "a list of at most two HMAC secrets of 32 bytes or more, each the value itself or "
+    '"file:PATH"; [] = none',
+    check_secrets,
+)
+_PUBLIC_KEYS = Rule(
+    "a list of at most two paths of PEM public keys (RSA, EC P-256/384/521 or Ed25519); [] = none",
+    check_public_keys,
+)
+_JWKS = Rule(
+    '"", the path of a JWKS file, or an https:// URL (http:// to a loopback address)',
+    check_jwks,
+)
+_ALGORITHMS = Rule(
+    "a list of JWT algorithms (HS256/384/512, RS256/384/512, PS256/384/512, ES256/384/512, "
+    "EdDSA), never none; [] = every one the configured keys fit",
+    check_algorithms,
+)
+_TEXT = Rule("a string")
+_LEEWAY = Rule("a number 0..600", lambda v: None if 0 <= v <= 600 else "")
 
 KEYS: tuple[Key, ...] = (
     _key(
@@ -278,6 +305,54 @@ KEYS: tuple[Key, ...] = (
         "its connection's accept or the end of its previous request; slower ones are "
         "closed (408 if the headers were not all in). Default 20.",
         _number(0, exclusive=True),
+    ),
+    _key(
+        "auth.jwt_secret",
+        "HMAC secrets that sign connection tokens (JWT, HS256/384/512): a client sends "
+        "?token= or Authorization: Bearer. Two during a rollover. "
+        '"file:PATH" reads the secret from a file. [] = no HMAC tokens.',
+        _JWT_SECRETS,
+        secret=True,
+    ),
+    _key(
+        "auth.jwt_public_key",
+        "PEM public keys that verify connection tokens (RS*, PS*, ES*, EdDSA as the key "
+        "fits); two during a rollover. [] = none.",
+        _PUBLIC_KEYS,
+    ),
+    _key(
+        "auth.jwks",
+        "A JWKS (file or URL) whose keys verify connection tokens by their kid; a URL is "
+        'fetched at start and again for an unknown kid, at most once a minute. "" = none.',
+        _JWKS,
+    ),
+    _key(
+        "auth.algorithms",
+        "Algorithms a token may be signed with; the token's own header never widens it. "
+        "[] = every one the configured keys fit.",
+        _ALGORITHMS,
+    ),
+    _key(
+        "auth.audience",
+        'Required aud claim of a connection token; "" = not checked.',
+        _TEXT,
+    ),
+    _key(
+        "auth.issuer",
+        'Required iss claim of a connection token; "" = not checked.',
+        _TEXT,
+    ),
+    _key(
+        "auth.leeway",
+        "Seconds of clock skew allowed when checking exp, nbf and iat (0..600); a connection "
+        "is closed with 4001 this long after its token's exp.",
+        _LEEWAY,
+    ),
+    _key(
+        "auth.anonymous",
+        "Let clients without a token in as guests (with JWT keys set); guests may join only "
+        'namespaces whose subscribe = "anyone".',
+        _BOOL,
     ),
 )
 

@@ -17,9 +17,25 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
+from echoserver.config import namespaces
+from echoserver.config.jwt_keys import (
+    HMAC,
+    KeyProblem,
+    hmac_algorithms,
+    key_algorithms,
+    load_public_key,
+    read_secret,
+)
 from echoserver.config.keys import _BY_NAME, KEYS, Key
 from echoserver.config.rules import _check_tls
-from echoserver.config.settings import CONFIG_ENV, ENV_PREFIX, SECTIONS, ConfigError, Settings
+from echoserver.config.settings import (
+    CONFIG_ENV,
+    ENV_PREFIX,
+    SECTIONS,
+    ConfigError,
+    NamespaceSettings,
+    Settings,
+)
 from echoserver.config.values import _show, _toml_type_name
 
 
@@ -125,6 +141,8 @@ def _file_layer(data: Mapping[str, Any], path: str) -> _Layer:
     sections = [s for s in SECTIONS if s]
     top = [k.name for k in KEYS if not k.section]
     for name, value in data.items():
+        if name == "namespaces":
+            continue  # a list of tables: namespaces.parse()
         if name in sections:
             if not isinstance(value, dict):
                 raise ConfigError(
@@ -158,8 +176,10 @@ def _env_layer(env: Mapping[str, str]) -> _Layer:
     # The prefix is ours: a misspelled variable is an error, like an unknown key in a file.
     by_env = {k.env: k for k in KEYS}
     for name in sorted(env):
-        if name.startswith(ENV_PREFIX) and name != CONFIG_ENV and name not in by_env:
-            known = [CONFIG_ENV, *by_env]
+        if name.startswith(ENV_PREFIX) and name not in (CONFIG_ENV, namespaces.ENV):
+            if name in by_env:
+                continue
+            known = [CONFIG_ENV, namespaces.ENV, *by_env]
             raise _unknown(name, known, "the environment", "variable", _ENV_ALLOWED)
     layer: _Layer = {}
     for name, key in by_env.items():
@@ -254,12 +274,74 @@ def _validate(merged: _Layer) -> None:
         )
 
 
-def _build(merged: _Layer) -> Settings:
+def _validate_auth(merged: _Layer, spaces: tuple[NamespaceSettings, ...], spaces_src: str) -> None:
+    """The [auth] keys against each other, the shared token and the namespaces."""
+    secrets, _ = merged["auth.jwt_secret"]
+    public_keys, _ = merged["auth.jwt_public_key"]
+    jwks, _ = merged["auth.jwks"]
+    jwt_set = bool(secrets or public_keys or jwks)
+
+    def bad(name: str, message: str) -> ConfigError:
+        value, source = merged[name]
+        return ConfigError(
+            f"{name} = {_show(_BY_NAME[name], value)} (from {source}): {message}",
+            key=name,
+            source=source,
+        )
+
+    token, _ = merged["websocket.auth_token"]
+    if token and jwt_set:
+        raise bad(
+            "websocket.auth_token",
+            "cannot be set together with JWT keys (auth.jwt_secret, auth.jwt_public_key, "
+            'auth.jwks): a client sends one token; set auth_token = "" or remove the keys',
+        )
+    anonymous, _ = merged["auth.anonymous"]
+    if anonymous and not jwt_set:
+        raise bad(
+            "auth.anonymous",
+            "needs JWT keys (auth.jwt_secret, auth.jwt_public_key or auth.jwks): without "
+            "them every client is a guest already",
+        )
+    algorithms, _ = merged["auth.algorithms"]
+    fitting: set[str] = set()
+    try:
+        for item in secrets:
+            fitting.update(hmac_algorithms(read_secret(item)))
+        for path in public_keys:
+            fitting.update(key_algorithms(load_public_key(path)))
+    except KeyProblem:  # already refused by the key's own rule
+        pass
+    for alg in algorithms:
+        if alg in fitting or (jwks and alg not in HMAC):
+            continue
+        raise bad(
+            "auth.algorithms",
+            f"{alg} fits none of the configured keys (auth.jwt_secret, auth.jwt_public_key"
+            + (", auth.jwks" if jwks else "")
+            + ")",
+        )
+    if jwt_set and algorithms and not (fitting.intersection(algorithms) or jwks):
+        raise bad("auth.algorithms", "leaves no configured key usable")
+    if not jwt_set:
+        for index, space in enumerate(spaces):
+            if namespaces.needs_identity(space):
+                raise ConfigError(
+                    f"namespaces[{index}] (pattern {space.pattern!r}, from {spaces_src}): its "
+                    "rights need verified users, so it needs JWT keys (auth.jwt_secret, "
+                    "auth.jwt_public_key or auth.jwks)",
+                    key=f"namespaces[{index}]",
+                    source=spaces_src,
+                )
+
+
+def _build(merged: _Layer, spaces: tuple[NamespaceSettings, ...] = ()) -> Settings:
     parts: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     for key in KEYS:
         parts[key.section][key.field] = merged[key.name][0]
     top = parts.pop("")
-    return Settings(**top, **{s: SECTIONS[s](**kw) for s, kw in parts.items()})
+    sections = {s: SECTIONS[s](**kw) for s, kw in parts.items()}
+    return Settings(**top, **sections, namespaces=spaces)
 
 
 def load(
@@ -290,12 +372,24 @@ def resolve(
         config_path = env.get(CONFIG_ENV, "")
         via = f"env {CONFIG_ENV}"
     merged: _Layer = {k.name: (k.default, "default") for k in KEYS}
+    spaces: tuple[NamespaceSettings, ...] = ()
+    spaces_src = "default"
     if config_path:
-        merged.update(_file_layer(_read_file(config_path, via), config_path))
+        data = _read_file(config_path, via)
+        merged.update(_file_layer(data, config_path))
+        if "namespaces" in data:
+            spaces_src = f"file {config_path}"
+            spaces = namespaces.parse(data["namespaces"], spaces_src)
     merged.update(_env_layer(env))
+    if namespaces.ENV in env:
+        spaces_src = f"env {namespaces.ENV}"
+        spaces = namespaces.from_env(env[namespaces.ENV])
     merged.update(_flag_layer(flags or {}))
     _validate(merged)
-    return _build(merged), {name: source for name, (_, source) in merged.items()}
+    _validate_auth(merged, spaces, spaces_src)
+    sources = {name: source for name, (_, source) in merged.items()}
+    sources["namespaces"] = spaces_src
+    return _build(merged, spaces), sources
 
 
 def describe(settings: Settings, name: str, sources: Mapping[str, str] | None = None) -> str:

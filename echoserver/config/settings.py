@@ -52,6 +52,33 @@ class LimitsSettings:
 
 
 @dataclass(frozen=True)
+class AuthSettings:
+    jwt_secret: tuple[str, ...] = ()
+    jwt_public_key: tuple[str, ...] = ()
+    jwks: str = ""
+    algorithms: tuple[str, ...] = ()
+    audience: str = ""
+    issuer: str = ""
+    leeway: float = 0.0
+    anonymous: bool = False
+
+
+@dataclass(frozen=True)
+class NamespaceSettings:
+    """One [[namespaces]] table: the rights and options of the channels its pattern matches.
+
+    history and history_ttl of -1 take broadcast.history and broadcast.history_ttl.
+    """
+
+    pattern: str
+    subscribe: str = "anyone"
+    publish: str = "members"
+    history: int = -1
+    history_ttl: float = -1.0
+    join_leave: bool = False
+
+
+@dataclass(frozen=True)
 class TLSSettings:
     certfile: str = ""
     keyfile: str = ""
@@ -80,6 +107,10 @@ class Settings:
     tls: TLSSettings = field(default_factory=TLSSettings)
     log: LogSettings = field(default_factory=LogSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    # [[namespaces]]: a list of tables, not keys, so outside SECTIONS and the KEYS table
+    # (loaded and checked by config/namespaces.py).
+    namespaces: tuple[NamespaceSettings, ...] = ()
 
 
 # Section name -> its dataclass; "" is the top level. Order is the order of to_toml().
@@ -91,6 +122,7 @@ SECTIONS: dict[str, type] = {
     "tls": TLSSettings,
     "log": LogSettings,
     "limits": LimitsSettings,
+    "auth": AuthSettings,
 }
 # Sections whose flags carry no section prefix (--path, --broker rather than --websocket-path).
 _UNPREFIXED_FLAG_SECTIONS = ("", "websocket", "broadcast", "limits")

@@ -62,7 +62,7 @@ _URL_PASSWORD_RE = re.compile(r"^([a-z][a-z0-9+.-]*://[^/@]*?:)[^/@]*@")
 
 def _show(key: Key | None, value: Any) -> str:
     """A value as error messages show it: TOML syntax, secrets hidden."""
-    if key is not None and key.secret and value != "":
+    if key is not None and key.secret and value not in ("", ()):
         return "<hidden>"
     if isinstance(value, str):
         value = _URL_PASSWORD_RE.sub(r"\1***@", value)

@@ -1,10 +1,13 @@
 """Who may open a long-lived connection: a WebSocket (websocket.py) or an event stream (sse.py).
 
 AdmittedHandler is the base of both endpoints. It owns the server's admission policy, in
-this order: a draining server answers 503, a missing or wrong token 401, a full server 503,
-and a browser origin that is not allowed 403. Each refusal is counted by reason in
-/metrics and logged without the query string (it may hold the token). The decisions
-themselves (token comparison, the origin rule) are handshake.py's.
+this order: a draining server answers 503, a missing or wrong shared token 401, a full
+server 503, a browser origin that is not allowed 403; then (authenticate()) a connection
+token (JWT) that does not verify 401, and (join_refusal()) a channel the identity's rights
+do not open 403. Each refusal is counted by reason in /metrics and logged without the query
+string (it may hold the token); why a token was refused is logged, never told the client.
+The decisions themselves are handshake.py's (token comparison, the origin rule) and the
+auth package's (tokens, rights).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import re
 
 import tornado.web
 
+from echoserver.auth.identity import GUEST, Identity
+from echoserver.auth.verifier import TokenRefused
 from echoserver.endpoints.base import BaseHandler
 from echoserver.wire.handshake import (
     Refusal,
@@ -29,6 +34,8 @@ log = logging.getLogger("echoserver.ws")
 # (Redis counts to 2**63 - 1).
 OFFSET = re.compile(r"[0-9]{1,18}")
 BAD_OFFSET = Refusal(400, "bad_request", "since must be an offset: a non-negative integer")
+# What a client whose token was refused learns: the status, never which check failed.
+BAD_TOKEN_MESSAGE = "missing or invalid token"
 
 
 def parse_offset(text: str) -> int | Refusal:
@@ -38,6 +45,8 @@ def parse_offset(text: str) -> int | Refusal:
 
 class AdmittedHandler(BaseHandler):
     """A handler whose connections count against max_connections and obey the policy."""
+
+    identity: Identity = GUEST  # who the client is, once authenticate() let it in
 
     @property
     def peer(self) -> str:
@@ -79,13 +88,43 @@ class AdmittedHandler(BaseHandler):
         return getattr(self.request.connection, "stream", None)
 
     def _token_ok(self, expected: str) -> bool:
+        given = self.given_token()
+        return given is not None and token_matches(given, expected)
+
+    def given_token(self) -> str | None:
+        """The client's token: Authorization: Bearer, else ?token= ("" when neither; None
+        when the argument is not UTF-8, which is a wrong token and not for the log)."""
         given = bearer_token(self.request.headers.get("Authorization"))
         if given is None:
             try:
                 given = self.get_query_argument("token", "")
-            except tornado.web.HTTPError:  # not UTF-8: a wrong token, and not for the log
-                return False
-        return token_matches(given, expected)
+            except tornado.web.HTTPError:
+                return None
+        return given
+
+    async def authenticate(self) -> Refusal | None:
+        """Verify the client's connection token (with JWT keys set): sets self.identity,
+        or logs why not and returns the 401."""
+        authority = self.server.authority
+        if not authority.uses_tokens:
+            return None
+        token = self.given_token()
+        try:
+            if token is None:
+                raise TokenRefused("a token that is not UTF-8", "malformed")
+            self.identity = await authority.identify(token)
+        except TokenRefused as refused:
+            self.server.metrics.tokens_refused[refused.label] += 1
+            return Refusal(401, "auth", BAD_TOKEN_MESSAGE, f"token refused: {refused.reason}")
+        return None
+
+    def join_refusal(self, channel: str) -> Refusal | None:
+        """403 when the identity's rights do not let it join the channel."""
+        why = self.server.authority.rights.join_refusal(self.identity, channel)
+        if why is None:
+            return None
+        who = self.identity.sub or "a guest"
+        return Refusal(403, "forbidden", f"not allowed to join {channel}", f"{who[:64]}: {why}")
 
     def offset_argument(self, *names: str) -> int | Refusal | None:
         """The first of the query arguments `names` as an offset; None when absent."""
@@ -99,6 +138,7 @@ class AdmittedHandler(BaseHandler):
     def refuse(self, refusal: Refusal) -> None:
         self.server.metrics.handshakes_refused[refusal.reason] += 1
         request = self.request
-        log.info("refused %s from %s: %s", request.path, request.remote_ip, refusal.message)
+        why = refusal.detail or refusal.message
+        log.info("refused %s from %s: %s", request.path, request.remote_ip, why)
         self.set_status(refusal.status)
         self.finish(refusal.message)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Coroutine
 from typing import Any, Protocol
 
+from echoserver.auth.authority import Authority
 from echoserver.config import Settings
 from echoserver.endpoints.occupancy import Occupancy
 from echoserver.fanout.hub import Hub
@@ -37,6 +38,7 @@ class ServerContext(Protocol):
     allowed_origins: frozenset[str]  # normalised websocket.allowed_origins
     started: float  # time.monotonic() at start
     refused_hosts: Throttle  # the warning about a refused Host (base.HostRefused)
+    authority: Authority  # tokens, rights, expiry, users (the auth package)
 
     def spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
         """Run a coroutine in the background, keeping a reference until it ends."""

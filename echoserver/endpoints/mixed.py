@@ -1,15 +1,18 @@
 """Mixed mode's WebSocket endpoint: the websocket-shootout protocol, where a JSON envelope
 chooses echo or broadcast, broadcasts reach receivers in an envelope with their offset,
-and a joiner is told what it was replayed.
+and a joiner is told what it was replayed; and {"type":"refresh","token":T}, which replaces
+the connection's token with a newer one for the same user before it expires.
 
 The envelopes themselves are sans-I/O, in wire/envelopes.py.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable
 from typing import Any
 
+from echoserver.auth.verifier import TokenRefused
 from echoserver.brokers import BrokerUnavailable
 from echoserver.endpoints.websocket import ChannelSocket
 from echoserver.fanout.delivery import Replay
@@ -21,6 +24,8 @@ from echoserver.wire.envelopes import (
     notice,
     recovery_fields,
 )
+
+log = logging.getLogger("echoserver.ws")
 
 
 class MixedSocket(ChannelSocket):
@@ -59,13 +64,18 @@ class MixedSocket(ChannelSocket):
             return None
         if kind == "broadcast":
             return self._broadcast(request.get("payload"))
-        self._error(f"unknown type {kind!r}; expected 'echo' or 'broadcast'")
+        if kind == "refresh":
+            return self._refresh(request.get("token"))
+        self._error(f"unknown type {kind!r}; expected 'echo', 'broadcast' or 'refresh'")
         return None
 
     async def _broadcast(self, inner: Any) -> None:
         """Publish the payload (receivers get it in an envelope with its offset), then
         tell the sender its offset and how many members the channel has."""
         hub = self.server.hub
+        if not self.may_publish:
+            self._error(f"not allowed to publish on {self.channel}")
+            return
         sender = self.member.sub_id if self.member is not None else None
         try:
             outcome = hub.publish(self.channel, mixed_payload(inner), False, sender)
@@ -76,6 +86,39 @@ class MixedSocket(ChannelSocket):
         listeners = await hub.members(self.channel)
         result = notice("broadcastResult", payload=inner, listenCount=listeners, offset=offset)
         self.send(result, False)
+
+    async def _refresh(self, token: Any) -> None:
+        """Take a newer token for the same user: the connection's expiry moves to its exp.
+        A refused one leaves the old token (and its expiry) in place."""
+        authority = self.server.authority
+        if not authority.uses_tokens:
+            self._error("this server does not use connection tokens")
+            return
+        if not isinstance(token, str) or not token:
+            self._error("refresh needs a token")
+            return
+        old = self.identity
+        try:
+            new = await authority.identify(token)
+        except TokenRefused as refused:
+            self.server.metrics.tokens_refused[refused.label] += 1
+            log.info("refused a refresh on %s: %s", self.peer, refused.reason)
+            self._error("token refused")
+            return
+        if new.sub != old.sub:
+            self._error("the new token is for another user; reconnect with it instead")
+            return
+        why = authority.rights.join_refusal(new, self.channel)
+        if why is not None:
+            self._error(f"the new token does not allow {self.channel}")
+            return
+        if self._closed:
+            return
+        self.identity = new
+        self.may_publish = authority.rights.may_publish(new, self.channel)
+        authority.refreshed(self, old, new)
+        exp = None if new.exp is None else (int(new.exp) if new.exp.is_integer() else new.exp)
+        self.send(notice("refreshed", exp=exp), False)
 
     def _error(self, text: str) -> None:
         self.send(notice("error", error=text), False)

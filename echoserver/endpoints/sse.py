@@ -12,6 +12,9 @@ An event-stream subscriber is a channel member like a WebSocket one: it counts i
 and listenCount, in max_connections and in /metrics, obeys the same origin and token rules
 and the same slow-client cap and policy (past the cap its events are dropped, or the stream
 is ended: EventSource then reconnects and resumes), and is ended by the drain on SIGTERM.
+With connection tokens (JWT), a stream whose token runs out gets `event: expired` and ends
+(an EventSource cannot swap its token: it reconnects with a new one); one closed by the
+user API gets `event: disconnected` and ends.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import json
 import logging
 import re
 
+from echoserver.auth.identity import GUEST
 from echoserver.endpoints.admission import AdmittedHandler, parse_offset
 from echoserver.endpoints.occupancy import Slot
 from echoserver.fanout.delivery import Delivery, Replay
@@ -83,6 +87,10 @@ class EventStream(AdmittedHandler):
                 refusal = resumed
             elif resumed is not None:
                 since = resumed
+        if refusal is None:
+            refusal = await self.authenticate()
+            if refusal is None:
+                refusal = self.join_refusal(channel or "default")
         if refusal is not None:
             self.refuse(refusal)
             return
@@ -112,7 +120,12 @@ class EventStream(AdmittedHandler):
             return
         self._send_now()
         self._schedule_keepalive()
+        identity = self.identity
+        if identity is not GUEST:
+            server.authority.admit(self, identity)
         await self._done
+        if identity is not GUEST:
+            server.authority.release(self, identity)
         await server.hub.leave(self.channel, self)
 
     @staticmethod
@@ -181,6 +194,19 @@ class EventStream(AdmittedHandler):
         """The server is shutting down: end the stream (an event stream has no close
         code); the client reconnects, elsewhere or later, and resumes."""
         self.close()
+
+    def token_expired(self) -> None:
+        """The token ran out (auth.expiry): say so, and end the stream."""
+        self._last_event(b"expired")
+
+    def disconnect(self) -> None:
+        """DELETE /api/users/<sub>/connections: say so, and end the stream."""
+        self._last_event(b"disconnected")
+
+    def _last_event(self, kind: bytes) -> None:
+        if not self._ended:
+            self.write(b"event: " + kind + b"\ndata: {}\n\n")
+            self.close()
 
     def close(self) -> None:
         """End the stream (the drain, a slow client); the client may reconnect and resume."""

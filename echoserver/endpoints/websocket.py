@@ -16,6 +16,7 @@ import functools
 import logging
 from collections.abc import Awaitable
 
+from echoserver.auth.identity import GUEST
 from echoserver.brokers import BrokerUnavailable
 from echoserver.endpoints.access import RequestRecord, write_access_line
 from echoserver.endpoints.admission import AdmittedHandler
@@ -62,6 +63,12 @@ class BaseSocket(AdmittedHandler):
 
     async def get(self, channel: str | None = None) -> None:
         refusal = self._refusal()
+        if refusal is None:
+            refusal = await self.authenticate()
+            if refusal is None:
+                refusal = self.rights_refusal(channel or "default")
+            if self._gone:
+                return
         if refusal is not None:
             self.refuse(refusal)
             return
@@ -120,6 +127,10 @@ class BaseSocket(AdmittedHandler):
         if refusal is None:
             refusal = check_upgrade(self.request.method or "", self.request.headers.get)
         return refusal
+
+    def rights_refusal(self, channel: str) -> Refusal | None:
+        """Why the identity may not have this connection (a channel's rights), or None."""
+        return None
 
     def refuse(self, refusal: Refusal) -> None:
         if refusal.status == 426:
@@ -192,6 +203,8 @@ class BaseSocket(AdmittedHandler):
     def on_open(self) -> None:
         self._release()
         self.server.connections.add(self)
+        if self.identity is not GUEST:
+            self.server.authority.admit(self, self.identity)
         if self.server.draining:  # the handshake began before the drain
             self.going_away()
 
@@ -209,6 +222,8 @@ class BaseSocket(AdmittedHandler):
             self._slot.release()
             self._slot = None
         server.connections.discard(self)
+        if self.identity is not GUEST:
+            server.authority.release(self, self.identity)
         server.metrics.closes[code] += 1
         if server.config.log.access:
             write_access_line(self.record or RequestRecord(self.request), 101, close=code)
@@ -216,6 +231,15 @@ class BaseSocket(AdmittedHandler):
     def going_away(self) -> None:
         """The server is shutting down: close with 1001."""
         self.close(CloseCode.GOING_AWAY, "server shutting down")
+
+    def token_expired(self) -> None:
+        """The token ran out (auth.expiry): close with 4001."""
+        log.info("closing %s: its token expired", self.peer)
+        self.close(CloseCode.TOKEN_EXPIRED, "token expired")
+
+    def disconnect(self) -> None:
+        """DELETE /api/users/<sub>/connections: close with 4003."""
+        self.close(CloseCode.DISCONNECTED_BY_THE_SERVER, "disconnected by the server")
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Close the connection (the server's drain, a lost broadcast)."""
@@ -254,6 +278,7 @@ class ChannelSocket(BaseSocket):
 
     member: WebSocketConnection | None = None
     since: int | None = None  # ?since=N: resume after offset N
+    may_publish = True  # whether its rights let it publish on the channel (namespaces)
     _in_flight = 0  # publishes handed to the broker and not yet answered
     _in_flight_bytes = 0  # their payload bytes
     _drained: asyncio.Future[None] | None = None
@@ -268,10 +293,15 @@ class ChannelSocket(BaseSocket):
         self.since = since
         return None
 
+    def rights_refusal(self, channel: str) -> Refusal | None:
+        return self.join_refusal(channel)
+
     async def before_upgrade(self, channel: str) -> None:
         """Join the channel before the 101: a client that has its 101 is a member, and with
         a remote broker its subscription is active, so it cannot miss the next broadcast."""
         self.channel = channel
+        if not self.server.authority.rights.may_publish(self.identity, channel):
+            self.may_publish = False
         hub = self.server.hub
         member = self.connection
         assert member is not None
@@ -365,4 +395,9 @@ class BroadcastSocket(ChannelSocket):
 
     def on_raw_message(self, payload: bytes, binary: bool) -> Awaitable[None] | None:
         self.count_in(payload)
+        if not self.may_publish:
+            # A raw relay has no notice a peer could not forge: the sender is closed.
+            log.info("closing %s: not allowed to publish on %s", self.peer, self.channel)
+            self.close(CloseCode.POLICY_VIOLATION, "not allowed to publish")
+            return None
         return self.publish(payload, binary)

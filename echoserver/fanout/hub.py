@@ -44,6 +44,9 @@ OTHER_CHANNELS = "(other)"  # where the rest are counted
 # Bytes a replayed message may take beyond its payload in a receiver's queue: a frame
 # header and mixed mode's {"type":"broadcast","payload":...,"offset":N} around it.
 REPLAY_OVERHEAD = 64
+# Where control messages travel between processes (the user API's disconnect): never a
+# client's channel, whose names cannot hold "#".
+CONTROL_CHANNEL = "#control"
 
 
 class Subscriber(Protocol):
@@ -151,6 +154,7 @@ class Hub:
         self._node = os.urandom(4).hex()
         self._ids = itertools.count(1)
         self._started = False
+        self._on_control: Callable[[bytes], None] | None = None
         # Channels whose broker subscription is on its way: later joiners wait for it.
         self._subscribing: dict[str, asyncio.Future[None]] = {}
 
@@ -159,6 +163,28 @@ class Hub:
         if not self._started:
             self._started = True
             await self.broker.start(self._fan_out)
+
+    def keep_history(self, rule: Callable[[str, tuple[int, float]], tuple[int, float]]) -> None:
+        """Let `rule(channel, (messages, seconds))` set a channel's history (namespaces);
+        the control channel keeps none."""
+        broker = self.broker
+        default = (broker.history_size, broker.history_ttl)
+
+        def retention(channel: str) -> tuple[int, float]:
+            return (0, 0.0) if channel == CONTROL_CHANNEL else rule(channel, default)
+
+        broker.retention = retention
+
+    async def listen(self, on_control: Callable[[bytes], None]) -> None:
+        """Receive what control() sends, from this and every process sharing the broker."""
+        self._on_control = on_control
+        await self.start()
+        await self.broker.subscribe(CONTROL_CHANNEL)
+
+    def control(self, data: bytes) -> int | asyncio.Future[int]:
+        """Send a control message to every process's listen() handler (the user API's
+        disconnect); like publish(), it never waits."""
+        return self.broker.publish(Envelope(CONTROL_CHANNEL, data, False, None))
 
     async def close(self) -> None:
         await self.broker.close()
@@ -198,7 +224,7 @@ class Hub:
         first = members is None
         if members is None:
             members = self._channels[channel] = {}
-        kept = self.broker.history_size
+        kept = self.broker.kept_for(channel)[0]
         if kept <= 0 and since is None:
             members[subscriber.sub_id] = subscriber
             await self._subscribed(channel, first)
@@ -344,6 +370,8 @@ class Hub:
     def _fan_out(self, envelope: Envelope) -> None:
         members = self._channels.get(envelope.channel)
         if not members:
+            if envelope.channel == CONTROL_CHANNEL and self._on_control is not None:
+                self._on_control(envelope.data)
             return
         skip = None if self.include_sender else envelope.sender
         # A copy, because closing a slow receiver may make it leave the channel. Of the

@@ -99,7 +99,7 @@ async def serve(
             context = ssl_context(settings)
     broker = create_broker(settings.broadcast.broker)
     app = make_app(settings, broker)
-    await app.server.hub.start()
+    await app.server.start()
     server = FrontDoor(
         app,
         occupancy=app.server.occupancy,

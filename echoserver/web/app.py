@@ -24,6 +24,7 @@ import tornado.routing
 import tornado.web
 
 from echoserver import routes
+from echoserver.auth.authority import Authority
 from echoserver.brokers import Broker, MemoryBroker
 from echoserver.config import Settings
 from echoserver.endpoints.access import log_request
@@ -36,7 +37,7 @@ from echoserver.fanout.hub import Hub
 from echoserver.metrics import Metrics
 from echoserver.transport.flusher import Flusher
 from echoserver.transport.keepalive import Keepalive
-from echoserver.web import handlers, redact
+from echoserver.web import handlers, redact, users
 from echoserver.wire.handshake import normalise_origin
 from echoserver.wire.hosts import HostPolicy, Throttle
 
@@ -100,7 +101,11 @@ class ServerState:
         self.allowed_origins = frozenset(
             normalise_origin(origin) for origin in config.websocket.allowed_origins
         )
-        redact.install(ws.auth_token, config.api.key)  # Tornado's lines, embedded too
+        self.authority = Authority(config)
+        if config.namespaces:
+            hub.keep_history(self.authority.rights.retention)
+        # Tornado's lines, embedded too
+        redact.install(ws.auth_token, config.api.key, *self.authority.verifier.secrets())
         self.hosts = HostPolicy.build(config.host, ws.allowed_hosts)
         self.refused_hosts = Throttle(HOST_WARNING_INTERVAL)
         self.draining = False
@@ -137,6 +142,8 @@ class ServerState:
             (routes.exact(prefix + routes.PROTOCOL), handlers.ProtocolHandler),
             (routes.with_channel(prefix + routes.CHANNELS), handlers.ChannelHandler),
             (routes.channel_messages(prefix), handlers.PublishHandler),
+            (routes.user_messages(prefix), users.UserMessagesHandler),
+            (routes.user_connections(prefix), users.UserConnectionsHandler),
         ]
         if config.mode != "echo":
             # A channel as Server-Sent Events: /sse is channel "default".
@@ -147,6 +154,14 @@ class ServerState:
             for pattern, handler in paths
         ]
         return rules
+
+    async def start(self) -> None:
+        """Connect the broker, fetch a remote JWKS, and listen for the user API's control
+        messages from every process."""
+        await self.hub.start()
+        if self.authority.uses_tokens:
+            await self.authority.start()
+            await self.hub.listen(self.authority.on_control)
 
     def _open_connections(self) -> Counter[tuple[str, str]]:
         return Counter((self.config.mode, c.channel) for c in self.connections)
@@ -171,8 +186,10 @@ class ServerState:
             log.warning("%d connections did not close in time", len(self.connections))
 
     async def close(self) -> None:
-        """Stop the background work: the keepalive and the hub (its broker included)."""
+        """Stop the background work: the keepalive, the expiry clock and the hub (its broker
+        included)."""
         self.keepalive.close()
+        self.authority.close()
         await self.hub.close()
 
 

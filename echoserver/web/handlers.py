@@ -53,7 +53,10 @@ class HealthHandler(JSONHandler):
             "connections": len(server.connections),
             "uptime": round(time.monotonic() - server.started, 3),
             "path": server.prefix + config.websocket.path,  # where the page connects
-            "auth": bool(config.websocket.auth_token),  # whether it needs a token
+            # the token it wants: "none", "token" (the shared auth_token) or "jwt"
+            "auth": server.authority.kind,
+            # with "jwt": whether a client without a token is let in as a guest
+            "anonymous": server.authority.anonymous,
             # whether /metrics and /api/channels/... need the API key (the page then
             # shows no member count)
             "protect_reads": config.api.protect_reads,
@@ -96,6 +99,16 @@ class ChannelHandler(ProtectedRead, JSONHandler):
         self.write_json({"channel": channel, "members": members})
 
 
+def api_key_refusal(key: str, authorization: str | None) -> Refused | None:
+    """404 when the API is off (no api.key), 401 without the right key, else None."""
+    if not key:
+        return Refused(404, "the publish API is off (no api.key)")
+    given = bearer_token(authorization)
+    if given is None or not token_matches(given, key):
+        return Refused(401, "missing or wrong API key")
+    return None
+
+
 CHUNK_SLACK = 64 * 1024  # bytes a chunked publish body may run past the limit before 413
 
 
@@ -130,11 +143,9 @@ class PublishHandler(JSONHandler):
         config = self.server.config
         if config.mode == "echo":
             return Refused(404, "no channels in echo mode")
-        if not config.api.key:
-            return Refused(404, "the publish API is off (no api.key)")
-        given = bearer_token(self.request.headers.get("Authorization"))
-        if given is None or not token_matches(given, config.api.key):
-            return Refused(401, "missing or wrong API key")
+        refused = api_key_refusal(config.api.key, self.request.headers.get("Authorization"))
+        if refused is not None:
+            return refused
         length = self.request.headers.get("Content-Length", "")
         if length.isdigit() and int(length) > config.websocket.max_message_size:
             return self._too_big()
@@ -154,8 +165,11 @@ class PublishHandler(JSONHandler):
         self._body.append(chunk)
 
     async def post(self, channel: str) -> None:
-        if self._refused:
-            return
+        if not self._refused:
+            await self.publish_body(channel)
+
+    async def publish_body(self, channel: str) -> None:
+        """Publish the request's body to the channel and answer its offset."""
         mixed = self.server.config.mode == "mixed"
         content_type = self.request.headers.get("Content-Type")
         try:

@@ -30,6 +30,8 @@ RULES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"(?i)(\bauthorization['\"]?\s*[:=]\s*['\"]?)[^'\"\r\n]*"), rf"\1{REDACTED}"),
     # a credential seen without its header name ("basic" alone is an English word)
     (re.compile(r"\b((?i:bearer)|Basic)(\s+)[^\s'\",]+"), rf"\1\2{REDACTED}"),
+    # a JWT wherever it appears (its header and payload are base64url JSON: "eyJ")
+    (re.compile(r"\beyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*"), REDACTED),
     # Tornado's "Invalid header value %r" and the like: the whole value goes
     (re.compile(r"(?i)(\binvalid header (?:value|name|line)\b).*"), rf"\1 {REDACTED}"),
 )

@@ -65,6 +65,9 @@ class CloseCode(IntEnum):
     TRY_AGAIN_LATER = 1013  # a slow client, or a message the broker could not take
     BAD_GATEWAY = 1014
     TLS_HANDSHAKE = 1015
+    # The server's own (the private-use range 4000-4999):
+    TOKEN_EXPIRED = 4001  # the connection's token ran out, and was not refreshed
+    DISCONNECTED_BY_THE_SERVER = 4003  # an operator closed the user's connections
 
     @property
     def label(self) -> str:

@@ -26,11 +26,14 @@ Headers = Callable[[str], "str | None"]  # a case-insensitive header lookup
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
-    """An answer other than 101: the HTTP status, the metric reason and a short message."""
+    """An answer other than 101: the HTTP status, the metric reason and a short message;
+    `detail`, when given, is what the server's log says instead of the message (why a
+    token was refused is not the client's to learn)."""
 
     status: int
     reason: str
     message: str
+    detail: str = ""
 
 
 def check_upgrade(method: str, header: Headers) -> Refusal | None:
