@@ -161,6 +161,7 @@ async def storm(args: argparse.Namespace) -> dict[str, Any]:
                 failures["refused"] = failures.get("refused", 0) + 1
 
     cpu0 = time.process_time()
+    delay0 = procstat.read_run_delay()
     start = time.monotonic()
     await asyncio.gather(*(worker() for _ in range(min(args.concurrency, args.count))))
     seconds = time.monotonic() - start
@@ -171,6 +172,7 @@ async def storm(args: argparse.Namespace) -> dict[str, Any]:
         "failures": failures,
         "seconds": seconds,
         "client_cpu_s": cpu,
+        "client_run_delay_s": procstat.read_run_delay() - delay0,
     }
     # The driver reads the server's CPU now, before the connections close (closing 19,000
     # costs the server too, but is not part of accepting them); EOF on stdin releases us.
@@ -201,6 +203,7 @@ def one_run(
             check_auth(port, args.path, auth, args.token_in)
         rss0 = server.rss_kb()
         cpu0 = procstat.read_cpu_ns(server.pid)
+        delay0 = procstat.read_run_delay(server.pid)
         client = [
             "client", "--port", str(port), "--count", str(args.count),
             "--concurrency", str(args.concurrency), "--path", args.path,
@@ -215,6 +218,7 @@ def one_run(
             assert proc.stdout is not None and proc.stdin is not None
             line = proc.stdout.readline().decode()  # the client's own deadline bounds it
             server_cpu_s = (procstat.read_cpu_ns(server.pid) - cpu0) / 1e9
+            server_delay_s = procstat.read_run_delay(server.pid) - delay0
             rss1 = server.rss_kb()
             try:
                 _, err = proc.communicate(timeout=30)  # closes stdin: the client lets go
@@ -234,7 +238,22 @@ def one_run(
         "server_cpu_pct": 100 * server_cpu_s / seconds,
         "client_cpu_pct": 100 * result["client_cpu_s"] / seconds,
         "rss_growth_mb": (rss1 - rss0) / 1024,
-        **({"auth": auth.name, "token_bytes": auth.token_bytes} if auth else {}),
+        **(auth_fields(auth, result, server_delay_s) if auth else {}),
+    }
+
+
+def auth_fields(
+    auth: storm_auth.Prepared, result: dict[str, Any], server_delay_s: float
+) -> dict[str, Any]:
+    """What an --auth run adds: the variant, and the run-queue waits over the storm (the
+    server's from before the client started, so a little more than the storm itself), which
+    mark a run disturbed in the report when either passes 5 %."""
+    seconds = max(result["seconds"], 1e-9)
+    return {
+        "auth": auth.name,
+        "token_bytes": auth.token_bytes,
+        "server_wait_pct": 100 * server_delay_s / seconds,
+        "load_wait_pct": 100 * result.get("client_run_delay_s", 0.0) / seconds,
     }
 
 
@@ -354,7 +373,7 @@ def auth_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     for variant in prepared.values():
         print(f"- {variant.name}: {variant.description}")
     print("\nEvery run:\n")
-    reporting.print_footer(args, results, METRICS, {v: v for v in variants}, noise=False)
+    reporting.print_footer(args, results, METRICS, {v: v for v in variants})
 
 
 def main(argv: list[str] | None = None) -> None:
