@@ -352,17 +352,10 @@ async def test_remote_jwks_refetches_only_when_due(jwks_server: JwksServer) -> N
     assert [(k.kid, k.algorithms) for k in remote.keys] == [("k2", ("EdDSA",))]
 
 
-@pytest.mark.gen_test(timeout=15)
-@pytest.mark.parametrize(
-    "answer",
-    [b"garbage\r\n\r\n", b'HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n{"keys": ['],
-    ids=["not-http", "cut-short"],
-)
-async def test_remote_jwks_keeps_its_keys_when_the_answer_is_not_http(
-    answer: bytes, log: pytest.LogCaptureFixture
-) -> None:
-    """A port that answers garbage, or a body shorter than its length: a failed fetch."""
-    answers = [b"HTTP/1.0 200 OK\r\n\r\n" + Jwks(key("ES256", "k1")).document(), answer]
+async def two_fetches(answers: list[bytes], check_first: list[str] | None = None) -> RemoteJwks:
+    """A RemoteJwks fetching twice, a minute apart, from a port that answers each request
+    with the next of `answers` as raw bytes (consumed); `check_first`: the kids the first
+    fetch must have brought."""
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
@@ -376,11 +369,27 @@ async def test_remote_jwks_keeps_its_keys_when_the_answer_is_not_http(
     remote = RemoteJwks(f"http://127.0.0.1:{port}/jwks.json", clock=clock)
     try:
         await remote.refresh()
-        assert [k.kid for k in remote.keys] == ["k1"]
+        if check_first is not None:
+            assert [k.kid for k in remote.keys] == check_first
         clock.a_minute_later()
         await remote.refresh()
     finally:
         listener.close()
+    return remote
+
+
+@pytest.mark.gen_test(timeout=15)
+@pytest.mark.parametrize(
+    "answer",
+    [b"garbage\r\n\r\n", b'HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n{"keys": ['],
+    ids=["not-http", "cut-short"],
+)
+async def test_remote_jwks_keeps_its_keys_when_the_answer_is_not_http(
+    answer: bytes, log: pytest.LogCaptureFixture
+) -> None:
+    """A port that answers garbage, or a body shorter than its length: a failed fetch."""
+    answers = [b"HTTP/1.0 200 OK\r\n\r\n" + Jwks(key("ES256", "k1")).document(), answer]
+    remote = await two_fetches(answers, check_first=["k1"])
     assert not answers and remote.fetches == 2
     assert [k.kid for k in remote.keys] == ["k1"]
     assert "could not fetch" in log.text and "keeping 1 known keys" in log.text
@@ -390,27 +399,11 @@ async def test_remote_jwks_keeps_its_keys_when_the_answer_is_not_http(
 async def test_a_redirect_off_https_is_refused(log: pytest.LogCaptureFixture) -> None:
     """A redirect is followed only where auth.jwks could point: never to http elsewhere."""
     targets = ["http://10.255.255.1/jwks.json", "file:///etc/passwd"]
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        location = targets.pop(0).encode()
-        writer.write(b"HTTP/1.0 302 Found\r\nLocation: " + location + b"\r\n\r\n")
-        await writer.drain()
-        writer.close()
-
-    listener = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = listener.sockets[0].getsockname()[1]
-    clock = Clock()
-    remote = RemoteJwks(f"http://127.0.0.1:{port}/jwks.json", clock=clock)
-    try:
-        started = time.monotonic()
-        await remote.refresh()
-        clock.a_minute_later()
-        await remote.refresh()
-    finally:
-        listener.close()
+    answers = [b"HTTP/1.0 302 Found\r\nLocation: %s\r\n\r\n" % t.encode() for t in targets]
+    started = time.monotonic()
+    remote = await two_fetches(answers)
     assert time.monotonic() - started < 3  # refused at once, never tried
-    assert not targets and remote.keys == []
+    assert not answers and remote.keys == []
     assert "refused a redirect to 'http://10.255.255.1/jwks.json'" in log.text
     assert "Redirection to url 'file:///etc/passwd' is not allowed" in log.text
 
