@@ -292,7 +292,7 @@
   // Display only: the page decodes a JWT's payload to show its user and expiry, and never
   // verifies the signature (it has no key, and needs none): the server checks every token
   // and alone decides. Claims are untrusted input, so they reach the page as textContent.
-  var JWT_RE = /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$/;
+  var JWT_RE = /^[\w-]+\.[\w-]+\.[\w-]*$/;  // base64url parts (\w is ASCII in JS)
   var MAX_JWT_CHARS = 16384;
   var MAX_SUB_CHARS = 200;
   var WARN_BEFORE_MS = 60000;     // warn this long before the expiry ...
