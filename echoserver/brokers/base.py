@@ -8,6 +8,12 @@ counts a channel's members across processes.
 Kept messages are always the newest ones, so their offsets follow each other without gap:
 a reader can tell whether they reach back to a given offset. The memory broker does this
 inside one process; the Redis broker does it across processes and hosts.
+
+A channel's numbering has an epoch: a short opaque string made with its counter, and a new
+one whenever the broker lost the channel's state (a restarted memory broker, a channel it
+forgot, a flushed Redis), when the counter starts again from 1. An offset means something
+only with its epoch: the broker sets `Envelope.epoch` on what it publishes and delivers,
+and `Backlog.epoch` says the numbering its offsets belong to ("" = nothing published yet).
 """
 
 from __future__ import annotations
@@ -31,6 +37,9 @@ class Envelope:
     # (1, 2, ...); 0 = not yet published. Lets a joiner splice history and live messages
     # without gap or repeat.
     seq: int = 0
+    # The epoch of the channel's numbering `seq` belongs to (see the module docstring); ""
+    # until published.
+    epoch: str = ""
 
 
 @dataclass(slots=True)
@@ -39,6 +48,7 @@ class Backlog:
 
     envelopes: list[Envelope]  # oldest first, offsets consecutive
     last: int  # the channel's latest offset at that instant; 0 = nothing published yet
+    epoch: str = ""  # the numbering `last` and the envelopes' offsets belong to
 
 
 OnEnvelope = Callable[[Envelope], None]
@@ -117,13 +127,14 @@ class Broker(abc.ABC):
         done (the memory broker delivers at once), else a future of it, which fails with
         BrokerUnavailable when the message could not be handed over: refused, or the broker
         stayed down for `publish_timeout` seconds. Raises BrokerUnavailable at once when it
-        cannot even wait (closing, or too much already waits).
+        cannot even wait (closing, or too much already waits). Once the offset is known,
+        envelope.epoch is set too (before the future is done).
         """
 
     @abc.abstractmethod
     async def backlog(self, channel: str, after: int, limit: int) -> Backlog:
         """The kept envelopes with an offset above `after` (the newest `limit` of them at
-        most), and the channel's latest offset, as one consistent read. Raises
+        most), the channel's latest offset and its epoch, as one consistent read. Raises
         BrokerUnavailable when the broker cannot tell (e.g. Redis unreachable)."""
 
     @property

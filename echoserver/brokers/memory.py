@@ -7,7 +7,9 @@ reads the history and subscribes in one loop pass can neither miss nor repeat a 
 A channel's offset counter and history outlive its members (a client that comes back
 resumes from its offset, a later joiner still gets the history), so the number of
 channels remembered is capped: past MAX_CHANNELS the least recently published-to channel
-that nobody here is subscribed to is forgotten (its offsets then start again at 1).
+that nobody here is subscribed to is forgotten (its offsets then start again at 1, under
+a new epoch: every channel state gets a random epoch when it is made, so a restarted
+process or a forgotten channel never reissues an offset under an epoch already handed out).
 
 Kept history is bounded in bytes (payload bytes) as well as in messages: per channel
 (`history_bytes`: its oldest messages go while it is over) and for the whole process
@@ -23,6 +25,7 @@ only its counter: its offsets go on as before.
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections import OrderedDict, deque
 from itertools import islice
@@ -55,10 +58,11 @@ class _Channel:
     """A channel's last offset and its kept messages with the time each was published;
     `kept` is None while nothing is kept (an idle channel costs only its counter)."""
 
-    __slots__ = ("kept", "kept_bytes", "last")
+    __slots__ = ("epoch", "kept", "kept_bytes", "last")
 
     def __init__(self) -> None:
         self.last = 0
+        self.epoch = secrets.token_urlsafe(6)  # 8 characters, 48 random bits
         self.kept: deque[tuple[float, Envelope]] | None = None
         self.kept_bytes = 0
 
@@ -108,6 +112,7 @@ class MemoryBroker(Broker):
         else:
             self._channels.move_to_end(name)
         seq = envelope.seq = channel.last = channel.last + 1
+        envelope.epoch = channel.epoch
         size, ttl = self.kept_for(name)
         if size > 0:
             self._keep(channel, envelope, size, ttl)
@@ -183,13 +188,13 @@ class MemoryBroker(Broker):
         self._expire(state, time.monotonic(), self.kept_for(channel)[1])
         kept = state.kept
         if not kept:
-            return Backlog([], state.last)
+            return Backlog([], state.last, state.epoch)
         # Kept offsets are consecutive and end at `last`: the wanted ones are the newest n.
         count = min(state.last - after, limit, len(kept))
         if count <= 0:
-            return Backlog([], state.last)
+            return Backlog([], state.last, state.epoch)
         wanted = islice(kept, len(kept) - count, None)
-        return Backlog([envelope for _, envelope in wanted], state.last)
+        return Backlog([envelope for _, envelope in wanted], state.last, state.epoch)
 
     @property
     def healthy(self) -> bool:

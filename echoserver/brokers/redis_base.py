@@ -82,6 +82,18 @@ class RedisOptions:
     backoff_cap: float = 3.0  # seconds, the longest wait between reconnection attempts
 
 
+class _Offset(asyncio.Future[int]):
+    """A publish's future. The publish script answers [offset, epoch]: the epoch goes on
+    the published envelope, the future gets the offset (what Broker.publish promises)."""
+
+    envelope: Envelope
+
+    def set_result(self, result: Any) -> None:
+        seq, epoch = result
+        self.envelope.epoch = epoch.decode()
+        super().set_result(seq)
+
+
 class SubscriberLink:
     """A connection in pub/sub mode: one writer at a time; its reader (the broker's
     `_read_messages`) sets `pong` when a PING is answered."""
@@ -257,15 +269,16 @@ class PipelinedRedisBroker(Broker):
         order. While Redis is down it waits (see the module docstring); raises
         BrokerUnavailable at once only when the broker is closing or MAX_WAITING_BYTES wait."""
         header, data = encode(envelope)
-        name, seq_key, history_key, bytes_key = self._keys(envelope.channel)
+        name, seq_key, history_key, bytes_key, epoch_key = self._keys(envelope.channel)
         size, ttl = self.kept_for(envelope.channel)
         args = (
             "EVALSHA",
             self.PUBLISH_SHA,
-            3,
+            4,
             seq_key,
             history_key,
             bytes_key,
+            epoch_key,
             name,
             header,
             data,
@@ -273,9 +286,13 @@ class PipelinedRedisBroker(Broker):
             int(ttl * 1000),
             self.history_bytes,
         )
+        future = _Offset(loop=asyncio.get_running_loop())
+        future.envelope = envelope
         if self._healthy:
-            return self._command(*args)
-        return self._wait_for_redis(args, len(data))
+            self._queue.append((args, future))
+            self._wake.set()
+            return future
+        return self._wait_for_redis(args, len(data), future)
 
     async def backlog(self, channel: str, after: int, limit: int) -> Backlog:
         """Raises BrokerUnavailable while Redis is unreachable."""
@@ -285,9 +302,9 @@ class PipelinedRedisBroker(Broker):
             # active, or a message published in between would be in neither history nor live.
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(waiters[-1]), self._op_timeout)
-        _, seq_key, history_key, _ = self._keys(channel)
+        _, seq_key, history_key, _, epoch_key = self._keys(channel)
         reply = await self._command(
-            "EVALSHA", self.BACKLOG_SHA, 2, seq_key, history_key, after, max(limit, 0)
+            "EVALSHA", self.BACKLOG_SHA, 3, seq_key, history_key, epoch_key, after, max(limit, 0)
         )
         return read_backlog(channel, reply, int(self.kept_for(channel)[1] * 1000))
 
@@ -357,19 +374,19 @@ class PipelinedRedisBroker(Broker):
         """The payload bytes of a queued publish (EVALSHA, or EVAL after NOSCRIPT); None
         for any other command."""
         if args[0] == "EVALSHA" and args[1] == self.PUBLISH_SHA:
-            return len(args[8])
+            return len(args[9])
         if args[0] == "EVAL" and args[1] == self.SCRIPTS[self.PUBLISH_SHA]:
-            return len(args[8])
+            return len(args[9])
         return None
 
-    def _wait_for_redis(self, args: tuple[Any, ...], size: int) -> asyncio.Future[Any]:
+    def _wait_for_redis(
+        self, args: tuple[Any, ...], size: int, future: asyncio.Future[int]
+    ) -> asyncio.Future[int]:
         if self._closing:
             raise BrokerUnavailable(self._reason)
         if self._waiting and self._waiting_bytes + size > MAX_WAITING_BYTES:
             raise BrokerUnavailable(f"{MAX_WAITING_BYTES} bytes wait already; {self._reason}")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._hold(args, future, size, loop.time() + self.publish_timeout)
+        self._hold(args, future, size, asyncio.get_running_loop().time() + self.publish_timeout)
         return future
 
     def _hold(

@@ -1,12 +1,20 @@
 """What the Redis brokers share: the wire format, the Lua scripts, channel key names, backoff.
 
-A message as Redis carries it: ``<seq>:<kind><n>:<sender><data>`` where kind is ``t``
-(text) or ``b`` (binary), n is the sender id's length in bytes (0 = no sender) and data is
-the raw payload, up to the end. A history list item is ``<ms> <message>``: Redis's clock
-when it was published, for the age limit (`history_ttl`). A channel's keys and pub/sub name
-carry ``{channel}`` as a hash tag, so its counter, history and publish share one Redis
-Cluster slot: the publish script can INCR, keep and (S)PUBLISH in one step on every kind of
-deployment, so sequence order is publish order.
+A message as Redis carries it: ``<seq>.<epoch>:<kind><n>:<sender><data>`` where epoch is the
+channel's numbering (base 36), kind is ``t`` (text) or ``b`` (binary), n is the sender id's
+length in bytes (0 = no sender) and data is the raw payload, up to the end (a message kept
+from before epochs, ``<seq>:<kind>...``, is read as one of the current epoch). A history
+list item is ``<ms> <message>``: Redis's clock when it was published, for the age limit
+(`history_ttl`). A channel's keys and pub/sub name carry ``{channel}`` as a hash tag, so its
+counter, history and publish share one Redis Cluster slot: the publish script can INCR, keep
+and (S)PUBLISH in one step on every kind of deployment, so sequence order is publish order.
+
+Epochs: a channel's epoch key (in the same slot) is made by the publish script in the step
+that makes the counter (INCR gives 1: the counter was never there, or Redis lost it: a
+flush, a replaced server, an evicted key), or when it is missing beside a counter (a
+deployment from before epochs, an evicted epoch key). It is Redis's clock in microseconds
+in base 36 (10 characters), so a later epoch never repeats an earlier one. A new epoch made
+with a new counter also drops whatever history the old numbering left.
 """
 
 from __future__ import annotations
@@ -17,21 +25,37 @@ from typing import Any
 
 from echoserver.brokers.base import Backlog, Envelope
 
-# KEYS: seq, history, history bytes. ARGV: pub/sub channel, header (kind, sender), data,
-# history cap, history age limit in ms (0 = none), history byte cap. History items are the
-# message after Redis's time in ms and a space, newest first. The history bytes key holds
-# the kept items' payload bytes (rebuilt from the list when missing); the oldest items go
-# while the list is over the cap in count or in bytes, or older than the age limit. A
-# message over the byte cap is not kept and empties the history, so what is kept always
-# ends at the last offset. Both keys expire with the newest item when there is an age limit.
-# PUBLISH_COMMAND is PUBLISH (one Redis) or SPUBLISH (a cluster: the shard channel is in
-# the script's slot, which Redis 7 allows).
+# KEYS: seq, history, history bytes, epoch. Returns {seq, epoch}. ARGV: pub/sub channel,
+# header (kind, sender), data, history cap, history age limit in ms (0 = none), history byte
+# cap. History items are the message after Redis's time in ms and a space, newest first. The
+# history bytes key holds the kept items' payload bytes (rebuilt from the list when
+# missing); the oldest items go while the list is over the cap in count or in bytes, or
+# older than the age limit. A message over the byte cap is not kept and empties the history,
+# so what is kept always ends at the last offset. Both keys expire with the newest item when
+# there is an age limit. PUBLISH_COMMAND is PUBLISH (one Redis) or SPUBLISH (a cluster: the
+# shard channel is in the script's slot, which Redis 7 allows).
 _PUBLISH_TEMPLATE = b"""
 local seq = redis.call('INCR', KEYS[1])
-local message = string.format('%d', seq) .. ':' .. ARGV[2] .. ARGV[3]
+local epoch = redis.call('GET', KEYS[4])
+if seq == 1 or not epoch then
+  local time = redis.call('TIME')
+  local n = tonumber(time[1]) * 1000000 + tonumber(time[2])
+  local digits = '0123456789abcdefghijklmnopqrstuvwxyz'
+  epoch = ''
+  repeat
+    local d = n % 36
+    epoch = string.sub(digits, d + 1, d + 1) .. epoch
+    n = math.floor(n / 36)
+  until n == 0
+  redis.call('SET', KEYS[4], epoch)
+  if seq == 1 then
+    redis.call('DEL', KEYS[2], KEYS[3])
+  end
+end
+local message = string.format('%d', seq) .. '.' .. epoch .. ':' .. ARGV[2] .. ARGV[3]
 local cap = tonumber(ARGV[4])
 local function payload(item)
-  local head, sender = string.match(item, '^(%d+ %d+:[tb](%d+):)')
+  local head, sender = string.match(item, '^(%d+ %d+[.%w]*:[tb](%d+):)')
   return #item - #head - tonumber(sender)
 end
 if cap > 0 then
@@ -70,7 +94,7 @@ if cap > 0 then
   end
 end
 redis.call('PUBLISH_COMMAND', ARGV[1], message)
-return seq
+return {seq, epoch}
 """
 
 
@@ -79,11 +103,12 @@ def publish_script(command: bytes) -> bytes:
     return _PUBLISH_TEMPLATE.replace(b"PUBLISH_COMMAND", command)
 
 
-# KEYS: seq, history. ARGV: after (offset), limit. Returns {last offset, now in ms, items
-# newest first}: kept offsets are consecutive and end at the last, so the items above
-# `after` are the first (last - after) of the list.
+# KEYS: seq, history, epoch. ARGV: after (offset), limit. Returns {last offset, now in ms,
+# items newest first, epoch ('' = none yet)}: kept offsets are consecutive and end at the
+# last, so the items above `after` are the first (last - after) of the list.
 BACKLOG_SCRIPT = b"""
 local last = tonumber(redis.call('GET', KEYS[1]) or '0')
+local epoch = redis.call('GET', KEYS[3]) or ''
 local want = math.min(last - tonumber(ARGV[1]), tonumber(ARGV[2]))
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
@@ -91,7 +116,7 @@ local items = {}
 if want > 0 then
   items = redis.call('LRANGE', KEYS[2], 0, want - 1)
 end
-return {last, now, items}
+return {last, now, items, epoch}
 """
 
 
@@ -118,13 +143,17 @@ def encode(envelope: Envelope) -> tuple[bytes, bytes]:
 def decode(channel: str, message: bytes) -> Envelope:
     """An envelope from one published message (see the module docstring for the format)."""
     colon = message.index(b":")
-    seq = int(message[:colon])
+    dot = message.find(b".", 0, colon)
+    if dot < 0:
+        seq, epoch = int(message[:colon]), ""
+    else:
+        seq, epoch = int(message[:dot]), message[dot + 1 : colon].decode()
     binary = message[colon + 1] == 98  # ord("b")
     end = message.index(b":", colon + 2)
     size = int(message[colon + 2 : end])
     start = end + 1 + size
     sender = message[end + 1 : start].decode() if size else None
-    return Envelope(channel, message[start:], binary, sender, seq)
+    return Envelope(channel, message[start:], binary, sender, seq, epoch)
 
 
 def decode_kept(channel: str, item: bytes) -> tuple[int, Envelope]:
@@ -134,30 +163,36 @@ def decode_kept(channel: str, item: bytes) -> tuple[int, Envelope]:
 
 
 def read_backlog(channel: str, reply: Any, ttl_ms: int) -> Backlog:
-    """The Backlog from the backlog script's reply, without items older than `ttl_ms`."""
-    last, now, items = reply
+    """The Backlog from the backlog script's reply, without items older than `ttl_ms` or
+    of another epoch (items kept from before epochs are taken as the current one's)."""
+    last, now, items, raw_epoch = reply
+    epoch = raw_epoch.decode()
     envelopes = []
     for item in items:  # newest first: stop at the first one too old
         at, envelope = decode_kept(channel, item)
         if ttl_ms > 0 and now - at > ttl_ms:
             break
+        if envelope.epoch != epoch:
+            if envelope.epoch:
+                break  # an older numbering's: neither it nor anything older counts
+            envelope.epoch = epoch
         envelopes.append(envelope)
     envelopes.reverse()
-    return Backlog(envelopes, int(last))
+    return Backlog(envelopes, int(last), epoch)
 
 
 class KeyNames:
-    """A channel's (pub/sub name, seq key, history key, history bytes key), all
-    hash-tagged with {channel}.
+    """A channel's (pub/sub name, seq key, history key, history bytes key, epoch key),
+    all hash-tagged with {channel}.
 
     Pub/sub ignores the database number, so it is part of the pub/sub name."""
 
     def __init__(self, prefix: str, db: int) -> None:
         self.prefix = prefix
         self.pubsub_prefix = f"{prefix}:{db}:ch:"
-        self._cache: dict[str, tuple[str, str, str, str]] = {}
+        self._cache: dict[str, tuple[str, str, str, str, str]] = {}
 
-    def __call__(self, channel: str) -> tuple[str, str, str, str]:
+    def __call__(self, channel: str) -> tuple[str, str, str, str, str]:
         keys = self._cache.get(channel)
         if keys is None:
             if len(self._cache) >= 10000:
@@ -168,6 +203,7 @@ class KeyNames:
                 f"{self.prefix}:{tag}:seq",
                 f"{self.prefix}:{tag}:history",
                 f"{self.prefix}:{tag}:history:bytes",
+                f"{self.prefix}:{tag}:epoch",
             )
         return keys
 

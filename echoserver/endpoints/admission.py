@@ -27,6 +27,7 @@ from echoserver.wire.handshake import (
     request_origin,
     token_matches,
 )
+from echoserver.wire.positions import valid_epoch
 
 log = logging.getLogger("echoserver.ws")
 
@@ -34,6 +35,7 @@ log = logging.getLogger("echoserver.ws")
 # (Redis counts to 2**63 - 1).
 OFFSET = re.compile(r"[0-9]{1,18}")
 BAD_OFFSET = Refusal(400, "bad_request", "since must be an offset: a non-negative integer")
+BAD_EPOCH = Refusal(400, "bad_request", "epoch must be one this server gave (A-Z a-z 0-9 _ -)")
 # What a client whose token was refused learns: the status, never which check failed.
 BAD_TOKEN_MESSAGE = "missing or invalid token"
 
@@ -134,6 +136,16 @@ class AdmittedHandler(BaseHandler):
                 continue
             return parse_offset(values[0].decode("latin-1")) if len(values) == 1 else BAD_OFFSET
         return None
+
+    def epoch_argument(self) -> str | Refusal | None:
+        """The ?epoch= query argument (the epoch of ?since=); None when absent or empty."""
+        values = self.request.query_arguments.get("epoch")
+        if values is None:
+            return None
+        text = values[0].decode("latin-1") if len(values) == 1 else "\n"
+        if text == "":
+            return None
+        return text if valid_epoch(text) else BAD_EPOCH
 
     def refuse(self, refusal: Refusal) -> None:
         self.server.metrics.handshakes_refused[refusal.reason] += 1

@@ -40,7 +40,7 @@ class MixedSocket(ChannelSocket):
     def before_replay(self, replay: Replay) -> None:
         super().before_replay(replay)
         if replay.since is not None:
-            fields = recovery_fields(replay.since, replay.recovered, replay.first)
+            fields = recovery_fields(replay.since, replay.recovered, replay.first, replay.epoch)
             self.send(notice("recovery", **fields), False)
         elif replay.count:
             self.send(notice("history", count=replay.count), False)
@@ -78,13 +78,14 @@ class MixedSocket(ChannelSocket):
             return
         sender = self.member.sub_id if self.member is not None else None
         try:
-            outcome = hub.publish(self.channel, mixed_payload(inner), False, sender)
-            offset = outcome if isinstance(outcome, int) else await outcome
+            offset, epoch = await hub.published(self.channel, mixed_payload(inner), False, sender)
         except BrokerUnavailable as exc:
             self.not_delivered(exc)
             return
         listeners = await hub.members(self.channel)
-        result = notice("broadcastResult", payload=inner, listenCount=listeners, offset=offset)
+        result = notice(
+            "broadcastResult", payload=inner, listenCount=listeners, offset=offset, epoch=epoch
+        )
         self.send(result, False)
 
     async def _refresh(self, token: Any) -> None:

@@ -1,12 +1,15 @@
 """Server-Sent Events: a channel as a text/event-stream (GET /sse, /sse/<channel>).
 
-Each message is one event whose `id:` is its offset: text as `data:` lines (one per line of
+Each message is one event whose `id:` is ``<epoch>:<offset>`` (wire/positions.py; the bare
+offset for a message without an epoch): text as `data:` lines (one per line of
 the message), binary as base64 under `event: binary`; in mixed mode the data is the
 broadcast's payload (JSON). A comment every KEEPALIVE seconds keeps proxies from closing an
 idle stream. `Last-Event-ID` (the header a browser's EventSource sends when it reconnects,
 or ?last_event_id= / ?since= for clients that cannot set headers) resumes exactly as a
 WebSocket's ?since= does: every kept message after it, then the live stream, preceded by
-`event: recovery` saying whether nothing was lost.
+`event: recovery` saying whether nothing was lost and the channel's epoch. An id from
+another epoch is not recovered (hub.join); a bare offset, as ?since=N without ?epoch=, is
+taken as the current epoch's.
 
 An event-stream subscriber is a channel member like a WebSocket one: it counts in presence
 and listenCount, in max_connections and in /metrics, obeys the same origin and token rules
@@ -26,13 +29,14 @@ import logging
 import re
 
 from echoserver.auth.identity import GUEST
-from echoserver.endpoints.admission import AdmittedHandler, parse_offset
+from echoserver.endpoints.admission import BAD_OFFSET, AdmittedHandler
 from echoserver.endpoints.occupancy import Slot
 from echoserver.fanout.delivery import Delivery, Replay
 from echoserver.transport.flusher import Flusher
 from echoserver.transport.tornado_seam import unsent_bytes
 from echoserver.wire.envelopes import recovery_fields
 from echoserver.wire.handshake import Refusal
+from echoserver.wire.positions import event_id, parse_event_id
 
 log = logging.getLogger("echoserver.sse")
 
@@ -41,12 +45,14 @@ RETRY_MS = 2000  # how long an EventSource waits before it reconnects
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 
 
-def event(data: bytes, *, offset: int | None = None, kind: str | None = None) -> bytes:
+def event(
+    data: bytes, *, offset: int | None = None, kind: str | None = None, epoch: str = ""
+) -> bytes:
     """One event: `id:`, `event:` and one `data:` line per line of data (which must not be
     binary: encode that first)."""
     head = b""
     if offset:
-        head += b"id: %d\n" % offset
+        head += b"id: " + event_id(epoch, offset) + b"\n"
     if kind:
         head += b"event: " + kind.encode() + b"\n"
     lines = _LINE_BREAK.split(data)
@@ -58,8 +64,13 @@ SSE_EVENT = "sse event"  # the key of message_event's bytes in a delivery
 
 def message_event(delivery: Delivery) -> bytes:
     if delivery.binary:
-        return event(base64.b64encode(delivery.data), offset=delivery.seq, kind="binary")
-    return event(delivery.data, offset=delivery.seq)
+        return event(
+            base64.b64encode(delivery.data),
+            offset=delivery.seq,
+            kind="binary",
+            epoch=delivery.epoch,
+        )
+    return event(delivery.data, offset=delivery.seq, epoch=delivery.epoch)
 
 
 class EventStream(AdmittedHandler):
@@ -77,16 +88,7 @@ class EventStream(AdmittedHandler):
 
     async def get(self, channel: str | None = None) -> None:
         refusal = self.policy_refusal()
-        since = self.offset_argument("last_event_id", "since")
-        if refusal is None and isinstance(since, Refusal):
-            refusal = since
-        header = self.request.headers.get("Last-Event-ID")
-        if refusal is None and header is not None:
-            resumed = self._header_offset(header)  # the header wins: it is the newest
-            if isinstance(resumed, Refusal):
-                refusal = resumed
-            elif resumed is not None:
-                since = resumed
+        since, epoch, refusal = self._position(refusal)
         if refusal is None:
             refusal = await self.authenticate()
             if refusal is None:
@@ -94,7 +96,6 @@ class EventStream(AdmittedHandler):
         if refusal is not None:
             self.refuse(refusal)
             return
-        assert not isinstance(since, Refusal)
         server = self.server
         self.channel = channel or "default"
         self.sub_id = server.hub.new_subscriber_id()
@@ -107,7 +108,7 @@ class EventStream(AdmittedHandler):
         server.connections.add(self)
         self._slot = server.occupancy.begin_stream(self.stream_key())
         try:
-            await server.hub.join(self.channel, self, self._before_replay, since)
+            await server.hub.join(self.channel, self, self._before_replay, since, epoch)
         except Exception:
             log.exception("%s: could not join %s", self.peer, self.channel)
             server.connections.discard(self)
@@ -128,17 +129,35 @@ class EventStream(AdmittedHandler):
             server.authority.release(self, identity)
         await server.hub.leave(self.channel, self)
 
-    @staticmethod
-    def _header_offset(value: str) -> int | Refusal | None:
-        value = value.strip()
-        if value == "":
-            return None  # an EventSource that saw no id yet: a plain join
-        return parse_offset(value)
+    def _position(self, refusal: Refusal | None) -> tuple[int | None, str | None, Refusal | None]:
+        """(since, its epoch, refusal) from Last-Event-ID (it wins: it is the newest), else
+        ?last_event_id= (an id) or ?since= with ?epoch=."""
+        arguments = self.request.query_arguments
+        header = self.request.headers.get("Last-Event-ID")
+        if header is not None and header.strip():
+            text: str | None = header.strip()
+        elif "last_event_id" in arguments:
+            values = arguments["last_event_id"]
+            text = values[0].decode("latin-1") if len(values) == 1 else "\n"
+        else:
+            text = None  # an EventSource that saw no id yet sends an empty header
+        if text is not None:
+            position = parse_event_id(text)
+            if position is None:
+                return None, None, refusal or BAD_OFFSET
+            return position[0], position[1], refusal
+        since = self.offset_argument("since")
+        epoch = self.epoch_argument()
+        for bad in (since, epoch):
+            if isinstance(bad, Refusal):
+                return None, None, refusal or bad
+        assert not isinstance(since, Refusal) and not isinstance(epoch, Refusal)
+        return since, epoch, refusal
 
     def _before_replay(self, replay: Replay) -> None:
         if replay.since is None:
             return
-        body = recovery_fields(replay.since, replay.recovered, replay.first)
+        body = recovery_fields(replay.since, replay.recovered, replay.first, replay.epoch)
         self._queue(event(json.dumps(body).encode(), kind="recovery"))
 
     # --- as a hub subscriber -----------------------------------------------------------

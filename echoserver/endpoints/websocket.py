@@ -280,6 +280,7 @@ class ChannelSocket(BaseSocket):
 
     member: WebSocketConnection | None = None
     since: int | None = None  # ?since=N: resume after offset N
+    epoch: str | None = None  # ?epoch=E: the epoch of that offset (None: the current one)
     may_publish = True  # whether its rights let it publish on the channel (namespaces)
     _in_flight = 0  # publishes handed to the broker and not yet answered
     _in_flight_bytes = 0  # their payload bytes
@@ -293,6 +294,10 @@ class ChannelSocket(BaseSocket):
         if isinstance(since, Refusal):
             return since
         self.since = since
+        epoch = self.epoch_argument()
+        if isinstance(epoch, Refusal):
+            return epoch
+        self.epoch = epoch
         return None
 
     def rights_refusal(self, channel: str) -> Refusal | None:
@@ -309,7 +314,7 @@ class ChannelSocket(BaseSocket):
         assert member is not None
         member.sub_id = hub.new_subscriber_id()
         self.member = member
-        await hub.join(channel, member, self.before_replay, self.since)
+        await hub.join(channel, member, self.before_replay, self.since, self.epoch)
 
     def before_replay(self, replay: Replay) -> None:
         """Kept messages are about to be replayed to this member: the 101's headers say
@@ -317,6 +322,8 @@ class ChannelSocket(BaseSocket):
         if replay.last is not None:
             self.add_upgrade_header("Echoserver-Last-Offset", str(replay.last))
             self.add_upgrade_header("Echoserver-Replayed", str(replay.count))
+        if replay.epoch:
+            self.add_upgrade_header("Echoserver-Epoch", replay.epoch)
         if replay.first is not None:
             self.add_upgrade_header("Echoserver-First-Offset", str(replay.first))
         if replay.recovered is not None:

@@ -23,13 +23,14 @@ class Delivery:
     Envelope is never handed out.
     """
 
-    __slots__ = ("binary", "data", "encoded", "envelope", "seq")
+    __slots__ = ("binary", "data", "encoded", "envelope", "epoch", "seq")
 
     def __init__(self, envelope: Envelope) -> None:
         self.envelope = envelope
         self.data = envelope.data
         self.binary = envelope.binary
         self.seq = envelope.seq  # the message's offset on its channel
+        self.epoch = envelope.epoch  # the numbering that offset belongs to
         self.encoded: dict[Hashable, bytes] = {}
 
 
@@ -45,6 +46,9 @@ class Replay:
     last: int | None
     # With since: every message after it was replayed (or none was published); else None.
     recovered: bool | None
+    # The epoch of `last` and of the replayed offsets ("" = nothing published yet); None
+    # when not read, like `last`.
+    epoch: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,3 +58,4 @@ class Posted:
     offset: int
     local_receivers: int  # members on this process
     receivers: int  # members across every process, as far as presence knows
+    epoch: str = ""  # the epoch of `offset`

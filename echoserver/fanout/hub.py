@@ -12,6 +12,12 @@ gets every kept message after that offset, then the live stream, and a Replay sa
 whether that was everything it missed (`recovered`): the history (its size and age limit)
 must still reach back to since + 1, or nothing may have been published since.
 
+Epochs: a joiner may also give the epoch its `since` belongs to. When the channel's epoch
+is another one (the broker lost the channel's state and numbers it again), the offset
+means nothing here: the joiner gets what is kept of the current numbering, `recovered`
+False and the current epoch, never a replay that claims to continue its own. A `since`
+without an epoch is taken as the current epoch's (clients from before epochs).
+
 Handlers see only this module: publish() is the one way to send (it never waits, and keeps
 call order), a failure is the broker's own BrokerUnavailable (passed through, never
 wrapped), and each receiver gets a Delivery, the hub's
@@ -212,11 +218,13 @@ class Hub:
         subscriber: Subscriber,
         before_replay: Callable[[Replay], None] | None = None,
         since: int | None = None,
+        epoch: str | None = None,
     ) -> Replay:
         """Add a subscriber: kept messages first, then the live stream.
 
         Without `since`, the last `history` kept messages are replayed; with it, every kept
-        message with an offset above it. Returns once the subscriber is a member whose
+        message with an offset above it (of `epoch`, when given: see the module
+        docstring). Returns once the subscriber is a member whose
         broker subscription is active, so a message published after join() returns reaches
         it (the handshake's 101 waits for this). before_replay(replay) is called once, just
         before the replayed messages are delivered (also when there are none).
@@ -240,7 +248,7 @@ class Hub:
         members[subscriber.sub_id] = joining
         try:
             await self._subscribed(channel, first)
-            backlog = await self._backlog(channel, since, kept)
+            backlog, renumbered = await self._backlog(channel, since, epoch, kept)
         finally:
             # The subscriber may have left (or the hub closed) while history was fetched.
             now = self._channels.get(channel)
@@ -258,7 +266,8 @@ class Hub:
             len(past),
             past[0].seq if past else None,
             last,
-            None if since is None else _recovered(since, past, last),
+            None if since is None else not renumbered and _recovered(since, past, last),
+            backlog.epoch if backlog is not None else None,
         )
         if now is None or not still_joining:
             return replay
@@ -288,19 +297,26 @@ class Hub:
             start -= 1
         return past[start:] if start else past
 
-    async def _backlog(self, channel: str, since: int | None, kept: int) -> Backlog | None:
-        """What to replay to a joiner; None when the broker cannot tell (unreachable)."""
+    async def _backlog(
+        self, channel: str, since: int | None, epoch: str | None, kept: int
+    ) -> tuple[Backlog | None, bool]:
+        """What to replay to a joiner (None when the broker cannot tell: unreachable), and
+        whether `since` belongs to another numbering than the channel's (not recovered)."""
         broker = self.broker
         try:
             backlog = await broker.backlog(channel, since or 0, kept)
-            if since is not None and backlog.last < since:
-                # An offset ahead of the channel: its broker lost its state (a restarted
-                # memory broker, a flushed Redis) and numbers from 1 again: replay what
-                # is kept of the new numbering (not recovered).
+            if since is None:
+                return backlog, False
+            other_epoch = bool(epoch) and epoch != backlog.epoch
+            if other_epoch or backlog.last < since:
+                # Another epoch, or an offset ahead of the channel: its broker lost its
+                # state (a restarted memory broker, a flushed Redis) and numbers it again:
+                # replay what is kept of the new numbering (not recovered).
                 backlog = await broker.backlog(channel, 0, kept)
+                return backlog, True
         except BrokerUnavailable:
-            return None
-        return backlog
+            return None, False
+        return backlog, False
 
     async def _subscribed(self, channel: str, first: bool) -> None:
         """Wait until the broker delivers the channel to this process.
@@ -349,10 +365,19 @@ class Hub:
         """Publish from outside the channel (the publish API): like a member's message, it
         reaches every member on every process and is kept in history. Raises BrokerUnavailable
         when the broker could not take it."""
-        outcome = self.publish(channel, data, binary, None)
-        offset = outcome if isinstance(outcome, int) else await outcome
+        offset, epoch = await self.published(channel, data, binary, None)
         local = len(self._channels.get(channel) or ())
-        return Posted(offset, local, await self.members(channel))
+        return Posted(offset, local, await self.members(channel), epoch)
+
+    async def published(
+        self, channel: str, data: bytes, binary: bool, sender: str | None
+    ) -> tuple[int, str]:
+        """publish(), then wait for its (offset, epoch). The publish starts before the first
+        await, so calls keep their order as publish()'s do."""
+        envelope = Envelope(channel, data, binary, sender)
+        outcome = self.broker.publish(envelope)
+        offset = outcome if isinstance(outcome, int) else await outcome
+        return offset, envelope.epoch
 
     async def members(self, channel: str) -> int:
         """The channel's members across every process."""

@@ -184,6 +184,7 @@ class PublishHandler(JSONHandler):
         body = {
             "channel": channel,
             "offset": posted.offset,
+            "epoch": posted.epoch,
             "local_receivers": posted.local_receivers,
             "receivers": posted.receivers,
         }

@@ -1,10 +1,11 @@
 """What a published message is on the wire: mixed mode's JSON and the publish API's body.
 
 Mixed mode keeps a broadcast's payload in the broker as JSON text. Receivers get it inside
-``{"type":"broadcast","payload":P,"offset":N}``, built once per fan-out from that JSON and
-the broker's offset and cached on the shared message, so 1000 receivers cost one envelope. The
-publish API turns a request body and its Content-Type into the message a member would
-have sent, or refuses it with the HTTP status to answer.
+``{"type":"broadcast","payload":P,"offset":N,"epoch":E}``, built once per fan-out from that
+JSON and the broker's offset and epoch (URL-safe: no escaping, wire/positions.py) and cached
+on the shared message, so 1000 receivers cost one envelope. The publish API turns a request
+body and its Content-Type into the message a member would have sent, or refuses it with the
+HTTP status to answer.
 
 Both take only JSON every receiver can parse back (load_json): no NaN or Infinity, no
 number beyond a double's range (1e400 would go out as Infinity), and no nesting deeper
@@ -96,10 +97,13 @@ def notice(kind: str, **fields: Any) -> bytes:
     return json.dumps({"type": kind, **fields}).encode()
 
 
-def recovery_fields(since: int, recovered: bool | None, first: int | None) -> dict[str, Any]:
+def recovery_fields(
+    since: int, recovered: bool | None, first: int | None, epoch: str | None = None
+) -> dict[str, Any]:
     """What a client resuming after offset `since` is told of its replay (mixed mode's
-    {"type":"recovery"}, the event stream's recovery event)."""
-    return {"recovered": recovered, "since": since, "first": first}
+    {"type":"recovery"}, the event stream's recovery event); `epoch`, the channel's epoch
+    that `first` and later offsets belong to (None: the broker could not tell)."""
+    return {"recovered": recovered, "since": since, "first": first, "epoch": epoch}
 
 
 MIXED_BROADCAST = "mixed broadcast"  # the key of mixed_broadcast's bytes in a delivery
@@ -113,7 +117,8 @@ def mixed_broadcast(delivery: SharedMessage) -> bytes | None:
     rendered = delivery.encoded.get(MIXED_BROADCAST)
     if rendered is None:
         rendered = delivery.encoded[MIXED_BROADCAST] = (
-            b'{"type":"broadcast","payload":%s,"offset":%d}' % (delivery.data, delivery.seq)
+            b'{"type":"broadcast","payload":%s,"offset":%d,"epoch":"%s"}'
+            % (delivery.data, delivery.seq, delivery.epoch.encode())
         )
     return rendered
 
