@@ -15,6 +15,7 @@ entry point the handlers use.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import textwrap
@@ -33,6 +34,7 @@ from echoserver.brokers.redis_cluster import RedisClusterBroker
 from echoserver.brokers.redis_wire import decode, encode
 from echoserver.fanout.delivery import Delivery
 from echoserver.fanout.hub import Hub
+from echoserver.wire.positions import valid_epoch
 from tests.conftest import equals, eventually, kept, run
 from tests.redis_cluster import LocalCluster, clean_redis_cluster, redis_cluster
 from tests.redis_server import RedisServer, free_port, redis_server, require_redis_server
@@ -468,7 +470,8 @@ def test_history_is_bounded_in_bytes_oldest_first(kit: Kit) -> None:
 
 
 def test_a_channels_keys_share_one_cluster_slot(kit: Kit) -> None:
-    """Counter, history and pub/sub name carry {channel} as a hash tag (Redis Cluster)."""
+    """Counter, epoch, history and pub/sub name carry {channel} as a hash tag (Redis
+    Cluster)."""
     kit.need_shared()
     if not isinstance(kit.redis, RedisServer):
         pytest.skip("on a cluster: tests/test_redis_cluster.py checks the slots themselves")
@@ -492,6 +495,7 @@ def test_a_channels_keys_share_one_cluster_slot(kit: Kit) -> None:
 
     names, after_ttl = run(scenario())
     assert names == [
+        b"echoserver:{news}:epoch",
         b"echoserver:{news}:history",
         b"echoserver:{news}:history:bytes",
         b"echoserver:{news}:seq",
@@ -515,6 +519,135 @@ def test_history_is_the_same_from_every_process(kit: Kit) -> None:
     from_a, from_b = run(scenario())
     assert from_a == from_b
     assert [e.data for e in from_a] == [b"1", b"2", b"3", b"4", b"5"]
+
+
+# -- epochs: an offset means something only with its channel's epoch --------------------
+
+
+def test_an_epoch_comes_with_every_offset(kit: Kit) -> None:
+    async def scenario() -> dict[str, Any]:
+        broker, recorder = await started(kit, history=10)
+        await broker.subscribe("e")
+        before = await broker.backlog("e", 0, 10)
+        sent = [Envelope("e", b"%d" % n, False) for n in range(3)]
+        offsets = [await publish(broker, envelope) for envelope in sent]
+        other = Envelope("f", b"x", False)
+        await publish(broker, other)
+        delivered = await recorder.wait("e", 3)
+        after = await broker.backlog("e", 0, 10)
+        await broker.close()
+        return locals()
+
+    got = run(scenario())
+    epoch = got["sent"][0].epoch
+    assert valid_epoch(epoch)
+    assert (got["before"].envelopes, got["before"].last, got["before"].epoch) == ([], 0, "")
+    assert got["offsets"] == [1, 2, 3]
+    assert [e.epoch for e in got["sent"]] == [epoch] * 3  # set by publish
+    assert [e.epoch for e in got["delivered"]] == [epoch] * 3
+    assert (got["after"].last, got["after"].epoch) == (3, epoch)
+    assert [(e.seq, e.epoch) for e in got["after"].envelopes] == [(n, epoch) for n in (1, 2, 3)]
+    assert valid_epoch(got["other"].epoch)  # each channel has its own
+
+
+def test_the_epoch_is_the_same_from_every_process(kit: Kit) -> None:
+    kit.need_shared()
+
+    async def scenario() -> tuple[str, list[str], str]:
+        (a, _), (b, recorder) = await started(kit, history=5), await started(kit, history=5)
+        await b.subscribe("e")
+        envelope = Envelope("e", b"x", False)
+        await publish(a, envelope)
+        delivered = await recorder.wait("e", 1)
+        backlog = await b.backlog("e", 0, 5)
+        await a.close()
+        await b.close()
+        return envelope.epoch, [e.epoch for e in delivered], backlog.epoch
+
+    epoch, delivered, kept_epoch = run(scenario())
+    assert delivered == [epoch] and kept_epoch == epoch
+
+
+async def lose_everything(kit: Kit, broker: Broker) -> Broker:
+    """What a broker that lost its state looks like: a new memory broker (a restarted
+    process), or the same Redis broker after FLUSHALL on every primary."""
+    if kit.redis is None:
+        await broker.close()
+        fresh, _ = await started(kit, history=10)
+        return fresh
+    from redis.exceptions import ResponseError
+
+    for client in kit.admin():
+        # A cluster's replica refuses: its primary's flush reaches it.
+        with contextlib.suppress(ResponseError):
+            await client.flushall()
+        await client.aclose()
+    return broker
+
+
+def test_a_broker_that_lost_a_channel_numbers_it_under_a_new_epoch(kit: Kit) -> None:
+    async def scenario() -> tuple[list[Envelope], list[Envelope], Backlog]:
+        broker, _ = await started(kit, history=10)
+        old = [Envelope("e", b"old%d" % n, False) for n in range(5)]
+        for envelope in old:
+            await publish(broker, envelope)
+        broker = await lose_everything(kit, broker)
+        new = [Envelope("e", b"new%d" % n, False) for n in range(7)]
+        for envelope in new:
+            await publish(broker, envelope)
+        backlog = await broker.backlog("e", 0, 20)
+        await broker.close()
+        return old, new, backlog
+
+    old, new, backlog = run(scenario(), timeout=30)
+    assert [e.seq for e in new] == list(range(1, 8))  # numbered again, past the old 5
+    assert old[0].epoch != new[0].epoch and valid_epoch(new[0].epoch)
+    assert backlog.epoch == new[0].epoch
+    assert [e.data for e in backlog.envelopes] == [b"new%d" % n for n in range(7)]
+
+
+def test_a_forgotten_memory_channel_comes_back_under_a_new_epoch(monkeypatch: Any) -> None:
+    import echoserver.brokers.memory as memory
+
+    monkeypatch.setattr(memory, "MAX_CHANNELS", 2)
+    broker = MemoryBroker(history=5)
+    first = Envelope("a", b"1", False)
+    broker.publish(first)
+    broker.publish(Envelope("b", b"1", False))
+    broker.publish(Envelope("c", b"1", False))  # "a", least recently used, is forgotten
+    again = Envelope("a", b"2", False)
+    assert broker.publish(again) == 1
+    assert again.epoch != first.epoch
+
+
+def test_a_counter_from_before_epochs_keeps_its_numbering_and_history(kit: Kit) -> None:
+    """A Redis written by a version without epochs: the counter goes on under a new epoch,
+    and the history kept in the old format is part of it."""
+    if not isinstance(kit.redis, RedisServer):
+        pytest.skip("a Redis from before epochs: one server is enough to show it")
+
+    async def scenario() -> tuple[Backlog, int, Backlog]:
+        (admin,) = kit.admin()
+        now = int(time.time() * 1000)
+        await admin.set("echoserver:{old}:seq", 5)
+        for n, word in ((4, b"four"), (5, b"five")):
+            await admin.lpush("echoserver:{old}:history", b"%d %d:t0:%s" % (now, n, word))
+        await admin.aclose()
+        broker, _ = await started(kit, history=10)
+        before = await broker.backlog("old", 3, 10)
+        sixth = await publish(broker, Envelope("old", b"six", False))
+        after = await broker.backlog("old", 3, 10)
+        await broker.close()
+        return before, sixth, after
+
+    before, sixth, after = run(scenario())
+    assert ([e.seq for e in before.envelopes], before.last, before.epoch) == ([4, 5], 5, "")
+    assert sixth == 6 and valid_epoch(after.epoch)
+    assert [(e.seq, e.data, e.epoch) for e in after.envelopes] == [
+        (4, b"four", after.epoch),
+        (5, b"five", after.epoch),
+        (6, b"six", after.epoch),
+    ]
 
 
 def test_presence_counts_this_process(kit: Kit) -> None:

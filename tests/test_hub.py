@@ -7,6 +7,8 @@ broker (done at once) and on a broker that answers later, as Redis does.
 from __future__ import annotations
 
 import asyncio
+import json
+from unittest.mock import ANY  # a wildcard for a Replay's epoch (random per channel)
 
 import pytest
 
@@ -254,7 +256,7 @@ def test_a_since_replay_over_the_cap_is_trimmed_to_the_newest_and_not_recovered(
         return await hub.join("room", joiner, since=2), joiner
 
     replay, joiner = run(scenario())
-    assert replay == Replay(since=2, count=3, first=8, last=10, recovered=False)
+    assert replay == Replay(since=2, count=3, first=8, last=10, recovered=False, epoch=ANY)
     assert joiner.offsets == [8, 9, 10]
 
 
@@ -464,39 +466,39 @@ def replays(history: int, since: int, count: int = 10) -> tuple[Replay, list[int
 
 def test_since_replays_every_kept_message_after_it_then_live():
     replay, offsets = replays(history=10, since=4)
-    assert replay == Replay(since=4, count=6, first=5, last=10, recovered=True)
+    assert replay == Replay(since=4, count=6, first=5, last=10, recovered=True, epoch=ANY)
     assert offsets == list(range(5, 12))
 
 
 def test_since_older_than_the_history_is_not_recovered():
     replay, offsets = replays(history=3, since=4)
-    assert replay == Replay(since=4, count=3, first=8, last=10, recovered=False)
+    assert replay == Replay(since=4, count=3, first=8, last=10, recovered=False, epoch=ANY)
     assert offsets == [8, 9, 10, 11]
 
 
 def test_since_at_the_last_offset_is_recovered_with_nothing_to_replay():
     for history in (0, 5):
         replay, offsets = replays(history=history, since=10)
-        assert replay == Replay(since=10, count=0, first=None, last=10, recovered=True)
+        assert replay == Replay(since=10, count=0, first=None, last=10, recovered=True, epoch=ANY)
         assert offsets == [11]
 
 
 def test_without_history_since_is_recovered_only_when_nothing_was_missed():
     replay, offsets = replays(history=0, since=9)
-    assert replay == Replay(since=9, count=0, first=None, last=10, recovered=False)
+    assert replay == Replay(since=9, count=0, first=None, last=10, recovered=False, epoch=ANY)
     assert offsets == [11]
 
 
 def test_since_on_a_channel_never_published_to():
     replay, offsets = replays(history=5, since=0, count=0)
-    assert replay == Replay(since=0, count=0, first=None, last=0, recovered=True)
+    assert replay == Replay(since=0, count=0, first=None, last=0, recovered=True, epoch=ANY)
     assert offsets == [1]
 
 
 def test_since_ahead_of_the_channel_means_it_was_numbered_again():
     """A restarted server numbers from 1 again: the client's offset is from before."""
     replay, offsets = replays(history=5, since=50, count=3)
-    assert replay == Replay(since=50, count=3, first=1, last=3, recovered=False)
+    assert replay == Replay(since=50, count=3, first=1, last=3, recovered=False, epoch=ANY)
     assert offsets == [1, 2, 3, 4]
 
 
@@ -508,7 +510,7 @@ def test_without_since_the_last_history_messages_are_replayed():
         return await hub.join("room", joiner), joiner.offsets
 
     replay, offsets = run(scenario())
-    assert replay == Replay(since=None, count=3, first=3, last=5, recovered=None)
+    assert replay == Replay(since=None, count=3, first=3, last=5, recovered=None, epoch=ANY)
     assert offsets == [3, 4, 5]
 
 
@@ -525,7 +527,7 @@ def test_before_replay_is_told_once_before_the_replayed_messages():
 
     run(scenario())
     assert calls == [
-        (Replay(since=2, count=2, first=3, last=4, recovered=True), 0),
+        (Replay(since=2, count=2, first=3, last=4, recovered=True, epoch=ANY), 0),
         (Replay(since=None, count=0, first=None, last=None, recovered=None), 0),
     ]
 
@@ -598,6 +600,9 @@ def test_the_mixed_envelope_is_built_once_per_fan_out():
         hub.publish("room", b"\x00", True, None)  # binary: not carried in mixed mode
 
     run(scenario())
-    assert seen[0] == '{"type":"broadcast","payload":{"n":"é"},"offset":1}'.encode()
+    assert seen[0] is not None
+    envelope = json.loads(seen[0])
+    assert envelope == {"type": "broadcast", "payload": {"n": "é"}, "offset": 1, "epoch": ANY}
+    assert seen[0].endswith(b'"epoch":"%s"}' % envelope["epoch"].encode())  # compact
     assert seen[1] is seen[0] and seen[2] is seen[0]
     assert seen[3:] == [None, None, None]

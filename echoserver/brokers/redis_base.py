@@ -83,14 +83,16 @@ class RedisOptions:
 
 
 class _Offset(asyncio.Future[int]):
-    """A publish's future. The publish script answers [offset, epoch]: the epoch goes on
-    the published envelope, the future gets the offset (what Broker.publish promises)."""
+    """A publish's future. The publish script answers [offset, epoch]: both go on the
+    published envelope (as the memory broker sets them), the future gets the offset."""
 
     envelope: Envelope
 
     def set_result(self, result: Any) -> None:
         seq, epoch = result
-        self.envelope.epoch = epoch.decode()
+        envelope = self.envelope
+        envelope.seq = seq
+        envelope.epoch = epoch.decode()
         super().set_result(seq)
 
 
