@@ -12,6 +12,7 @@ import sys
 import urllib.error
 import urllib.request
 from typing import Any
+from unittest.mock import ANY  # a wildcard for an epoch
 
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
@@ -102,7 +103,13 @@ class TestBroadcastMode:
         a, b = await member(http_port), await member(http_port)
         status, body = await post(http_port, "héllo".encode(), "text/plain; charset=utf-8")
         assert status == 200
-        assert body == {"channel": "news", "offset": 1, "local_receivers": 2, "receivers": 2}
+        assert body == {
+            "channel": "news",
+            "offset": 1,
+            "epoch": ANY,
+            "local_receivers": 2,
+            "receivers": 2,
+        }
         assert await next_message(a) == await next_message(b) == "héllo"
         a.close()
         b.close()
@@ -234,9 +241,14 @@ class TestMixedMode:
         await post(http_port, b'"a json string"', "application/vnd.api+json")
         got = [json.loads(await next_message(a)) for _ in range(3)]
         assert got == [
-            {"type": "broadcast", "payload": {"price": 1.5, "tags": ["a"]}, "offset": 1},
-            {"type": "broadcast", "payload": "plain é", "offset": 2},
-            {"type": "broadcast", "payload": "a json string", "offset": 3},
+            {
+                "type": "broadcast",
+                "payload": {"price": 1.5, "tags": ["a"]},
+                "offset": 1,
+                "epoch": ANY,
+            },
+            {"type": "broadcast", "payload": "plain é", "offset": 2, "epoch": ANY},
+            {"type": "broadcast", "payload": "a json string", "offset": 3, "epoch": ANY},
         ]
         a.close()
 
@@ -264,7 +276,12 @@ class TestMixedMode:
         assert json.loads(await next_message(a))["offset"] == 1
         assert json.loads(await next_message(a))["type"] == "broadcastResult"
         assert (await post(http_port, b"2", "application/json"))[1]["offset"] == 2
-        assert json.loads(await next_message(a)) == {"type": "broadcast", "payload": 2, "offset": 2}
+        assert json.loads(await next_message(a)) == {
+            "type": "broadcast",
+            "payload": 2,
+            "offset": 2,
+            "epoch": ANY,
+        }
         a.close()
 
 

@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from typing import Any
+from unittest.mock import ANY  # a wildcard for an epoch
 
 import pytest
 from tornado.httpclient import HTTPClientError
@@ -88,7 +89,7 @@ def test_since_replays_what_was_missed_then_live(run_server: Any) -> None:
         return recovery, seen + rest
 
     recovery, got = run(scenario())
-    assert recovery == {"type": "recovery", "recovered": True, "since": 3, "first": 4}
+    assert recovery == {"type": "recovery", "recovered": True, "since": 3, "first": 4, "epoch": ANY}
     assert [m["offset"] for m in got] == list(range(1, 8))
     assert [m["payload"] for m in got] == list(range(7))
 
@@ -108,7 +109,13 @@ def test_since_older_than_the_history_replays_what_is_kept_marked_not_recovered(
         return recovery, replayed
 
     recovery, replayed = run(scenario())
-    assert recovery == {"type": "recovery", "recovered": False, "since": 2, "first": 8}
+    assert recovery == {
+        "type": "recovery",
+        "recovered": False,
+        "since": 2,
+        "first": 8,
+        "epoch": ANY,
+    }
     assert [m["offset"] for m in replayed] == [8, 9, 10]
 
 
@@ -130,7 +137,13 @@ def test_since_with_nothing_new_is_recovered_and_plain_joins_are_unchanged(
         return recovery, history, replayed
 
     recovery, history, replayed = run(scenario())
-    assert recovery == {"type": "recovery", "recovered": True, "since": 2, "first": None}
+    assert recovery == {
+        "type": "recovery",
+        "recovered": True,
+        "since": 2,
+        "first": None,
+        "epoch": ANY,
+    }
     assert history == {"type": "history", "count": 2}
     assert [m["offset"] for m in replayed] == [1, 2]
 
@@ -171,12 +184,18 @@ def test_broadcast_mode_says_it_in_the_101s_headers(run_server: Any) -> None:
 
     plain, recovered, lost, current = run(scenario())
     assert plain == (
-        {"Echoserver-Last-Offset": "5", "Echoserver-Replayed": "3", "Echoserver-First-Offset": "3"},
+        {
+            "Echoserver-Last-Offset": "5",
+            "Echoserver-Replayed": "3",
+            "Echoserver-Epoch": ANY,
+            "Echoserver-First-Offset": "3",
+        },
         ["2", "3", "4", '"live"'],
     )
     assert recovered[0] == {
         "Echoserver-Last-Offset": "6",
         "Echoserver-Replayed": "3",
+        "Echoserver-Epoch": plain[0]["Echoserver-Epoch"],
         "Echoserver-First-Offset": "4",
         "Echoserver-Recovered": "true",
     }
@@ -187,6 +206,7 @@ def test_broadcast_mode_says_it_in_the_101s_headers(run_server: Any) -> None:
         {
             "Echoserver-Last-Offset": "8",
             "Echoserver-Replayed": "3",
+            "Echoserver-Epoch": plain[0]["Echoserver-Epoch"],
             "Echoserver-First-Offset": "6",
             "Echoserver-Recovered": "true",
         },
@@ -209,8 +229,14 @@ def test_history_ttl_limits_what_can_be_recovered(run_server: Any) -> None:
         return in_time, too_late
 
     in_time, too_late = run(scenario())
-    assert in_time == {"type": "recovery", "recovered": True, "since": 0, "first": 1}
-    assert too_late == {"type": "recovery", "recovered": False, "since": 0, "first": None}
+    assert in_time == {"type": "recovery", "recovered": True, "since": 0, "first": 1, "epoch": ANY}
+    assert too_late == {
+        "type": "recovery",
+        "recovered": False,
+        "since": 0,
+        "first": None,
+        "epoch": ANY,
+    }
 
 
 # --- two processes sharing a real Redis --------------------------------------------------------
@@ -284,5 +310,11 @@ def test_an_offset_from_before_redis_lost_its_data_is_not_recovered(
         return recovery, replayed
 
     recovery, replayed = run(scenario())
-    assert recovery == {"type": "recovery", "recovered": False, "since": 5, "first": 1}
-    assert replayed == [{"type": "broadcast", "payload": "new", "offset": 1}]
+    assert recovery == {
+        "type": "recovery",
+        "recovered": False,
+        "since": 5,
+        "first": 1,
+        "epoch": ANY,
+    }
+    assert replayed == [{"type": "broadcast", "payload": "new", "offset": 1, "epoch": ANY}]

@@ -1,8 +1,9 @@
 """Server-Sent Events (/sse/<channel>) against real server processes: curl, a raw HTTP
 reader, and a browser's EventSource that recovers by itself after a reconnect.
 
-The stream carries each message as an event whose id is its offset; Last-Event-ID resumes
-as a WebSocket's ?since= does; a subscriber counts as a member and obeys the same policy.
+The stream carries each message as an event whose id is its epoch and offset;
+Last-Event-ID resumes as a WebSocket's ?since= does; a subscriber counts as a member and
+obeys the same policy.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from typing import Any
+from unittest.mock import ANY  # a wildcard for an epoch
 
 import pytest
 from websockets.sync.client import connect as ws_connect
@@ -105,6 +107,11 @@ class Reader:
         self.sock.close()
 
 
+def offset_of(event_id: str) -> str:
+    """The offset of an event id, ``<epoch>:<offset>``."""
+    return event_id.rpartition(":")[2]
+
+
 def publish(server: ServerProcess, body: bytes, content_type: str = "text/plain") -> int:
     request = urllib.request.Request(
         f"{server.url}/api/channels/news/messages",
@@ -142,10 +149,15 @@ def test_curl_shows_messages_as_they_arrive(run_server: Any) -> None:
         curl.kill()
         curl.wait(10)
     events = parse_events(body)
+    epoch = events[0]["id"].partition(":")[0]
     assert events == [
-        {"id": "1", "data": "one"},
-        {"id": "2", "data": "two\nlines"},
-        {"id": "3", "event": "binary", "data": base64.b64encode(b"\x00\x01\xff").decode()},
+        {"id": f"{epoch}:1", "data": "one"},
+        {"id": f"{epoch}:2", "data": "two\nlines"},
+        {
+            "id": f"{epoch}:3",
+            "event": "binary",
+            "data": base64.b64encode(b"\x00\x01\xff").decode(),
+        },
     ]
     assert body.startswith(b"retry: ")
 
@@ -164,11 +176,15 @@ def test_last_event_id_resumes_exactly(run_server: Any, how: str) -> None:
     try:
         assert reader.status == 200 and "text/event-stream" in reader.headers
         replay = reader.events(4)
-        assert json.loads(replay[0]["data"]) == {"recovered": True, "since": 2, "first": 3}
+        recovery = json.loads(replay[0]["data"])
+        assert recovery == {"recovered": True, "since": 2, "first": 3, "epoch": ANY}
         assert replay[0]["event"] == "recovery"
-        assert [(e["id"], e["data"]) for e in replay[1:]] == [("3", "m3"), ("4", "m4"), ("5", "m5")]
+        epoch = recovery["epoch"]
+        assert [(e["id"], e["data"]) for e in replay[1:]] == [
+            (f"{epoch}:{n}", f"m{n}") for n in (3, 4, 5)
+        ]
         publish(server, b"m6")  # then the live stream
-        assert reader.events(5)[-1] == {"id": "6", "data": "m6"}
+        assert reader.events(5)[-1] == {"id": f"{epoch}:6", "data": "m6"}
     finally:
         reader.close()
 
@@ -182,8 +198,13 @@ def test_a_resume_older_than_the_history_is_not_recovered(run_server: Any) -> No
         events = reader.events(4)
     finally:
         reader.close()
-    assert json.loads(events[0]["data"]) == {"recovered": False, "since": 2, "first": 8}
-    assert [e["id"] for e in events[1:]] == ["8", "9", "10"]
+    assert json.loads(events[0]["data"]) == {
+        "recovered": False,
+        "since": 2,
+        "first": 8,
+        "epoch": ANY,
+    }
+    assert [offset_of(e["id"]) for e in events[1:]] == ["8", "9", "10"]
 
 
 def status_of(server: ServerProcess, path: str, headers: dict[str, str] | None = None) -> int:
@@ -285,7 +306,8 @@ def test_eventsource_in_chromium_recovers_by_itself(
         a.stop()
         b.stop()
     assert opens >= 2  # it did reconnect
-    assert got == [[str(n), f"m{n}"] for n in range(1, 401)]
+    epoch = got[0][0].partition(":")[0]  # one epoch: Redis kept the channel's state
+    assert got == [[f"{epoch}:{n}", f"m{n}"] for n in range(1, 401)]
 
 
 def publish_to(server: ServerProcess, text: str) -> None:
@@ -337,7 +359,7 @@ def test_a_stream_away_during_1000_messages_gets_each_once_in_order(
     assert recovery["event"] == "recovery"
     assert json.loads(recovery["data"])["recovered"] is True
     got = first + rest
-    assert [int(e["id"]) for e in got] == list(range(1, total + 1))
+    assert [int(offset_of(e["id"])) for e in got] == list(range(1, total + 1))
     assert sorted(e["data"] for e in got) == sorted(f"m{n}" for n in range(total))
     member_order = [e["data"] for e in got if int(e["data"][1:]) < 200 or int(e["data"][1:]) % 2]
     assert member_order == [f"m{n}" for n in range(total) if n < 200 or n % 2]
@@ -349,8 +371,13 @@ def test_a_stream_away_during_1000_messages_gets_each_once_in_order(
         timeout=30,
     )
     tail = parse_events(done.stdout)
-    assert json.loads(tail[0]["data"]) == {"recovered": True, "since": 990, "first": 991}
-    assert [e["id"] for e in tail[1:]] == [str(n) for n in range(991, 1001)]
+    assert json.loads(tail[0]["data"]) == {
+        "recovered": True,
+        "since": 990,
+        "first": 991,
+        "epoch": ANY,
+    }
+    assert [offset_of(e["id"]) for e in tail[1:]] == [str(n) for n in range(991, 1001)]
 
 
 def test_the_last_event_id_header_wins_over_the_query(run_server: Any) -> None:
