@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from unittest.mock import ANY  # a wildcard for an epoch
 
 from tornado.websocket import websocket_connect
 
@@ -185,6 +186,7 @@ def test_mixed_mode_counts_listeners_and_refuses_binary(run_server):
                 "type": "broadcast",
                 "payload": "hi",
                 "offset": 1,
+                "epoch": ANY,
             }
         result = json.loads(await clients[0].read_message())
         await clients[1].write_message(b"\x01\x02", binary=True)
@@ -194,5 +196,11 @@ def test_mixed_mode_counts_listeners_and_refuses_binary(run_server):
         return result, error
 
     result, error = asyncio.run(scenario())
-    assert result == {"type": "broadcastResult", "payload": "hi", "listenCount": 3, "offset": 1}
+    assert result == {
+        "type": "broadcastResult",
+        "payload": "hi",
+        "listenCount": 3,
+        "offset": 1,
+        "epoch": ANY,
+    }
     assert error["type"] == "error"

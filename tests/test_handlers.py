@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from unittest.mock import ANY  # a wildcard for an epoch
 
 import pytest
 from tornado.httpclient import HTTPClientError
@@ -137,7 +138,7 @@ class TestMixed:
         await a.write_message(json.dumps({"type": "echo", "payload": {"n": 1}}))
         assert await read_json(a) == {"type": "echo", "payload": {"n": 1}}
         await a.write_message(json.dumps({"type": "broadcast", "payload": [1, 2]}))
-        envelope = {"type": "broadcast", "payload": [1, 2], "offset": 1}
+        envelope = {"type": "broadcast", "payload": [1, 2], "offset": 1, "epoch": ANY}
         assert await read_json(b) == envelope
         assert await read_json(a) == envelope
         assert await read_json(a) == {
@@ -145,6 +146,7 @@ class TestMixed:
             "payload": [1, 2],
             "listenCount": 2,
             "offset": 1,
+            "epoch": ANY,
         }
 
     @pytest.mark.gen_test
