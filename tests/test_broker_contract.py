@@ -606,6 +606,32 @@ def test_a_broker_that_lost_a_channel_numbers_it_under_a_new_epoch(kit: Kit) -> 
     assert [e.data for e in backlog.envelopes] == [b"new%d" % n for n in range(7)]
 
 
+def test_renew_epoch_replaces_only_the_epoch_it_is_given(kit: Kit) -> None:
+    """What a hub asks for when it sees offsets reissued under one epoch (fanout/hub.py)."""
+
+    async def scenario() -> dict[str, Any]:
+        broker, _ = await started(kit, history=10)
+        first = Envelope("e", b"1", False)
+        await publish(broker, first)
+        await publish(broker, Envelope("e", b"2", False))
+        renewed = await broker.renew_epoch("e", first.epoch)
+        stale = await broker.renew_epoch("e", first.epoch)  # another process, too late
+        kept_after = await broker.backlog("e", 0, 10)
+        third = Envelope("e", b"3", False)
+        await publish(broker, third)
+        unknown = await broker.renew_epoch("never", "abc")
+        await broker.close()
+        return locals()
+
+    got = run(scenario())
+    renewed = got["renewed"]
+    assert valid_epoch(renewed) and renewed != got["first"].epoch
+    assert got["stale"] == renewed
+    assert (got["kept_after"].envelopes, got["kept_after"].last) == ([], 2)
+    assert (got["third"].seq, got["third"].epoch) == (3, renewed)  # offsets go on
+    assert got["unknown"] == ""
+
+
 def test_a_forgotten_memory_channel_comes_back_under_a_new_epoch(monkeypatch: Any) -> None:
     import echoserver.brokers.memory as memory
 

@@ -137,6 +137,14 @@ class Broker(abc.ABC):
         most), the channel's latest offset and its epoch, as one consistent read. Raises
         BrokerUnavailable when the broker cannot tell (e.g. Redis unreachable)."""
 
+    async def renew_epoch(self, channel: str, epoch: str) -> str:
+        """Give the channel a new epoch if `epoch` is still its own, dropping what is kept
+        under it; returns the channel's epoch. For a hub that saw the channel's offsets go
+        back under one epoch (a Redis replica promoted before it had the last publishes
+        reissues their offsets): from then on they cannot be mistaken for the old ones.
+        A broker whose offsets never go back (memory) has nothing to do."""
+        return epoch
+
     @property
     @abc.abstractmethod
     def healthy(self) -> bool:

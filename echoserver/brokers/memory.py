@@ -196,6 +196,15 @@ class MemoryBroker(Broker):
         wanted = islice(kept, len(kept) - count, None)
         return Backlog([envelope for _, envelope in wanted], state.last, state.epoch)
 
+    async def renew_epoch(self, channel: str, epoch: str) -> str:
+        state = self._channels.get(channel)
+        if state is None:
+            return ""
+        if state.epoch == epoch:
+            self._drop_all(state)
+            state.epoch = secrets.token_urlsafe(6)
+        return state.epoch
+
     @property
     def healthy(self) -> bool:
         return True

@@ -49,6 +49,7 @@ from echoserver.brokers.base import Backlog, Broker, BrokerUnavailable, Envelope
 from echoserver.brokers.redis_presence import RedisPresence
 from echoserver.brokers.redis_wire import (
     BACKLOG_SCRIPT,
+    RENEW_SCRIPT,
     KeyNames,
     decode,
     encode,
@@ -139,12 +140,14 @@ class PipelinedRedisBroker(Broker):
     SCRIPTS: ClassVar[dict[bytes, bytes]]
     PUBLISH_SHA: ClassVar[bytes]
     BACKLOG_SHA: ClassVar[bytes]
+    RENEW_SHA: ClassVar[bytes]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         publish = publish_script(cls.PUBLISH_COMMAND)
         cls.PUBLISH_SHA, cls.BACKLOG_SHA = sha1(publish), sha1(BACKLOG_SCRIPT)
-        bodies = (publish, BACKLOG_SCRIPT, *cls.OTHER_SCRIPTS)
+        cls.RENEW_SHA = sha1(RENEW_SCRIPT)
+        bodies = (publish, BACKLOG_SCRIPT, RENEW_SCRIPT, *cls.OTHER_SCRIPTS)
         cls.SCRIPTS = {sha1(body): body for body in bodies}
 
     def __init__(self, where: str, db: int, options: RedisOptions) -> None:
@@ -309,6 +312,14 @@ class PipelinedRedisBroker(Broker):
             "EVALSHA", self.BACKLOG_SHA, 3, seq_key, history_key, epoch_key, after, max(limit, 0)
         )
         return read_backlog(channel, reply, int(self.kept_for(channel)[1] * 1000))
+
+    async def renew_epoch(self, channel: str, epoch: str) -> str:
+        """Raises BrokerUnavailable while Redis is unreachable."""
+        _, _, history_key, bytes_key, epoch_key = self._keys(channel)
+        reply = await self._command(
+            "EVALSHA", self.RENEW_SHA, 3, epoch_key, history_key, bytes_key, epoch
+        )
+        return bytes(reply).decode()
 
     @property
     def healthy(self) -> bool:

@@ -34,19 +34,29 @@ from echoserver.brokers.base import Backlog, Envelope
 # so what is kept always ends at the last offset. Both keys expire with the newest item when
 # there is an age limit. PUBLISH_COMMAND is PUBLISH (one Redis) or SPUBLISH (a cluster: the
 # shard channel is in the script's slot, which Redis 7 allows).
-_PUBLISH_TEMPLATE = b"""
-local seq = redis.call('INCR', KEYS[1])
-local epoch = redis.call('GET', KEYS[4])
-if seq == 1 or not epoch then
+# A new epoch: Redis's clock in microseconds, base 36.
+_NEW_EPOCH = b"""
+local function new_epoch()
   local time = redis.call('TIME')
   local n = tonumber(time[1]) * 1000000 + tonumber(time[2])
   local digits = '0123456789abcdefghijklmnopqrstuvwxyz'
-  epoch = ''
+  local epoch = ''
   repeat
     local d = n % 36
     epoch = string.sub(digits, d + 1, d + 1) .. epoch
     n = math.floor(n / 36)
   until n == 0
+  return epoch
+end
+"""
+
+_PUBLISH_TEMPLATE = (
+    _NEW_EPOCH
+    + b"""
+local seq = redis.call('INCR', KEYS[1])
+local epoch = redis.call('GET', KEYS[4])
+if seq == 1 or not epoch then
+  epoch = new_epoch()
   redis.call('SET', KEYS[4], epoch)
   if seq == 1 then
     redis.call('DEL', KEYS[2], KEYS[3])
@@ -96,6 +106,7 @@ end
 redis.call('PUBLISH_COMMAND', ARGV[1], message)
 return {seq, epoch}
 """
+)
 
 
 def publish_script(command: bytes) -> bytes:
@@ -118,6 +129,24 @@ if want > 0 then
 end
 return {last, now, items, epoch}
 """
+
+
+# KEYS: epoch, history, history bytes. ARGV: the epoch to replace. When it is still the
+# channel's, a new one replaces it and the history kept under it goes (its offsets were
+# reissued: see Broker.renew_epoch); returns the channel's epoch either way.
+RENEW_SCRIPT = (
+    _NEW_EPOCH
+    + b"""
+local epoch = redis.call('GET', KEYS[1])
+if epoch ~= ARGV[1] then
+  return epoch or ''
+end
+epoch = new_epoch()
+redis.call('SET', KEYS[1], epoch)
+redis.call('DEL', KEYS[2], KEYS[3])
+return epoch
+"""
+)
 
 
 def sha1(body: bytes) -> bytes:

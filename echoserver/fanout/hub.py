@@ -18,6 +18,14 @@ means nothing here: the joiner gets what is kept of the current numbering, `reco
 False and the current epoch, never a replay that claims to continue its own. A `since`
 without an epoch is taken as the current epoch's (clients from before epochs).
 
+A broker may also reissue offsets under the epoch they had: a Redis replica promoted
+before it had the last publishes numbers on from where it was. Every hub remembers, per
+channel it has members on, the last (epoch, offset) it delivered; an offset at or below it
+under the same epoch makes it ask the broker for a new epoch (Broker.renew_epoch, once for
+all processes: it replaces only the epoch it is given). The few messages published before
+the new epoch lands still carry reissued offsets; a channel nobody here listens to is not
+watched (see docs/i21-epochs.md).
+
 Handlers see only this module: publish() is the one way to send (it never waits, and keeps
 call order), a failure is the broker's own BrokerUnavailable (passed through, never
 wrapped), and each receiver gets a Delivery, the hub's
@@ -107,6 +115,16 @@ class _Joining:
         self.subscriber.close_slow()
 
 
+class _Mark:
+    """The (epoch, offset) of the last message fanned out on a channel."""
+
+    __slots__ = ("epoch", "seq")
+
+    def __init__(self, epoch: str, seq: int) -> None:
+        self.epoch = epoch
+        self.seq = seq
+
+
 def _recovered(since: int, past: list[Envelope], last: int | None) -> bool:
     """Whether a replay after `since` holds every message published after it."""
     if last is None or last < since:
@@ -163,6 +181,10 @@ class Hub:
         self._on_control: Callable[[bytes], None] | None = None
         # Channels whose broker subscription is on its way: later joiners wait for it.
         self._subscribing: dict[str, asyncio.Future[None]] = {}
+        # Per channel with members: [epoch, offset] of the last message fanned out, to see
+        # offsets reissued under one epoch (see the module docstring).
+        self._last_seen: dict[str, _Mark] = {}
+        self._renewing: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Connect the broker; join() does it on first use if the server has not."""
@@ -344,6 +366,7 @@ class Hub:
         self._dropping.discard(subscriber.sub_id)
         if not members:
             del self._channels[channel]
+            self._last_seen.pop(channel, None)
             await self.presence.set_local(channel, 0)
             await self.broker.unsubscribe(channel)
         else:
@@ -401,11 +424,41 @@ class Hub:
             if envelope.channel == CONTROL_CHANNEL and self._on_control is not None:
                 self._on_control(envelope.data)
             return
+        seen = self._last_seen.get(envelope.channel)
+        if seen is None:
+            self._last_seen[envelope.channel] = _Mark(envelope.epoch, envelope.seq)
+        else:
+            if envelope.seq <= seen.seq and envelope.epoch == seen.epoch and envelope.epoch:
+                self._reissued(envelope, seen.seq)
+            seen.epoch = envelope.epoch
+            seen.seq = envelope.seq
         skip = None if self.include_sender else envelope.sender
         # A copy, because closing a slow receiver may make it leave the channel. Of the
         # values, not the items: a (key, value) tuple per member is an allocation the
         # cyclic GC counts, so a fan-out to 19,000 members set off ~30 collections.
         self._offer(list(members.values()), Delivery(envelope), self._stats(envelope.channel), skip)
+
+    def _reissued(self, envelope: Envelope, last: int) -> None:
+        """The broker numbered a message at or below one already delivered under the same
+        epoch: it lost publishes (a failover). Ask it for a new epoch."""
+        log.warning(
+            "offset %d on %s follows %d under epoch %s: the broker lost messages; "
+            "giving the channel a new epoch",
+            envelope.seq,
+            envelope.channel,
+            last,
+            envelope.epoch,
+        )
+        task = asyncio.ensure_future(self._renew(envelope.channel, envelope.epoch))
+        self._renewing.add(task)
+        task.add_done_callback(self._renewing.discard)
+
+    async def _renew(self, channel: str, epoch: str) -> None:
+        try:
+            await self.broker.renew_epoch(channel, epoch)
+        except BrokerUnavailable as error:
+            # The next reissued offset this hub sees asks again.
+            log.warning("could not renew the epoch of %s: %s", channel, error)
 
     def _offer(
         self,
