@@ -14,7 +14,9 @@ that makes the counter (INCR gives 1: the counter was never there, or Redis lost
 flush, a replaced server, an evicted key), or when it is missing beside a counter (a
 deployment from before epochs, an evicted epoch key). It is Redis's clock in microseconds
 in base 36 (10 characters), so a later epoch never repeats an earlier one. A new epoch made
-with a new counter also drops whatever history the old numbering left.
+with a new counter also drops whatever history the old numbering left. A process from
+before epochs cannot read ``<seq>.<epoch>:`` (it logs the message as malformed and drops
+it): upgrade every process sharing a Redis together.
 """
 
 from __future__ import annotations

@@ -220,6 +220,7 @@ class Hub:
     async def close(self) -> None:
         await self.broker.close()
         self._channels.clear()
+        self._last_seen.clear()
 
     @property
     def healthy(self) -> bool:
