@@ -16,7 +16,7 @@ the API's p50/p99 response time, server CPU µs per publish and per delivery, lo
 Part 2, fan-out: `--subscribers` (1000) on channel "bench" and one WebSocket member that sends
 text messages of `--size` (200) bytes, `--inflight` (4) in flight, each completion (every
 subscriber got it) sending the next. Variant "SSE": the other subscribers read GET /sse/bench
-(chunked text/event-stream, parsed for `id:` lines; ids are offsets and must arrive in order
+(chunked text/event-stream, parsed for `id:` lines; ids end in offsets that must arrive in order
 without gaps). Variant "WebSocket": they are WebSocket members (payloads carry a sequence
 number). Reported: deliveries/s, p50/p99 completion, server CPU µs per delivery, lost/repeated.
 
@@ -258,8 +258,8 @@ def main() -> None:
             print(summary(results, metrics, names, "sse", "ws"))
             print(
                 "\nA delivery is one message reaching one subscriber; a message completes when "
-                "all got it. SSE: each event is `id: <offset>` + one `data:` line in a chunk of "
-                "the chunked response; ids are checked for order and gaps.\n"
+                "all got it. SSE: each event is `id: <epoch>:<offset>` + one `data:` line in a "
+                "chunk of the chunked response; ids are checked for order and gaps.\n"
             )
         reporting.print_footer(args, results, metrics, names)
     if json_path:
@@ -435,7 +435,8 @@ async def open_ws(url: str, factory: Callable[[int], Any], count: int) -> list[A
 # ---------------------------------------------------------------------------- HTTP side
 
 CONTENT_LENGTH = re.compile(rb"\r\ncontent-length: *(\d+)", re.IGNORECASE)
-SSE_ID = re.compile(rb"^id: (\d+)$", re.MULTILINE)
+# An event's id is `<epoch>:<offset>` (a bare offset from servers before epochs).
+SSE_ID = re.compile(rb"^id: (?:[A-Za-z0-9_-]+:)?(\d+)$", re.MULTILINE)
 
 
 class HttpPublisher(asyncio.Protocol):
