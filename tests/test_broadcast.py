@@ -183,6 +183,7 @@ def test_mixed_mode_counts_listeners_and_refuses_binary(run_server):
         for client in clients:
             assert json.loads(await client.read_message()) == {
                 "type": "broadcast",
+                "channel": "arena",
                 "payload": "hi",
                 "offset": 1,
             }
@@ -194,5 +195,11 @@ def test_mixed_mode_counts_listeners_and_refuses_binary(run_server):
         return result, error
 
     result, error = asyncio.run(scenario())
-    assert result == {"type": "broadcastResult", "payload": "hi", "listenCount": 3, "offset": 1}
+    assert result == {
+        "type": "broadcastResult",
+        "channel": "arena",
+        "payload": "hi",
+        "listenCount": 3,
+        "offset": 1,
+    }
     assert error["type"] == "error"

@@ -598,6 +598,8 @@ def test_the_mixed_envelope_is_built_once_per_fan_out():
         hub.publish("room", b"\x00", True, None)  # binary: not carried in mixed mode
 
     run(scenario())
-    assert seen[0] == '{"type":"broadcast","payload":{"n":"é"},"offset":1}'.encode()
+    assert (
+        seen[0] == '{"type":"broadcast","channel":"room","payload":{"n":"é"},"offset":1}'.encode()
+    )
     assert seen[1] is seen[0] and seen[2] is seen[0]
     assert seen[3:] == [None, None, None]

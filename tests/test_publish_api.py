@@ -234,9 +234,14 @@ class TestMixedMode:
         await post(http_port, b'"a json string"', "application/vnd.api+json")
         got = [json.loads(await next_message(a)) for _ in range(3)]
         assert got == [
-            {"type": "broadcast", "payload": {"price": 1.5, "tags": ["a"]}, "offset": 1},
-            {"type": "broadcast", "payload": "plain é", "offset": 2},
-            {"type": "broadcast", "payload": "a json string", "offset": 3},
+            {
+                "type": "broadcast",
+                "channel": "news",
+                "payload": {"price": 1.5, "tags": ["a"]},
+                "offset": 1,
+            },
+            {"type": "broadcast", "channel": "news", "payload": "plain é", "offset": 2},
+            {"type": "broadcast", "channel": "news", "payload": "a json string", "offset": 3},
         ]
         a.close()
 
@@ -264,7 +269,12 @@ class TestMixedMode:
         assert json.loads(await next_message(a))["offset"] == 1
         assert json.loads(await next_message(a))["type"] == "broadcastResult"
         assert (await post(http_port, b"2", "application/json"))[1]["offset"] == 2
-        assert json.loads(await next_message(a)) == {"type": "broadcast", "payload": 2, "offset": 2}
+        assert json.loads(await next_message(a)) == {
+            "type": "broadcast",
+            "channel": "news",
+            "payload": 2,
+            "offset": 2,
+        }
         a.close()
 
 

@@ -88,7 +88,13 @@ def test_since_replays_what_was_missed_then_live(run_server: Any) -> None:
         return recovery, seen + rest
 
     recovery, got = run(scenario())
-    assert recovery == {"type": "recovery", "recovered": True, "since": 3, "first": 4}
+    assert recovery == {
+        "type": "recovery",
+        "channel": "feed",
+        "recovered": True,
+        "since": 3,
+        "first": 4,
+    }
     assert [m["offset"] for m in got] == list(range(1, 8))
     assert [m["payload"] for m in got] == list(range(7))
 
@@ -108,7 +114,13 @@ def test_since_older_than_the_history_replays_what_is_kept_marked_not_recovered(
         return recovery, replayed
 
     recovery, replayed = run(scenario())
-    assert recovery == {"type": "recovery", "recovered": False, "since": 2, "first": 8}
+    assert recovery == {
+        "type": "recovery",
+        "channel": "feed",
+        "recovered": False,
+        "since": 2,
+        "first": 8,
+    }
     assert [m["offset"] for m in replayed] == [8, 9, 10]
 
 
@@ -130,8 +142,14 @@ def test_since_with_nothing_new_is_recovered_and_plain_joins_are_unchanged(
         return recovery, history, replayed
 
     recovery, history, replayed = run(scenario())
-    assert recovery == {"type": "recovery", "recovered": True, "since": 2, "first": None}
-    assert history == {"type": "history", "count": 2}
+    assert recovery == {
+        "type": "recovery",
+        "channel": "feed",
+        "recovered": True,
+        "since": 2,
+        "first": None,
+    }
+    assert history == {"type": "history", "channel": "feed", "count": 2}
     assert [m["offset"] for m in replayed] == [1, 2]
 
 
@@ -209,8 +227,20 @@ def test_history_ttl_limits_what_can_be_recovered(run_server: Any) -> None:
         return in_time, too_late
 
     in_time, too_late = run(scenario())
-    assert in_time == {"type": "recovery", "recovered": True, "since": 0, "first": 1}
-    assert too_late == {"type": "recovery", "recovered": False, "since": 0, "first": None}
+    assert in_time == {
+        "type": "recovery",
+        "channel": "feed",
+        "recovered": True,
+        "since": 0,
+        "first": 1,
+    }
+    assert too_late == {
+        "type": "recovery",
+        "channel": "feed",
+        "recovered": False,
+        "since": 0,
+        "first": None,
+    }
 
 
 # --- two processes sharing a real Redis --------------------------------------------------------
@@ -284,5 +314,11 @@ def test_an_offset_from_before_redis_lost_its_data_is_not_recovered(
         return recovery, replayed
 
     recovery, replayed = run(scenario())
-    assert recovery == {"type": "recovery", "recovered": False, "since": 5, "first": 1}
-    assert replayed == [{"type": "broadcast", "payload": "new", "offset": 1}]
+    assert recovery == {
+        "type": "recovery",
+        "channel": "feed",
+        "recovered": False,
+        "since": 5,
+        "first": 1,
+    }
+    assert replayed == [{"type": "broadcast", "channel": "feed", "payload": "new", "offset": 1}]

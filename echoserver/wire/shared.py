@@ -17,4 +17,5 @@ class SharedMessage(Protocol):
     data: bytes  # the payload as published
     binary: bool
     seq: int  # the message's offset on its channel
+    channel: str  # the channel it was published on
     encoded: dict[Hashable, bytes]  # its bytes by encoding, built by the first receiver
