@@ -151,6 +151,9 @@ class Hub:
         self.stats: dict[str, ChannelStats] = {}
         self._channels: dict[str, dict[str, Subscriber | _Joining]] = {}
         self._dropping: set[str] = set()  # subscribers in a drop episode
+        # In how many channels each subscriber is (a mixed-mode connection or an event
+        # stream may follow several): its drop episode ends when it leaves the last.
+        self._memberships: dict[str, int] = {}
         self._node = os.urandom(4).hex()
         self._ids = itertools.count(1)
         self._started = False
@@ -192,6 +195,7 @@ class Hub:
     async def close(self) -> None:
         await self.broker.close()
         self._channels.clear()
+        self._memberships.clear()
 
     @property
     def healthy(self) -> bool:
@@ -227,6 +231,9 @@ class Hub:
         first = members is None
         if members is None:
             members = self._channels[channel] = {}
+        sub_id = subscriber.sub_id
+        if sub_id not in members:
+            self._memberships[sub_id] = self._memberships.get(sub_id, 0) + 1
         kept = self.broker.kept_for(channel)[0]
         if kept <= 0 and since is None:
             members[subscriber.sub_id] = subscriber
@@ -323,9 +330,14 @@ class Hub:
 
     async def leave(self, channel: str, subscriber: Subscriber) -> None:
         members = self._channels.get(channel)
-        if members is None or members.pop(subscriber.sub_id, None) is None:
+        sub_id = subscriber.sub_id
+        if members is None or members.pop(sub_id, None) is None:
             return
-        self._dropping.discard(subscriber.sub_id)
+        left = self._memberships.pop(sub_id, 1) - 1
+        if left > 0:
+            self._memberships[sub_id] = left  # still in other channels: same episode
+        else:
+            self._dropping.discard(sub_id)
         if not members:
             del self._channels[channel]
             await self.presence.set_local(channel, 0)
