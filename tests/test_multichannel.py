@@ -19,7 +19,10 @@ from echoserver.config.settings import NamespaceSettings
 from echoserver.fanout.hub import Hub
 from tests.authkeys import SECRET, mint
 from tests.conftest import make_settings, run
+from tests.redis_server import RedisServer, redis_server
 from tests.test_hub import Recorder
+
+__all__ = ["redis_server"]  # the fixture
 
 KEY = "multichannel-key"
 
@@ -320,3 +323,77 @@ def test_one_subscriber_in_several_channels_gets_each_once_under_one_cap() -> No
     assert slow.got == [b"%099d" % n for n in range(2)]  # the cap's worth, all channels
     assert slow.closed
     assert sum(stats.slow_disconnects for stats in hub.stats.values()) == 1
+
+
+@pytest.mark.redis
+def test_three_channels_recovered_across_two_processes_sharing_redis(
+    run_server: Any, redis_server: RedisServer
+) -> None:
+    """Away from one server during 1000 messages on three channels, back on the other with a
+    since per channel: each channel's messages once, in order, recovered."""
+    servers = [
+        run_server("--mode", "mixed", "--broker", redis_server.url, "--history", "2000")
+        for _ in "12"
+    ]
+    channels = ("x", "y", "z")
+    total = 1000
+
+    async def follow(port: int, since: dict[str, int] | None = None) -> Any:
+        query = "" if since is None else f"?since={since['x']}"
+        client = await connect(port, f"/ws/x{query}")
+        for channel in channels[1:]:
+            request: dict[str, Any] = {"type": "subscribe", "channel": channel}
+            if since is not None:
+                request["since"] = since[channel]
+            await client.write_message(json.dumps(request))
+        return client
+
+    async def publish_all(publisher: WebSocketClientConnection) -> None:
+        for n in range(total):
+            message = {"type": "broadcast", "channel": channels[n % 3], "payload": n}
+            await publisher.write_message(json.dumps(message))
+            while (await read(publisher, 10))["type"] != "broadcastResult":
+                pass
+
+    async def scenario() -> tuple[dict[str, list[Any]], list[dict[str, Any]], dict[str, int]]:
+        reader = await follow(servers[0].port)
+        publisher = await follow(servers[1].port)
+        for client in (reader, publisher):  # their two subscribed notices first
+            assert [(await read(client))["type"] for _ in range(2)] == ["subscribed"] * 2
+        publishing = asyncio.ensure_future(publish_all(publisher))
+        got: dict[str, list[Any]] = {c: [] for c in channels}
+        offsets: dict[str, list[int]] = {c: [] for c in channels}
+        for _ in range(300):
+            message = await read(reader, 10)
+            got[message["channel"]].append(message["payload"])
+            offsets[message["channel"]].append(message["offset"])
+        reader.close()
+        await asyncio.sleep(0.3)  # away while messages go on
+        last = {c: offsets[c][-1] if offsets[c] else 0 for c in channels}
+        back = await follow(servers[1].port, last)
+        notices = []
+        for _ in range(total * 2):
+            if sum(len(v) for v in got.values()) == total and len(notices) == 3:
+                break
+            message = await read(back, 10)
+            if message["type"] == "broadcast":
+                got[message["channel"]].append(message["payload"])
+                offsets[message["channel"]].append(message["offset"])
+            else:
+                notices.append(message)
+        await asyncio.wait_for(publishing, 60)
+        back.close()
+        publisher.close()
+        for channel in channels:
+            assert offsets[channel] == list(range(1, len(offsets[channel]) + 1)), channel
+        return got, notices, last
+
+    got, notices, last = run(scenario(), timeout=120)
+    assert [(n["type"], n["channel"], n["recovered"]) for n in notices] == [
+        ("recovery", "x", True),
+        ("subscribed", "y", True),
+        ("subscribed", "z", True),
+    ]
+    assert [n["since"] for n in notices] == [last[c] for c in channels]
+    for index, channel in enumerate(channels):
+        assert got[channel] == list(range(index, total, 3)), channel
