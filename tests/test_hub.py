@@ -246,7 +246,7 @@ def test_history_replay_respects_the_cap():
 
 def test_a_since_replay_over_the_cap_is_trimmed_to_the_newest_and_not_recovered():
     async def scenario() -> tuple[Replay, Offsets]:
-        hub = Hub(MemoryBroker(history=10), max_queue_bytes=500)
+        hub = Hub(MemoryBroker(history=10), max_queue_bytes=700)
         for n in range(10):
             hub.publish("room", b"%099d" % n, False, None)
         joiner = Offsets(hub)

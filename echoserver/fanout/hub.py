@@ -41,9 +41,11 @@ log = logging.getLogger("echoserver.hub")
 
 MAX_TRACKED_CHANNELS = 1000  # channels with counters of their own in /metrics
 OTHER_CHANNELS = "(other)"  # where the rest are counted
-# Bytes a replayed message may take beyond its payload in a receiver's queue: a frame
-# header and mixed mode's {"type":"broadcast","payload":...,"offset":N} around it.
-REPLAY_OVERHEAD = 64
+# Bytes a replayed message may take beyond its payload and its channel's name in a
+# receiver's queue: a frame header (up to 10) and mixed mode's
+# {"type":"broadcast","channel":"","payload":,"offset":N} around it (52 and N's 18 digits),
+# with room to spare. An upper bound: a replay must never be cut by the cap on its way.
+REPLAY_OVERHEAD = 96
 # Where control messages travel between processes (the user API's disconnect): never a
 # client's channel, whose names cannot hold "#".
 CONTROL_CHANNEL = "#control"
@@ -285,10 +287,11 @@ class Hub:
     @staticmethod
     def _fitting(past: list[Envelope], budget: int) -> list[Envelope]:
         """The newest of `past` whose frames fit in `budget` bytes (each counted with
-        REPLAY_OVERHEAD for its frame header and envelope)."""
+        REPLAY_OVERHEAD and its channel's name for its frame header and envelope)."""
         start = len(past)
         while start > 0:
-            size = len(past[start - 1].data) + REPLAY_OVERHEAD
+            envelope = past[start - 1]
+            size = len(envelope.data) + len(envelope.channel) + REPLAY_OVERHEAD
             if size > budget:
                 break
             budget -= size
