@@ -177,7 +177,11 @@ class TestMixedPublishing:
         alice = await join(http_port, "dash.main", ALICE)
         alice.write_message(json.dumps({"type": "broadcast", "payload": "x"}))
         answer = json.loads(await alice.read_message())  # type: ignore[arg-type]
-        assert answer == {"type": "error", "error": "not allowed to publish on dash.main"}
+        assert answer == {
+            "type": "error",
+            "error": "not allowed to publish on dash.main",
+            "channel": "dash.main",
+        }
         alice.write_message(json.dumps({"type": "echo", "payload": "still here"}))
         assert json.loads(await alice.read_message())["payload"] == "still here"  # type: ignore[arg-type]
         alice.close()

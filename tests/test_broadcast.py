@@ -184,6 +184,7 @@ def test_mixed_mode_counts_listeners_and_refuses_binary(run_server):
         for client in clients:
             assert json.loads(await client.read_message()) == {
                 "type": "broadcast",
+                "channel": "arena",
                 "payload": "hi",
                 "offset": 1,
                 "epoch": ANY,
@@ -198,6 +199,7 @@ def test_mixed_mode_counts_listeners_and_refuses_binary(run_server):
     result, error = asyncio.run(scenario())
     assert result == {
         "type": "broadcastResult",
+        "channel": "arena",
         "payload": "hi",
         "listenCount": 3,
         "offset": 1,

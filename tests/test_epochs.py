@@ -104,13 +104,20 @@ def test_a_flushed_redis_published_past_the_offset_is_not_recovered(
     assert got["header"] == new_epoch
     assert got["recovery"] == {
         "type": "recovery",
+        "channel": "feed",
         "recovered": False,
         "since": 5,
         "first": 1,
         "epoch": new_epoch,
     }
     assert got["replayed"] == [
-        {"type": "broadcast", "payload": f"new{n}", "offset": n + 1, "epoch": new_epoch}
+        {
+            "type": "broadcast",
+            "channel": "feed",
+            "payload": f"new{n}",
+            "offset": n + 1,
+            "epoch": new_epoch,
+        }
         for n in range(7)
     ]
     # The current epoch resumes exactly, as before epochs.
@@ -192,7 +199,13 @@ def test_a_mixed_sender_is_told_the_epoch_of_its_offset(run_server: Any) -> None
 
     a, b = run(scenario())
     result, envelope = (a, b) if a["type"] == "broadcastResult" else (b, a)
-    assert envelope == {"type": "broadcast", "payload": "hi", "offset": 1, "epoch": result["epoch"]}
+    assert envelope == {
+        "type": "broadcast",
+        "channel": "feed",
+        "payload": "hi",
+        "offset": 1,
+        "epoch": result["epoch"],
+    }
     assert result["offset"] == 1 and valid_epoch(result["epoch"])
 
 

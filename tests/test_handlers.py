@@ -138,11 +138,18 @@ class TestMixed:
         await a.write_message(json.dumps({"type": "echo", "payload": {"n": 1}}))
         assert await read_json(a) == {"type": "echo", "payload": {"n": 1}}
         await a.write_message(json.dumps({"type": "broadcast", "payload": [1, 2]}))
-        envelope = {"type": "broadcast", "payload": [1, 2], "offset": 1, "epoch": ANY}
+        envelope = {
+            "type": "broadcast",
+            "channel": "game",
+            "payload": [1, 2],
+            "offset": 1,
+            "epoch": ANY,
+        }
         assert await read_json(b) == envelope
         assert await read_json(a) == envelope
         assert await read_json(a) == {
             "type": "broadcastResult",
+            "channel": "game",
             "payload": [1, 2],
             "listenCount": 2,
             "offset": 1,

@@ -290,6 +290,7 @@ def test_mixed_mode_answers_what_is_not_json_with_an_error_and_stays_open(mixed_
         # The member's first message is the one valid broadcast: nothing before it leaked.
         assert next_json(member) == {
             "type": "broadcast",
+            "channel": "room",
             "payload": [1e300, {"a": None}],
             "offset": 1,
             "epoch": ANY,

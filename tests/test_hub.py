@@ -248,7 +248,7 @@ def test_history_replay_respects_the_cap():
 
 def test_a_since_replay_over_the_cap_is_trimmed_to_the_newest_and_not_recovered():
     async def scenario() -> tuple[Replay, Offsets]:
-        hub = Hub(MemoryBroker(history=10), max_queue_bytes=500)
+        hub = Hub(MemoryBroker(history=10), max_queue_bytes=700)
         for n in range(10):
             hub.publish("room", b"%099d" % n, False, None)
         joiner = Offsets(hub)
@@ -602,7 +602,14 @@ def test_the_mixed_envelope_is_built_once_per_fan_out():
     run(scenario())
     assert seen[0] is not None
     envelope = json.loads(seen[0])
-    assert envelope == {"type": "broadcast", "payload": {"n": "é"}, "offset": 1, "epoch": ANY}
-    assert seen[0].endswith(b'"epoch":"%s"}' % envelope["epoch"].encode())  # compact
+    assert envelope == {
+        "type": "broadcast",
+        "channel": "room",
+        "payload": {"n": "é"},
+        "offset": 1,
+        "epoch": ANY,
+    }
+    compact = '{"type":"broadcast","channel":"room","payload":{"n":"é"},"offset":1,"epoch":"'
+    assert seen[0] == (compact + envelope["epoch"] + '"}').encode()
     assert seen[1] is seen[0] and seen[2] is seen[0]
     assert seen[3:] == [None, None, None]

@@ -243,12 +243,25 @@ class TestMixedMode:
         assert got == [
             {
                 "type": "broadcast",
+                "channel": "news",
                 "payload": {"price": 1.5, "tags": ["a"]},
                 "offset": 1,
                 "epoch": ANY,
             },
-            {"type": "broadcast", "payload": "plain é", "offset": 2, "epoch": ANY},
-            {"type": "broadcast", "payload": "a json string", "offset": 3, "epoch": ANY},
+            {
+                "type": "broadcast",
+                "channel": "news",
+                "payload": "plain é",
+                "offset": 2,
+                "epoch": ANY,
+            },
+            {
+                "type": "broadcast",
+                "channel": "news",
+                "payload": "a json string",
+                "offset": 3,
+                "epoch": ANY,
+            },
         ]
         a.close()
 
@@ -278,6 +291,7 @@ class TestMixedMode:
         assert (await post(http_port, b"2", "application/json"))[1]["offset"] == 2
         assert json.loads(await next_message(a)) == {
             "type": "broadcast",
+            "channel": "news",
             "payload": 2,
             "offset": 2,
             "epoch": ANY,

@@ -89,7 +89,14 @@ def test_since_replays_what_was_missed_then_live(run_server: Any) -> None:
         return recovery, seen + rest
 
     recovery, got = run(scenario())
-    assert recovery == {"type": "recovery", "recovered": True, "since": 3, "first": 4, "epoch": ANY}
+    assert recovery == {
+        "type": "recovery",
+        "channel": "feed",
+        "recovered": True,
+        "since": 3,
+        "first": 4,
+        "epoch": ANY,
+    }
     assert [m["offset"] for m in got] == list(range(1, 8))
     assert [m["payload"] for m in got] == list(range(7))
 
@@ -111,6 +118,7 @@ def test_since_older_than_the_history_replays_what_is_kept_marked_not_recovered(
     recovery, replayed = run(scenario())
     assert recovery == {
         "type": "recovery",
+        "channel": "feed",
         "recovered": False,
         "since": 2,
         "first": 8,
@@ -139,12 +147,13 @@ def test_since_with_nothing_new_is_recovered_and_plain_joins_are_unchanged(
     recovery, history, replayed = run(scenario())
     assert recovery == {
         "type": "recovery",
+        "channel": "feed",
         "recovered": True,
         "since": 2,
         "first": None,
         "epoch": ANY,
     }
-    assert history == {"type": "history", "count": 2}
+    assert history == {"type": "history", "channel": "feed", "count": 2}
     assert [m["offset"] for m in replayed] == [1, 2]
 
 
@@ -229,9 +238,17 @@ def test_history_ttl_limits_what_can_be_recovered(run_server: Any) -> None:
         return in_time, too_late
 
     in_time, too_late = run(scenario())
-    assert in_time == {"type": "recovery", "recovered": True, "since": 0, "first": 1, "epoch": ANY}
+    assert in_time == {
+        "type": "recovery",
+        "channel": "feed",
+        "recovered": True,
+        "since": 0,
+        "first": 1,
+        "epoch": ANY,
+    }
     assert too_late == {
         "type": "recovery",
+        "channel": "feed",
         "recovered": False,
         "since": 0,
         "first": None,
@@ -312,9 +329,12 @@ def test_an_offset_from_before_redis_lost_its_data_is_not_recovered(
     recovery, replayed = run(scenario())
     assert recovery == {
         "type": "recovery",
+        "channel": "feed",
         "recovered": False,
         "since": 5,
         "first": 1,
         "epoch": ANY,
     }
-    assert replayed == [{"type": "broadcast", "payload": "new", "offset": 1, "epoch": ANY}]
+    assert replayed == [
+        {"type": "broadcast", "channel": "feed", "payload": "new", "offset": 1, "epoch": ANY}
+    ]

@@ -207,6 +207,13 @@ KEYS: tuple[Key, ...] = (
         _HOSTS,
     ),
     _key(
+        "websocket.max_subscriptions",
+        "Most channels one connection follows at once: a mixed-mode WebSocket's URL channel "
+        'and its {"type":"subscribe"} channels together (past it a subscribe gets '
+        '{"type":"error"}), or the ?channel= list of one event stream (past it HTTP 400).',
+        _int_range(1, 10000),
+    ),
+    _key(
         "broadcast.include_sender",
         "Deliver broadcast messages back to their sender too.",
         _BOOL,

@@ -25,6 +25,7 @@ class WebSocketSettings:
     rate_limit: float = 0.0
     max_connections_per_ip: int = 0
     allowed_hosts: tuple[str, ...] = ()
+    max_subscriptions: int = 100
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,22 @@ is ended: EventSource then reconnects and resumes), and is ended by the drain on
 With connection tokens (JWT), a stream whose token runs out gets `event: expired` and ends
 (an EventSource cannot swap its token: it reconnects with a new one); one closed by the
 user API gets `event: disconnected` and ends.
+
+Several channels in one stream (issue 21): /sse?channel=a&channel=b (rights checked for
+each: 403 if any is refused; at most websocket.max_subscriptions). Each event's data is then
+JSON that says its channel and offset: {"channel":C,"offset":N,"epoch":E,"payload":P} in mixed mode,
+{"channel":C,"offset":N,"epoch":E,"text":T} for text and, under `event: binary`,
+{"channel":C,"offset":N,"epoch":E,"base64":B} otherwise; `event: recovery` data carries
+"channel" too. Its `id:` is the stream's cursor, `a:E:12,b:F:40` (wire/channels.py), which
+resumes every channel at once as Last-Event-ID (or ?last_event_id= / ?since=); an entry
+without its epoch, `a:12`, is taken as the current epoch's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import logging
 import re
@@ -34,6 +44,13 @@ from echoserver.endpoints.occupancy import Slot
 from echoserver.fanout.delivery import Delivery, Replay
 from echoserver.transport.flusher import Flusher
 from echoserver.transport.tornado_seam import unsent_bytes
+from echoserver.wire.channels import (
+    BadChannelRequest,
+    Position,
+    channel_name,
+    cursor_text,
+    parse_cursor,
+)
 from echoserver.wire.envelopes import recovery_fields
 from echoserver.wire.handshake import Refusal
 from echoserver.wire.positions import event_id, parse_event_id
@@ -73,10 +90,35 @@ def message_event(delivery: Delivery) -> bytes:
     return event(delivery.data, offset=delivery.seq, epoch=delivery.epoch)
 
 
+CHANNEL_EVENT = "sse channel event"  # the key of channel_event's bytes in a delivery
+
+
+def channel_event(delivery: Delivery, mixed: bool) -> bytes:
+    """A multi-channel stream's event, but its `id:` (each stream's own cursor): the data is
+    JSON with the channel and offset, the same bytes for every stream of the fan-out."""
+    head = b'{"channel":%s,"offset":%d,"epoch":"%s",' % (
+        json.dumps(delivery.channel).encode(),
+        delivery.seq,
+        delivery.epoch.encode(),
+    )
+    if delivery.binary:
+        encoded = base64.b64encode(delivery.data)
+        return b"event: binary\ndata: " + head + b'"base64":"' + encoded + b'"}\n\n'
+    if mixed:  # the payload is compact JSON already: one line
+        body = b'"payload":' + delivery.data
+    else:
+        body = b'"text":' + json.dumps(delivery.data.decode("utf-8", "replace")).encode()
+    return b"data: " + head + body + b"}\n\n"
+
+
 class EventStream(AdmittedHandler):
-    """One subscriber's event stream; its own hub subscriber."""
+    """One subscriber's event stream; its own hub subscriber, in one channel or several."""
 
     channel = "default"
+    channels: tuple[str, ...] = ()  # every channel of the stream, the first is `channel`
+    # A multi-channel stream's cursor: each channel's last offset sent (None: one channel).
+    _positions: dict[str, Position] | None = None
+    _mixed = False
     sub_id = ""
     _pending_size = 0  # bytes written to the handler's buffer, not yet flushed
     _dirty = False
@@ -88,16 +130,32 @@ class EventStream(AdmittedHandler):
 
     async def get(self, channel: str | None = None) -> None:
         refusal = self.policy_refusal()
-        since, epoch, refusal = self._position(refusal)
+        named = self.request.query_arguments.get("channel")
+        positions: dict[str, Position] = {}
+        if named is not None:
+            found = self._channels_and_cursor(channel, named)
+            if refusal is None and isinstance(found, Refusal):
+                refusal = found
+            elif not isinstance(found, Refusal):
+                self.channels, positions = found
+                self._positions = dict(positions)
+        else:
+            self.channels = (channel or "default",)
+            since, epoch, refusal = self._position(refusal)
+            if since is not None:
+                positions = {self.channels[0]: (since, epoch)}
         if refusal is None:
             refusal = await self.authenticate()
-            if refusal is None:
-                refusal = self.join_refusal(channel or "default")
+            for name in self.channels:
+                if refusal is not None:
+                    break
+                refusal = self.join_refusal(name)
         if refusal is not None:
             self.refuse(refusal)
             return
         server = self.server
-        self.channel = channel or "default"
+        self.channel = self.channels[0]
+        self._mixed = server.config.mode == "mixed"
         self.sub_id = server.hub.new_subscriber_id()
         self._flusher = server.flusher
         self._done = asyncio.get_running_loop().create_future()
@@ -107,17 +165,23 @@ class EventStream(AdmittedHandler):
         self.write(b"retry: %d\n\n" % RETRY_MS)
         server.connections.add(self)
         self._slot = server.occupancy.begin_stream(self.stream_key())
+        joined: list[str] = []
         try:
-            await server.hub.join(self.channel, self, self._before_replay, since, epoch)
+            for name in self.channels:
+                joined.append(name)  # left below even if its join fails half-way
+                replayed = functools.partial(self._before_replay, name)
+                since, epoch = positions.get(name, (None, None))
+                await server.hub.join(name, self, replayed, since, epoch)
         except Exception:
-            log.exception("%s: could not join %s", self.peer, self.channel)
+            log.exception("%s: could not join %s", self.peer, joined[-1])
+            await self._leave(joined)
             server.connections.discard(self)
             server.occupancy.end_stream(self._slot)
             self._slot = None
             self.send_error(503)
             return
         if self._ended:  # gone while joining
-            await server.hub.leave(self.channel, self)
+            await self._leave(joined)
             return
         self._send_now()
         self._schedule_keepalive()
@@ -127,7 +191,37 @@ class EventStream(AdmittedHandler):
         await self._done
         if identity is not GUEST:
             server.authority.release(self, identity)
-        await server.hub.leave(self.channel, self)
+        await self._leave(self.channels)
+
+    async def _leave(self, channels: list[str] | tuple[str, ...]) -> None:
+        for name in channels:
+            await self.server.hub.leave(name, self)
+
+    def _channels_and_cursor(
+        self, channel: str | None, named: list[bytes]
+    ) -> tuple[tuple[str, ...], dict[str, Position]] | Refusal:
+        """A multi-channel stream's channels (?channel=, each once, in order) and where to
+        resume them (Last-Event-ID, else ?last_event_id= or ?since=: a cursor)."""
+        if channel is not None:
+            return Refusal(400, "bad_request", "name the channels in the path or as ?channel=")
+        limit = self.server.config.websocket.max_subscriptions
+        if len(named) > limit:
+            return Refusal(400, "bad_request", f"at most {limit} channels per stream")
+        arguments = self.request.query_arguments
+        try:
+            channels = tuple(dict.fromkeys(channel_name(v.decode("latin-1")) for v in named))
+            cursor = self.request.headers.get("Last-Event-ID", "").strip()
+            for name in ("last_event_id", "since"):
+                if cursor:
+                    break
+                values = arguments.get(name)
+                if values is not None:
+                    if len(values) != 1:
+                        raise BadChannelRequest(f"?{name}= once")
+                    cursor = values[0].decode("latin-1")
+            return channels, parse_cursor(cursor, channels)
+        except BadChannelRequest as error:
+            return Refusal(400, "bad_request", str(error))
 
     def _position(self, refusal: Refusal | None) -> tuple[int | None, str | None, Refusal | None]:
         """(since, its epoch, refusal) from Last-Event-ID (it wins: it is the newest), else
@@ -154,20 +248,38 @@ class EventStream(AdmittedHandler):
         assert not isinstance(since, Refusal) and not isinstance(epoch, Refusal)
         return since, epoch, refusal
 
-    def _before_replay(self, replay: Replay) -> None:
+    def _before_replay(self, channel: str, replay: Replay) -> None:
+        positions = self._positions
+        if positions is not None and replay.count == 0 and replay.last is not None:
+            # nothing to replay: the stream is at its last
+            positions[channel] = (replay.last, replay.epoch)
         if replay.since is None:
             return
         body = recovery_fields(replay.since, replay.recovered, replay.first, replay.epoch)
+        if positions is not None:
+            body = {"channel": channel, **body}
         self._queue(event(json.dumps(body).encode(), kind="recovery"))
 
     # --- as a hub subscriber -----------------------------------------------------------
 
     def deliver(self, delivery: Delivery) -> None:
-        if not self._ended:
+        if self._ended:
+            return
+        positions = self._positions
+        if positions is None:
             chunk = delivery.encoded.get(SSE_EVENT)
             if chunk is None:  # the first stream of this fan-out builds it for the rest
                 chunk = delivery.encoded[SSE_EVENT] = message_event(delivery)
             self._queue(chunk)
+            return
+        chunk = delivery.encoded.get(CHANNEL_EVENT)
+        if chunk is None:
+            chunk = delivery.encoded[CHANNEL_EVENT] = channel_event(delivery, self._mixed)
+        if delivery.seq > 0:
+            positions[delivery.channel] = (delivery.seq, delivery.epoch)
+        if positions:  # the id is this stream's own: every channel's position so far
+            chunk = b"id: " + cursor_text(positions) + b"\n" + chunk
+        self._queue(chunk)
 
     def queued_bytes(self) -> int:
         stream = getattr(self.request.connection, "stream", None)  # HTTP1Connection's

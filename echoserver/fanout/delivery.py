@@ -23,10 +23,11 @@ class Delivery:
     Envelope is never handed out.
     """
 
-    __slots__ = ("binary", "data", "encoded", "envelope", "epoch", "seq")
+    __slots__ = ("binary", "channel", "data", "encoded", "envelope", "epoch", "seq")
 
     def __init__(self, envelope: Envelope) -> None:
         self.envelope = envelope
+        self.channel = envelope.channel  # a connection may follow several (issue 21)
         self.data = envelope.data
         self.binary = envelope.binary
         self.seq = envelope.seq  # the message's offset on its channel

@@ -55,9 +55,11 @@ log = logging.getLogger("echoserver.hub")
 
 MAX_TRACKED_CHANNELS = 1000  # channels with counters of their own in /metrics
 OTHER_CHANNELS = "(other)"  # where the rest are counted
-# Bytes a replayed message may take beyond its payload in a receiver's queue: a frame
-# header and mixed mode's {"type":"broadcast","payload":...,"offset":N} around it.
-REPLAY_OVERHEAD = 64
+# Bytes a replayed message may take beyond its payload and its channel's name in a
+# receiver's queue: a frame header (up to 10) and mixed mode's
+# {"type":"broadcast","channel":"","payload":,"offset":N} around it (52 and N's 18 digits),
+# with room to spare. An upper bound: a replay must never be cut by the cap on its way.
+REPLAY_OVERHEAD = 96
 # Where control messages travel between processes (the user API's disconnect): never a
 # client's channel, whose names cannot hold "#".
 CONTROL_CHANNEL = "#control"
@@ -175,6 +177,9 @@ class Hub:
         self.stats: dict[str, ChannelStats] = {}
         self._channels: dict[str, dict[str, Subscriber | _Joining]] = {}
         self._dropping: set[str] = set()  # subscribers in a drop episode
+        # In how many channels each subscriber is (a mixed-mode connection or an event
+        # stream may follow several): its drop episode ends when it leaves the last.
+        self._memberships: dict[str, int] = {}
         self._node = os.urandom(4).hex()
         self._ids = itertools.count(1)
         self._started = False
@@ -221,6 +226,7 @@ class Hub:
         await self.broker.close()
         self._channels.clear()
         self._last_seen.clear()
+        self._memberships.clear()
 
     @property
     def healthy(self) -> bool:
@@ -258,6 +264,9 @@ class Hub:
         first = members is None
         if members is None:
             members = self._channels[channel] = {}
+        sub_id = subscriber.sub_id
+        if sub_id not in members:
+            self._memberships[sub_id] = self._memberships.get(sub_id, 0) + 1
         kept = self.broker.kept_for(channel)[0]
         if kept <= 0 and since is None:
             members[subscriber.sub_id] = subscriber
@@ -310,10 +319,11 @@ class Hub:
     @staticmethod
     def _fitting(past: list[Envelope], budget: int) -> list[Envelope]:
         """The newest of `past` whose frames fit in `budget` bytes (each counted with
-        REPLAY_OVERHEAD for its frame header and envelope)."""
+        REPLAY_OVERHEAD and its channel's name for its frame header and envelope)."""
         start = len(past)
         while start > 0:
-            size = len(past[start - 1].data) + REPLAY_OVERHEAD
+            envelope = past[start - 1]
+            size = len(envelope.data) + len(envelope.channel) + REPLAY_OVERHEAD
             if size > budget:
                 break
             budget -= size
@@ -362,9 +372,14 @@ class Hub:
 
     async def leave(self, channel: str, subscriber: Subscriber) -> None:
         members = self._channels.get(channel)
-        if members is None or members.pop(subscriber.sub_id, None) is None:
+        sub_id = subscriber.sub_id
+        if members is None or members.pop(sub_id, None) is None:
             return
-        self._dropping.discard(subscriber.sub_id)
+        left = self._memberships.pop(sub_id, 1) - 1
+        if left > 0:
+            self._memberships[sub_id] = left  # still in other channels: same episode
+        else:
+            self._dropping.discard(sub_id)
         if not members:
             del self._channels[channel]
             self._last_seen.pop(channel, None)

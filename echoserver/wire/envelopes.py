@@ -1,11 +1,11 @@
 """What a published message is on the wire: mixed mode's JSON and the publish API's body.
 
 Mixed mode keeps a broadcast's payload in the broker as JSON text. Receivers get it inside
-``{"type":"broadcast","payload":P,"offset":N,"epoch":E}``, built once per fan-out from that
-JSON and the broker's offset and epoch (URL-safe: no escaping, wire/positions.py) and cached
-on the shared message, so 1000 receivers cost one envelope. The publish API turns a request
-body and its Content-Type into the message a member would have sent, or refuses it with the
-HTTP status to answer.
+``{"type":"broadcast","channel":C,"payload":P,"offset":N,"epoch":E}``, built once per
+fan-out from that JSON, its channel and the broker's offset and epoch (URL-safe: no
+escaping, wire/positions.py) and cached on the shared message, so 1000 receivers cost one
+envelope. The publish API turns a request body and its Content-Type into the message a
+member would have sent, or refuses it with the HTTP status to answer.
 
 Both take only JSON every receiver can parse back (load_json): no NaN or Infinity, no
 number beyond a double's range (1e400 would go out as Infinity), and no nesting deeper
@@ -116,9 +116,15 @@ def mixed_broadcast(delivery: SharedMessage) -> bytes | None:
         return None
     rendered = delivery.encoded.get(MIXED_BROADCAST)
     if rendered is None:
+        # The channel is part of the shared bytes: every receiver of a fan-out is on it.
         rendered = delivery.encoded[MIXED_BROADCAST] = (
-            b'{"type":"broadcast","payload":%s,"offset":%d,"epoch":"%s"}'
-            % (delivery.data, delivery.seq, delivery.epoch.encode())
+            b'{"type":"broadcast","channel":%s,"payload":%s,"offset":%d,"epoch":"%s"}'
+            % (
+                json.dumps(delivery.channel).encode(),
+                delivery.data,
+                delivery.seq,
+                delivery.epoch.encode(),
+            )
         )
     return rendered
 

@@ -17,5 +17,6 @@ class SharedMessage(Protocol):
     data: bytes  # the payload as published
     binary: bool
     seq: int  # the message's offset on its channel
+    channel: str  # the channel it was published on
     epoch: str  # the epoch of its channel's numbering that `seq` belongs to
     encoded: dict[Hashable, bytes]  # its bytes by encoding, built by the first receiver
