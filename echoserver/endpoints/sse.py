@@ -57,6 +57,9 @@ SSE_EVENT = "sse event"  # the key of message_event's bytes in a delivery
 
 
 def message_event(delivery: Delivery) -> bytes:
+    if delivery.seq < 0:  # a presence event (fanout/presence.py): no id, named by its type
+        kind = "join" if delivery.data.startswith(b'{"type":"join"') else "leave"
+        return event(delivery.data, kind=kind)
     if delivery.binary:
         return event(base64.b64encode(delivery.data), offset=delivery.seq, kind="binary")
     return event(delivery.data, offset=delivery.seq)
@@ -123,10 +126,12 @@ class EventStream(AdmittedHandler):
         identity = self.identity
         if identity is not GUEST:
             server.authority.admit(self, identity)
+        await server.roster.arrive(self.channel, identity.sub, identity.info)
         await self._done
         if identity is not GUEST:
             server.authority.release(self, identity)
         await server.hub.leave(self.channel, self)
+        await server.roster.depart(self.channel, identity.sub)
 
     @staticmethod
     def _header_offset(value: str) -> int | Refusal | None:
