@@ -20,10 +20,11 @@ import pytest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from tests.conftest import fetch, run
-from tests.redis_server import RedisServer, redis_server
+from tests.redis_cluster import clean_redis_cluster, redis_cluster
+from tests.redis_server import redis_server
 from tests.servers import ServerProcess
 
-__all__ = ["redis_server"]  # the fixture
+__all__ = ["clean_redis_cluster", "redis_cluster", "redis_server"]  # fixtures
 
 KEY = "presence-api-key"
 SECRET = "a-connection-token-secret-of-40-bytes...."
@@ -109,9 +110,17 @@ async def expect(client: Client, *wanted: dict[str, Any]) -> None:
         assert got == want
 
 
-@pytest.fixture
-def two(redis_server: RedisServer) -> Any:
-    hosts = [start("--mode", "mixed", "--broker", redis_server.url) for _ in range(2)]
+@pytest.fixture(
+    params=[
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("cluster", marks=pytest.mark.redis),
+    ]
+)
+def two(request: pytest.FixtureRequest) -> Any:
+    """Two processes sharing a real Redis, or a real Redis Cluster."""
+    fixture = "clean_redis_cluster" if request.param == "cluster" else "redis_server"
+    url = request.getfixturevalue(fixture).url
+    hosts = [start("--mode", "mixed", "--broker", url) for _ in range(2)]
     yield hosts
     for host in hosts:
         host.stop()

@@ -264,7 +264,8 @@ class Hub:
             return replay
         # Live messages already in the read history (or older) are not delivered again.
         floor = last if last is not None else (past[-1].seq if past else since or 0)
-        live = [d for d in joining.buffered if d.seq > floor or d.seq == 0]
+        # (Offsets <= 0: not numbered, e.g. a presence event (brokers.base.SIGNAL): kept.)
+        live = [d for d in joining.buffered if d.seq > floor or d.seq <= 0]
         if before_replay is not None:
             before_replay(replay)
         stats = self._stats(channel)
