@@ -19,6 +19,7 @@ HEALTH = "/healthz"
 METRICS = "/metrics"
 CHANNELS = "/api/channels"  # /api/channels/<channel>, POST /api/channels/<channel>/messages
 MESSAGES = "messages"  # the publish API's last path segment, below a channel
+PRESENCE = "presence"  # GET /api/channels/<channel>/presence: who is there
 USERS = "/api/users"  # POST /api/users/<sub>/messages, DELETE /api/users/<sub>/connections
 CONNECTIONS = "connections"
 # A user's sub in a URL: any characters but "/" (percent-encoded as needed), 1..256 of them.
@@ -55,6 +56,11 @@ def channel_messages(prefix: str = "") -> str:
     """The Tornado pattern for the publish API, /api/channels/<channel>/messages (below
     `prefix` when the routes are mounted under one)."""
     return rf"{with_channel(prefix + CHANNELS)}/{re.escape(MESSAGES)}"
+
+
+def channel_presence(prefix: str = "") -> str:
+    """GET /api/channels/<channel>/presence: the channel's users and totals."""
+    return rf"{with_channel(prefix + CHANNELS)}/{re.escape(PRESENCE)}"
 
 
 def user_messages(prefix: str = "") -> str:

@@ -564,7 +564,7 @@ def test_the_app_serves_nothing_outside_the_route_table(mode: str) -> None:
     """Every route of the Application lies inside routes.RESERVED (or is the page, or
     the WebSocket path): the table config checks against is the one the app is built from."""
     app = make_app(config.load(env={}, flags={"mode": mode, "websocket.path": "/sock"}))
-    tails = ("", "/x", "/x/messages", "/x/connections")
+    tails = ("", "/x", "/x/messages", "/x/connections", "/x/presence")
     samples = [f"{prefix}{tail}" for prefix in routes.RESERVED for tail in tails]
     seen_ws = 0
     for rule in app.wildcard_router.rules:

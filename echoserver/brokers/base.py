@@ -21,8 +21,8 @@ from __future__ import annotations
 import abc
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TypeAlias
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias
 
 
 @dataclass(slots=True)
@@ -51,6 +51,10 @@ class Backlog:
     epoch: str = ""  # the numbering `last` and the envelopes' offsets belong to
 
 
+# The offset of an envelope that is no message (a presence event, see Broker.signal):
+# neither numbered nor kept.
+SIGNAL = -1
+
 OnEnvelope = Callable[[Envelope], None]
 
 # What publish() returns: the offset, or a future of it when the publish is not done yet.
@@ -61,10 +65,30 @@ class BrokerUnavailable(Exception):
     """The broker cannot take the message right now (unreachable, or refusing it)."""
 
 
-class Presence(abc.ABC):
-    """A channel's member count across every process sharing one broker.
+@dataclass(slots=True)
+class PresentUser:
+    """One user on a channel, across every live process."""
 
-    Each process records its own count per channel; count() adds up the live processes'.
+    user: str  # the token's sub
+    info: Any  # the token's info claim (as one of the user's processes last wrote it)
+    connections: int  # 0 while within the presence grace after their last one closed
+
+
+@dataclass(slots=True)
+class Roll:
+    """Who is on a channel, across every live process, read at one instant."""
+
+    users: list[PresentUser] = field(default_factory=list)
+    connections: int = 0  # every member: users' connections and guests
+
+
+class Presence(abc.ABC):
+    """A channel's members across every process sharing one broker.
+
+    Each process records its own count per channel (set_local); count() adds up the live
+    processes'. Each process also records, per channel and user, its connections of that
+    user (set_user); roll() lists the users of the live processes. A process that dies
+    without a word (SIGKILL) drops out of both within the broker's presence TTL.
     """
 
     @abc.abstractmethod
@@ -74,6 +98,20 @@ class Presence(abc.ABC):
     @abc.abstractmethod
     async def count(self, channel: str) -> int:
         """Members of the channel across every process using this broker."""
+
+    @abc.abstractmethod
+    async def set_user(
+        self, channel: str, user: str, connections: int, info: Any, present: bool = True
+    ) -> tuple[int, int]:
+        """Record this process's connections of `user` on the channel, and return how many
+        live processes have the user there (an entry) just before and just after, read
+        atomically with the write: (0, n) is the user's arrival, (n, 0) their departure,
+        across every process. `present` False removes this process's entry; an entry may
+        be present with 0 connections (a user within the presence grace)."""
+
+    @abc.abstractmethod
+    async def roll(self, channel: str) -> Roll:
+        """The channel's users and members across every live process."""
 
 
 class Broker(abc.ABC):
@@ -130,6 +168,12 @@ class Broker(abc.ABC):
         cannot even wait (closing, or too much already waits). Once the offset is known,
         envelope.epoch is set too (before the future is done).
         """
+
+    @abc.abstractmethod
+    def signal(self, envelope: Envelope) -> None:
+        """Deliver an envelope that is no message (a presence event) to every subscriber of
+        its channel like a publish, but with offset SIGNAL: not numbered, not kept. Best
+        effort: dropped while the broker is down (raises BrokerUnavailable at once then)."""
 
     @abc.abstractmethod
     async def backlog(self, channel: str, after: int, limit: int) -> Backlog:

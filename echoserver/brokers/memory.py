@@ -29,8 +29,18 @@ import secrets
 import time
 from collections import OrderedDict, deque
 from itertools import islice
+from typing import Any
 
-from echoserver.brokers.base import Backlog, Broker, Envelope, OnEnvelope, Presence
+from echoserver.brokers.base import (
+    SIGNAL,
+    Backlog,
+    Broker,
+    Envelope,
+    OnEnvelope,
+    Presence,
+    PresentUser,
+    Roll,
+)
 
 MAX_CHANNELS = 10_000
 # The process-wide FIFO is swept of stale entries once it holds more than twice the kept
@@ -43,6 +53,7 @@ class MemoryPresence(Presence):
 
     def __init__(self) -> None:
         self._members: dict[str, int] = {}
+        self._users: dict[str, dict[str, tuple[int, Any]]] = {}  # channel -> user -> (n, info)
 
     async def set_local(self, channel: str, members: int) -> None:
         if members:
@@ -52,6 +63,28 @@ class MemoryPresence(Presence):
 
     async def count(self, channel: str) -> int:
         return self._members.get(channel, 0)
+
+    async def set_user(
+        self, channel: str, user: str, connections: int, info: Any, present: bool = True
+    ) -> tuple[int, int]:
+        users = self._users.get(channel)
+        before = int(users is not None and user in users)
+        if present:
+            if users is None:
+                users = self._users[channel] = {}
+            users[user] = (connections, info)
+        elif users is not None:
+            users.pop(user, None)
+            if not users:
+                del self._users[channel]
+        return before, int(present)
+
+    async def roll(self, channel: str) -> Roll:
+        users = self._users.get(channel) or {}
+        return Roll(
+            [PresentUser(user, info, n) for user, (n, info) in users.items()],
+            self._members.get(channel, 0),
+        )
 
 
 class _Channel:
@@ -101,6 +134,11 @@ class MemoryBroker(Broker):
 
     async def unsubscribe(self, channel: str) -> None:
         self._subscribed.discard(channel)
+
+    def signal(self, envelope: Envelope) -> None:
+        envelope.seq = SIGNAL
+        if self._on_envelope is not None and envelope.channel in self._subscribed:
+            self._on_envelope(envelope)
 
     def publish(self, envelope: Envelope) -> int:
         name = envelope.channel

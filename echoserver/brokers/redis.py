@@ -39,6 +39,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
+from echoserver.brokers import redis_users
 from echoserver.brokers.base import BrokerUnavailable
 from echoserver.brokers.redis_base import (
     PipelinedRedisBroker,
@@ -59,7 +60,7 @@ class RedisBroker(PipelinedRedisBroker):
     UNSUBSCRIBE = "UNSUBSCRIBE"
     PUSHED = (b"message", b"subscribe", b"unsubscribe")
     PUBLISH_COMMAND = b"PUBLISH"
-    OTHER_SCRIPTS = (COUNT_SCRIPT,)
+    OTHER_SCRIPTS = (COUNT_SCRIPT, redis_users.SET_BY_HEARTBEAT, redis_users.ROLL_BY_HEARTBEAT)
 
     def __init__(self, url: str, options: RedisOptions | None = None) -> None:
         options = options or RedisOptions()

@@ -45,7 +45,14 @@ from typing import Any, ClassVar
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import RedisError
 
-from echoserver.brokers.base import Backlog, Broker, BrokerUnavailable, Envelope, OnEnvelope
+from echoserver.brokers.base import (
+    SIGNAL,
+    Backlog,
+    Broker,
+    BrokerUnavailable,
+    Envelope,
+    OnEnvelope,
+)
 from echoserver.brokers.redis_presence import RedisPresence
 from echoserver.brokers.redis_wire import (
     BACKLOG_SCRIPT,
@@ -298,6 +305,13 @@ class PipelinedRedisBroker(Broker):
             self._wake.set()
             return future
         return self._wait_for_redis(args, len(data), future)
+
+    def signal(self, envelope: Envelope) -> None:
+        """A plain (S)PUBLISH of the envelope with offset SIGNAL: no number, no history."""
+        header, data = encode(envelope)
+        message = b"%d:%s%s" % (SIGNAL, header, data)
+        name = self._keys.pubsub(envelope.channel)
+        self._command(self.PUBLISH_COMMAND.decode(), name, message).add_done_callback(_retrieve)
 
     async def backlog(self, channel: str, after: int, limit: int) -> Backlog:
         """Raises BrokerUnavailable while Redis is unreachable."""
@@ -605,3 +619,9 @@ class PipelinedRedisBroker(Broker):
             if presence:
                 await self._write_presence(presence)
         raise ConnectionError("channels kept changing while re-subscribing")
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """A signal is best effort: its failure is not reported (nor left unretrieved)."""
+    if not future.cancelled():
+        future.exception()

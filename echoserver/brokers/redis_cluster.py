@@ -43,6 +43,7 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
+from echoserver.brokers import redis_users
 from echoserver.brokers.base import BrokerUnavailable
 from echoserver.brokers.redis_base import (
     PipelinedRedisBroker,
@@ -91,7 +92,12 @@ class RedisClusterBroker(PipelinedRedisBroker):
     UNSUBSCRIBE = "SUNSUBSCRIBE"
     PUSHED = (b"smessage", b"ssubscribe", b"sunsubscribe")
     PUBLISH_COMMAND = b"SPUBLISH"
-    OTHER_SCRIPTS = (COUNT_SCRIPT, SET_SCRIPT)
+    OTHER_SCRIPTS = (
+        COUNT_SCRIPT,
+        SET_SCRIPT,
+        redis_users.SET_BY_DEADLINE,
+        redis_users.ROLL_BY_DEADLINE,
+    )
 
     def __init__(self, url: str, options: RedisOptions | None = None) -> None:
         options = options or RedisOptions()

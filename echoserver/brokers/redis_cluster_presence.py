@@ -15,6 +15,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+from echoserver.brokers import redis_users
 from echoserver.brokers.base import BrokerUnavailable
 from echoserver.brokers.redis_presence import Command, RedisPresence, count_script
 from echoserver.brokers.redis_wire import sha1
@@ -47,7 +48,11 @@ COUNT_SHA = sha1(COUNT_SCRIPT)
 
 
 class ClusterPresence(RedisPresence):
-    """This process's members per channel, in hashes on each channel's own slot."""
+    """This process's members per channel, in hashes on each channel's own slot; its
+    users per channel likewise, alive until a deadline (redis_users.py)."""
+
+    SET_USER = redis_users.SET_BY_DEADLINE
+    ROLL = redis_users.ROLL_BY_DEADLINE
 
     def __init__(
         self,
@@ -60,6 +65,7 @@ class ClusterPresence(RedisPresence):
         super().__init__(command, prefix=prefix, process_id=process_id, heartbeat_prefix="")
         self._prefix = prefix
         self._ttl_ms = int(ttl * 1000)
+        self.USER_TTL_MS = self._ttl_ms
 
     def key(self, channel: str) -> str:
         return f"{self._prefix}:{{{channel}}}:members"
@@ -73,7 +79,9 @@ class ClusterPresence(RedisPresence):
 
     def refresh(self) -> list[Command]:
         """The commands that push this process's deadlines on (sent every few seconds)."""
-        return [self._write(channel) for channel in self.local]
+        return [self._write(channel) for channel in self.local] + [
+            self._write_user(place) for place in self.users
+        ]
 
     def _write(self, channel: str) -> Command:
         members = self.local.get(channel, 0)

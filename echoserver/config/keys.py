@@ -268,6 +268,13 @@ KEYS: tuple[Key, ...] = (
         _number(0, exclusive=True),
     ),
     _key(
+        "broadcast.presence_grace",
+        "Seconds a user (a token's sub) still counts as on a channel after their last "
+        "connection there closed (0 = none): a reconnect within it is neither a leave nor a "
+        "join, and the leave is announced (namespaces with join_leave) only after it.",
+        _number(0),
+    ),
+    _key(
         "api.key",
         "Secret a backend sends as Authorization: Bearer <key> to POST messages to "
         '/api/channels/<channel>/messages; "" = the publish API is off (404).',

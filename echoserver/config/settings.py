@@ -39,6 +39,7 @@ class BroadcastSettings:
     history_total_bytes: int = 67108864
     broker: str = "memory"
     publish_timeout: float = 5.0
+    presence_grace: float = 5.0
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from echoserver.auth.authority import Authority
 from echoserver.config import Settings
 from echoserver.endpoints.occupancy import Occupancy
 from echoserver.fanout.hub import Hub
+from echoserver.fanout.presence import Roster
 from echoserver.metrics import Metrics
 from echoserver.transport.flusher import Flusher
 from echoserver.transport.keepalive import Keepalive
@@ -39,6 +40,7 @@ class ServerContext(Protocol):
     started: float  # time.monotonic() at start
     refused_hosts: Throttle  # the warning about a refused Host (base.HostRefused)
     authority: Authority  # tokens, rights, expiry, users (the auth package)
+    roster: Roster  # users per channel, their joins and leaves (fanout/presence.py)
 
     def spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
         """Run a coroutine in the background, keeping a reference until it ends."""

@@ -57,13 +57,18 @@ class MixedSocket(ChannelSocket):
 
     # The channels this connection follows, in the order joined (the URL's first).
     subscriptions: dict[str, None] = NO_SUBSCRIPTIONS
+    # Those where its user counts in presence (roster.arrive called, depart not yet):
+    # each departs once, whichever of unsubscribe and close comes first.
+    _present: set[str] | None = None
 
     async def before_upgrade(self, channel: str) -> None:
         member = self.connection
         assert member is not None
         member.wrap_broadcasts(mixed_broadcast)  # payloads go out in broadcast envelopes
         self.subscriptions = {channel: None}
-        await super().before_upgrade(channel)
+        # The URL's channel departs on close as ChannelSocket's does: once a member.
+        self._present = {channel}
+        await super().before_upgrade(channel)  # joins, then arrives (presence)
 
     def before_replay(self, replay: Replay) -> None:
         super().before_replay(replay)
@@ -193,6 +198,8 @@ class MixedSocket(ChannelSocket):
             return
         if self._closed:  # gone while joining: on_connection_closed may have left too early
             await hub.leave(channel, member)
+            return
+        await self._arrive(channel)
 
     def _subscribed(self, channel: str, replay: Replay) -> None:
         if replay.since is not None:
@@ -221,7 +228,7 @@ class MixedSocket(ChannelSocket):
             self._error(f"not subscribed to {channel}", channel)
             return
         del self.subscriptions[channel]
-        await self.server.hub.leave(channel, member)
+        await self._leave(channel, member)
         self.send(notice("unsubscribed", channel=channel), False)
 
     def on_connection_closed(self, code: int) -> None:
@@ -232,9 +239,24 @@ class MixedSocket(ChannelSocket):
             self.server.spawn(self._leave_all(others, self.member))
 
     async def _leave_all(self, channels: list[str], member: Any) -> None:
-        hub = self.server.hub
         for channel in channels:
-            await hub.leave(channel, member)
+            await self._leave(channel, member)
+
+    async def _arrive(self, channel: str) -> None:
+        """Presence (fanout/presence.py): the user counts on the channel once a member."""
+        present = self._present
+        if present is None or channel in present:
+            return
+        present.add(channel)  # before the await: a close meanwhile departs it
+        await self.server.roster.arrive(channel, self.identity.sub, self.identity.info)
+
+    async def _leave(self, channel: str, member: Any) -> None:
+        """Leave a channel (unsubscribe, close) and depart from its presence, once."""
+        await self.server.hub.leave(channel, member)
+        present = self._present
+        if present is not None and channel in present:
+            present.discard(channel)
+            await self.server.roster.depart(channel, self.identity.sub)
 
     async def _refresh(self, token: Any) -> None:
         """Take a newer token for the same user: the connection's expiry moves to its exp.

@@ -80,6 +80,9 @@ SSE_EVENT = "sse event"  # the key of message_event's bytes in a delivery
 
 
 def message_event(delivery: Delivery) -> bytes:
+    if delivery.seq < 0:  # a presence event (fanout/presence.py): no id, named by its type
+        kind = "join" if delivery.data.startswith(b'{"type":"join"') else "leave"
+        return event(delivery.data, kind=kind)
     if delivery.binary:
         return event(
             base64.b64encode(delivery.data),
@@ -188,10 +191,14 @@ class EventStream(AdmittedHandler):
         identity = self.identity
         if identity is not GUEST:
             server.authority.admit(self, identity)
+        for name in self.channels:  # presence (fanout/presence.py): once a member of each
+            await server.roster.arrive(name, identity.sub, identity.info)
         await self._done
         if identity is not GUEST:
             server.authority.release(self, identity)
         await self._leave(self.channels)
+        for name in self.channels:
+            await server.roster.depart(name, identity.sub)
 
     async def _leave(self, channels: list[str] | tuple[str, ...]) -> None:
         for name in channels:
@@ -272,10 +279,16 @@ class EventStream(AdmittedHandler):
                 chunk = delivery.encoded[SSE_EVENT] = message_event(delivery)
             self._queue(chunk)
             return
+        if delivery.seq < 0:  # a join or leave: its JSON says its channel; no id
+            chunk = delivery.encoded.get(SSE_EVENT)
+            if chunk is None:
+                chunk = delivery.encoded[SSE_EVENT] = message_event(delivery)
+            self._queue(chunk)
+            return
         chunk = delivery.encoded.get(CHANNEL_EVENT)
         if chunk is None:
             chunk = delivery.encoded[CHANNEL_EVENT] = channel_event(delivery, self._mixed)
-        if delivery.seq > 0:
+        if delivery.seq:
             positions[delivery.channel] = (delivery.seq, delivery.epoch)
         if positions:  # the id is this stream's own: every channel's position so far
             chunk = b"id: " + cursor_text(positions) + b"\n" + chunk

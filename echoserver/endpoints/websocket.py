@@ -25,7 +25,7 @@ from echoserver.fanout.delivery import Replay
 from echoserver.transport.assembly import new_connection
 from echoserver.transport.connection import WebSocketConnection
 from echoserver.transport.tornado_seam import forget_response
-from echoserver.wire.envelopes import notice
+from echoserver.wire.envelopes import notice, without_signals
 from echoserver.wire.framing import CloseCode
 from echoserver.wire.handshake import (
     VERSIONS,
@@ -314,7 +314,11 @@ class ChannelSocket(BaseSocket):
         assert member is not None
         member.sub_id = hub.new_subscriber_id()
         self.member = member
+        if member.render is None and self.server.roster.announces(channel):
+            member.wrap_broadcasts(without_signals)  # no join/leave events in broadcast mode
         await hub.join(channel, member, self.before_replay, self.since, self.epoch)
+        # Presence (fanout/presence.py): a user's connection counts once it is a member.
+        await self.server.roster.arrive(channel, self.identity.sub, self.identity.info)
 
     def before_replay(self, replay: Replay) -> None:
         """Kept messages are about to be replayed to this member: the 101's headers say
@@ -333,7 +337,11 @@ class ChannelSocket(BaseSocket):
         first = not self._closed
         super().on_connection_closed(code)
         if first and self.member is not None:
-            self.server.spawn(self.server.hub.leave(self.channel, self.member))
+            self.server.spawn(self._leave(self.channel, self.member))
+
+    async def _leave(self, channel: str, member: WebSocketConnection) -> None:
+        await self.server.hub.leave(channel, member)
+        await self.server.roster.depart(channel, self.identity.sub)
 
     def publish(self, data: bytes, binary: bool) -> Awaitable[None] | None:
         """Publish to this channel without waiting for the broker.

@@ -305,7 +305,8 @@ class Hub:
             return replay
         # Live messages already in the read history (or older) are not delivered again.
         floor = last if last is not None else (past[-1].seq if past else since or 0)
-        live = [d for d in joining.buffered if d.seq > floor or d.seq == 0]
+        # (Offsets <= 0: not numbered, e.g. a presence event (brokers.base.SIGNAL): kept.)
+        live = [d for d in joining.buffered if d.seq > floor or d.seq <= 0]
         if before_replay is not None:
             before_replay(replay)
         stats = self._stats(channel)
@@ -441,7 +442,9 @@ class Hub:
                 self._on_control(envelope.data)
             return
         seen = self._last_seen.get(envelope.channel)
-        if seen is None:
+        if envelope.seq < 0:
+            pass  # a presence event (brokers.base.SIGNAL): not numbered, not watched
+        elif seen is None:
             self._last_seen[envelope.channel] = _Mark(envelope.epoch, envelope.seq)
         else:
             if envelope.seq <= seen.seq and envelope.epoch == seen.epoch and envelope.epoch:

@@ -34,10 +34,11 @@ from echoserver.endpoints.occupancy import Occupancy
 from echoserver.endpoints.sse import EventStream
 from echoserver.endpoints.websocket import BaseSocket, BroadcastSocket, EchoSocket
 from echoserver.fanout.hub import Hub
+from echoserver.fanout.presence import Roster
 from echoserver.metrics import Metrics
 from echoserver.transport.flusher import Flusher
 from echoserver.transport.keepalive import Keepalive
-from echoserver.web import handlers, redact, users
+from echoserver.web import handlers, presence_api, redact, users
 from echoserver.wire.handshake import normalise_origin
 from echoserver.wire.hosts import HostPolicy, Throttle
 
@@ -104,6 +105,9 @@ class ServerState:
         self.authority = Authority(config)
         if config.namespaces:
             hub.keep_history(self.authority.rights.retention)
+        self.roster = Roster(
+            hub, grace=config.broadcast.presence_grace, announces=self._announces_join_leave
+        )
         # Tornado's lines, embedded too
         redact.install(ws.auth_token, config.api.key, *self.authority.verifier.secrets())
         self.hosts = HostPolicy.build(config.host, ws.allowed_hosts)
@@ -142,6 +146,7 @@ class ServerState:
             (routes.exact(prefix + routes.PROTOCOL), handlers.ProtocolHandler),
             (routes.with_channel(prefix + routes.CHANNELS), handlers.ChannelHandler),
             (routes.channel_messages(prefix), handlers.PublishHandler),
+            (routes.channel_presence(prefix), presence_api.PresenceHandler),
             (routes.user_messages(prefix), users.UserMessagesHandler),
             (routes.user_connections(prefix), users.UserConnectionsHandler),
         ]
@@ -162,6 +167,11 @@ class ServerState:
         if self.authority.uses_tokens:
             await self.authority.start()
             await self.hub.listen(self.authority.on_control)
+
+    def _announces_join_leave(self, channel: str) -> bool:
+        """Whether the channel's namespace has join_leave = true."""
+        namespace = self.authority.rights.namespace_of(channel)
+        return namespace is not None and namespace.settings.join_leave
 
     def _open_connections(self) -> Counter[tuple[str, str]]:
         return Counter((self.config.mode, c.channel) for c in self.connections)
@@ -190,6 +200,7 @@ class ServerState:
         included)."""
         self.keepalive.close()
         self.authority.close()
+        self.roster.close()
         await self.hub.close()
 
 

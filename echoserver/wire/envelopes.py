@@ -111,7 +111,10 @@ MIXED_BROADCAST = "mixed broadcast"  # the key of mixed_broadcast's bytes in a d
 
 def mixed_broadcast(delivery: SharedMessage) -> bytes | None:
     """The mixed-mode envelope of a delivery, built by its first receiver; None for a
-    binary message, which mixed mode does not carry."""
+    binary message, which mixed mode does not carry. A presence event (a negative offset,
+    brokers.base.SIGNAL) is its own envelope: it goes out as it is."""
+    if delivery.seq < 0:
+        return delivery.data
     if delivery.binary:
         return None
     rendered = delivery.encoded.get(MIXED_BROADCAST)
@@ -127,6 +130,13 @@ def mixed_broadcast(delivery: SharedMessage) -> bytes | None:
             )
         )
     return rendered
+
+
+def without_signals(delivery: SharedMessage) -> bytes | None:
+    """Broadcast mode's payloads where presence events are sent (join_leave namespaces):
+    the payload as it is, and None (skipped) for a presence event (a negative offset),
+    which a broadcast-mode client could not tell from a message."""
+    return None if delivery.seq < 0 else delivery.data
 
 
 def _media_type(content_type: str | None) -> tuple[str, str]:
