@@ -19,6 +19,7 @@ from echoserver.fanout.hub import Hub
 from echoserver.metrics import Metrics
 from echoserver.transport.flusher import Flusher
 from echoserver.transport.keepalive import Keepalive
+from echoserver.webhooks import Webhooks
 from echoserver.wire.hosts import Throttle
 
 
@@ -39,6 +40,7 @@ class ServerContext(Protocol):
     started: float  # time.monotonic() at start
     refused_hosts: Throttle  # the warning about a refused Host (base.HostRefused)
     authority: Authority  # tokens, rights, expiry, users (the auth package)
+    webhooks: Webhooks  # lifecycle events: webhooks.emit(kind, channel=..., user=...)
 
     def spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
         """Run a coroutine in the background, keeping a reference until it ends."""

@@ -37,7 +37,9 @@ from echoserver.fanout.hub import Hub
 from echoserver.metrics import Metrics
 from echoserver.transport.flusher import Flusher
 from echoserver.transport.keepalive import Keepalive
-from echoserver.web import handlers, redact, users
+from echoserver.web import handlers, redact, snapshots, users
+from echoserver.webhooks import WatchedPresence
+from echoserver.webhooks import build as build_webhooks
 from echoserver.wire.handshake import normalise_origin
 from echoserver.wire.hosts import HostPolicy, Throttle
 
@@ -114,6 +116,11 @@ class ServerState:
         self.metrics.held_connections = lambda: self.occupancy.total
         self.started = time.monotonic()
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Lifecycle webhooks (a no-op without webhooks.url); the presence side calls
+        # self.webhooks.emit(). Until it does, channel events come from presence counts.
+        self.webhooks = build_webhooks(config.webhooks, hub.broker, self.metrics.webhooks)
+        if self.webhooks.wants("channel_occupied", "channel_vacated"):
+            hub.presence = WatchedPresence(hub.presence, self.webhooks)
 
     def routes(self, *, check_host: bool = False) -> list[tornado.routing.Rule]:
         """The WebSocket endpoint, /healthz, /metrics, the channel and publish APIs and (but
@@ -144,6 +151,8 @@ class ServerState:
             (routes.channel_messages(prefix), handlers.PublishHandler),
             (routes.user_messages(prefix), users.UserMessagesHandler),
             (routes.user_connections(prefix), users.UserConnectionsHandler),
+            (routes.exact(prefix + routes.CHANNELS), snapshots.ChannelsSnapshot),
+            (routes.user(prefix), snapshots.UserSnapshot),
         ]
         if config.mode != "echo":
             # A channel as Server-Sent Events: /sse is channel "default".
@@ -159,6 +168,7 @@ class ServerState:
         """Connect the broker, fetch a remote JWKS, and listen for the user API's control
         messages from every process."""
         await self.hub.start()
+        self.webhooks.start()
         if self.authority.uses_tokens:
             await self.authority.start()
             await self.hub.listen(self.authority.on_control)
@@ -190,6 +200,8 @@ class ServerState:
         included)."""
         self.keepalive.close()
         self.authority.close()
+        # Before the broker closes: the last reports still need its ledger.
+        await self.webhooks.close(self.config.webhooks.timeout)
         await self.hub.close()
 
 
