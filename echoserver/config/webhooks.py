@@ -55,8 +55,10 @@ def secret_bytes(value: str) -> bytes:
     """The HMAC key of a `whsec_<base64>` secret; ValueError when it is not one."""
     if not value.startswith(SECRET_PREFIX):
         raise ValueError(f"it must start with {SECRET_PREFIX}")
+    text = value[len(SECRET_PREFIX) :]
+    text += "=" * (-len(text) % 4)  # unpadded base64 is common, and stock libraries take it
     try:
-        key = base64.b64decode(value[len(SECRET_PREFIX) :], validate=True)
+        key = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise ValueError(f"the part after {SECRET_PREFIX} is not base64") from None
     low, high = SECRET_BYTES
