@@ -39,6 +39,7 @@ class WebhookCounts:
         self.sent = 0  # events in a request the backend answered 2xx
         self.dropped: Counter[str] = Counter()  # events dropped, by reason
         self.requests: Counter[str] = Counter()  # attempts, by HTTP status or error
+        self.reports: Counter[str] = Counter()  # emit() reports, by what the ledger said
         self.queued: Callable[[], int] = lambda: 0  # events waiting now
 
 
@@ -193,6 +194,14 @@ class Metrics(Collector):
                 "Webhook requests, by outcome: the HTTP status, or timeout / error.",
                 "outcome",
                 self.webhooks.requests,
+            ),
+            (
+                "echoserver_webhook_reports",
+                "Lifecycle transitions this process observed, by what the ledger said: owned "
+                "(this process sends the event) or unchanged (another process did, or the "
+                "state already held).",
+                "outcome",
+                self.webhooks.reports,
             ),
         ):
             family = CounterMetricFamily(name, doc, labels=[label])

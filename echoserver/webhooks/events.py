@@ -174,8 +174,12 @@ class Webhooks:
                 elif isinstance(result, BaseException):
                     sender.counts.dropped["error"] += 1
                     log.error("webhook ledger failed for %s", report.kind, exc_info=result)
-                elif result and report.kind in self.events:
-                    sender.put(event(report, result))
+                elif not result:
+                    sender.counts.reports["unchanged"] += 1
+                else:
+                    sender.counts.reports["owned"] += 1
+                    if report.kind in self.events:
+                        sender.put(event(report, result))
 
 
 def event(report: _Report, seq: int) -> dict[str, Any]:
