@@ -11,14 +11,18 @@ from typing import Any
 
 import tornado.websocket
 
+from echoserver.brokers import MemoryBroker
 from echoserver.brokers.lifecycle import MemoryLedger
 from echoserver.config.webhooks import secret_bytes
+from echoserver.fanout.hub import Hub
 from echoserver.metrics import WebhookCounts
 from echoserver.webhooks.events import Webhooks
 from echoserver.webhooks.http import tornado_post
+from echoserver.webhooks.occupancy import WatchedPresence
 from echoserver.webhooks.sender import Bounds, Sender
 from tests.conftest import eventually, metric, run
 from tests.servers import ServerProcess
+from tests.test_hub import Recorder
 from tests.webhook_receiver import Receiver, new_secret
 
 
@@ -198,6 +202,46 @@ def test_emit_sends_user_events_once_with_their_fields() -> None:
             assert counts.sent == 4
         finally:
             await hooks.close(2.0)
+            receiver.stop()
+
+    run(scenario(), timeout=20)
+
+
+def test_a_return_within_the_grace_is_no_event_and_a_leave_past_it_is_one() -> None:
+    # WatchedPresence on a real hub: occupied at once, vacated only after the grace.
+    receiver = Receiver(new_secret())
+
+    async def scenario() -> None:
+        receiver.start()
+        sender = Sender(
+            receiver.url,
+            secret_bytes(receiver.secret),
+            tornado_post(),
+            Bounds(batch_window=0.01, timeout=2),
+            WebhookCounts(),
+        )
+        hooks = Webhooks(sender, MemoryLedger(), ("channel_occupied", "channel_vacated"))
+        hooks.start()
+        hub = Hub(MemoryBroker())
+        watched = hub.presence = WatchedPresence(hub.presence, hooks, grace=0.3)
+        try:
+            first, second = Recorder(hub), Recorder(hub)
+            await hub.join("room", first)
+            await hub.leave("room", first)
+            await asyncio.sleep(0.1)
+            await hub.join("room", second)  # back within the grace: no vacated
+            await asyncio.sleep(0.5)
+            assert receiver.of("room") == [("channel_occupied", 1)]
+            left = time.time()
+            await hub.leave("room", second)
+            assert await eventually(lambda: len(receiver.events) == 2)
+            assert receiver.of("room") == [("channel_occupied", 1), ("channel_vacated", 2)]
+            # `at` is when the last member left, not when the grace ran out.
+            assert abs(receiver.events[1]["at"] - left) < 0.1
+        finally:
+            await watched.close()
+            await hooks.close(2.0)
+            await hub.close()
             receiver.stop()
 
     run(scenario(), timeout=20)

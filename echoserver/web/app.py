@@ -119,8 +119,10 @@ class ServerState:
         # Lifecycle webhooks (a no-op without webhooks.url); the presence side calls
         # self.webhooks.emit(). Until it does, channel events come from presence counts.
         self.webhooks = build_webhooks(config.webhooks, hub.broker, self.metrics.webhooks)
+        self.watched: WatchedPresence | None = None
         if self.webhooks.wants("channel_occupied", "channel_vacated"):
-            hub.presence = WatchedPresence(hub.presence, self.webhooks)
+            # grace: presence_grace once the presence part has it (0 = report at once)
+            self.watched = hub.presence = WatchedPresence(hub.presence, self.webhooks)
 
     def routes(self, *, check_host: bool = False) -> list[tornado.routing.Rule]:
         """The WebSocket endpoint, /healthz, /metrics, the channel and publish APIs and (but
@@ -201,6 +203,8 @@ class ServerState:
         self.keepalive.close()
         self.authority.close()
         # Before the broker closes: the last reports still need its ledger.
+        if self.watched is not None:
+            await self.watched.close()
         await self.webhooks.close(self.config.webhooks.timeout)
         await self.hub.close()
 
