@@ -185,7 +185,7 @@ class Metrics(Collector):
                 "Lifecycle events never sent, by reason: queue_full (webhooks.queue_size, "
                 "the oldest go), gave_up (webhooks.max_attempts failed), "
                 "broker_unavailable (no one could tell whether another process sent it), "
-                "shutdown (still queued when the server stopped).",
+                "shutdown (still queued when the server stopped), error (a bug, logged).",
                 "reason",
                 self.webhooks.dropped,
             ),

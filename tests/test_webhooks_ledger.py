@@ -1,5 +1,6 @@
-"""The lifecycle ledger's contract, on the memory broker and a real Redis: a transition is
-owned by exactly one caller however many report it, and numbered per scope without gap."""
+"""The lifecycle ledger's contract, on the memory broker, a real Redis and a real Redis
+Cluster: a transition is owned by exactly one caller however many report it, and numbered
+per scope without gap."""
 
 from __future__ import annotations
 
@@ -12,22 +13,34 @@ from echoserver.brokers.lifecycle import Ledger, ledger_for
 from echoserver.brokers.memory import MemoryBroker
 from echoserver.brokers.redis import RedisBroker
 from echoserver.brokers.redis_base import RedisOptions
+from echoserver.brokers.redis_cluster import RedisClusterBroker
 from tests.conftest import run
+from tests.redis_cluster import LocalCluster, clean_redis_cluster, redis_cluster
 from tests.redis_server import RedisServer, redis_server
 
-__all__ = ["redis_server"]
+__all__ = ["clean_redis_cluster", "redis_cluster", "redis_server"]
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(
+    params=[
+        "memory",
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("cluster", marks=pytest.mark.redis),
+    ]
+)
 def kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
 def new_broker(kind: str, request: pytest.FixtureRequest) -> Broker:
+    options = RedisOptions(backoff_cap=0.5, op_timeout=2.0)
     if kind == "memory":
         return MemoryBroker()
+    if kind == "cluster":
+        cluster: LocalCluster = request.getfixturevalue("clean_redis_cluster")
+        return RedisClusterBroker(cluster.url, options)
     server: RedisServer = request.getfixturevalue("redis_server")
-    return RedisBroker(server.url, RedisOptions(backoff_cap=0.5, op_timeout=2.0))
+    return RedisBroker(server.url, options)
 
 
 async def started(broker: Broker) -> Ledger:

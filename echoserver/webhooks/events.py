@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import time
@@ -121,6 +122,8 @@ class Webhooks:
             raise ValueError(f"{kind} takes channel={spec.needs_channel}, user={spec.needs_user}")
         if not self.enabled or kind not in self._tracked:
             return
+        if info is not None:
+            json.dumps(info)  # a TypeError here, to the caller, rather than in the sender
         if len(self._pending) >= self._max_pending:
             self._pending.popleft()
             assert self.sender is not None

@@ -130,6 +130,9 @@ class Sender:
                 except asyncio.CancelledError:
                     self._queue.extendleft(reversed(batch))  # counted by close()
                     raise
+                except Exception:  # a bug must not stop every later event
+                    log.exception("webhook request failed")
+                    self._drop("error", len(batch))
             if not self._queue:
                 self._idle.set()
 
@@ -154,5 +157,5 @@ class Sender:
             if attempt < bounds.max_attempts:
                 cap = min(bounds.retry_max, bounds.retry_initial * 2 ** (attempt - 1))
                 await asyncio.sleep(random.uniform(0, cap))
-        log.warning("webhook %s failed %d times", msg_id, bounds.max_attempts)
-        self._drop("gave_up", len(batch))
+        log.debug("webhook %s failed %d times", msg_id, bounds.max_attempts)
+        self._drop("gave_up", len(batch))  # logged, throttled, by DropLog
