@@ -22,6 +22,7 @@ _SECTION_TITLES = {
     "limits": "[limits]",
     # [[namespaces]] have no flags: they are tables (the file, or ECHOSERVER_NAMESPACES).
     "auth": "[auth] (connection tokens)",
+    "webhooks": "[webhooks] (lifecycle events to a backend)",
 }
 
 

@@ -32,6 +32,17 @@ class ChannelCounts(Protocol):
 ChannelStats = Callable[[], Mapping[str, ChannelCounts]]
 
 
+class WebhookCounts:
+    """What the webhook sender did (echoserver/webhooks), bumped by it, read on scrape."""
+
+    def __init__(self) -> None:
+        self.sent = 0  # events in a request the backend answered 2xx
+        self.dropped: Counter[str] = Counter()  # events dropped, by reason
+        self.requests: Counter[str] = Counter()  # attempts, by HTTP status or error
+        self.reports: Counter[str] = Counter()  # emit() reports, by what the ledger said
+        self.queued: Callable[[], int] = lambda: 0  # events waiting now
+
+
 class Metrics(Collector):
     """Counters bumped by the handlers, rendered on scrape."""
 
@@ -51,6 +62,7 @@ class Metrics(Collector):
         self.request_timeouts = 0  # connections closed past limits.request_timeout
         # Connections holding a slot (occupancy.py); the Application sets it.
         self.held_connections: Callable[[], int] = lambda: 0
+        self.webhooks = WebhookCounts()
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(self)
 
@@ -69,6 +81,16 @@ class Metrics(Collector):
             "Connections this process holds, counted against websocket.max_connections: "
             "WebSocket, SSE and connections still in HTTP.",
             value=self.held_connections(),
+        )
+        yield GaugeMetricFamily(
+            "echoserver_webhook_events_queued",
+            "Lifecycle events waiting for the webhook backend (at most webhooks.queue_size).",
+            value=self.webhooks.queued(),
+        )
+        yield CounterMetricFamily(
+            "echoserver_webhook_events_sent",
+            "Lifecycle events the webhook backend accepted (answered 2xx).",
+            value=self.webhooks.sent,
         )
         channels = sorted(self._channel_stats().items())
         deliveries = sum(stats.deliveries for _, stats in channels)
@@ -157,6 +179,29 @@ class Metrics(Collector):
                 "200 = published.",
                 "status",
                 self.api_requests,
+            ),
+            (
+                "echoserver_webhook_events_dropped",
+                "Lifecycle events never sent, by reason: queue_full (webhooks.queue_size, "
+                "the oldest go), gave_up (webhooks.max_attempts failed), "
+                "broker_unavailable (no one could tell whether another process sent it), "
+                "shutdown (still queued when the server stopped), error (a bug, logged).",
+                "reason",
+                self.webhooks.dropped,
+            ),
+            (
+                "echoserver_webhook_requests",
+                "Webhook requests, by outcome: the HTTP status, or timeout / error.",
+                "outcome",
+                self.webhooks.requests,
+            ),
+            (
+                "echoserver_webhook_reports",
+                "Lifecycle transitions this process observed, by what the ledger said: owned "
+                "(this process sends the event) or unchanged (another process did, or the "
+                "state already held).",
+                "outcome",
+                self.webhooks.reports,
             ),
         ):
             family = CounterMetricFamily(name, doc, labels=[label])

@@ -73,6 +73,11 @@ def user_connections(prefix: str = "") -> str:
     return rf"{re.escape(prefix + USERS)}/({SUB_PATTERN})/{re.escape(CONNECTIONS)}"
 
 
+def user(prefix: str = "") -> str:
+    """GET /api/users/<sub>: the user's connections and channels (a snapshot)."""
+    return rf"{re.escape(prefix + USERS)}/({SUB_PATTERN})"
+
+
 def clash(path: str) -> str | None:
     """The reserved route that `path` equals, falls under or contains; None if none."""
     for route in RESERVED:

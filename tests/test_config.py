@@ -707,6 +707,7 @@ def test_to_toml_round_trips_defaults(tmp_path: Path) -> None:
         "log",
         "limits",
         "auth",
+        "webhooks",
     }
     assert load(config_path=write(tmp_path, text), env={}) == Settings()
 

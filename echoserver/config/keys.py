@@ -34,6 +34,9 @@ from echoserver.config.rules import (
     _number,
 )
 from echoserver.config.settings import _UNPREFIXED_FLAG_SECTIONS, ENV_PREFIX, SECTIONS
+from echoserver.config.webhooks import EVENTS as _WEBHOOK_EVENTS
+from echoserver.config.webhooks import SECRET as _WEBHOOK_SECRET
+from echoserver.config.webhooks import URL as _WEBHOOK_URL
 
 
 @dataclass(frozen=True)
@@ -367,6 +370,64 @@ KEYS: tuple[Key, ...] = (
         "Let clients without a token in as guests (with JWT keys set); guests may join only "
         'namespaces whose subscribe = "anyone".',
         _BOOL,
+    ),
+    # [webhooks]: lifecycle events POSTed to a backend (echoserver/webhooks).
+    _key(
+        "webhooks.url",
+        "Where lifecycle events are POSTed, signed by the Standard Webhooks scheme (needs "
+        'webhooks.secret); "" = no webhooks. https://, or http:// to a loopback address.',
+        _WEBHOOK_URL,
+    ),
+    _key(
+        "webhooks.secret",
+        'The Standard Webhooks signing secret, "whsec_" then base64 (24..64 bytes); the '
+        "backend verifies webhook-signature with it.",
+        _WEBHOOK_SECRET,
+        secret=True,
+    ),
+    _key(
+        "webhooks.events",
+        "Events sent: channel_occupied, channel_vacated, user_online, user_offline, "
+        "user_joined, user_left (the last two once per user and channel).",
+        _WEBHOOK_EVENTS,
+    ),
+    _key(
+        "webhooks.queue_size",
+        "Events waiting for the backend, at most (1..1000000); past it the oldest are "
+        "dropped, counted in echoserver_webhook_events_dropped and logged.",
+        _int_range(1, 1000000),
+    ),
+    _key(
+        "webhooks.batch_window",
+        "Seconds an event waits for others to share its request (>= 0).",
+        _number(0),
+    ),
+    _key(
+        "webhooks.max_batch",
+        "Most events in one request (1..10000).",
+        _int_range(1, 10000),
+    ),
+    _key(
+        "webhooks.timeout",
+        "Seconds a request may take, connecting included (> 0); slower ones are retried.",
+        _number(0, exclusive=True),
+    ),
+    _key(
+        "webhooks.retry_initial",
+        "Seconds before the first retry of a failed request (> 0); each retry waits twice "
+        "as long as the one before, up to retry_max, with full jitter.",
+        _number(0, exclusive=True),
+    ),
+    _key(
+        "webhooks.retry_max",
+        "Longest wait between two attempts, in seconds (> 0).",
+        _number(0, exclusive=True),
+    ),
+    _key(
+        "webhooks.max_attempts",
+        "Attempts per request (1..1000) before its events are dropped (counted and logged); "
+        "later events wait behind it, so a backend sees them in order.",
+        _int_range(1, 1000),
     ),
 )
 

@@ -267,6 +267,15 @@ def _validate(merged: _Layer) -> None:
             f'needs api.key, which is "" (from {api_key_src}); set a key or leave this false',
         )
 
+    hook_url, hook_url_src = merged["webhooks.url"]
+    hook_secret, _ = merged["webhooks.secret"]
+    if hook_url and not hook_secret:
+        raise _bad_value(
+            merged,
+            "webhooks.secret",
+            f"must be set with webhooks.url (from {hook_url_src}): every request is signed",
+        )
+
     processes, _ = merged["processes"]
     mode, mode_src = merged["mode"]
     broker, _ = merged["broadcast.broker"]

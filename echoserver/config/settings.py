@@ -66,6 +66,20 @@ class AuthSettings:
 
 
 @dataclass(frozen=True)
+class WebhooksSettings:
+    url: str = ""
+    secret: str = ""
+    events: tuple[str, ...] = ("channel_occupied", "channel_vacated", "user_online", "user_offline")
+    queue_size: int = 10000
+    batch_window: float = 0.05
+    max_batch: int = 100
+    timeout: float = 5.0
+    retry_initial: float = 0.5
+    retry_max: float = 30.0
+    max_attempts: int = 10
+
+
+@dataclass(frozen=True)
 class NamespaceSettings:
     """One [[namespaces]] table: the rights and options of the channels its pattern matches.
 
@@ -110,6 +124,7 @@ class Settings:
     log: LogSettings = field(default_factory=LogSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
+    webhooks: WebhooksSettings = field(default_factory=WebhooksSettings)
     # [[namespaces]]: a list of tables, not keys, so outside SECTIONS and the KEYS table
     # (loaded and checked by config/namespaces.py).
     namespaces: tuple[NamespaceSettings, ...] = ()
@@ -125,6 +140,7 @@ SECTIONS: dict[str, type] = {
     "log": LogSettings,
     "limits": LimitsSettings,
     "auth": AuthSettings,
+    "webhooks": WebhooksSettings,
 }
 # Sections whose flags carry no section prefix (--path, --broker rather than --websocket-path).
 _UNPREFIXED_FLAG_SECTIONS = ("", "websocket", "broadcast", "limits")

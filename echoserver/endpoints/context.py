@@ -20,6 +20,7 @@ from echoserver.fanout.presence import Roster
 from echoserver.metrics import Metrics
 from echoserver.transport.flusher import Flusher
 from echoserver.transport.keepalive import Keepalive
+from echoserver.webhooks import Webhooks
 from echoserver.wire.hosts import Throttle
 
 
@@ -41,6 +42,7 @@ class ServerContext(Protocol):
     refused_hosts: Throttle  # the warning about a refused Host (base.HostRefused)
     authority: Authority  # tokens, rights, expiry, users (the auth package)
     roster: Roster  # users per channel, their joins and leaves (fanout/presence.py)
+    webhooks: Webhooks  # lifecycle events: webhooks.emit(kind, channel=..., user=...)
 
     def spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
         """Run a coroutine in the background, keeping a reference until it ends."""

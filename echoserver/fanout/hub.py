@@ -419,6 +419,11 @@ class Hub:
         offset = outcome if isinstance(outcome, int) else await outcome
         return offset, envelope.epoch
 
+    # i21 webhooks: the snapshot API (GET /api/channels) lists this process's channels.
+    def local_members(self) -> dict[str, int]:
+        """Members per channel in this process, joining ones included."""
+        return {channel: len(members) for channel, members in self._channels.items()}
+
     async def members(self, channel: str) -> int:
         """The channel's members across every process."""
         return await self.presence.count(channel)

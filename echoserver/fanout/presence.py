@@ -67,10 +67,14 @@ class Roster:
         *,
         grace: float = 5.0,
         announces: Callable[[str], bool] = lambda channel: False,
+        report: Callable[[str, str, str, Any], None] | None = None,
     ) -> None:
         self.hub = hub
         self.grace = grace
         self.announces = announces
+        # report("join"|"leave", channel, user, info): every join and leave, decided once
+        # across processes (in every channel, join_leave or not): the lifecycle webhooks.
+        self.report = report
         self._here: dict[tuple[str, str], _Here] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -141,9 +145,14 @@ class Roster:
             log.debug("presence of %s on %s not written: %s", user, channel, error)
             return
         if before == 0 and after > 0:
-            self._announce("join", channel, user, here.info)
+            kind = "join"
         elif before > 0 and after == 0:
-            self._announce("leave", channel, user, here.info)
+            kind = "leave"
+        else:
+            return
+        self._announce(kind, channel, user, here.info)
+        if self.report is not None:
+            self.report(kind, channel, user, here.info)
 
     def _announce(self, kind: str, channel: str, user: str, info: Any) -> None:
         if not self.announces(channel):

@@ -38,7 +38,9 @@ from echoserver.fanout.presence import Roster
 from echoserver.metrics import Metrics
 from echoserver.transport.flusher import Flusher
 from echoserver.transport.keepalive import Keepalive
-from echoserver.web import handlers, presence_api, redact, users
+from echoserver.web import handlers, presence_api, redact, snapshots, users
+from echoserver.webhooks import WatchedPresence
+from echoserver.webhooks import build as build_webhooks
 from echoserver.wire.handshake import normalise_origin
 from echoserver.wire.hosts import HostPolicy, Throttle
 
@@ -105,9 +107,6 @@ class ServerState:
         self.authority = Authority(config)
         if config.namespaces:
             hub.keep_history(self.authority.rights.retention)
-        self.roster = Roster(
-            hub, grace=config.broadcast.presence_grace, announces=self._announces_join_leave
-        )
         # Tornado's lines, embedded too
         redact.install(ws.auth_token, config.api.key, *self.authority.verifier.secrets())
         self.hosts = HostPolicy.build(config.host, ws.allowed_hosts)
@@ -118,6 +117,16 @@ class ServerState:
         self.metrics.held_connections = lambda: self.occupancy.total
         self.started = time.monotonic()
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Lifecycle webhooks (a no-op without webhooks.url). user_joined/user_left come from
+        # the Roster, which decides a user's join and leave once across processes, after
+        # the grace; channel_occupied/vacated still from the member counts (guests count).
+        grace = config.broadcast.presence_grace
+        self.webhooks = build_webhooks(config.webhooks, hub.broker, self.metrics.webhooks)
+        self.watched: WatchedPresence | None = None
+        if self.webhooks.wants("channel_occupied", "channel_vacated"):
+            self.watched = hub.presence = WatchedPresence(hub.presence, self.webhooks, grace)
+        report = self._user_moved if self.webhooks.wants("user_joined", "user_left") else None
+        self.roster = Roster(hub, grace=grace, announces=self._announces_join_leave, report=report)
 
     def routes(self, *, check_host: bool = False) -> list[tornado.routing.Rule]:
         """The WebSocket endpoint, /healthz, /metrics, the channel and publish APIs and (but
@@ -149,6 +158,8 @@ class ServerState:
             (routes.channel_presence(prefix), presence_api.PresenceHandler),
             (routes.user_messages(prefix), users.UserMessagesHandler),
             (routes.user_connections(prefix), users.UserConnectionsHandler),
+            (routes.exact(prefix + routes.CHANNELS), snapshots.ChannelsSnapshot),
+            (routes.user(prefix), snapshots.UserSnapshot),
         ]
         if config.mode != "echo":
             # A channel as Server-Sent Events: /sse is channel "default".
@@ -164,9 +175,16 @@ class ServerState:
         """Connect the broker, fetch a remote JWKS, and listen for the user API's control
         messages from every process."""
         await self.hub.start()
+        self.webhooks.start()
         if self.authority.uses_tokens:
             await self.authority.start()
             await self.hub.listen(self.authority.on_control)
+
+    def _user_moved(self, kind: str, channel: str, user: str, info: Any) -> None:
+        """A user joined or left a channel (the Roster's decision): user_joined/user_left.
+        A leave is reported once the grace is over; `at` is then, not the last close."""
+        event = "user_joined" if kind == "join" else "user_left"
+        self.webhooks.emit(event, channel=channel, user=user, info=info)
 
     def _announces_join_leave(self, channel: str) -> bool:
         """Whether the channel's namespace has join_leave = true."""
@@ -201,6 +219,10 @@ class ServerState:
         self.keepalive.close()
         self.authority.close()
         self.roster.close()
+        # Before the broker closes: the last reports still need its ledger.
+        if self.watched is not None:
+            await self.watched.close()
+        await self.webhooks.close(self.config.webhooks.timeout)
         await self.hub.close()
 
 
