@@ -1395,7 +1395,7 @@
     r.who.textContent = "";
     r.who.setAttribute("data-presence", String(f.presence));
     if (!f.presence) {
-      appendSpan(r.who, "help", "No join or leave events seen on this channel: its namespace may not send them (join_leave), so who is here is not shown.");
+      appendSpan(r.who, "help", "Who is here: not shown (no join or leave events seen; only namespaces with join_leave send them).");
       return;
     }
     var head = document.createElement("p");
