@@ -887,14 +887,12 @@
   function onMessage(data) {
     if (typeof data === "string") {
       if (state.mode === "mixed") { receiveMixed(data); return; }
-      add({ dir: "in", kind: "text", size: utf8Length(data), text: data, rtt: takePending("t:" + data) });
+      addEntry({ dir: "in", kind: "text", size: utf8Length(data), text: data, rtt: takePending("t:" + data) });
       return;
     }
     var bytes = new Uint8Array(data);
     addEntry({ dir: "in", kind: "binary", size: bytes.length, bytes: bytes, rtt: takePending(binaryKey(bytes)) });
   }
-
-  function add(e) { addEntry(e); }
 
   function channelOf(msg) { return typeof msg.channel === "string" ? msg.channel : state.channel; }
 
@@ -905,7 +903,7 @@
     var msg = null;
     try { msg = JSON.parse(data); } catch (e) { msg = null; }
     if (!msg || typeof msg !== "object" || typeof msg.type !== "string") {
-      add({ dir: "in", kind: "text", size: size, text: data });
+      addEntry({ dir: "in", kind: "text", size: size, text: data });
       return;
     }
     var type = msg.type;
@@ -930,14 +928,14 @@
     var ptext = typeof p === "string" ? p : JSON.stringify(p);
     var offset = typeof msg.offset === "number" ? msg.offset : null;
     if (type === "echo") {
-      add({ dir: "in", kind: "text", size: size, text: ptext, tag: "echo", rtt: takePending("e:" + ptext) });
+      addEntry({ dir: "in", kind: "text", size: size, text: ptext, tag: "echo", rtt: takePending("e:" + ptext) });
       return;
     }
     if (type === "broadcast") { onBroadcast(msg, ptext, offset, size); return; }
     if (type === "broadcastResult") {
       var n = msg.listenCount;
       var rch = channelOf(msg);
-      add({
+      addEntry({
         dir: "in", kind: "text", size: size, text: ptext, tag: "broadcastResult", channel: rch,
         extra: typeof n === "number" ? "delivered to " + n + " listener" + (n === 1 ? "" : "s") : null,
         offset: offset,
@@ -945,7 +943,7 @@
       });
       return;
     }
-    add({ dir: "in", kind: "text", size: size, text: data });
+    addEntry({ dir: "in", kind: "text", size: size, text: data });
   }
 
   function onBroadcast(msg, ptext, offset, size) {
@@ -960,7 +958,7 @@
       entry.replayed = true;
       entry.replayKind = f.replay.kind;
       countReplayed(f.replay, offset);
-      add(entry);
+      addEntry(entry);
       if (f.replayLeft === 0) endReplay(f);
       return;
     }
@@ -971,7 +969,7 @@
       entry.replayKind = "recovery";
       countReplayed(rec, offset);
     }
-    add(entry);
+    addEntry(entry);
   }
 
   function countReplayed(rec, offset) {
@@ -992,16 +990,16 @@
         state.follows.delete(ch);
         renderChannels();
         if (refused) showFollowError("Could not follow " + ch + ": " + text);
-        add({ dir: "error", kind: "text", size: size, text: text, channel: ch, tag: refused ? "subscribe refused" : "server notice" });
+        addEntry({ dir: "error", kind: "text", size: size, text: text, channel: ch, tag: refused ? "subscribe refused" : "server notice" });
         return;
       }
-      add({ dir: "error", kind: "text", size: size, text: text, channel: ch, tag: "server notice" });
+      addEntry({ dir: "error", kind: "text", size: size, text: text, channel: ch, tag: "server notice" });
       return;
     }
     // The server answers a refused refresh with an error, and keeps the old expiry.
     var refresh = state.refreshPending !== null;
     state.refreshPending = null;
-    add({ dir: "error", kind: "text", size: size, text: text, tag: refresh ? "refresh refused" : "server notice" });
+    addEntry({ dir: "error", kind: "text", size: size, text: text, tag: refresh ? "refresh refused" : "server notice" });
   }
 
   function nonNegative(v) { return typeof v === "number" && isFinite(v) && v > 0 ? Math.floor(v) : 0; }
@@ -1250,7 +1248,7 @@
       renderChannels();
     }
     var info = infoText(msg.info);
-    add({
+    addEntry({
       dir: "sys", kind: "", size: size, tag: msg.type, channel: msg.channel,
       text: msg.user + (isMe(msg.user) ? " (you)" : "") + (join ? " joined" : " left") + (info ? " · " + info : "")
     });
