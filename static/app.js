@@ -41,7 +41,9 @@
     "filter", "clear", "autoscroll", "offsets-note", "cli-card", "cli-channel", "curl-publish",
     "curl-subscribe", "copy-publish", "copy-subscribe", "copy-status",
     "jwt-claims", "jwt-sub", "jwt-exp-wrap", "jwt-exp", "jwt-left", "jwt-noexp", "refresh-token",
-    "token-warning", "token-warning-text", "token-warning-left", "token-warning-hint"
+    "token-warning", "token-warning-text", "token-warning-left", "token-warning-hint",
+    "send-channel-field", "send-channel", "channels-card", "follow-form", "follow-channel",
+    "follow-error", "channels"
   ].forEach(function (id) { el[id.replace(/-(\w)/g, function (_, c) { return c.toUpperCase(); })] = $(id); });
 
   var state = {
@@ -68,14 +70,14 @@
     refreshPending: null,
     jwtTimer: null,
     warnPhase: "",         // what the warning's live region last said: "", "soon", "past"
-    replayLeft: 0,         // messages still to come of a history replay (mixed mode)
-    // Resuming (mixed mode): the offset of the last broadcast seen on offsetChannel. A
-    // reconnect to that channel asks for what came after it with ?since=; another channel
-    // (or a page load) starts fresh.
-    lastOffset: null,
-    offsetChannel: null,
-    recovery: null,        // a ?since= replay under way: {since, recovered, first, count, from, to, syncId}
+    // The channels this connection follows (mixed mode), the URL's first: name -> record
+    // (see newFollow), each with its resume point (epoch, offset) taken from the envelopes.
+    // A reconnect resumes the URL's channel with ?since=&epoch= and every other one with a
+    // subscribe carrying its since and epoch; another URL channel (or a page load) starts fresh.
+    follows: new Map(),
+    recovery: null,        // the URL channel's ?since= replay under way: {channel, since, recovered, first, count, from, to, syncId}
     syncSeq: 0,
+    syncPending: null,     // the sync echo sent right after a resuming handshake
     composeErrorKind: "",  // "not-connected" is cleared once a connection opens
     wsPath: "/ws",         // the WebSocket endpoint; channels are <wsPath>/<channel>
     channel: "default",    // the channel of the current/last connection
@@ -198,6 +200,8 @@
     el.membersField.hidden = !channels || state.membersLocked;
     var mixed = state.mode === "mixed";
     el.envelopeField.hidden = !mixed;
+    el.sendChannelField.hidden = !mixed;
+    el.channelsCard.hidden = !mixed;
     // Mixed mode refuses every binary frame: offer text only there.
     if (mixed && el.msgtype.value !== "text") el.msgtype.value = "text";
     if (mixed && el.file.value) el.file.value = "";
@@ -453,7 +457,7 @@
     return v === "" ? "default" : v;
   }
 
-  function buildUrl(channel, since) {
+  function buildUrl(channel, since, epoch) {
     var path = isChannelMode() ? state.wsPath + "/" + channel : state.wsPath;
     var url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + path;
     var token = el.token.value;
@@ -461,6 +465,10 @@
     if (since !== null) {
       query.push("since=" + since);
       shownQuery.push("since=" + since);
+      if (epoch !== null) {
+        query.push("epoch=" + epoch);
+        shownQuery.push("epoch=" + epoch);
+      }
     }
     if (token) {
       query.push("token=" + encodeURIComponent(token));
@@ -486,6 +494,9 @@
     ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
     state.connToken = null;
     state.refreshPending = null;
+    state.recovery = null;
+    state.syncPending = null;
+    followsClosed();
     try { ws.close(1000, "reconnecting"); } catch (e) { /* already closed */ }
     stopMembers();
   }
@@ -511,10 +522,13 @@
       return;
     }
     state.channel = channel;
-    // Another channel than the offsets seen were on: a fresh join, no since.
-    if (state.offsetChannel !== channel) { state.lastOffset = null; state.offsetChannel = channel; }
-    var since = state.mode === "mixed" && state.lastOffset !== null ? state.lastOffset : null;
-    var target = buildUrl(channel, since);
+    // Another channel than the URL's was: it is followed afresh (no since), unless it was
+    // one of the channels followed by subscribe, whose resume point it keeps.
+    var urlFollow = setUrlChannel(channel);
+    var mixed = state.mode === "mixed";
+    var since = mixed && urlFollow.offset !== null ? urlFollow.offset : null;
+    var epoch = since !== null && urlFollow.epoch !== null ? urlFollow.epoch : null;
+    var target = buildUrl(channel, since, epoch);
     var used = decodeJwt(el.token.value);   // the token this connection is held to
     el.url.textContent = target.shown;
     renderCli();
@@ -540,14 +554,15 @@
         sub: used.sub, exp: used.exp, start: used.iat !== null && used.iat < Date.now() ? used.iat : Date.now()
       };
       state.refreshPending = null;
-      state.replayLeft = 0;
       state.recovery = null;
+      state.syncPending = null;
       showHint("");
       el.token.removeAttribute("aria-invalid");
       if (!el.token.value && state.authRequired === null) setAuthRequired(false);
       if (state.composeErrorKind === "not-connected") showComposeError("");
       setStatus("open", "Open");
       logSys("Connected to " + target.shown + (state.mode ? " (" + state.mode + " mode)" : ""));
+      if (mixed) followAll(urlFollow, since, epoch);
       startMembers();
       refreshHealth();  // the server info line now counts this connection too
     };
@@ -561,8 +576,9 @@
       var seq = state.connectSeq;
       state.ws = null;
       state.opened = false;
-      state.replayLeft = 0;
       state.recovery = null;
+      state.syncPending = null;
+      followsClosed();
       state.connToken = null;
       state.refreshPending = null;
       pending.clear();
@@ -805,15 +821,24 @@
   }
 
   function sendText(text) {
-    var wire = text, key = "t:" + text, tag = null;
+    var wire = text, key = "t:" + text, tag = null, channel = null;
     if (state.mode === "mixed") {
       tag = el.envelope.value === "broadcast" ? "broadcast" : "echo";
-      wire = JSON.stringify({ type: tag, payload: text });
-      key = (tag === "echo" ? "e:" : "r:") + text;
+      if (tag === "echo") {
+        wire = JSON.stringify({ type: tag, payload: text });
+        key = "e:" + text;
+      } else {
+        // On the chosen followed channel; the URL's goes without "channel", as it always has.
+        channel = el.sendChannel.value || state.channel;
+        wire = JSON.stringify(channel === state.channel
+          ? { type: tag, payload: text }
+          : { type: tag, channel: channel, payload: text });
+        key = "r:" + channel + "\n" + text;
+      }
     }
     state.ws.send(wire);
     addPending(key);
-    addEntry({ dir: "out", kind: "text", size: utf8Length(wire), text: text, tag: tag });
+    addEntry({ dir: "out", kind: "text", size: utf8Length(wire), text: text, tag: tag, channel: channel });
   }
 
   function sendBinary(bytes, name) {
@@ -860,102 +885,268 @@
   /* ---------- receiving ---------- */
 
   function onMessage(data) {
-    // The N messages after {"type":"history","count":N} are the server's replay of kept history.
-    var replayed = state.replayLeft > 0;
-    if (replayed) state.replayLeft--;
-    receive(data, replayed);
-    if (replayed && state.replayLeft === 0) logSys("End of replayed history; live messages follow.");
-  }
-
-  function receive(data, replayed) {
-    var add = function (e) {
-      if (replayed) { e.replayed = true; e.rtt = null; }
-      addEntry(e);
-    };
     if (typeof data === "string") {
-      var size = utf8Length(data);
-      if (state.mode === "mixed") {
-        // In mixed mode every peer's message reaches us inside a "broadcast" envelope, so
-        // the other types can only come from the server itself.
-        var msg = null;
-        try { msg = JSON.parse(data); } catch (e) { msg = null; }
-        if (msg && typeof msg === "object" && typeof msg.type === "string") {
-          if (msg.type === "error") {
-            // The server answers a refused refresh with an error, and keeps the old expiry.
-            var refused = state.refreshPending !== null;
-            state.refreshPending = null;
-            add({ dir: "error", kind: "text", size: size, text: String(msg.error), tag: refused ? "refresh refused" : "server notice" });
-            return;
-          }
-          if (msg.type === "refreshed" && !replayed) {
-            onRefreshed(msg, size);
-            return;
-          }
-          if (msg.type === "history" && !replayed) {
-            var count = typeof msg.count === "number" && msg.count > 0 ? Math.floor(msg.count) : 0;
-            state.replayLeft = count;
-            logSys("Replaying " + count + " earlier message" + (count === 1 ? "" : "s") + " kept by the server:");
-            return;
-          }
-          if (msg.type === "recovery" && !replayed) {
-            startRecovery(msg);
-            return;
-          }
-          var p = msg.payload;
-          if (msg.type === "echo" && isSync(p)) {
-            if (state.recovery && p.echoserverPageSync === state.recovery.syncId) endRecovery();
-            return;
-          }
-          var ptext = typeof p === "string" ? p : JSON.stringify(p);
-          var offset = typeof msg.offset === "number" ? msg.offset : null;
-          if (msg.type === "echo") {
-            add({ dir: "in", kind: "text", size: size, text: ptext, tag: "echo", rtt: takePending("e:" + ptext) });
-            return;
-          }
-          if (msg.type === "broadcast") {
-            var entry = { dir: "in", kind: "text", size: size, text: ptext, tag: "broadcast", offset: offset };
-            // Only the channel's own stream moves the resume point: it arrives in offset order.
-            if (offset !== null) state.lastOffset = offset;
-            var rec = state.recovery;
-            if (rec && !replayed) {
-              entry.replayed = true;
-              entry.replayKind = "recovery";
-              entry.rtt = null;
-              rec.count++;
-              if (rec.from === null) rec.from = offset;
-              rec.to = offset;
-            }
-            add(entry);
-            return;
-          }
-          if (msg.type === "broadcastResult") {
-            var n = msg.listenCount;
-            add({
-              dir: "in", kind: "text", size: size, text: ptext, tag: "broadcastResult",
-              extra: typeof n === "number" ? "delivered to " + n + " listener" + (n === 1 ? "" : "s") : null,
-              offset: offset,
-              rtt: takePending("r:" + ptext)
-            });
-            return;
-          }
-        }
-        add({ dir: "in", kind: "text", size: size, text: data });
-        return;
-      }
-      add({ dir: "in", kind: "text", size: size, text: data, rtt: replayed ? null : takePending("t:" + data) });
+      if (state.mode === "mixed") { receiveMixed(data); return; }
+      addEntry({ dir: "in", kind: "text", size: utf8Length(data), text: data, rtt: takePending("t:" + data) });
       return;
     }
     var bytes = new Uint8Array(data);
-    add({ dir: "in", kind: "binary", size: bytes.length, bytes: bytes, rtt: replayed ? null : takePending(binaryKey(bytes)) });
+    addEntry({ dir: "in", kind: "binary", size: bytes.length, bytes: bytes, rtt: takePending(binaryKey(bytes)) });
   }
 
-  /* ---------- resuming with ?since= (mixed mode) ---------- */
+  function channelOf(msg) { return typeof msg.channel === "string" ? msg.channel : state.channel; }
+
+  // In mixed mode every peer's message reaches us inside a "broadcast" envelope, so the
+  // other types can only come from the server itself.
+  function receiveMixed(data) {
+    var size = utf8Length(data);
+    var msg = null;
+    try { msg = JSON.parse(data); } catch (e) { msg = null; }
+    if (!msg || typeof msg !== "object" || typeof msg.type !== "string") {
+      addEntry({ dir: "in", kind: "text", size: size, text: data });
+      return;
+    }
+    var type = msg.type;
+    if (type === "error") { onServerError(msg, size); return; }
+    if (type === "refreshed") { onRefreshed(msg, size); return; }
+    if (type === "history") { onHistory(msg); return; }
+    if (type === "recovery") { startRecovery(msg); return; }
+    if (type === "subscribed") { onSubscribed(msg); return; }
+    if (type === "unsubscribed") { onUnsubscribed(msg); return; }
+    if ((type === "join" || type === "leave") && typeof msg.channel === "string" && typeof msg.user === "string") {
+      onPresence(msg, size);
+      return;
+    }
+    var p = msg.payload;
+    if (type === "echo" && isSync(p)) {
+      if (p.echoserverPageSync === state.syncPending) {
+        state.syncPending = null;
+        if (state.recovery && p.echoserverPageSync === state.recovery.syncId) endRecovery();
+      }
+      return;
+    }
+    var ptext = typeof p === "string" ? p : JSON.stringify(p);
+    var offset = typeof msg.offset === "number" ? msg.offset : null;
+    if (type === "echo") {
+      addEntry({ dir: "in", kind: "text", size: size, text: ptext, tag: "echo", rtt: takePending("e:" + ptext) });
+      return;
+    }
+    if (type === "broadcast") { onBroadcast(msg, ptext, offset, size); return; }
+    if (type === "broadcastResult") {
+      var n = msg.listenCount;
+      var rch = channelOf(msg);
+      addEntry({
+        dir: "in", kind: "text", size: size, text: ptext, tag: "broadcastResult", channel: rch,
+        extra: typeof n === "number" ? "delivered to " + n + " listener" + (n === 1 ? "" : "s") : null,
+        offset: offset,
+        rtt: takePending("r:" + rch + "\n" + ptext)
+      });
+      return;
+    }
+    addEntry({ dir: "in", kind: "text", size: size, text: data });
+  }
+
+  function onBroadcast(msg, ptext, offset, size) {
+    var ch = channelOf(msg);
+    var f = state.follows.get(ch);
+    var entry = { dir: "in", kind: "text", size: size, text: ptext, tag: "broadcast", offset: offset, channel: ch };
+    // Only a channel's own stream moves its resume point: it arrives in offset order.
+    if (f && offset !== null) remember(f, offset, msg.epoch);
+    if (f && f.replayLeft > 0) {
+      // The messages announced by {"type":"history"} or {"type":"subscribed"}.
+      f.replayLeft--;
+      entry.replayed = true;
+      entry.replayKind = f.replay.kind;
+      countReplayed(f.replay, offset);
+      addEntry(entry);
+      if (f.replayLeft === 0) endReplay(f);
+      return;
+    }
+    var rec = state.recovery;
+    if (rec && rec.channel === ch) {
+      // The URL channel's ?since= replay: it ends at the sync echo (see startRecovery).
+      entry.replayed = true;
+      entry.replayKind = "recovery";
+      countReplayed(rec, offset);
+    }
+    addEntry(entry);
+  }
+
+  function countReplayed(rec, offset) {
+    rec.count++;
+    if (rec.from === null) rec.from = offset;
+    rec.to = offset;
+  }
+
+  function onServerError(msg, size) {
+    var ch = typeof msg.channel === "string" ? msg.channel : null;
+    var text = String(msg.error);
+    if (ch !== null) {
+      var f = state.follows.get(ch);
+      if (f && !f.url && (f.status === "pending" || f.status === "leaving")) {
+        // A subscribe refused (too many channels, not allowed, ...), or an unsubscribe of
+        // a channel the server no longer counted: either way it is not followed.
+        var refused = f.status === "pending";
+        state.follows.delete(ch);
+        renderChannels();
+        if (refused) showFollowError("Could not follow " + ch + ": " + text);
+        addEntry({ dir: "error", kind: "text", size: size, text: text, channel: ch, tag: refused ? "subscribe refused" : "server notice" });
+        return;
+      }
+      addEntry({ dir: "error", kind: "text", size: size, text: text, channel: ch, tag: "server notice" });
+      return;
+    }
+    // The server answers a refused refresh with an error, and keeps the old expiry.
+    var refresh = state.refreshPending !== null;
+    state.refreshPending = null;
+    addEntry({ dir: "error", kind: "text", size: size, text: text, tag: refresh ? "refresh refused" : "server notice" });
+  }
+
+  function nonNegative(v) { return typeof v === "number" && isFinite(v) && v > 0 ? Math.floor(v) : 0; }
+
+  function onHistory(msg) {
+    var f = state.follows.get(channelOf(msg));
+    var count = nonNegative(msg.count);
+    if (!f || !count) return;
+    startReplay(f, "history", count, null);
+    logSys("Replaying " + plural(count, "earlier message") + (f.url ? "" : " of " + f.name) + " kept by the server:");
+  }
+
+  function startReplay(f, kind, count, rec) {
+    f.replayLeft = count;
+    f.replay = rec || { kind: kind, count: 0, from: null, to: null };
+    f.replay.kind = kind;
+  }
+
+  function endReplay(f) {
+    var rec = f.replay;
+    f.replay = null;
+    var on = f.url ? "" : " on " + f.name;
+    if (rec.kind === "history") logSys("End of replayed history" + on + "; live messages follow.");
+    else logSys(recoverySummary(rec) + on + "; live messages follow.");
+  }
+
+  /* ---------- resuming every channel after a reconnect (mixed mode) ---------- */
+
+  var EPOCH_RE = /^[A-Za-z0-9_-]{1,32}$/;
+
+  // A channel followed on this connection. offset/epoch: the last message seen on it (the
+  // resume point); status: "waiting" (no connection), "pending" (subscribe sent),
+  // "subscribed", "leaving" (unsubscribe sent). roster: user -> info, from join and leave
+  // events only (a page cannot hold the API key that GET .../presence needs).
+  function newFollow(name) {
+    return {
+      name: name, url: false, status: "waiting", offset: null, epoch: null,
+      replayLeft: 0, replay: null, sent: null,
+      roster: new Map(), presence: false, stale: false, joined: false, gap: ""
+    };
+  }
+
+  function remember(f, offset, epoch) {
+    if (typeof epoch === "string" && EPOCH_RE.test(epoch)) f.epoch = epoch;
+    if (typeof offset === "number" && offset >= 0) f.offset = offset;
+    renderChannels();
+  }
+
+  // What the server says a channel's numbering is now (a recovery or subscribed answer):
+  // a new epoch makes the old offset meaningless; `last` (nothing to replay) is where the
+  // channel stands, "" (nothing published yet) is offset 0 of a numbering still to come.
+  function adopt(f, epoch, count, last) {
+    if (typeof epoch === "string") {
+      var now = EPOCH_RE.test(epoch) ? epoch : null;
+      if (now !== f.epoch) { f.epoch = now; f.offset = epoch === "" ? 0 : null; }
+    }
+    if (!count && typeof last === "number" && last >= 0) f.offset = last;
+    renderChannels();
+  }
+
+  // The URL's channel is joined by the handshake (with ?since=&epoch= when the page has a
+  // position on it); every other followed channel is subscribed now, with its own.
+  function followAll(urlFollow, since, epoch) {
+    urlFollow.status = "subscribed";
+    urlFollow.sent = since === null ? null : { since: since, epoch: epoch };
+    markStale(urlFollow);
+    if (since !== null) {
+      // Sent first: its reply comes after the URL channel's replay (already queued by the
+      // handshake), so the broadcasts before it are that replay. See startRecovery.
+      var id = ++state.syncSeq;
+      state.syncPending = id;
+      state.ws.send(JSON.stringify({ type: "echo", payload: { echoserverPageSync: id } }));
+    }
+    state.follows.forEach(function (f) {
+      if (f.url) return;
+      if (f.status === "leaving") state.follows.delete(f.name);   // its unsubscribe was not answered
+      else subscribe(f);
+    });
+    renderChannels();
+  }
+
+  function markStale(f) {
+    if (f.joined && f.roster.size) f.stale = true;
+    f.joined = true;
+  }
+
+  function subscribe(f) {
+    var req = { type: "subscribe", channel: f.name };
+    if (f.offset !== null) {
+      req.since = f.offset;
+      if (f.epoch !== null) req.epoch = f.epoch;
+    }
+    f.sent = f.offset === null ? null : { since: f.offset, epoch: f.epoch };
+    f.status = "pending";
+    f.replayLeft = 0;
+    f.replay = null;
+    var wire = JSON.stringify(req);
+    state.ws.send(wire);
+    addEntry({
+      dir: "out", kind: "text", size: utf8Length(wire), tag: "subscribe", channel: f.name,
+      text: "Follow " + f.name + (f.sent ? " after offset " + f.sent.since + (f.sent.epoch ? " of epoch " + f.sent.epoch : "") : "")
+    });
+  }
+
+  function followsClosed() {
+    state.follows.forEach(function (f) {
+      if (f.status === "leaving") state.follows.delete(f.name);
+      else f.status = "waiting";
+      f.replayLeft = 0;
+      f.replay = null;
+    });
+    renderChannels();
+  }
+
+  function onSubscribed(msg) {
+    var ch = channelOf(msg);
+    var f = state.follows.get(ch);
+    if (!f) { logSys("Subscribed to " + ch + "."); return; }
+    if (f.status === "pending") f.status = "subscribed";
+    markStale(f);
+    var count = nonNegative(msg.count);
+    var first = typeof msg.first === "number" ? msg.first : null;
+    var sent = f.sent;
+    var recovered = msg.recovered === true;
+    if (sent !== null && !recovered) missed(f, sent, first, msg.epoch);
+    adopt(f, msg.epoch, count, msg.last);
+    if (sent === null) {
+      logSys("Following " + ch + (count ? ": replaying " + plural(count, "earlier message") + " kept by the server:" : "."));
+    } else if (recovered && !count) {
+      logSys("Resumed " + ch + " after offset " + sent.since + ": nothing was published meanwhile.");
+    }
+    if (count) startReplay(f, sent === null ? "history" : "recovery", count, { recovered: recovered, count: 0, from: null, to: null });
+  }
+
+  function onUnsubscribed(msg) {
+    var ch = channelOf(msg);
+    var f = state.follows.get(ch);
+    if (f && !f.url) state.follows.delete(ch);
+    renderChannels();
+    logSys("Stopped following " + ch + ".");
+  }
 
   // The server answers a ?since= join with {"type":"recovery",...} and then replays the kept
   // messages after `since`; it does not say how many. So the page sends an echo of its own
-  // right away: the server queues its reply behind everything already queued for this
-  // connection, so the broadcasts that arrive before it are the replay (plus any published
-  // in the moment the page was reconnecting, which it had missed all the same).
+  // as soon as the connection opens: the server queues its reply behind everything already
+  // queued for this connection, so the URL channel's broadcasts before it are the replay
+  // (plus any published in the moment the page was reconnecting, which it had missed all the same).
   function isSync(p) {
     return !!p && typeof p === "object" && !Array.isArray(p) && typeof p.echoserverPageSync === "number";
   }
@@ -963,45 +1154,289 @@
   function range(a, b) { return a === b ? "offset " + a : "offsets " + a + "–" + b; }
   function plural(n, word) { return n + " " + word + (n === 1 ? "" : "s"); }
 
+  // A resume that was not complete: say what may be missing, in the log and on the channel.
+  function missed(f, sent, first, epochNow) {
+    var since = sent.since;
+    var text;
+    var limits = " The server keeps a bounded history per channel (broadcast.history messages, " +
+      "for up to broadcast.history_ttl seconds).";
+    if (sent.epoch !== null && typeof epochNow === "string" && epochNow !== sent.epoch) {
+      text = "Some messages may have been missed: the server numbers the channel anew (epoch " +
+        (epochNow === "" ? "not started yet" : epochNow) + ", was " + sent.epoch + "): it lost the channel's " +
+        "state (a restart with the memory broker, a flushed or replaced Redis), so what came after offset " +
+        since + " cannot be recovered." +
+        (first !== null ? " Replaying what is kept of the new numbering from offset " + first + "." : "");
+      f.gap = "Not recovered: a new epoch (" + (epochNow || "nothing published yet") + ") after offset " + since +
+        " of epoch " + sent.epoch + ". Messages may have been missed.";
+    } else {
+      if (first !== null && first <= since) {
+        text = "Some messages were missed: the channel's offsets started again from 1 (the server lost " +
+          "its state: a restart with the memory broker, or a flushed Redis), so what came after offset " +
+          since + " cannot be told apart. Replaying what is kept from offset " + first + ".";
+      } else if (first !== null && first > since + 1) {
+        text = "Some messages were missed: " + range(since + 1, first - 1) + " (" +
+          plural(first - since - 1, "message") + ") are no longer kept." + limits +
+          " Replaying the rest from offset " + first + ".";
+      } else if (first === null) {
+        text = "Some messages may have been missed: the server could replay none of those after offset " + since +
+          "." + limits + " With history off, while the broker is unreachable, or after a restart that lost the " +
+          "channel's offsets, nothing is kept to replay.";
+      } else {
+        text = "Could not recover every message after offset " + since + "." + limits;
+      }
+      f.gap = "Not recovered after offset " + since + ": messages may have been missed.";
+    }
+    f.gap += " (" + clock(new Date()) + ")";
+    addEntry({ dir: "error", kind: "", size: null, text: text, channel: f.name, tag: "not recovered" });
+    renderChannels();
+  }
+
   function startRecovery(msg) {
+    var f = state.follows.get(channelOf(msg));
+    if (!f) return;
     var since = typeof msg.since === "number" ? msg.since : null;
     var first = typeof msg.first === "number" ? msg.first : null;
     var recovered = msg.recovered === true;
-    if (!recovered) {
-      var limits = " The server keeps a bounded history per channel (broadcast.history messages, " +
-        "for up to broadcast.history_ttl seconds).";
-      if (first !== null && since !== null && first <= since) {
-        logError("Some messages were missed: the channel's offsets started again from 1 (the server lost " +
-          "its state: a restart with the memory broker, or a flushed Redis), so what came after offset " +
-          since + " cannot be told apart. Replaying what is kept from offset " + first + ".");
-      } else if (first !== null && since !== null && first > since + 1) {
-        logError("Some messages were missed: " + range(since + 1, first - 1) + " (" +
-          plural(first - since - 1, "message") + ") are no longer kept." + limits +
-          " Replaying the rest from offset " + first + ".");
-      } else if (first === null) {
-        logError("Some messages may have been missed: the server could replay none of those after offset " + since +
-          "." + limits + " With history off, while the broker is unreachable, or after a restart that lost the " +
-          "channel's offsets, nothing is kept to replay.");
-      } else {
-        logError("Could not recover every message after offset " + since + "." + limits);
-      }
-    }
+    var sent = f.sent || { since: since, epoch: null };
+    if (!recovered) missed(f, sent, first, msg.epoch);
+    adopt(f, msg.epoch, first === null ? 0 : 1, recovered && first === null ? since : null);
     if (first === null) {
       if (recovered) logSys("Resumed after offset " + since + ": nothing was published meanwhile.");
       return;
     }
-    var id = ++state.syncSeq;
-    state.recovery = { since: since, recovered: recovered, first: first, count: 0, from: null, to: null, syncId: id };
-    if (isOpen()) state.ws.send(JSON.stringify({ type: "echo", payload: { echoserverPageSync: id } }));
+    var id = state.syncPending;
+    if (id === null && isOpen()) {
+      id = state.syncPending = ++state.syncSeq;
+      state.ws.send(JSON.stringify({ type: "echo", payload: { echoserverPageSync: id } }));
+    }
+    state.recovery = { channel: f.name, recovered: recovered, count: 0, from: null, to: null, syncId: id };
+  }
+
+  function recoverySummary(rec) {
+    var what = rec.count ? plural(rec.count, "message") + " (" + range(rec.from, rec.to) + ")" : "no messages";
+    return rec.recovered
+      ? "Recovered " + what + " published while disconnected"
+      : "Replayed the " + what + " still kept";
   }
 
   function endRecovery() {
     var rec = state.recovery;
     state.recovery = null;
-    var what = rec.count ? plural(rec.count, "message") + " (" + range(rec.from, rec.to) + ")" : "no messages";
-    logSys((rec.recovered
-      ? "Recovered " + what + " published while disconnected"
-      : "Replayed the " + what + " still kept") + "; live messages follow.");
+    logSys(recoverySummary(rec) + "; live messages follow.");
+  }
+
+  /* ---------- presence: who is on each channel, from join and leave events ---------- */
+
+  var MAX_INFO_CHARS = 300;
+  var MAX_ROSTER = 200;      // users listed per channel
+
+  function infoText(info) {
+    if (info === undefined || info === null) return "";
+    var t = typeof info === "string" ? info : JSON.stringify(info);
+    return t.length > MAX_INFO_CHARS ? t.slice(0, MAX_INFO_CHARS) + "…" : t;
+  }
+
+  function isMe(user) { return !!state.connToken && state.connToken.sub === user; }
+
+  function onPresence(msg, size) {
+    var join = msg.type === "join";
+    var f = state.follows.get(msg.channel);
+    if (f) {
+      f.presence = true;
+      if (join) f.roster.set(msg.user, infoText(msg.info));
+      else f.roster.delete(msg.user);
+      renderChannels();
+    }
+    var info = infoText(msg.info);
+    addEntry({
+      dir: "sys", kind: "", size: size, tag: msg.type, channel: msg.channel,
+      text: msg.user + (isMe(msg.user) ? " (you)" : "") + (join ? " joined" : " left") + (info ? " · " + info : "")
+    });
+  }
+
+  /* ---------- the channels card: follow, unfollow, positions, rosters ---------- */
+
+  // The URL's channel: first in state.follows, created afresh unless already followed.
+  function setUrlChannel(channel) {
+    var old = null;
+    state.follows.forEach(function (f) { if (f.url) old = f; });
+    if (old && old.name === channel) return old;
+    var f = state.follows.get(channel) || newFollow(channel);
+    f.url = true;
+    var next = new Map([[channel, f]]);
+    state.follows.forEach(function (g, name) { if (g !== old && name !== channel) next.set(name, g); });
+    state.follows = next;
+    renderChannels();
+    return f;
+  }
+
+  function showFollowError(text) {
+    el.followError.textContent = text;
+    el.followError.hidden = !text;
+  }
+
+  function addFollow() {
+    showFollowError("");
+    var name = el.followChannel.value.trim();
+    if (!channelOk(name)) {
+      showFollowError(name ? "Invalid channel: use 1–64 characters of A–Z a–z 0–9 _ . -" : "Type a channel name to follow.");
+      el.followChannel.setAttribute("aria-invalid", "true");
+      return;
+    }
+    el.followChannel.removeAttribute("aria-invalid");
+    if (state.follows.has(name)) { showFollowError("Already following " + name + "."); return; }
+    var f = newFollow(name);
+    state.follows.set(name, f);
+    el.followChannel.value = "";
+    if (isOpen() && state.mode === "mixed") subscribe(f);
+    renderChannels();
+  }
+
+  function removeFollow(name) {
+    var f = state.follows.get(name);
+    if (!f || f.url) return;
+    if (isOpen() && (f.status === "pending" || f.status === "subscribed")) {
+      f.status = "leaving";
+      var wire = JSON.stringify({ type: "unsubscribe", channel: name });
+      state.ws.send(wire);
+      addEntry({ dir: "out", kind: "text", size: utf8Length(wire), tag: "unsubscribe", channel: name, text: "Stop following " + name });
+    } else {
+      state.follows.delete(name);
+    }
+    renderChannels();
+    if (document.activeElement === document.body) el.followChannel.focus();
+  }
+
+  var STATUS_TEXT = { waiting: "not connected", pending: "subscribing…", subscribed: "following", leaving: "leaving…" };
+  var rows = new Map();     // channel -> {li, parts..., version}
+  var channelsFrame = false;
+
+  function renderChannels() {
+    if (channelsFrame) return;
+    channelsFrame = true;
+    requestAnimationFrame(drawChannels);
+  }
+
+  function makeRow(name) {
+    var li = document.createElement("li");
+    li.className = "chan-row";
+    li.setAttribute("data-channel", name);
+    var head = document.createElement("div");
+    head.className = "chan-head";
+    li.appendChild(head);
+    var r = { li: li, roster: null };
+    r.name = appendSpan(head, "chan-name mono", name);
+    r.urlTag = appendSpan(head, "chan-url", "URL channel");
+    r.urlTag.title = "The channel in the connection's URL; change it in the Channel field above";
+    r.status = appendSpan(head, "chan-status", "");
+    r.pos = appendSpan(head, "chan-pos mono", "");
+    r.pos.title = "The last message seen: where a reconnect resumes this channel";
+    r.remove = document.createElement("button");
+    r.remove.type = "button";
+    r.remove.className = "btn small chan-remove";
+    r.remove.textContent = "Remove";
+    r.remove.setAttribute("aria-label", "Stop following " + name);
+    r.remove.addEventListener("click", function () { removeFollow(name); });
+    head.appendChild(r.remove);
+    r.gap = document.createElement("p");
+    r.gap.className = "chan-gap";
+    li.appendChild(r.gap);
+    r.who = document.createElement("div");
+    r.who.className = "chan-who";
+    li.appendChild(r.who);
+    r.whoKey = null;
+    return r;
+  }
+
+  function drawChannels() {
+    channelsFrame = false;
+    var order = [];
+    state.follows.forEach(function (f, name) {
+      var r = rows.get(name);
+      if (!r) { r = makeRow(name); rows.set(name, r); }
+      order.push(r.li);
+      r.li.setAttribute("data-status", f.status);
+      r.li.setAttribute("data-url", String(f.url));
+      r.urlTag.hidden = !f.url;
+      r.remove.hidden = f.url;
+      r.remove.disabled = f.status === "leaving";
+      setText(r.status, STATUS_TEXT[f.status] || f.status);
+      setText(r.pos, f.offset === null ? "no position yet"
+        : "offset " + f.offset + (f.epoch !== null ? " · epoch " + f.epoch : ""));
+      if (f.offset === null) r.pos.removeAttribute("data-offset");
+      else r.pos.setAttribute("data-offset", String(f.offset));
+      if (f.epoch === null) r.pos.removeAttribute("data-epoch");
+      else r.pos.setAttribute("data-epoch", f.epoch);
+      setText(r.gap, f.gap);
+      r.gap.hidden = !f.gap;
+      drawRoster(r, f);
+    });
+    rows.forEach(function (r, name) {
+      if (!state.follows.has(name)) { r.li.remove(); rows.delete(name); }
+    });
+    // Move rows only when the order changed (moving a node drops its focus).
+    var kids = el.channels.children;
+    var same = kids.length === order.length;
+    for (var i = 0; same && i < order.length; i++) same = kids[i] === order[i];
+    if (!same) order.forEach(function (li) { el.channels.appendChild(li); });
+    renderSendChannels();
+  }
+
+  // Server data (user names, info) reaches the page as textContent only.
+  function drawRoster(r, f) {
+    var users = [];
+    f.roster.forEach(function (info, user) { users.push([user, info]); });
+    users.sort(function (a, b) { return a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0; });
+    var key = JSON.stringify([f.presence, f.stale, users, state.connToken && state.connToken.sub]);
+    if (key === r.whoKey) return;
+    r.whoKey = key;
+    r.who.textContent = "";
+    r.who.setAttribute("data-presence", String(f.presence));
+    if (!f.presence) {
+      appendSpan(r.who, "help", "Who is here: not shown (no join or leave events seen; only namespaces with join_leave send them).");
+      return;
+    }
+    var head = document.createElement("p");
+    head.className = "chan-who-head";
+    appendSpan(head, "label", "Here");
+    appendSpan(head, "muted small", " (" + plural(users.length, "user") + " seen joining since the page followed it; anyone there before is not listed)");
+    r.who.appendChild(head);
+    var ul = document.createElement("ul");
+    ul.className = "roster";
+    users.slice(0, MAX_ROSTER).forEach(function (u) {
+      var li = document.createElement("li");
+      li.setAttribute("data-user", u[0]);
+      appendSpan(li, "user mono", u[0]);
+      if (isMe(u[0])) appendSpan(li, "you muted", " (you)");
+      if (u[1]) appendSpan(li, "info mono", u[1]);
+      ul.appendChild(li);
+    });
+    r.who.appendChild(ul);
+    if (users.length > MAX_ROSTER) appendSpan(r.who, "help", "… and " + (users.length - MAX_ROSTER) + " more");
+    if (f.stale) {
+      appendSpan(r.who, "help chan-stale", "Joins and leaves while the page was disconnected are not replayed: this list may be out of date.");
+    }
+  }
+
+  // The composer's "Publish on": the URL's channel and every channel followed now.
+  function renderSendChannels() {
+    var names = [];
+    state.follows.forEach(function (f, name) { if (f.url || f.status === "subscribed" || f.status === "pending") names.push(name); });
+    var cur = el.sendChannel.value;
+    var opts = el.sendChannel.options;
+    var same = opts.length === names.length;
+    for (var i = 0; same && i < names.length; i++) same = opts[i].value === names[i];
+    if (!same) {
+      el.sendChannel.textContent = "";
+      names.forEach(function (n) {
+        var o = document.createElement("option");
+        o.value = n;
+        o.textContent = n;
+        el.sendChannel.appendChild(o);
+      });
+      el.sendChannel.value = names.indexOf(cur) >= 0 ? cur : names[0] || "";
+    }
+    el.sendChannel.disabled = el.envelope.value !== "broadcast";
   }
 
   /* ---------- publishing and subscribing with curl ---------- */
@@ -1099,6 +1534,7 @@
       e.text = null;
     }
     e.search = (DIR_LABEL[e.dir] + " " + e.kind + " " + (e.tag || "") + " " +
+      (e.channel ? "channel " + e.channel + " " : "") +
       (e.offset !== null && e.offset !== undefined ? "offset " + e.offset + " " : "") +
       (e.replayed ? (e.replayKind === "recovery" ? "recovered replayed " : "replayed ") : "") +
       (e.extra || "") + " " + e.display).toLowerCase();
@@ -1137,6 +1573,11 @@
     if (e.kind) appendSpan(meta, "kind", e.kind);
     if (e.size !== null && e.size !== undefined) appendSpan(meta, "size", fmtBytes(e.size));
     if (e.tag) appendSpan(meta, "tag", e.tag);
+    if (e.channel) {
+      var c = appendSpan(meta, "chan", e.channel);
+      c.title = "Channel";
+      div.setAttribute("data-channel", e.channel);
+    }
     if (e.offset !== null && e.offset !== undefined) {
       appendSpan(meta, "offset", "offset " + e.offset).title = "The message's position on its channel";
     }
@@ -1256,6 +1697,8 @@
     }
   });
   el.msgtype.addEventListener("change", updateComposerHints);
+  el.envelope.addEventListener("change", renderSendChannels);
+  el.followForm.addEventListener("submit", function (ev) { ev.preventDefault(); addFollow(); });
   el.encoding.addEventListener("change", updateComposerHints);
   el.file.addEventListener("change", updateComposerHints);
 

@@ -772,7 +772,9 @@ def test_reconnect_resumes_from_the_last_offset_through_redis(tabs, redis):
         t.entry("in", "live after")
         urls = _socket_urls(t)
         assert urls[0].endswith("/ws/resume"), urls
-        assert len(urls) >= 2 and all(u.endswith("/ws/resume?since=2") for u in urls[1:]), urls
+        # Each resume names the epoch of offset 2 too (issue 21: an offset never lies).
+        resumed = re.compile(r"/ws/resume\?since=2&epoch=[A-Za-z0-9_-]{1,32}$")
+        assert len(urls) >= 2 and all(resumed.search(u) for u in urls[1:]), urls
         assert "?since=2" in t.page.text_content("#url")
         assert t.page.evaluate(RECEIVED_BROADCASTS) == [
             ["before 1", "offset 1", None],
@@ -806,7 +808,7 @@ def test_recovery_says_what_was_missed_when_history_is_too_short(tabs):
             _publish(server, "short", f"gone {i}")  # offsets 3..7; only 5..7 are kept
         t.page.check("#reconnect")
         t.wait_state("open", timeout=20_000)
-        assert _socket_urls(t)[-1].endswith("/ws/short?since=2")
+        assert re.search(r"/ws/short\?since=2&epoch=[A-Za-z0-9_-]+$", _socket_urls(t)[-1])
         missed = t.entry("error", "Some messages were missed").first.text_content()
         assert "offsets 3\u20134 (2 messages) are no longer kept" in missed, missed
         assert "broadcast.history" in missed
