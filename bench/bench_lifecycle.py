@@ -241,7 +241,7 @@ def one_run(variant: Variant, setup: Setup, args: argparse.Namespace) -> dict[st
             result = procs.run_load(load_args, timeout)
             if server.proc is not None and server.proc.poll() is not None:
                 raise RuntimeError(f"server exited during the run\n{server.log_tail()}")
-        # Requests still in flight when the server stopped may land after it: a moment.
+        # The server has exited (its webhooks flush on the way out): every request is in.
         if variant.webhooks:
             result["webhooks"] = difference(setup.sink.counts(), hooks_before)
         return result
