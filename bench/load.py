@@ -84,6 +84,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--slow-clients", type=int, default=0, help="clients that never read")
     p.add_argument("--slow-rcvbuf", type=int, default=4096, help="their SO_RCVBUF")
     p.add_argument("--rss-limit-mb", type=int, default=4096, help="stop if the server grows past")
+    p.add_argument(
+        "--tokens", metavar="FILE", help="one token a line: receiver i sends ?token=<line i>"
+    )
+    p.add_argument(
+        "--join-settle",
+        type=float,
+        default=0.0,
+        help="seconds after the probe still counted in the join phase (work the joins started)",
+    )
+    p.add_argument("--redis-pid", type=int, default=0, help="also read this redis-server's CPU")
 
     p = sub.add_parser("fanout", help="N members of one channel, broadcasts on command")
     target(p)

@@ -101,6 +101,20 @@ class Receiver(Closing):
         self.run.delivered(seq)
 
 
+def read_tokens(path: str, count: int) -> list[str]:
+    """One token a line, at least `count` of them (every receiver its own)."""
+    with open(path) as f:
+        tokens = [line.strip() for line in f if line.strip()]
+    if len(tokens) < count:
+        raise SystemExit(f"load: {path} has {len(tokens)} tokens for {count} receivers")
+    return tokens
+
+
+def cpu_ns(pid: int) -> int:
+    """A process's CPU time in ns (every thread, schedstat), 0 for no process."""
+    return procstat.read_cpu_ns(pid) if pid else 0
+
+
 def open_raw_reader(host: str, port: int, path: str, rcvbuf: int) -> socket.socket:
     """A client that completes the handshake and then never reads (small receive buffer)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -133,14 +147,21 @@ async def broadcast_main(args: argparse.Namespace) -> dict[str, Any]:
     run = BroadcastRun(args.receivers, args.size)
     path = f"{args.path}/{args.channel}"
     url = f"ws://{args.host}:{args.port}{path}"
+    tokens = read_tokens(args.tokens, args.receivers) if args.tokens else None
+    pid, redis_pid = args.server_pid, args.redis_pid
+    # The join phase: from the first connect to the probe's completion plus --join-settle
+    # (what the joins set off after their 101: presence writes, webhook requests).
+    join_cpu0 = cpu_ns(pid), cpu_ns(redis_pid)
+    join_t0 = time.perf_counter()
     results = await connect_many(
-        url,
+        (lambda i: f"{url}?token={tokens[i]}") if tokens else url,
         lambda _i: Receiver(run),
         args.receivers,
         concurrency=64,
         timeout=60,
         read_buffer=max(16 * 1024, args.size + 64),
     )
+    join_s = time.perf_counter() - join_t0
     receivers: list[Receiver] = all_connected(results, "receiver")
     run.sender = receivers[0].transport
     slow = [
@@ -154,8 +175,17 @@ async def broadcast_main(args: argparse.Namespace) -> dict[str, Any]:
     if not await wait_until(lambda: run.completed == 1, 10):
         got = sum(1 for r in receivers if r.expected > 0)
         raise SystemExit(f"load: probe broadcast reached {got} of {len(receivers)} receivers")
+    await asyncio.sleep(args.join_settle)
+    join_cpu1 = cpu_ns(pid), cpu_ns(redis_pid)
+    join = {
+        "join_s": join_s,
+        "join_joins_per_s": len(receivers) / join_s,
+        "join_phase_s": time.perf_counter() - join_t0,
+        "join_server_us_per_join": (join_cpu1[0] - join_cpu0[0]) / 1e3 / len(receivers),
+    }
+    if redis_pid:
+        join["join_redis_us_per_join"] = (join_cpu1[1] - join_cpu0[1]) / 1e3 / len(receivers)
 
-    pid = args.server_pid
     peak = {"rss_kb": procstat.read_rss_kb(pid) if pid else 0}
     rss_before = peak["rss_kb"]
     stop_early: list[str] = []
@@ -182,6 +212,7 @@ async def broadcast_main(args: argparse.Namespace) -> dict[str, Any]:
     await sleep_unless_stopped(args.warmup)
     server_cpu0 = procstat.read_cpu_seconds(pid) if pid else 0.0
     waits0 = procstat.read_run_delay(pid) if pid else 0.0, procstat.read_run_delay()
+    redis0 = cpu_ns(redis_pid)
     rss0 = procstat.read_rss_kb(pid) if pid else 0
     cpu0, t0, d0, c0 = cpu_self(), time.perf_counter(), run.deliveries, run.completed
     run.recording = True
@@ -190,6 +221,7 @@ async def broadcast_main(args: argparse.Namespace) -> dict[str, Any]:
     cpu1, t1, d1, c1 = cpu_self(), time.perf_counter(), run.deliveries, run.completed
     server_cpu1 = procstat.read_cpu_seconds(pid) if pid else 0.0
     waits1 = procstat.read_run_delay(pid) if pid else 0.0, procstat.read_run_delay()
+    redis1 = cpu_ns(redis_pid)
     rss1 = procstat.read_rss_kb(pid) if pid else 0
     run.sending = False
     if watcher is not None:
@@ -220,7 +252,10 @@ async def broadcast_main(args: argparse.Namespace) -> dict[str, Any]:
         **run_queue_waits(waits0, waits1, elapsed),
         "stopped_early": stop_early[0] if stop_early else None,
         **latency_summary(run.latencies, "completion"),
+        **join,
     }
+    if redis_pid and deliveries:
+        result["redis_us_per_delivery"] = (redis1 - redis0) / 1e3 / deliveries
     if pid:
         result.update(
             server_cpu_s=server_cpu1 - server_cpu0,

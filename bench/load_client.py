@@ -92,7 +92,7 @@ async def wait_until(condition: Callable[[], bool], timeout: float, step: float 
 
 
 async def connect_many(
-    url: str,
+    url: str | Callable[[int], str],
     factory: Callable[[int], WSListener],
     count: int,
     *,
@@ -101,15 +101,20 @@ async def connect_many(
     socket_factory: Callable[[int], socket.socket] | None = None,
     read_buffer: int = 16 * 1024,
 ) -> list[tuple[WSTransport, Any] | BaseException]:
-    """Open `count` connections, at most `concurrency` handshakes at a time, within `timeout`."""
+    """Open `count` connections, at most `concurrency` handshakes at a time, within `timeout`.
+
+    `url` is every connection's, or a function of the connection's index (its own token)."""
     gate = asyncio.Semaphore(concurrency)
+
+    def url_of(i: int) -> str:
+        return url(i) if callable(url) else url
 
     async def one(i: int) -> tuple[WSTransport, Any]:
         async with gate:
             sock_factory = None if socket_factory is None else (lambda _url: socket_factory(i))
             return await ws_connect(
                 lambda: factory(i),
-                url,
+                url_of(i),
                 websocket_handshake_timeout=min(timeout, 10),
                 read_buffer_init_size=read_buffer,
                 socket_factory=sock_factory,

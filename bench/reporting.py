@@ -153,9 +153,14 @@ class Metric:
 
 
 def summary_table(
-    results: dict[str, list[Result]], metrics: Sequence[Metric], names: dict[str, str]
+    results: dict[str, list[Result]],
+    metrics: Sequence[Metric],
+    names: dict[str, str],
+    *,
+    versus: str | None = None,
 ) -> str:
-    """Medians per server, then the ratio ours/baseline when both ran."""
+    """Medians per server, then the ratio ours/baseline when both ran; with `versus`, the
+    ratio of every other server's medians to that one's instead."""
     rows = []
     medians: dict[str, list[float | None]] = {}
     for kind, runs in results.items():
@@ -165,7 +170,18 @@ def summary_table(
             [f"{names[kind]} ({ok}/{len(runs)} runs)"]
             + [fmt(v, m.digits) for v, m in zip(medians[kind], metrics, strict=True)]
         )
-    if "baseline" in medians and "ours" in medians:
+    if versus is not None and versus in medians:
+        for kind in medians:
+            if kind == versus:
+                continue
+            rows.append(
+                [f"{names[kind]} / {names[versus]}"]
+                + [
+                    fmt_ratio(ratio(o, b)) if m.ratio else ""
+                    for o, b, m in zip(medians[kind], medians[versus], metrics, strict=True)
+                ]
+            )
+    elif "baseline" in medians and "ours" in medians:
         rows.append(
             [f"{names['ours']} / baseline"]
             + [

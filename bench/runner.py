@@ -81,12 +81,22 @@ def check_runs(runs: int) -> None:
 
 @contextlib.contextmanager
 def started_server(
-    kind: str, mode: str, *, uvloop: bool, custom: str | None
+    kind: str,
+    mode: str,
+    *,
+    uvloop: bool,
+    custom: str | None,
+    command: Callable[[int], Sequence[str]] | None = None,
 ) -> Iterator[procs.Server]:
-    """Start one server under test on a free port; stop it on the way out."""
+    """Start one server under test on a free port; stop it on the way out.
+
+    `command(port)`, when given, is the server's command line in place of the kind's."""
     port = procs.free_port()
     server = procs.Server(
-        procs.server_command(kind, mode, port, uvloop=uvloop, custom=custom), port
+        command(port)
+        if command is not None
+        else procs.server_command(kind, mode, port, uvloop=uvloop, custom=custom),
+        port,
     )
     try:
         server.start()

@@ -92,15 +92,21 @@ def _public_pem(private_key: Any) -> bytes:
 _KEY_NAMES = {"RS": "rsa-2048", "PS": "rsa-2048", "ES": "ec-p256", "Ed": "ed25519"}
 
 
-def mint(algorithm: str, key: Any, count: int, *, prefix: str = "storm") -> list[str]:
-    """`count` tokens, each with its own sub (`storm-0`, `storm-1`, ...) and a day to live."""
+def mint(
+    algorithm: str, key: Any, count: int, *, prefix: str = "storm", info: bool = False
+) -> list[str]:
+    """`count` tokens, each with its own sub (`storm-0`, `storm-1`, ...) and a day to live;
+    with `info`, an `info` claim too ({"name": sub}, what presence and webhooks carry)."""
     import jwt
 
     exp = int(time.time()) + LIFETIME_S
-    return [
-        jwt.encode({"sub": f"{prefix}-{i}", "exp": exp}, key, algorithm=algorithm)
-        for i in range(count)
-    ]
+    tokens = []
+    for i in range(count):
+        claims: dict[str, Any] = {"sub": f"{prefix}-{i}", "exp": exp}
+        if info:
+            claims["info"] = {"name": claims["sub"]}
+        tokens.append(jwt.encode(claims, key, algorithm=algorithm))
+    return tokens
 
 
 def prepare(name: str, count: int, directory: Path) -> Prepared:
