@@ -98,6 +98,7 @@ class Webhooks:
         self._pending: deque[_Report] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._claiming = False
 
     @property
     def enabled(self) -> bool:
@@ -131,6 +132,38 @@ class Webhooks:
             self.sender.drops.dropped("queue_full", 1)
         self._pending.append(_Report(kind, channel, user, time.time() if at is None else at, info))
         self._wake.set()
+
+    def deliver(
+        self,
+        kind: str,
+        seq: int,
+        *,
+        channel: str | None = None,
+        user: str | None = None,
+        at: float | None = None,
+        info: Any = None,
+    ) -> None:
+        """Queue an event whose transition is already owned, `seq` its number: the
+        lifecycle holds (brokers/lifecycle_holds.py) move the ledger with their own write."""
+        if not self.enabled or kind not in self._tracked:
+            return
+        assert self.sender is not None
+        self.sender.counts.reports["owned"] += 1
+        if kind in self.events:
+            report = _Report(kind, channel, user, time.time() if at is None else at, info)
+            self.sender.put(event(report, seq))
+
+    async def flushed(self, limit: float) -> None:
+        """Wait (up to `limit` seconds) until every report so far is claimed."""
+        deadline = time.monotonic() + limit
+        while (self._pending or self._claiming) and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+
+    def unchanged(self, kind: str) -> None:
+        """A lifecycle hold that moved no state (another process holds it): counted."""
+        if self.wants(kind):
+            assert self.sender is not None
+            self.sender.counts.reports["unchanged"] += 1
 
     def start(self) -> None:
         if self.enabled and self._task is None:
@@ -169,7 +202,11 @@ class Webhooks:
             for report in reports:
                 scope, flag = ledger_key(report.kind, report.channel, report.user)
                 claims.append(ledger.transition(scope, flag, KINDS[report.kind].active))
-            results = await asyncio.gather(*claims, return_exceptions=True)
+            self._claiming = True
+            try:
+                results = await asyncio.gather(*claims, return_exceptions=True)
+            finally:
+                self._claiming = False
             for report, result in zip(reports, results, strict=True):
                 if isinstance(result, BrokerUnavailable):
                     sender.counts.dropped["broker_unavailable"] += 1

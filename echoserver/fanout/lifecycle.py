@@ -1,0 +1,312 @@
+"""Lifecycle across processes: user_online/user_offline, channel_occupied/channel_vacated,
+and the sweep of a crashed process's users and channels.
+
+A user is online while they have a connection (any channel, WebSocket or SSE) on any
+process; a channel is occupied while it has a member (guests included) on any process.
+This process counts its own (Authority.on_user for users; the hub's member counts, through
+TrackedPresence.set_local, for channels) and holds an entry in the scope while its count
+is above 0, and for `grace` seconds (broadcast.presence_grace) after it reaches 0: a
+return within the grace, here or on another process, changes nothing, a second tab
+neither. The entry is written with brokers/lifecycle_holds.py's hold(), which moves the
+ledger's flag in the same atomic step: the write that made a scope go from no entry to
+one (or back) gets its sequence number and sends the event, once, whichever process it
+is, in the order the broker applied the writes.
+
+The sweep (shared brokers only): every presence_ttl/4 this process marks itself alive
+and looks for processes past their deadline (a SIGKILLed worker). The first to claim one
+removes each entry of its index with the same writes as a normal departure: its users'
+entries per channel (broker presence: a user whose last entry that was has left: a leave
+in join_leave namespaces and user_left, through Roster.decided), its channels'
+(channel_vacated) and its users' (user_offline), each only if no other process holds it.
+A cleanly stopped process is swept the same way, presence_ttl after its last beat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from typing import Any
+
+from echoserver.brokers.base import BrokerUnavailable, Presence, Roll
+from echoserver.brokers.lifecycle_holds import Holds, Moved
+from echoserver.fanout.hub import Hub
+from echoserver.fanout.presence import Roster
+from echoserver.webhooks.events import Webhooks
+
+log = logging.getLogger("echoserver.lifecycle")
+
+# Index entries: "u\t<sub>", "c\t<channel>", "r\t<channel>\t<sub>\t<info JSON>".
+USER, CHANNEL, ROSTER = "u", "c", "r"
+_FLAGS = {USER: "#online", CHANNEL: "#occupied"}  # as webhooks/events.ledger_key has them
+_KINDS = {
+    USER: ("user_online", "user_offline"),
+    CHANNEL: ("channel_occupied", "channel_vacated"),
+}
+
+
+def scope_of(kind: str, key: str) -> tuple[str, str]:
+    """The ledger's (scope, flag) of a user's or a channel's entry."""
+    return f"{kind}:{key}", _FLAGS[kind]
+
+
+class _Held:
+    """This process's count of one user or channel, and its grace."""
+
+    __slots__ = ("count", "indexed", "info", "since", "timer")
+
+    def __init__(self, count: int, info: Any) -> None:
+        self.count = count
+        self.info = info
+        self.since = 0.0  # when the count reached 0
+        self.timer: asyncio.TimerHandle | None = None
+        self.indexed = False
+
+
+class Lifecycle:
+    """This process's users and channels held in the lifecycle holds; the sweep."""
+
+    def __init__(
+        self, hub: Hub, holds: Holds, webhooks: Webhooks, roster: Roster, *, grace: float
+    ) -> None:
+        self.hub = hub
+        self.holds = holds
+        self.webhooks = webhooks
+        self.roster = roster
+        self.grace = grace
+        self._held: dict[str, dict[str, _Held]] = {USER: {}, CHANNEL: {}}
+        # The roster's (channel, user) in this process's index: their entry there.
+        self._indexed: dict[tuple[str, str], str] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- counts ---------------------------------------------------------------------
+
+    def user_count(self, sub: str, info: Any, connections: int) -> None:
+        """The user's open connections on this process (Authority.on_user)."""
+        self._count(USER, sub, connections, info)
+
+    def channel_count(self, channel: str, members: int) -> None:
+        """The channel's members on this process (the hub's set_local)."""
+        if channel.startswith("#"):  # the hub's own (CONTROL_CHANNEL): no client's channel
+            return
+        self._count(CHANNEL, channel, members, None)
+
+    def roster_entry(self, channel: str, user: str, info: Any, present: bool) -> None:
+        """The Roster writes (present) or removes the user's entry on the channel: kept in
+        this process's index, before the write (so a crash right after still finds it),
+        with the user's info (the leave a sweep announces carries it)."""
+        place = (channel, user)
+        entry = self._indexed.get(place)
+        if present == (entry is not None):
+            return
+        if entry is None:
+            entry = f"{ROSTER}\t{channel}\t{user}\t{json.dumps(info, separators=(',', ':'))}"
+        try:
+            self.holds.index(entry, present)
+        except BrokerUnavailable:
+            return
+        if present:
+            self._indexed[place] = entry
+        else:
+            del self._indexed[place]
+
+    def _count(self, kind: str, key: str, count: int, info: Any) -> None:
+        table = self._held[kind]
+        held = table.get(key)
+        if count > 0:
+            if held is None:
+                held = table[key] = _Held(count, info)
+                self._write(kind, key, held, True)
+                return
+            if held.timer is not None:  # back within the grace: the entry is still there
+                held.timer.cancel()
+                held.timer = None
+            changed = held.count != count
+            held.count = count
+            if info is not None:
+                held.info = info
+            if changed and kind == USER:  # the snapshot's connections per process
+                self._write(kind, key, held, True)
+            return
+        if held is None or held.count == 0:
+            return
+        held.count = 0
+        held.since = time.time()
+        if self.grace > 0:
+            loop = asyncio.get_running_loop()
+            held.timer = loop.call_later(self.grace, self._grace_over, kind, key, held)
+            if kind == USER:
+                self._write(kind, key, held, True)
+            return
+        del table[key]
+        self._write(kind, key, held, False)
+
+    def _grace_over(self, kind: str, key: str, held: _Held) -> None:
+        held.timer = None
+        if kind == CHANNEL:  # after its users' leaves: they end their grace at this moment too
+            task = asyncio.ensure_future(self._vacate(key, held))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        else:
+            self._release(kind, key, held)
+
+    async def _vacate(self, channel: str, held: _Held) -> None:
+        await self.roster.settle(channel, self.grace + 1.0)
+        await self.webhooks.flushed(1.0)
+        self._release(CHANNEL, channel, held)
+
+    def _release(self, kind: str, key: str, held: _Held) -> None:
+        table = self._held[kind]
+        if table.get(key) is held and held.count == 0 and held.timer is None:
+            del table[key]
+            self._write(kind, key, held, False)
+
+    def _write(self, kind: str, key: str, held: _Held, present: bool) -> None:
+        scope, flag = scope_of(kind, key)
+        entry = f"{kind}\t{key}"
+        at = time.time() if present else held.since
+        count = held.count if kind == USER else 1
+        crossing = not (present and held.indexed)  # this process's entry comes or goes
+        try:
+            if present and not held.indexed:
+                self.holds.index(entry, True)
+                held.indexed = True
+            moved = self.holds.hold(scope, flag, count, present)
+            if not present:
+                self.holds.index(entry, False)
+        except BrokerUnavailable as error:
+            log.debug("lifecycle of %s not written: %s", scope, error)
+            return
+        info = held.info
+        moved.add_done_callback(lambda done: self._settled(kind, key, done, at, info, crossing))
+
+    def _settled(
+        self,
+        kind: str,
+        key: str,
+        done: asyncio.Future[Moved],
+        at: float,
+        info: Any,
+        crossing: bool,
+    ) -> None:
+        if done.cancelled():
+            return
+        error = done.exception()
+        if error is not None:
+            log.debug("lifecycle of %s %s not written: %s", kind, key, error)
+            return
+        self._report(kind, key, done.result(), at, info, crossing)
+
+    def _report(
+        self, kind: str, key: str, moved: Moved, at: float, info: Any, crossing: bool = True
+    ) -> None:
+        if not moved.seq:
+            if crossing:  # another process's entry keeps the state as it was
+                self.webhooks.unchanged(_KINDS[kind][0 if moved.after > 0 else 1])
+            return
+        name = _KINDS[kind][0 if moved.after > 0 else 1]
+        if kind == USER:
+            self.webhooks.deliver(name, moved.seq, user=key, at=at, info=info)
+        else:
+            self.webhooks.deliver(name, moved.seq, channel=key, at=at)
+
+    # -- the sweep ------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.holds.ttl > 0 and self._sweeper is None:
+            self._sweeper = asyncio.ensure_future(self._sweep_forever())
+
+    async def close(self) -> None:
+        """Stop the graces and the sweep. This process's entries stay: the survivors
+        sweep them once its deadline passes (a clean stop is reported like a crash)."""
+        for table in self._held.values():
+            for held in table.values():
+                if held.timer is not None:
+                    held.timer.cancel()
+            table.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+
+    async def _sweep_forever(self) -> None:
+        interval = self.holds.ttl / 4
+        while True:
+            try:
+                await self.sweep_once()
+            except BrokerUnavailable as error:
+                log.debug("lifecycle sweep skipped: %s", error)
+            except Exception:
+                log.exception("lifecycle sweep failed")
+            await asyncio.sleep(interval)
+
+    async def sweep_once(self) -> None:
+        """Mark this process alive; sweep every dead process this process claims."""
+        await self.holds.beat()
+        for process_id in await self.holds.dead():
+            entries = await self.holds.claim(process_id)
+            if entries is None:
+                continue  # another survivor's
+            log.info("sweeping %d lifecycle entries of %s", len(entries), process_id)
+            await self._sweep(process_id, entries)
+            await self.holds.swept(process_id)
+
+    async def _sweep(self, process_id: str, entries: list[str]) -> None:
+        order = {ROSTER: 0, CHANNEL: 1, USER: 2}  # leaves, then vacated, then offline
+        now = time.time()
+        forget = getattr(self.hub.broker.presence, "forget_user", None)
+        flushed = False
+        for entry in sorted(entries, key=lambda e: (order.get(e[:1], 3), e)):
+            kind, _, rest = entry.partition("\t")
+            if kind != ROSTER and not flushed:  # the user_left claims before the vacated
+                await self.webhooks.flushed(1.0)
+                flushed = True
+            if kind == ROSTER:
+                channel, user, info_json = rest.split("\t", 2)
+                if forget is None:
+                    continue
+                if await forget(channel, user, process_id) == 0:
+                    self.roster.decided("leave", channel, user, json.loads(info_json))
+            elif kind in _FLAGS:
+                scope, flag = scope_of(kind, rest)
+                moved = await self.holds.hold(scope, flag, 0, False, owner=process_id)
+                self._report(kind, rest, moved, now, None)
+
+    # -- snapshots ------------------------------------------------------------------
+
+    async def indexes(self) -> dict[str, list[str]]:
+        return await self.holds.indexes()
+
+    async def user_connections(self, sub: str) -> dict[str, int]:
+        """The user's connections per process holding them online (0: within the grace)."""
+        return await self.holds.holders(scope_of(USER, sub)[0])
+
+
+class TrackedPresence(Presence):
+    """The hub's presence, telling the lifecycle each member count and roster entry."""
+
+    def __init__(self, inner: Presence, lifecycle: Lifecycle) -> None:
+        self.inner = inner
+        self.lifecycle = lifecycle
+
+    async def set_local(self, channel: str, members: int) -> None:
+        self.lifecycle.channel_count(channel, members)
+        await self.inner.set_local(channel, members)
+
+    async def count(self, channel: str) -> int:
+        return await self.inner.count(channel)
+
+    async def set_user(
+        self, channel: str, user: str, connections: int, info: Any, present: bool = True
+    ) -> tuple[int, int]:
+        self.lifecycle.roster_entry(channel, user, info, present)
+        return await self.inner.set_user(channel, user, connections, info, present)
+
+    async def roll(self, channel: str) -> Roll:
+        return await self.inner.roll(channel)
