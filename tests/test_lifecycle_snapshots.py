@@ -113,3 +113,39 @@ def test_snapshots_see_every_process(redis_server: Any) -> None:
             b.stop()
 
     run(scenario(), timeout=30)
+
+
+def test_a_restarted_redis_gets_every_process_entries_back(redis_server: Any) -> None:
+    args = [
+        "--mode", "mixed", "--broker", redis_server.url, "--api-key", KEY,
+        "--auth-jwt-secret", SECRET, "--auth-anonymous", "--presence-grace", "0.3",
+    ]  # fmt: skip
+    a, b = ServerProcess(args), ServerProcess(args)
+
+    async def scenario() -> None:
+        await asyncio.gather(asyncio.to_thread(a.wait_healthy), asyncio.to_thread(b.wait_healthy))
+        conn = await websocket_connect(f"{a.ws_url}/ws/room?token={token('alice')}")
+        try:
+
+            async def seen() -> bool:
+                try:
+                    user = await asyncio.to_thread(get, b, "/api/users/alice")
+                except urllib.error.HTTPError as error:
+                    assert error.code == 503  # while Redis is down
+                    return False
+                channels = (await asyncio.to_thread(get, b, "/api/channels"))["channels"]
+                return bool(
+                    user["connections"] == 1 and [c["channel"] for c in channels] == ["room"]
+                )
+
+            assert await eventually(seen, timeout=10)
+            await asyncio.to_thread(redis_server.stop)
+            await asyncio.to_thread(redis_server.start)  # empty: no persistence
+            # Each process re-writes its entries once it is back (its next beat).
+            assert await eventually(seen, timeout=15)
+        finally:
+            conn.close()
+            a.stop()
+            b.stop()
+
+    run(scenario(), timeout=40)

@@ -67,6 +67,14 @@ class Holds(abc.ABC):
         """Add (remove) an entry to this process's index; queued at once, in call order."""
 
     @abc.abstractmethod
+    async def own_index(self) -> set[str]:
+        """This process's index as the broker has it."""
+
+    @abc.abstractmethod
+    async def own_index_size(self) -> int:
+        """How many entries the broker has in this process's index."""
+
+    @abc.abstractmethod
     async def holders(self, scope: str) -> dict[str, int]:
         """The scope's entries: process id -> count."""
 
@@ -122,6 +130,12 @@ class MemoryHolds(Holds):
             self._index.add(entry)
         else:
             self._index.discard(entry)
+
+    async def own_index(self) -> set[str]:
+        return set(self._index)
+
+    async def own_index_size(self) -> int:
+        return len(self._index)
 
     async def holders(self, scope: str) -> dict[str, int]:
         return dict(self._live.get(scope, {}))
@@ -234,6 +248,13 @@ class RedisHolds(Holds):
         command = "SADD" if present else "SREM"
         reply = self._command(command, self._proc(self.process_id) + ":index", entry)
         reply.add_done_callback(_retrieve)
+
+    async def own_index(self) -> set[str]:
+        reply = await self._command("SMEMBERS", self._proc(self.process_id) + ":index")
+        return {entry.decode() for entry in reply}
+
+    async def own_index_size(self) -> int:
+        return int(await self._command("SCARD", self._proc(self.process_id) + ":index"))
 
     async def holders(self, scope: str) -> dict[str, int]:
         reply = await self._command("HGETALL", self.live_key(scope))

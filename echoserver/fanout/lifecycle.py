@@ -81,6 +81,8 @@ class Lifecycle:
         self._indexed: dict[tuple[str, str], str] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # A write the broker may have missed (it was down): the next beat reconciles.
+        self._dirty = False
 
     # -- counts ---------------------------------------------------------------------
 
@@ -107,7 +109,7 @@ class Lifecycle:
         try:
             self.holds.index(entry, present)
         except BrokerUnavailable:
-            return
+            self._dirty = True
         if present:
             self._indexed[place] = entry
         else:
@@ -179,6 +181,7 @@ class Lifecycle:
                 self.holds.index(entry, False)
         except BrokerUnavailable as error:
             log.debug("lifecycle of %s not written: %s", scope, error)
+            self._dirty = True
             return
         info = held.info
         moved.add_done_callback(lambda done: self._settled(kind, key, done, at, info, crossing))
@@ -197,6 +200,7 @@ class Lifecycle:
         error = done.exception()
         if error is not None:
             log.debug("lifecycle of %s %s not written: %s", kind, key, error)
+            self._dirty = True
             return
         self._report(kind, key, done.result(), at, info, crossing)
 
@@ -247,8 +251,10 @@ class Lifecycle:
             await asyncio.sleep(interval)
 
     async def sweep_once(self) -> None:
-        """Mark this process alive; sweep every dead process this process claims."""
+        """Mark this process alive; re-write what the broker may have lost; sweep every
+        dead process this process claims."""
         await self.holds.beat()
+        await self._reconcile()
         for process_id in await self.holds.dead():
             entries = await self.holds.claim(process_id)
             if entries is None:
@@ -256,6 +262,58 @@ class Lifecycle:
             log.info("sweeping %d lifecycle entries of %s", len(entries), process_id)
             await self._sweep(process_id, entries)
             await self.holds.swept(process_id)
+
+    def _wanted(self) -> set[str]:
+        """This process's index as it should be."""
+        wanted = set(self._indexed.values())
+        for kind, table in self._held.items():
+            wanted.update(f"{kind}\t{key}" for key in table)
+        return wanted
+
+    def _holds_entry(self, entry: str) -> bool:
+        kind, _, rest = entry.partition("\t")
+        if kind == ROSTER:
+            parts = rest.split("\t", 2)
+            return len(parts) == 3 and self._indexed.get((parts[0], parts[1])) == entry
+        return kind in self._held and rest in self._held[kind]
+
+    async def _reconcile(self) -> None:
+        """After a failed write, or when the broker's copy of this process's index is not
+        the right size (a restarted Redis lost it): make the index and the entries match
+        what this process holds, reporting what that changes, as any write would."""
+        wanted = self._wanted()
+        if not self._dirty and await self.holds.own_index_size() == len(wanted):
+            return
+        self._dirty = False
+        stored = await self.holds.own_index()
+        wanted = self._wanted()
+        now = time.time()
+        # Each entry checked again when written: this process's state moves meanwhile.
+        for entry in sorted(stored - wanted):
+            if self._holds_entry(entry):
+                continue
+            kind, _, key = entry.partition("\t")
+            self.holds.index(entry, False)
+            if kind in _FLAGS:
+                scope, flag = scope_of(kind, key)
+                moved = await self.holds.hold(scope, flag, 0, False)
+                self._report(kind, key, moved, now, None, False)
+        for entry in sorted(wanted):
+            kind, _, key = entry.partition("\t")
+            if kind == ROSTER:
+                if self._holds_entry(entry):
+                    self.holds.index(entry, True)
+                continue
+            held = self._held[kind].get(key)
+            if held is None:
+                continue
+            self.holds.index(entry, True)
+            held.indexed = True
+            scope, flag = scope_of(kind, key)
+            count = held.count if kind == USER else 1
+            moved = await self.holds.hold(scope, flag, count, True)
+            self._report(kind, key, moved, now, held.info, False)
+        log.info("lifecycle entries re-written: %d", len(wanted))
 
     async def _sweep(self, process_id: str, entries: list[str]) -> None:
         order = {ROSTER: 0, CHANNEL: 1, USER: 2}  # leaves, then vacated, then offline

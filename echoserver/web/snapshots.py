@@ -16,6 +16,7 @@ GET /api/users/<sub>: where the user is connected, per process, and their channe
   online: as user_online/user_offline say (true within the grace, with 0 connections),
   connections: their open connections on every process, channels: where they are on
   any process, local: this process's connections (kind, URL channel).
+Both answer 503 while the broker is unreachable.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import asyncio
 from collections import defaultdict
 from typing import Any
 
+from echoserver.brokers import BrokerUnavailable
 from echoserver.endpoints.sse import EventStream
 from echoserver.web.handlers import JSONHandler, api_key_refusal
 
@@ -38,6 +40,17 @@ class _KeyedRead(JSONHandler):
         if refused.status == 401:
             self.set_header("WWW-Authenticate", 'Bearer realm="echoserver"')
         self.write_json({"error": refused.message}, refused.status)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        error = kwargs.get("exc_info", (None, None))[1]
+        if isinstance(error, BrokerUnavailable):  # the processes' view cannot be read now
+            self.write_json({"error": f"broker unavailable: {error}"}, 503)
+            return
+        super().write_error(status_code, **kwargs)
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if not isinstance(value, BrokerUnavailable):
+            super().log_exception(typ, value, tb)
 
 
 def _channels_by_process(indexes: dict[str, list[str]]) -> dict[str, set[str]]:
