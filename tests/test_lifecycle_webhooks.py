@@ -140,7 +140,7 @@ def test_two_processes_racing_end_with_the_ledger_matching_reality(
     redis_server: Any, grace: float
 ) -> None:
     receiver = Receiver(new_secret())
-    rounds, workers = 12, 4
+    rounds, workers = 20, 6
 
     async def scenario() -> None:
         receiver.start()

@@ -83,6 +83,8 @@ class Lifecycle:
         self._tasks: set[asyncio.Task[None]] = set()
         # A write the broker may have missed (it was down): the next beat reconciles.
         self._dirty = False
+        self._last_beat = 0.0  # time.monotonic() of the last beat the broker took
+        self._quiet_until = 0.0  # no sweeping before: this process was cut off itself
 
     # -- counts ---------------------------------------------------------------------
 
@@ -253,8 +255,16 @@ class Lifecycle:
     async def sweep_once(self) -> None:
         """Mark this process alive; re-write what the broker may have lost; sweep every
         dead process this process claims."""
+        now = time.monotonic()
         await self.holds.beat()
+        if self._last_beat and now - self._last_beat > self.holds.ttl:
+            # Cut off from the broker for longer than a process lives: the others may
+            # have been too (Redis itself was down); let them beat again before judging.
+            self._quiet_until = now + self.holds.ttl
+        self._last_beat = now
         await self._reconcile()
+        if now < self._quiet_until:
+            return
         for process_id in await self.holds.dead():
             entries = await self.holds.claim(process_id)
             if entries is None:
