@@ -134,17 +134,37 @@ def test_every_event_once_and_in_sequence_a_second_tab_and_a_reconnect_none(
     run(scenario(), timeout=40)
 
 
+def hash_reader(request: pytest.FixtureRequest, where: str) -> tuple[str, Any]:
+    """(broker URL, HGETALL of a key) on a real Redis or a real Redis Cluster."""
+    if where == "cluster":
+        cluster = request.getfixturevalue("clean_redis_cluster")
+
+        def read_cluster(key: str) -> Any:
+            with cluster.client(cluster.primary_of(key)) as client:
+                return client.hgetall(key)
+
+        return cluster.url, read_cluster
+    server = request.getfixturevalue("redis_server")
+
+    def read(key: str) -> Any:
+        with redis.Redis.from_url(server.url) as client:
+            return client.hgetall(key)
+
+    return server.url, read
+
+
 @pytest.mark.redis
-@pytest.mark.parametrize("grace", [0.0, 0.2])
+@pytest.mark.parametrize(("where", "grace"), [("redis", 0.0), ("redis", 0.2), ("cluster", 0.0)])
 def test_two_processes_racing_end_with_the_ledger_matching_reality(
-    redis_server: Any, grace: float
+    request: pytest.FixtureRequest, where: str, grace: float
 ) -> None:
     receiver = Receiver(new_secret())
     rounds, workers = 20, 6
+    url, hgetall = hash_reader(request, where)
 
     async def scenario() -> None:
         receiver.start()
-        servers = await started(receiver, redis_server.url, grace)
+        servers = await started(receiver, url, grace)
         rng = random.Random(21)
         try:
 
@@ -181,10 +201,9 @@ def test_two_processes_racing_end_with_the_ledger_matching_reality(
                 found = flags(key)
                 assert len(found) >= 2 and found == [on, off] * (len(found) // 2), found
             assert receiver.duplicates == 0
-            client = redis.Redis.from_url(redis_server.url)
             for key in ("c:race", "u:rita"):  # the ledger: nothing active, nothing held
-                assert client.hgetall(f"echoserver:lifecycle:{{{key}}}:state") == {}
-                assert client.hgetall(f"echoserver:lifecycle:{{{key}}}:live") == {}
+                assert hgetall(f"echoserver:lifecycle:{{{key}}}:state") == {}
+                assert hgetall(f"echoserver:lifecycle:{{{key}}}:live") == {}
         finally:
             for server in servers:
                 server.stop()
