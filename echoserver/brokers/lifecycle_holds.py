@@ -2,13 +2,14 @@
 occupied), written atomically with the ledger's flag, and what a survivor sweeps when a
 process dies.
 
-A scope ("u:alice", "c:room", the ledger's scopes) has one entry per process that holds it
-(a count: the user's connections there, or 1 for a channel with members there). hold()
-writes or removes this process's entry and, in the same atomic step, sets the ledger's
-flag to "some entry exists" and takes the scope's next sequence number if that changed
-it. Two processes racing (one's last member leaving as another's first arrives) are thus
-ordered by the broker: the one whose write made the state change reports it, with its
-seq, and the ledger always ends matching the entries (no read-after-write to lose).
+A flag of a scope (the ledger's: "#online" of "u:alice", "#occupied" of "c:room", "u:alice"
+of "c:room") has one entry per process that holds it (a count: the user's connections
+there; 1 for a channel with members or a user on a channel there). hold() writes or
+removes this process's entry and, in the same atomic step, sets the ledger's flag to "some
+entry exists" and takes the scope's next sequence number if that changed it. Two
+processes racing (one's last member leaving as another's first arrives) are thus ordered
+by the broker: the one whose write made the state change reports it, with its seq, and
+the ledger always ends matching the entries (no read-after-write to lose).
 
 A crashed (SIGKILLed) process never removes its entries. Every process adds what it
 holds to its own index (a set) and marks itself alive with a deadline in a sorted set of
@@ -17,9 +18,10 @@ its index and removes each entry with the same hold() as a normal departure (own
 dead process): whatever that empties is reported once, by the claimer.
 
 Redis keys (prefix = the broker's): ``<prefix>:lifecycle:{<scope>}:live`` (hash, process
-id -> count) beside the ledger's ``:state``/``:seq`` of the scope (one hash tag: one slot
-on a Cluster); ``<prefix>:lifecycle:procs`` (sorted set, process id -> deadline ms, Redis
-clock); ``<prefix>:lifecycle:{proc:<id>}:index`` and ``:claim`` (one slot per process).
+id -> count; ``:live:u:<sub>`` for a user on a channel) beside the ledger's ``:state`` and
+``:seq`` of the scope (one hash tag: one slot on a Cluster); ``<prefix>:lifecycle:procs``
+(sorted set, process id -> deadline ms, Redis clock); ``<prefix>:lifecycle:{proc:<id>}:index``
+and ``:claim`` (one slot per process).
 With the memory broker everything is this one process: dicts, and nothing ever dies.
 """
 
@@ -75,8 +77,8 @@ class Holds(abc.ABC):
         """How many entries the broker has in this process's index."""
 
     @abc.abstractmethod
-    async def holders(self, scope: str) -> dict[str, int]:
-        """The scope's entries: process id -> count."""
+    async def holders(self, scope: str, field: str) -> dict[str, int]:
+        """The entries of a scope's flag: process id -> count."""
 
     @abc.abstractmethod
     async def indexes(self) -> dict[str, list[str]]:
@@ -100,6 +102,12 @@ class Holds(abc.ABC):
         return None
 
 
+def live_name(scope: str, field: str) -> str:
+    """Where a flag's entries are: "<scope>:live" for the scope's own flag (#online,
+    #occupied), "<scope>:live:<field>" for another (a user on a channel: "u:alice")."""
+    return f"{scope}:live" if field.startswith("#") else f"{scope}:live:{field}"
+
+
 class MemoryHolds(Holds):
     """One process: its own entries only."""
 
@@ -112,7 +120,8 @@ class MemoryHolds(Holds):
     def hold(
         self, scope: str, field: str, count: int, present: bool, owner: str | None = None
     ) -> asyncio.Future[Moved]:
-        entries = self._live.setdefault(scope, {})
+        place = live_name(scope, field)
+        entries = self._live.setdefault(place, {})
         before = len(entries)
         if present:
             entries[owner or self.process_id] = count
@@ -120,7 +129,7 @@ class MemoryHolds(Holds):
             entries.pop(owner or self.process_id, None)
         after = len(entries)
         if not entries:
-            del self._live[scope]
+            del self._live[place]
         future: asyncio.Future[Moved] = asyncio.get_running_loop().create_future()
         future.set_result(Moved(before, after, self._ledger.move(scope, field, after > 0)))
         return future
@@ -137,8 +146,8 @@ class MemoryHolds(Holds):
     async def own_index_size(self) -> int:
         return len(self._index)
 
-    async def holders(self, scope: str) -> dict[str, int]:
-        return dict(self._live.get(scope, {}))
+    async def holders(self, scope: str, field: str) -> dict[str, int]:
+        return dict(self._live.get(live_name(scope, field), {}))
 
     async def indexes(self) -> dict[str, list[str]]:
         return {self.process_id: sorted(self._index)}
@@ -217,15 +226,15 @@ class RedisHolds(Holds):
     def _procs(self) -> str:
         return self._prefix + "procs"
 
-    def live_key(self, scope: str) -> str:
-        return f"{self._prefix}{{{scope}}}:live"
+    def live_key(self, scope: str, field: str) -> str:
+        return f"{self._prefix}{{{scope}}}{live_name(scope, field)[len(scope) :]}"
 
     def hold(
         self, scope: str, field: str, count: int, present: bool, owner: str | None = None
     ) -> asyncio.Future[Moved]:
         state, seq = self._ledger.keys(scope)
         reply = self._command(
-            "EVAL", HOLD_SCRIPT, 3, self.live_key(scope), state, seq,
+            "EVAL", HOLD_SCRIPT, 3, self.live_key(scope, field), state, seq,
             owner or self.process_id, count, "1" if present else "0", field, SEQ_TTL,
         )  # fmt: skip
         moved: asyncio.Future[Moved] = asyncio.get_running_loop().create_future()
@@ -256,8 +265,8 @@ class RedisHolds(Holds):
     async def own_index_size(self) -> int:
         return int(await self._command("SCARD", self._proc(self.process_id) + ":index"))
 
-    async def holders(self, scope: str) -> dict[str, int]:
-        reply = await self._command("HGETALL", self.live_key(scope))
+    async def holders(self, scope: str, field: str) -> dict[str, int]:
+        reply = await self._command("HGETALL", self.live_key(scope, field))
         return {reply[i].decode(): int(reply[i + 1]) for i in range(0, len(reply), 2)}
 
     async def indexes(self) -> dict[str, list[str]]:

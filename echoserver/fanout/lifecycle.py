@@ -44,12 +44,30 @@ _FLAGS = {USER: "#online", CHANNEL: "#occupied"}  # as webhooks/events.ledger_ke
 _KINDS = {
     USER: ("user_online", "user_offline"),
     CHANNEL: ("channel_occupied", "channel_vacated"),
+    ROSTER: ("user_joined", "user_left"),  # the flag "u:<sub>" of "c:<channel>"
 }
 
 
 def scope_of(kind: str, key: str) -> tuple[str, str]:
     """The ledger's (scope, flag) of a user's or a channel's entry."""
     return f"{kind}:{key}", _FLAGS[kind]
+
+
+def _target(entry: str) -> tuple[str, str, str, str, Any] | None:
+    """An index entry's (kind, key, scope, flag, info); key of a roster entry:
+    "<channel>\t<user>". None for an entry this version does not know."""
+    kind, _, rest = entry.partition("\t")
+    if kind in _FLAGS:
+        return (kind, rest, *scope_of(kind, rest), None)
+    parts = rest.split("\t", 2)
+    if kind != ROSTER or len(parts) != 3:
+        return None
+    channel, user, info = parts
+    try:
+        decoded = json.loads(info)
+    except ValueError:
+        decoded = None
+    return ROSTER, f"{channel}\t{user}", f"{CHANNEL}:{channel}", f"{USER}:{user}", decoded
 
 
 class _Held:
@@ -79,6 +97,7 @@ class Lifecycle:
         self._held: dict[str, dict[str, _Held]] = {USER: {}, CHANNEL: {}}
         # The roster's (channel, user) in this process's index: their entry there.
         self._indexed: dict[tuple[str, str], str] = {}
+        self._since: dict[tuple[str, str], float] = {}  # users within the roster's grace
         self._sweeper: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         # A write the broker may have missed (it was down): the next beat reconciles.
@@ -98,24 +117,40 @@ class Lifecycle:
             return
         self._count(CHANNEL, channel, members, None)
 
-    def roster_entry(self, channel: str, user: str, info: Any, present: bool) -> None:
-        """The Roster writes (present) or removes the user's entry on the channel: kept in
-        this process's index, before the write (so a crash right after still finds it),
-        with the user's info (the leave a sweep announces carries it)."""
+    def roster_entry(
+        self, channel: str, user: str, info: Any, connections: int, present: bool
+    ) -> None:
+        """The Roster writes (present) or removes the user's entry on the channel (its
+        grace included, with 0 connections). The first write and the removal move the
+        user's hold on the channel (user_joined/user_left), and the index: before the
+        write (a crash right after still finds it), with the info a sweep's leave carries."""
         place = (channel, user)
+        if present and connections == 0:
+            self._since.setdefault(place, time.time())  # their grace began
+        elif present:
+            self._since.pop(place, None)
         entry = self._indexed.get(place)
         if present == (entry is not None):
             return
+        at = self._since.pop(place, time.time())
         if entry is None:
             entry = f"{ROSTER}\t{channel}\t{user}\t{json.dumps(info, separators=(',', ':'))}"
-        try:
-            self.holds.index(entry, present)
-        except BrokerUnavailable:
-            self._dirty = True
-        if present:
             self._indexed[place] = entry
         else:
             del self._indexed[place]
+        scope, flag = f"{CHANNEL}:{channel}", f"{USER}:{user}"
+        try:
+            if present:
+                self.holds.index(entry, True)
+            moved = self.holds.hold(scope, flag, 1, present)
+            if not present:
+                self.holds.index(entry, False)
+        except BrokerUnavailable:
+            self._dirty = True
+            return
+        moved.add_done_callback(
+            lambda done: self._settled(ROSTER, f"{channel}\t{user}", done, at, info, True)
+        )
 
     def _count(self, kind: str, key: str, count: int, info: Any) -> None:
         table = self._held[kind]
@@ -145,8 +180,7 @@ class Lifecycle:
             if kind == USER:
                 self._write(kind, key, held, True)
             return
-        del table[key]
-        self._write(kind, key, held, False)
+        self._grace_over(kind, key, held)
 
     def _grace_over(self, kind: str, key: str, held: _Held) -> None:
         held.timer = None
@@ -159,7 +193,6 @@ class Lifecycle:
 
     async def _vacate(self, channel: str, held: _Held) -> None:
         await self.roster.settle(channel, self.grace + 1.0)
-        await self.webhooks.flushed(1.0)
         self._release(CHANNEL, channel, held)
 
     def _release(self, kind: str, key: str, held: _Held) -> None:
@@ -209,15 +242,19 @@ class Lifecycle:
     def _report(
         self, kind: str, key: str, moved: Moved, at: float, info: Any, crossing: bool = True
     ) -> None:
+        """Send what a hold changed. `key`: the user, the channel, or "<channel>\t<user>"."""
+        name = _KINDS[kind][0 if moved.after > 0 else 1]
         if not moved.seq:
             if crossing:  # another process's entry keeps the state as it was
-                self.webhooks.unchanged(_KINDS[kind][0 if moved.after > 0 else 1])
+                self.webhooks.unchanged(name)
             return
-        name = _KINDS[kind][0 if moved.after > 0 else 1]
         if kind == USER:
             self.webhooks.deliver(name, moved.seq, user=key, at=at, info=info)
-        else:
+        elif kind == CHANNEL:
             self.webhooks.deliver(name, moved.seq, channel=key, at=at)
+        else:
+            channel, _, user = key.partition("\t")
+            self.webhooks.deliver(name, moved.seq, channel=channel, user=user, at=at, info=info)
 
     # -- the sweep ------------------------------------------------------------------
 
@@ -300,51 +337,44 @@ class Lifecycle:
         now = time.time()
         # Each entry checked again when written: this process's state moves meanwhile.
         for entry in sorted(stored - wanted):
-            if self._holds_entry(entry):
+            target = _target(entry)
+            if target is None or self._holds_entry(entry):
                 continue
-            kind, _, key = entry.partition("\t")
+            kind, key, scope, flag, _ = target
             self.holds.index(entry, False)
-            if kind in _FLAGS:
-                scope, flag = scope_of(kind, key)
-                moved = await self.holds.hold(scope, flag, 0, False)
-                self._report(kind, key, moved, now, None, False)
+            moved = await self.holds.hold(scope, flag, 0, False)
+            self._report(kind, key, moved, now, None, False)
         for entry in sorted(wanted):
-            kind, _, key = entry.partition("\t")
-            if kind == ROSTER:
-                if self._holds_entry(entry):
-                    self.holds.index(entry, True)
+            target = _target(entry)
+            if target is None or not self._holds_entry(entry):
                 continue
-            held = self._held[kind].get(key)
-            if held is None:
-                continue
+            kind, key, scope, flag, info = target
+            count = 1
+            held = self._held.get(kind, {}).get(key)
+            if held is not None:
+                held.indexed = True
+                info = held.info
+                count = held.count if kind == USER else 1
             self.holds.index(entry, True)
-            held.indexed = True
-            scope, flag = scope_of(kind, key)
-            count = held.count if kind == USER else 1
             moved = await self.holds.hold(scope, flag, count, True)
-            self._report(kind, key, moved, now, held.info, False)
+            self._report(kind, key, moved, now, info, False)
         log.info("lifecycle entries re-written: %d", len(wanted))
 
     async def _sweep(self, process_id: str, entries: list[str]) -> None:
         order = {ROSTER: 0, CHANNEL: 1, USER: 2}  # leaves, then vacated, then offline
         now = time.time()
         forget = getattr(self.hub.broker.presence, "forget_user", None)
-        flushed = False
         for entry in sorted(entries, key=lambda e: (order.get(e[:1], 3), e)):
-            kind, _, rest = entry.partition("\t")
-            if kind != ROSTER and not flushed:  # the user_left claims before the vacated
-                await self.webhooks.flushed(1.0)
-                flushed = True
-            if kind == ROSTER:
-                channel, user, info_json = rest.split("\t", 2)
-                if forget is None:
-                    continue
-                if await forget(channel, user, process_id) == 0:
-                    self.roster.decided("leave", channel, user, json.loads(info_json))
-            elif kind in _FLAGS:
-                scope, flag = scope_of(kind, rest)
-                moved = await self.holds.hold(scope, flag, 0, False, owner=process_id)
-                self._report(kind, rest, moved, now, None)
+            target = _target(entry)
+            if target is None:
+                continue
+            kind, key, scope, flag, info = target
+            if kind == ROSTER and forget is not None:
+                channel, _, user = key.partition("\t")
+                if await forget(channel, user, process_id) == 0:  # the leave signal
+                    self.roster.decided("leave", channel, user, info)
+            moved = await self.holds.hold(scope, flag, 0, False, owner=process_id)
+            self._report(kind, key, moved, now, info)
 
     # -- snapshots ------------------------------------------------------------------
 
@@ -353,7 +383,7 @@ class Lifecycle:
 
     async def user_connections(self, sub: str) -> dict[str, int]:
         """The user's connections per process holding them online (0: within the grace)."""
-        return await self.holds.holders(scope_of(USER, sub)[0])
+        return await self.holds.holders(*scope_of(USER, sub))
 
 
 class TrackedPresence(Presence):
@@ -373,7 +403,7 @@ class TrackedPresence(Presence):
     async def set_user(
         self, channel: str, user: str, connections: int, info: Any, present: bool = True
     ) -> tuple[int, int]:
-        self.lifecycle.roster_entry(channel, user, info, present)
+        self.lifecycle.roster_entry(channel, user, info, connections, present)
         return await self.inner.set_user(channel, user, connections, info, present)
 
     async def roll(self, channel: str) -> Roll:

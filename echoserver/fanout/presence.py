@@ -114,14 +114,12 @@ class Roster:
         await self._write(place, here, present=False)
 
     async def settle(self, channel: str, limit: float) -> None:
-        """Wait (up to `limit` seconds) until no user of the channel is within the grace
-        here and their removals are written: a channel's vacated comes after its leaves."""
+        """Wait (up to `limit` seconds) until no user of the channel is here, or within
+        the grace here, and their removals are written: for a channel this process has no
+        member of any more, so that its vacated comes after its users' leaves."""
         deadline = time.monotonic() + limit
         while time.monotonic() < deadline:
-            held = any(
-                where == channel and not here.connections for (where, _), here in self._here.items()
-            )
-            if not held and not self._tasks:
+            if not self._tasks and all(where != channel for where, _ in self._here):
                 return
             await asyncio.sleep(0.01)
 

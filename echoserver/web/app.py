@@ -118,14 +118,13 @@ class ServerState:
         self.metrics.held_connections = lambda: self.occupancy.total
         self.started = time.monotonic()
         self._tasks: set[asyncio.Task[Any]] = set()
-        # Lifecycle webhooks (a no-op without webhooks.url). user_joined/user_left come from
-        # the Roster, which decides a user's join and leave once across processes, after
-        # the grace; user_online/offline and channel_occupied/vacated from the lifecycle
-        # holds (fanout/lifecycle.py), which also sweep a crashed process's users (leaves).
+        # Lifecycle webhooks (a no-op without webhooks.url), decided by the lifecycle holds
+        # (fanout/lifecycle.py): user_online/offline, channel_occupied/vacated and
+        # user_joined/left, each in one atomic write with the ledger; they also sweep a
+        # crashed process's users (their leaves). The Roster decides join/leave signals.
         grace = config.broadcast.presence_grace
         self.webhooks = build_webhooks(config.webhooks, hub.broker, self.metrics.webhooks)
-        report = self._user_moved if self.webhooks.wants("user_joined", "user_left") else None
-        self.roster = Roster(hub, grace=grace, announces=self._announces_join_leave, report=report)
+        self.roster = Roster(hub, grace=grace, announces=self._announces_join_leave)
         self.lifecycle: Lifecycle | None = None
         if self._tracks_lifecycle():
             holds = holds_for(hub.broker, self.webhooks.ledger)
@@ -195,12 +194,6 @@ class ServerState:
         if self.authority.uses_tokens:
             await self.authority.start()
             await self.hub.listen(self.authority.on_control)
-
-    def _user_moved(self, kind: str, channel: str, user: str, info: Any) -> None:
-        """A user joined or left a channel (the Roster's decision): user_joined/user_left.
-        A leave is reported once the grace is over; `at` is then, not the last close."""
-        event = "user_joined" if kind == "join" else "user_left"
-        self.webhooks.emit(event, channel=channel, user=user, info=info)
 
     def _announces_join_leave(self, channel: str) -> bool:
         """Whether the channel's namespace has join_leave = true."""

@@ -98,7 +98,6 @@ class Webhooks:
         self._pending: deque[_Report] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._claiming = False
 
     @property
     def enabled(self) -> bool:
@@ -153,12 +152,6 @@ class Webhooks:
             report = _Report(kind, channel, user, time.time() if at is None else at, info)
             self.sender.put(event(report, seq))
 
-    async def flushed(self, limit: float) -> None:
-        """Wait (up to `limit` seconds) until every report so far is claimed."""
-        deadline = time.monotonic() + limit
-        while (self._pending or self._claiming) and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
-
     def unchanged(self, kind: str) -> None:
         """A lifecycle hold that moved no state (another process holds it): counted."""
         if self.wants(kind):
@@ -202,11 +195,7 @@ class Webhooks:
             for report in reports:
                 scope, flag = ledger_key(report.kind, report.channel, report.user)
                 claims.append(ledger.transition(scope, flag, KINDS[report.kind].active))
-            self._claiming = True
-            try:
-                results = await asyncio.gather(*claims, return_exceptions=True)
-            finally:
-                self._claiming = False
+            results = await asyncio.gather(*claims, return_exceptions=True)
             for report, result in zip(reports, results, strict=True):
                 if isinstance(result, BrokerUnavailable):
                     sender.counts.dropped["broker_unavailable"] += 1
