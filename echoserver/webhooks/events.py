@@ -10,6 +10,10 @@ the one process that changed the state; that process alone queues the event, wit
 scope's next sequence number. Debouncing is the caller's: report "vacated"/"offline"/"left"
 only once presence_grace has passed without a return (then `at` says when it happened).
 
+The server's own source is deliver(): the lifecycle holds (fanout/lifecycle.py) move the
+ledger's flag in the same write that records a process's entry, so their events arrive
+here already owned, with their seq.
+
 Event JSON (one per transition; ``seq`` counts per channel for channel_* and
 user_joined/user_left, per user for user_online/user_offline):
 
