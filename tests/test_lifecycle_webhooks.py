@@ -279,3 +279,45 @@ def test_a_killed_workers_users_and_channels_are_swept_once(broker_url: str) -> 
             receiver.stop()
 
     assert run(scenario(), timeout=40) < 16
+
+
+def test_one_process_on_the_memory_broker_counts_websockets_and_event_streams() -> None:
+    receiver = Receiver(new_secret())
+    grace = 0.5
+
+    async def scenario() -> None:
+        receiver.start()
+        server = start(receiver, "memory", grace)
+        try:
+            await asyncio.to_thread(server.wait_healthy)
+            ws = await connect(server, "news", "ann")
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(
+                f"GET /sse/room.y?token={token('ann')} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode()
+            )
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 200 "), head
+            assert await eventually(lambda: len(receiver.events) == 5, timeout=10)
+            ws.close()
+            await asyncio.sleep(0.1)
+            ws = await connect(server, "news", "ann")  # back within the grace
+            await asyncio.sleep(grace * 2)
+            assert kinds(receiver, "u:ann") == [("user_online", None)]
+            ws.close()
+            writer.close()
+            assert await eventually(lambda: len(receiver.events) == 10, timeout=10)
+            await asyncio.sleep(grace)
+            assert kinds(receiver, "u:ann") == [("user_online", None), ("user_offline", None)]
+            for channel in ("news", "room.y"):
+                assert kinds(receiver, f"c:{channel}") == [
+                    ("channel_occupied", None),
+                    ("user_joined", "ann"),
+                    ("user_left", "ann"),
+                    ("channel_vacated", None),
+                ]
+            assert len(receiver.events) == 10 and receiver.duplicates == 0
+        finally:
+            server.stop()
+            receiver.stop()
+
+    run(scenario(), timeout=30)
