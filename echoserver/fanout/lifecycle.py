@@ -361,20 +361,27 @@ class Lifecycle:
         log.info("lifecycle entries re-written: %d", len(wanted))
 
     async def _sweep(self, process_id: str, entries: list[str]) -> None:
-        order = {ROSTER: 0, CHANNEL: 1, USER: 2}  # leaves, then vacated, then offline
+        """Remove a dead process's entries: its users' per channel (leaves), then its
+        channels (vacated), then its users (offline); each group's writes at once."""
         now = time.time()
         forget = getattr(self.hub.broker.presence, "forget_user", None)
-        for entry in sorted(entries, key=lambda e: (order.get(e[:1], 3), e)):
-            target = _target(entry)
-            if target is None:
-                continue
-            kind, key, scope, flag, info = target
+        targets = [target for target in map(_target, entries) if target is not None]
+        for kind in (ROSTER, CHANNEL, USER):
+            group = sorted((t for t in targets if t[0] == kind), key=lambda t: t[1])
             if kind == ROSTER and forget is not None:
-                channel, _, user = key.partition("\t")
-                if await forget(channel, user, process_id) == 0:  # the leave signal
-                    self.roster.decided("leave", channel, user, info)
-            moved = await self.holds.hold(scope, flag, 0, False, owner=process_id)
-            self._report(kind, key, moved, now, info)
+                places = [key.partition("\t") for _, key, _, _, _ in group]
+                left = await asyncio.gather(
+                    *(forget(ch, user, process_id) for ch, _, user in places)
+                )
+                for (channel, _, user), after, target in zip(places, left, group, strict=True):
+                    if after == 0:  # their last entry on the channel: the leave signal
+                        self.roster.decided("leave", channel, user, target[4])
+            moves = [self.holds.hold(scope, flag, 0, False, owner=process_id)
+                     for _, _, scope, flag, _ in group]  # fmt: skip
+            for (_, key, _, _, info), moved in zip(
+                group, await asyncio.gather(*moves), strict=True
+            ):
+                self._report(kind, key, moved, now, info)
 
     # -- snapshots ------------------------------------------------------------------
 
