@@ -13,12 +13,14 @@ import tornado.websocket
 
 from echoserver.brokers import MemoryBroker
 from echoserver.brokers.lifecycle import MemoryLedger
+from echoserver.brokers.lifecycle_holds import MemoryHolds
 from echoserver.config.webhooks import secret_bytes
 from echoserver.fanout.hub import Hub
+from echoserver.fanout.lifecycle import Lifecycle, TrackedPresence
+from echoserver.fanout.presence import Roster
 from echoserver.metrics import WebhookCounts
 from echoserver.webhooks.events import Webhooks
 from echoserver.webhooks.http import tornado_post
-from echoserver.webhooks.occupancy import WatchedPresence
 from echoserver.webhooks.sender import Bounds, Sender
 from tests.conftest import eventually, metric, run
 from tests.servers import ServerProcess
@@ -210,7 +212,7 @@ def test_emit_sends_user_events_once_with_their_fields() -> None:
 
 
 def test_a_return_within_the_grace_is_no_event_and_a_leave_past_it_is_one() -> None:
-    # WatchedPresence on a real hub: occupied at once, vacated only after the grace.
+    # The lifecycle on a real hub: occupied at once, vacated only after the grace.
     receiver = Receiver(new_secret())
 
     async def scenario() -> None:
@@ -222,10 +224,12 @@ def test_a_return_within_the_grace_is_no_event_and_a_leave_past_it_is_one() -> N
             Bounds(batch_window=0.01, timeout=2),
             WebhookCounts(),
         )
-        hooks = Webhooks(sender, MemoryLedger(), ("channel_occupied", "channel_vacated"))
+        ledger = MemoryLedger()
+        hooks = Webhooks(sender, ledger, ("channel_occupied", "channel_vacated"))
         hooks.start()
         hub = Hub(MemoryBroker())
-        watched = hub.presence = WatchedPresence(hub.presence, hooks, grace=0.3)
+        watched = Lifecycle(hub, MemoryHolds(ledger), hooks, Roster(hub), grace=0.3)
+        hub.presence = TrackedPresence(hub.presence, watched)
         try:
             first, second = Recorder(hub), Recorder(hub)
             await hub.join("room", first)

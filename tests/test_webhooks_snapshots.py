@@ -49,19 +49,19 @@ def test_snapshots_list_channels_and_a_users_connections() -> None:
             assert status == 200, body
             assert body == {
                 "channels": [
-                    {"channel": "lobby", "local": 1, "members": 1},
-                    {"channel": "news", "local": 1, "members": 1},
-                    {"channel": "room", "local": 2, "members": 2},
+                    {"channel": "lobby", "local": 1, "members": 1, "users": 0},
+                    {"channel": "news", "local": 1, "members": 1, "users": 1},
+                    {"channel": "room", "local": 2, "members": 2, "users": 1},
                 ]
             }
             status, body = await asyncio.to_thread(get, server.url + "/api/users/alice")
             assert status == 200, body
             assert body["user"] == "alice"
             assert body["channels"] == ["news", "room"]
-            assert sorted(c["channel"] for c in body["connections"]) == ["news", "room", "room"]
-            assert {c["kind"] for c in body["connections"]} == {"websocket"}
+            assert sorted(c["channel"] for c in body["local"]) == ["news", "room", "room"]
+            assert {c["kind"] for c in body["local"]} == {"websocket"}
             status, body = await asyncio.to_thread(get, server.url + "/api/users/bob")
-            assert (status, body["connections"], body["channels"]) == (200, [], [])
+            assert (status, body["local"], body["channels"]) == (200, [], [])
             # Behind the key, like the publish API.
             for path in ("/api/channels", "/api/users/alice"):
                 assert (await asyncio.to_thread(get, server.url + path, None))[0] == 401

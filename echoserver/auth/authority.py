@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from echoserver.auth.expiry import ExpiryClock
 from echoserver.auth.identity import GUEST, Identity
@@ -34,6 +35,9 @@ class Authority:
         self.rights = Rights(settings.namespaces)
         self.clock = ExpiryClock(settings.auth.leeway)
         self.users = Users()
+        # on_user(sub, info, connections): a user's open connections here changed (the
+        # lifecycle's user_online/user_offline, fanout/lifecycle.py).
+        self.on_user: Callable[[str, Any, int], None] | None = None
         self.anonymous = settings.auth.anonymous
         if self.verifier.enabled:
             self.kind = "jwt"
@@ -67,12 +71,16 @@ class Authority:
         """An open connection: found by its user, closed when its token runs out."""
         if identity.sub is not None:
             self.users.add(identity.sub, connection)
+            if self.on_user is not None:
+                self.on_user(identity.sub, identity.info, self.users.connections(identity.sub))
         if identity.exp is not None:
             self.clock.watch(connection, identity.exp)
 
     def release(self, connection: Connection, identity: Identity) -> None:
         if identity.sub is not None:
             self.users.discard(identity.sub, connection)
+            if self.on_user is not None:
+                self.on_user(identity.sub, identity.info, self.users.connections(identity.sub))
         if identity.exp is not None:
             self.clock.forget(connection)
 

@@ -47,6 +47,10 @@ class MemoryLedger(Ledger):
         self._seq: dict[str, int] = {}
 
     async def transition(self, scope: str, field: str, active: bool) -> int:
+        return self.move(scope, field, active)
+
+    def move(self, scope: str, field: str, active: bool) -> int:
+        """transition() at once (the lifecycle holds move a flag with their own write)."""
         flags = self._active.get(scope)
         if (flags is not None and field in flags) == active:
             return 0

@@ -139,6 +139,16 @@ class RedisPresence(Presence):
         ]
         return Roll(found, await self.count(channel))
 
+    async def forget_user(self, channel: str, user: str, process_id: str) -> int:
+        """Remove a dead process's entry of the user on the channel (a crashed worker's
+        sweep, fanout/lifecycle.py); the user's live entries left there."""
+        _, after = await self._command(
+            "EVALSHA", redis_users.SHA[self.SET_USER], 2, self.user_key(channel, user),
+            self.users_key(channel), process_id, 0, 0, b"null", self.USER_TTL_MS, user,
+            self._heartbeat_prefix,
+        )  # fmt: skip
+        return int(after)
+
     def lost(self) -> None:
         """Redis may have lost everything this process wrote (a restarted server)."""
         self._unsynced.update(self.local)

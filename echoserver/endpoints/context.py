@@ -16,6 +16,7 @@ from echoserver.auth.authority import Authority
 from echoserver.config import Settings
 from echoserver.endpoints.occupancy import Occupancy
 from echoserver.fanout.hub import Hub
+from echoserver.fanout.lifecycle import Lifecycle
 from echoserver.fanout.presence import Roster
 from echoserver.metrics import Metrics
 from echoserver.transport.flusher import Flusher
@@ -43,6 +44,9 @@ class ServerContext(Protocol):
     authority: Authority  # tokens, rights, expiry, users (the auth package)
     roster: Roster  # users per channel, their joins and leaves (fanout/presence.py)
     webhooks: Webhooks  # lifecycle events: webhooks.emit(kind, channel=..., user=...)
+    # Users online and channels occupied across processes (fanout/lifecycle.py); None when
+    # nothing reads them (no webhooks, no API key, no join_leave namespace).
+    lifecycle: Lifecycle | None
 
     def spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
         """Run a coroutine in the background, keeping a reference until it ends."""

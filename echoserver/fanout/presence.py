@@ -19,7 +19,8 @@ leaves go to the channel's members as {"type":"join"|"leave","channel":C,"user":
 "info":I} through the broker's signal(): the channel's own delivery path (every process
 with members gets it, in order with the channel's messages), with offset SIGNAL, so it is
 neither numbered nor kept in history. A crashed (SIGKILLed) process's users drop out of
-presence when its entries expire; no leave is announced for them.
+presence when its entries expire; the survivor that sweeps it (fanout/lifecycle.py)
+announces their leave through decided().
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -111,6 +113,16 @@ class Roster:
         del self._here[place]
         await self._write(place, here, present=False)
 
+    async def settle(self, channel: str, limit: float) -> None:
+        """Wait (up to `limit` seconds) until no user of the channel is here, or within
+        the grace here, and their removals are written: for a channel this process has no
+        member of any more, so that its vacated comes after its users' leaves."""
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            if not self._tasks and all(where != channel for where, _ in self._here):
+                return
+            await asyncio.sleep(0.01)
+
     def close(self) -> None:
         """Stop the grace timers (the broker's clean exit removes this process's entries)."""
         for here in self._here.values():
@@ -150,9 +162,14 @@ class Roster:
             kind = "leave"
         else:
             return
-        self._announce(kind, channel, user, here.info)
+        self.decided(kind, channel, user, here.info)
+
+    def decided(self, kind: str, channel: str, user: str, info: Any) -> None:
+        """A join or leave decided once across processes: here, or by the sweep of a
+        crashed process's entries (fanout/lifecycle.py)."""
+        self._announce(kind, channel, user, info)
         if self.report is not None:
-            self.report(kind, channel, user, here.info)
+            self.report(kind, channel, user, info)
 
     def _announce(self, kind: str, channel: str, user: str, info: Any) -> None:
         if not self.announces(channel):

@@ -26,6 +26,7 @@ import tornado.web
 from echoserver import routes
 from echoserver.auth.authority import Authority
 from echoserver.brokers import Broker, MemoryBroker
+from echoserver.brokers.lifecycle_holds import holds_for
 from echoserver.config import Settings
 from echoserver.endpoints.access import log_request
 from echoserver.endpoints.base import HostRefused, NotFound
@@ -34,12 +35,12 @@ from echoserver.endpoints.occupancy import Occupancy
 from echoserver.endpoints.sse import EventStream
 from echoserver.endpoints.websocket import BaseSocket, BroadcastSocket, EchoSocket
 from echoserver.fanout.hub import Hub
+from echoserver.fanout.lifecycle import Lifecycle, TrackedPresence
 from echoserver.fanout.presence import Roster
 from echoserver.metrics import Metrics
 from echoserver.transport.flusher import Flusher
 from echoserver.transport.keepalive import Keepalive
 from echoserver.web import handlers, presence_api, redact, snapshots, users
-from echoserver.webhooks import WatchedPresence
 from echoserver.webhooks import build as build_webhooks
 from echoserver.wire.handshake import normalise_origin
 from echoserver.wire.hosts import HostPolicy, Throttle
@@ -117,16 +118,28 @@ class ServerState:
         self.metrics.held_connections = lambda: self.occupancy.total
         self.started = time.monotonic()
         self._tasks: set[asyncio.Task[Any]] = set()
-        # Lifecycle webhooks (a no-op without webhooks.url). user_joined/user_left come from
-        # the Roster, which decides a user's join and leave once across processes, after
-        # the grace; channel_occupied/vacated still from the member counts (guests count).
+        # Lifecycle webhooks (a no-op without webhooks.url), decided by the lifecycle holds
+        # (fanout/lifecycle.py): user_online/offline, channel_occupied/vacated and
+        # user_joined/left, each in one atomic write with the ledger; they also sweep a
+        # crashed process's users (their leaves). The Roster decides join/leave signals.
         grace = config.broadcast.presence_grace
         self.webhooks = build_webhooks(config.webhooks, hub.broker, self.metrics.webhooks)
-        self.watched: WatchedPresence | None = None
-        if self.webhooks.wants("channel_occupied", "channel_vacated"):
-            self.watched = hub.presence = WatchedPresence(hub.presence, self.webhooks, grace)
-        report = self._user_moved if self.webhooks.wants("user_joined", "user_left") else None
-        self.roster = Roster(hub, grace=grace, announces=self._announces_join_leave, report=report)
+        self.roster = Roster(hub, grace=grace, announces=self._announces_join_leave)
+        self.lifecycle: Lifecycle | None = None
+        if self._tracks_lifecycle():
+            holds = holds_for(hub.broker, self.webhooks.ledger)
+            self.lifecycle = Lifecycle(hub, holds, self.webhooks, self.roster, grace=grace)
+            hub.presence = TrackedPresence(hub.presence, self.lifecycle)
+            self.authority.on_user = self.lifecycle.user_count
+
+    def _tracks_lifecycle(self) -> bool:
+        """Whether anything reads the lifecycle holds: the webhooks, the snapshots (the
+        API key), or join_leave namespaces (a crashed process's users' leaves)."""
+        return (
+            self.webhooks.enabled
+            or bool(self.config.api.key)
+            or any(ns.join_leave for ns in self.config.namespaces)
+        )
 
     def routes(self, *, check_host: bool = False) -> list[tornado.routing.Rule]:
         """The WebSocket endpoint, /healthz, /metrics, the channel and publish APIs and (but
@@ -176,15 +189,11 @@ class ServerState:
         messages from every process."""
         await self.hub.start()
         self.webhooks.start()
+        if self.lifecycle is not None:
+            self.lifecycle.start()
         if self.authority.uses_tokens:
             await self.authority.start()
             await self.hub.listen(self.authority.on_control)
-
-    def _user_moved(self, kind: str, channel: str, user: str, info: Any) -> None:
-        """A user joined or left a channel (the Roster's decision): user_joined/user_left.
-        A leave is reported once the grace is over; `at` is then, not the last close."""
-        event = "user_joined" if kind == "join" else "user_left"
-        self.webhooks.emit(event, channel=channel, user=user, info=info)
 
     def _announces_join_leave(self, channel: str) -> bool:
         """Whether the channel's namespace has join_leave = true."""
@@ -220,8 +229,8 @@ class ServerState:
         self.authority.close()
         self.roster.close()
         # Before the broker closes: the last reports still need its ledger.
-        if self.watched is not None:
-            await self.watched.close()
+        if self.lifecycle is not None:
+            await self.lifecycle.close()
         await self.webhooks.close(self.config.webhooks.timeout)
         await self.hub.close()
 

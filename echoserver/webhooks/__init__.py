@@ -2,9 +2,9 @@
 POSTed to a backend, signed by the Standard Webhooks scheme, batched, retried, bounded,
 and sent once across processes (docs/i21-webhooks.md).
 
-events.py is the source API (Webhooks.emit) and the ledger claims; sender.py the queue,
-batches and retries; signing.py the signature; http.py the one Tornado-using edge;
-occupancy.py the channel events from today's presence counts.
+events.py is the source API (Webhooks.emit, deliver) and the ledger claims; sender.py the
+queue, batches and retries; signing.py the signature; http.py the one Tornado-using edge.
+What decides the events: fanout/lifecycle.py (brokers/lifecycle_holds.py) and the Roster.
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ from echoserver.config.webhooks import secret_bytes
 from echoserver.metrics import WebhookCounts
 from echoserver.webhooks.events import KINDS, Webhooks
 from echoserver.webhooks.http import Post, tornado_post
-from echoserver.webhooks.occupancy import WatchedPresence
 from echoserver.webhooks.sender import Bounds, Sender
 
-__all__ = ["KINDS", "WatchedPresence", "Webhooks", "build"]
+__all__ = ["KINDS", "Webhooks", "build"]
 
 
 def build(

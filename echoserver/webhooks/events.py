@@ -10,6 +10,10 @@ the one process that changed the state; that process alone queues the event, wit
 scope's next sequence number. Debouncing is the caller's: report "vacated"/"offline"/"left"
 only once presence_grace has passed without a return (then `at` says when it happened).
 
+The server's own source is deliver(): the lifecycle holds (fanout/lifecycle.py) move the
+ledger's flag in the same write that records a process's entry, so their events arrive
+here already owned, with their seq.
+
 Event JSON (one per transition; ``seq`` counts per channel for channel_* and
 user_joined/user_left, per user for user_online/user_offline):
 
@@ -131,6 +135,32 @@ class Webhooks:
             self.sender.drops.dropped("queue_full", 1)
         self._pending.append(_Report(kind, channel, user, time.time() if at is None else at, info))
         self._wake.set()
+
+    def deliver(
+        self,
+        kind: str,
+        seq: int,
+        *,
+        channel: str | None = None,
+        user: str | None = None,
+        at: float | None = None,
+        info: Any = None,
+    ) -> None:
+        """Queue an event whose transition is already owned, `seq` its number: the
+        lifecycle holds (brokers/lifecycle_holds.py) move the ledger with their own write."""
+        if not self.enabled or kind not in self._tracked:
+            return
+        assert self.sender is not None
+        self.sender.counts.reports["owned"] += 1
+        if kind in self.events:
+            report = _Report(kind, channel, user, time.time() if at is None else at, info)
+            self.sender.put(event(report, seq))
+
+    def unchanged(self, kind: str) -> None:
+        """A lifecycle hold that moved no state (another process holds it): counted."""
+        if self.wants(kind):
+            assert self.sender is not None
+            self.sender.counts.reports["unchanged"] += 1
 
     def start(self) -> None:
         if self.enabled and self._task is None:
