@@ -24,7 +24,7 @@ channel it has members on, the last (epoch, offset) it delivered; an offset at o
 under the same epoch makes it ask the broker for a new epoch (Broker.renew_epoch, once for
 all processes: it replaces only the epoch it is given). The few messages published before
 the new epoch lands still carry reissued offsets; a channel nobody here listens to is not
-watched (see docs/i21-epochs.md).
+watched (docs/protocol.md, "Offsets and recovery", says what a client sees).
 
 Handlers see only this module: publish() is the one way to send (it never waits, and keeps
 call order), a failure is the broker's own BrokerUnavailable (passed through, never
