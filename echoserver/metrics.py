@@ -39,7 +39,7 @@ class WebhookCounts:
         self.sent = 0  # events in a request the backend answered 2xx
         self.dropped: Counter[str] = Counter()  # events dropped, by reason
         self.requests: Counter[str] = Counter()  # attempts, by HTTP status or error
-        self.reports: Counter[str] = Counter()  # emit() reports, by what the ledger said
+        self.reports: Counter[str] = Counter()  # lifecycle holds' writes: owned / unchanged
         self.queued: Callable[[], int] = lambda: 0  # events waiting now
 
 
@@ -184,7 +184,6 @@ class Metrics(Collector):
                 "echoserver_webhook_events_dropped",
                 "Lifecycle events never sent, by reason: queue_full (webhooks.queue_size, "
                 "the oldest go), gave_up (webhooks.max_attempts failed), "
-                "broker_unavailable (no one could tell whether another process sent it), "
                 "shutdown (still queued when the server stopped), error (a bug, logged).",
                 "reason",
                 self.webhooks.dropped,

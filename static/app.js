@@ -466,7 +466,7 @@
       query.push("since=" + since);
       shownQuery.push("since=" + since);
       if (epoch !== null) {
-        query.push("epoch=" + epoch);
+        query.push("epoch=" + encodeURIComponent(epoch));
         shownQuery.push("epoch=" + epoch);
       }
     }
@@ -1028,8 +1028,6 @@
 
   /* ---------- resuming every channel after a reconnect (mixed mode) ---------- */
 
-  var EPOCH_RE = /^[A-Za-z0-9_-]{1,32}$/;
-
   // A channel followed on this connection. offset/epoch: the last message seen on it (the
   // resume point); status: "waiting" (no connection), "pending" (subscribe sent),
   // "subscribed", "leaving" (unsubscribe sent). roster: user -> info, from join and leave
@@ -1043,7 +1041,8 @@
   }
 
   function remember(f, offset, epoch) {
-    if (typeof epoch === "string" && EPOCH_RE.test(epoch)) f.epoch = epoch;
+    // Epochs are the server's own (it refuses one it did not make), so any non-empty one is kept.
+    if (typeof epoch === "string" && epoch) f.epoch = epoch;
     if (typeof offset === "number" && offset >= 0) f.offset = offset;
     renderChannels();
   }
@@ -1053,7 +1052,7 @@
   // channel stands, "" (nothing published yet) is offset 0 of a numbering still to come.
   function adopt(f, epoch, count, last) {
     if (typeof epoch === "string") {
-      var now = EPOCH_RE.test(epoch) ? epoch : null;
+      var now = epoch || null;
       if (now !== f.epoch) { f.epoch = now; f.offset = epoch === "" ? 0 : null; }
     }
     if (!count && typeof last === "number" && last >= 0) f.offset = last;

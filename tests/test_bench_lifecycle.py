@@ -50,10 +50,11 @@ def test_every_variant_of_this_checkout_on_the_memory_broker(tmp_path: Path) -> 
     for name in ("off", "presence", "webhooks", "both"):
         (run,) = report["results"][name]
         check_run(run)
-    # Every member is its own user: one join each, and the channel occupied once.
+    # Every member is its own user: online and joined once each, the channel occupied once.
     for name in ("webhooks", "both"):
         (run,) = report["results"][name]
-        assert run["webhooks"]["events"] == {"channel_occupied": 1, "user_joined": MEMBERS}
+        expected = {"channel_occupied": 1, "user_joined": MEMBERS, "user_online": MEMBERS}
+        assert run["webhooks"]["events"] == expected
     assert "webhooks" not in report["results"]["off"][0]
     assert "memory broker" in stdout
     assert "| presence + webhooks / off " in stdout

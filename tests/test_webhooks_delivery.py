@@ -1,6 +1,6 @@
 """Lifecycle webhooks end to end: a real server process POSTs to a receiver in the test (a
 Tornado app on the test's loop, checking each request with the stock Standard Webhooks
-library), through failures, a dead backend, and in process through Webhooks.emit."""
+library), through failures, a dead backend, and in process through the lifecycle holds."""
 
 from __future__ import annotations
 
@@ -166,8 +166,8 @@ async def _at_least(value: Any, floor: float) -> bool:
     return (await value) >= floor
 
 
-def test_emit_sends_user_events_once_with_their_fields() -> None:
-    # The interface the presence side calls, in process, over a real HTTP request.
+def test_user_events_are_sent_once_with_their_fields_and_unasked_kinds_leave_a_gap() -> None:
+    # The lifecycle in process, on the memory holds, over a real HTTP request.
     receiver = Receiver(new_secret())
 
     async def scenario() -> None:
@@ -180,32 +180,41 @@ def test_emit_sends_user_events_once_with_their_fields() -> None:
             Bounds(batch_window=0.02, timeout=2),
             counts,
         )
-        hooks = Webhooks(sender, MemoryLedger(), ("user_online", "user_offline", "user_joined"))
+        ledger = MemoryLedger()
+        hooks = Webhooks(sender, ledger, ("user_online", "user_offline", "user_joined"))
         hooks.start()
+        hub = Hub(MemoryBroker())
+        watched = Lifecycle(hub, MemoryHolds(ledger), hooks, Roster(hub), grace=0)
+        alice = {"name": "Alice"}
         try:
-            hooks.emit("user_online", user="alice", at=1000.5)
-            hooks.emit("user_online", user="alice")  # a second tab: no event
-            hooks.emit("user_joined", channel="room", user="alice", info={"name": "Alice"})
-            hooks.emit("user_left", channel="room", user="alice")  # not asked for: a gap
-            hooks.emit("user_joined", channel="room", user="alice")
-            hooks.emit("user_offline", user="alice")
-            hooks.emit("channel_occupied", channel="room")  # not asked for, nor its pair
+            began = time.time()
+            watched.user_count("alice", alice, 1)
+            watched.user_count("alice", alice, 2)  # a second tab: no event
+            watched.roster_entry("room", "alice", alice, 1, True)
+            watched.roster_entry("room", "alice", alice, 0, False)  # not asked for: a gap
+            watched.roster_entry("room", "alice", None, 1, True)
+            watched.user_count("alice", None, 0)
+            watched.channel_count("room", 1)  # not asked for, nor its pair
             assert await eventually(lambda: len(receiver.events) == 4), receiver.events
             await asyncio.sleep(0.1)
+            ended = time.time()
             shapes = [
                 {k: v for k, v in e.items() if k not in ("id", "at")} for e in receiver.events
             ]
             assert shapes == [
-                {"type": "user_online", "user": "alice", "seq": 1},
+                {"type": "user_online", "user": "alice", "seq": 1, "info": alice},
                 {"type": "user_joined", "channel": "room", "user": "alice", "seq": 1,
-                 "info": {"name": "Alice"}},
+                 "info": alice},
                 {"type": "user_joined", "channel": "room", "user": "alice", "seq": 3},
-                {"type": "user_offline", "user": "alice", "seq": 2},
+                {"type": "user_offline", "user": "alice", "seq": 2, "info": alice},
             ]  # fmt: skip
-            assert receiver.events[0]["at"] == 1000.5
-            assert counts.sent == 4
+            assert all(began - 0.001 <= e["at"] <= ended for e in receiver.events)
+            assert len({e["id"] for e in receiver.events}) == 4
+            assert counts.sent == 4 and counts.reports["owned"] == 5
         finally:
+            await watched.close()
             await hooks.close(2.0)
+            await hub.close()
             receiver.stop()
 
     run(scenario(), timeout=20)

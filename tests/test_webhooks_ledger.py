@@ -1,6 +1,6 @@
-"""The lifecycle ledger's contract, on the memory broker, a real Redis and a real Redis
-Cluster: a transition is owned by exactly one caller however many report it, and numbered
-per scope without gap."""
+"""The lifecycle ledger's contract, through the lifecycle holds' hold() (the one writer of
+the ledger), on the memory broker, a real Redis and a real Redis Cluster: a flag is moved
+by exactly one write however many race, and each move is numbered per scope without gap."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from echoserver.brokers.base import Broker, BrokerUnavailable
-from echoserver.brokers.lifecycle import Ledger, ledger_for
+from echoserver.brokers.lifecycle_holds import Holds, Moved, holds_for
 from echoserver.brokers.memory import MemoryBroker
 from echoserver.brokers.redis import RedisBroker
 from echoserver.brokers.redis_base import RedisOptions
@@ -43,55 +43,70 @@ def new_broker(kind: str, request: pytest.FixtureRequest) -> Broker:
     return RedisBroker(server.url, options)
 
 
-async def started(broker: Broker) -> Ledger:
+async def started(broker: Broker) -> Holds:
     await broker.start(lambda envelope: None)
-    return ledger_for(broker)
+    return holds_for(broker, None)
 
 
-def test_a_transition_is_numbered_once_and_a_repeat_is_not(
+def test_a_move_is_numbered_once_and_a_write_that_moves_nothing_is_not(
     kind: str, request: pytest.FixtureRequest
 ) -> None:
     broker = new_broker(kind, request)
 
     async def scenario() -> None:
-        ledger = await started(broker)
+        holds = await started(broker)
         try:
-            assert await ledger.transition("c:room", "#occupied", True) == 1
-            assert await ledger.transition("c:room", "#occupied", True) == 0
-            assert await ledger.transition("c:room", "u:alice", True) == 2
-            assert await ledger.transition("c:room", "u:alice", False) == 3
-            assert await ledger.transition("c:room", "u:alice", False) == 0
-            assert await ledger.transition("c:room", "#occupied", False) == 4
-            # Another scope numbers on its own; a flag at rest was never set.
-            assert await ledger.transition("u:alice", "#online", False) == 0
-            assert await ledger.transition("u:alice", "#online", True) == 1
-            assert await ledger.transition("c:other", "#occupied", True) == 1
+            # (scope, flag, count, present, owner) -> Moved(before, after, seq)
+            steps = [
+                (("c:room", "#occupied", 1, True, None), Moved(0, 1, 1)),
+                (("c:room", "#occupied", 2, True, None), Moved(1, 1, 0)),  # a new count
+                (("c:room", "#occupied", 1, True, "other"), Moved(1, 2, 0)),  # a 2nd process
+                (("c:room", "u:alice", 1, True, None), Moved(0, 1, 2)),  # the scope's numbers
+                (("c:room", "#occupied", 0, False, None), Moved(2, 1, 0)),  # "other" holds it
+                (("c:room", "u:alice", 0, False, None), Moved(1, 0, 3)),
+                (("c:room", "u:alice", 0, False, None), Moved(0, 0, 0)),  # nothing to remove
+                (("c:room", "#occupied", 0, False, "other"), Moved(1, 0, 4)),
+                # Another scope numbers on its own; a flag at rest was never set.
+                (("u:alice", "#online", 0, False, None), Moved(0, 0, 0)),
+                (("u:alice", "#online", 3, True, None), Moved(0, 1, 1)),
+                (("c:other", "#occupied", 1, True, None), Moved(0, 1, 1)),
+            ]
+            for (scope, flag, count, present, owner), expected in steps:
+                moved = await holds.hold(scope, flag, count, present, owner=owner)
+                assert moved == expected, (scope, flag, count, present, owner)
         finally:
             await broker.close()
 
     run(scenario())
 
 
-def test_concurrent_reports_of_one_transition_have_one_owner(
+def test_concurrent_writers_of_one_flag_move_it_once_per_crossing(
     kind: str, request: pytest.FixtureRequest
 ) -> None:
-    # Several brokers stand for several processes (one on the memory broker, by design).
+    # Several brokers stand for several processes (one on the memory broker, by design),
+    # each writing three entries at once.
     brokers = [new_broker(kind, request) for _ in range(1 if kind == "memory" else 4)]
 
     async def scenario() -> None:
-        ledgers = [await started(broker) for broker in brokers]
+        all_holds = [await started(broker) for broker in brokers]
+        owners = [(holds, f"{holds.process_id}/{n}") for holds in all_holds for n in range(3)]
         try:
             for round_ in range(20):
-                active = round_ % 2 == 0
-                owners = await asyncio.gather(
-                    *(
-                        ledger.transition("c:room", "#occupied", active)
-                        for ledger in ledgers
-                        for _ in range(3)
+                for present, seq in ((True, 2 * round_ + 1), (False, 2 * round_ + 2)):
+                    moves = await asyncio.gather(
+                        *(
+                            holds.hold("c:room", "#occupied", 1, present, owner=owner)
+                            for holds, owner in owners
+                        )
                     )
-                )
-                assert sorted(owners)[:-1] == [0] * (len(owners) - 1), owners
-                assert max(owners) == round_ + 1
+                    seqs = sorted(moved.seq for moved in moves)
+                    assert seqs == [0] * (len(moves) - 1) + [seq], (present, moves)
+                    # The one write that moved it is the one that crossed 0.
+                    (mover,) = (moved for moved in moves if moved.seq)
+                    assert (mover.before == 0) if present else (mover.after == 0), moves
+                    assert sorted(m.after if present else m.before for m in moves) == list(
+                        range(1, len(moves) + 1)
+                    ), moves
         finally:
             for broker in brokers:
                 await broker.close()
@@ -104,14 +119,15 @@ def test_the_state_outlives_no_one_and_redis_down_is_said(redis_server: RedisSer
     broker = RedisBroker(redis_server.url, RedisOptions(backoff_cap=0.5, op_timeout=1.0))
 
     async def scenario() -> None:
-        ledger = await started(broker)
+        holds = await started(broker)
         try:
             from redis.asyncio import Redis
 
             admin = Redis.from_url(redis_server.url)
-            await ledger.transition("c:room", "#occupied", True)
-            await ledger.transition("c:room", "#occupied", False)
-            # A flag at rest is no key at all; only the counter stays, with a TTL.
+            await holds.hold("c:room", "#occupied", 1, True)
+            await holds.hold("c:room", "#occupied", 0, False)
+            # A flag at rest and an empty scope are no keys at all; only the counter
+            # stays, with a TTL.
             keys = sorted(k.decode() for k in await admin.keys("*lifecycle*"))
             assert keys == ["echoserver:lifecycle:{c:room}:seq"]
             assert await admin.ttl(keys[0]) > 0
@@ -119,7 +135,7 @@ def test_the_state_outlives_no_one_and_redis_down_is_said(redis_server: RedisSer
             redis_server.stop()
             with pytest.raises(BrokerUnavailable):
                 for _ in range(100):  # until the broker has noticed
-                    await ledger.transition("c:room", "#occupied", True)
+                    await holds.hold("c:room", "#occupied", 1, True)
                     await asyncio.sleep(0.05)
         finally:
             await broker.close()

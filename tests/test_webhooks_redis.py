@@ -57,7 +57,7 @@ def test_two_processes_send_each_transition_once(redis_server: RedisServer) -> N
                 for s in servers
             ]
             assert sum(sent) == 2 * len(CHANNELS), sent
-            # Both processes reported the transitions; the ledger let one own each.
+            # Both processes wrote their entries; the write that moved the ledger owns each.
             for outcome, low in (("owned", 2 * len(CHANNELS)), ("unchanged", len(CHANNELS))):
                 counts = [
                     await asyncio.to_thread(

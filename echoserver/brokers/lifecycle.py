@@ -1,56 +1,43 @@
-"""The lifecycle ledger: which process owns a lifecycle event, and its sequence number.
+"""The lifecycle ledger: a flag per lifecycle state and a sequence number per scope.
 
-Several processes may observe the same transition (every worker sees a channel's member
-count reach 0 once its presence entries expire). Each one asks the ledger to move a flag
-(`field` of a `scope`: "#occupied" of "c:room") to the state it observed; the move is a
-compare-and-set, atomic in the broker, so exactly one caller changes it and gets the
-scope's next sequence number; every other caller gets 0 and sends nothing. The sequence
-counts the events sent for a scope (a channel, a user): 1, 2, 3, ... without gap, so a
+A flag (`field` of a `scope`: "#occupied" of "c:room", "#online" of "u:alice", "u:alice" of
+"c:room" for a user on a channel) is on while some process holds an entry for it. The
+lifecycle holds (brokers/lifecycle_holds.py) move it in the same atomic write that records
+or removes a process's entry, so exactly one write changes it, however many processes race,
+and that write takes the scope's next sequence number; its process sends the event. The
+sequence counts the events of a scope (a channel, a user): 1, 2, 3, ... without gap, so a
 backend that sees a gap knows it missed one.
 
-With the memory broker the ledger is a dict in this process. On Redis it is one script
-run over the broker's own command connection (the state hash and the counter of a scope
-share a hash tag, so it runs on a Redis Cluster too). A flag at rest is no field at all:
-a scope's hash holds only what is active now and disappears when nothing is. The counter
-outlives it by SEQ_TTL seconds, past which a scope numbers from 1 again.
+With the memory broker the ledger is dicts in this process (MemoryLedger.move). On Redis
+it is two keys per scope that the holds' script writes, named by RedisLedger.keys(): the
+state hash and the counter share a hash tag, so the script runs on a Redis Cluster too. A
+flag at rest is no field at all: a scope's hash holds only what is active now and
+disappears when nothing is. The counter outlives it by SEQ_TTL seconds, past which a scope
+numbers from 1 again.
 """
 
 from __future__ import annotations
 
-import abc
-from collections.abc import Callable
-from typing import Any
+from typing import TypeAlias
 
-from echoserver.brokers.base import Broker, BrokerUnavailable
+from echoserver.brokers.base import Broker
 from echoserver.brokers.memory import MemoryBroker
 
-__all__ = ["BrokerUnavailable", "Ledger", "MemoryLedger", "RedisLedger", "ledger_for"]
+__all__ = ["SEQ_TTL", "Ledger", "MemoryLedger", "RedisLedger", "ledger_for"]
 
 SEQ_TTL = 30 * 24 * 3600  # seconds a scope's counter is kept after its last event
 
 
-class Ledger(abc.ABC):
-    """Flags per scope, moved by compare-and-set, and a counter per scope."""
-
-    @abc.abstractmethod
-    async def transition(self, scope: str, field: str, active: bool) -> int:
-        """Set the flag to `active`. The scope's next sequence number when this call changed
-        it, 0 when it already was so. Raises BrokerUnavailable when the broker cannot
-        tell (then nobody may assume the event was sent)."""
-
-
-class MemoryLedger(Ledger):
+class MemoryLedger:
     """One process: the flags and counters in dicts."""
 
     def __init__(self) -> None:
         self._active: dict[str, set[str]] = {}
         self._seq: dict[str, int] = {}
 
-    async def transition(self, scope: str, field: str, active: bool) -> int:
-        return self.move(scope, field, active)
-
     def move(self, scope: str, field: str, active: bool) -> int:
-        """transition() at once (the lifecycle holds move a flag with their own write)."""
+        """Set the flag to `active`: the scope's next sequence number when this call changed
+        it, 0 when it already was so (the memory holds call it with their own write)."""
         flags = self._active.get(scope)
         if (flags is not None and field in flags) == active:
             return 0
@@ -65,44 +52,20 @@ class MemoryLedger(Ledger):
         return seq
 
 
-# KEYS: the scope's state hash, its counter. ARGV: field, "1"/"0", counter TTL in seconds.
-TRANSITION_SCRIPT = b"""
-local was = redis.call('HEXISTS', KEYS[1], ARGV[1])
-local want = tonumber(ARGV[2])
-if was == want then
-  return 0
-end
-if want == 1 then
-  redis.call('HSET', KEYS[1], ARGV[1], '1')
-else
-  redis.call('HDEL', KEYS[1], ARGV[1])
-end
-local seq = redis.call('INCR', KEYS[2])
-redis.call('EXPIRE', KEYS[2], ARGV[3])
-return seq
-"""
+class RedisLedger:
+    """The flags and counters in Redis (one server or a Cluster): where they are; the
+    holds' script (brokers/lifecycle_holds.py) moves them."""
 
-
-class RedisLedger(Ledger):
-    """The flags and counters in Redis (one server or a Cluster), through `command`: the
-    broker's queue of commands, which raises BrokerUnavailable while Redis is down."""
-
-    def __init__(self, command: Callable[..., Any], prefix: str) -> None:
-        self._command = command
+    def __init__(self, prefix: str) -> None:
         self._prefix = f"{prefix}:lifecycle:"
 
     def keys(self, scope: str) -> tuple[str, str]:
+        """The scope's state hash and its counter (one hash tag)."""
         tag = f"{self._prefix}{{{scope}}}"
         return tag + ":state", tag + ":seq"
 
-    async def transition(self, scope: str, field: str, active: bool) -> int:
-        state, seq = self.keys(scope)
-        # EVAL rather than EVALSHA: lifecycle events are rare next to messages, and the
-        # script then needs no loading after a Redis restart or failover.
-        reply = await self._command(
-            "EVAL", TRANSITION_SCRIPT, 2, state, seq, field, "1" if active else "0", SEQ_TTL
-        )
-        return int(reply)
+
+Ledger: TypeAlias = MemoryLedger | RedisLedger
 
 
 def ledger_for(broker: Broker) -> Ledger:
@@ -112,6 +75,5 @@ def ledger_for(broker: Broker) -> Ledger:
     from echoserver.brokers.redis_base import PipelinedRedisBroker
 
     if isinstance(broker, PipelinedRedisBroker):
-        # The broker's own pipelined command connection (what its presence uses too).
-        return RedisLedger(broker._command, broker._keys.prefix)
+        return RedisLedger(broker._keys.prefix)
     raise TypeError(f"no lifecycle ledger for {type(broker).__name__}")

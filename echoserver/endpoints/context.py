@@ -43,7 +43,7 @@ class ServerContext(Protocol):
     refused_hosts: Throttle  # the warning about a refused Host (base.HostRefused)
     authority: Authority  # tokens, rights, expiry, users (the auth package)
     roster: Roster  # users per channel, their joins and leaves (fanout/presence.py)
-    webhooks: Webhooks  # lifecycle events: webhooks.emit(kind, channel=..., user=...)
+    webhooks: Webhooks  # lifecycle events, delivered by the lifecycle holds (fanout/lifecycle.py)
     # Users online and channels occupied across processes (fanout/lifecycle.py); None when
     # nothing reads them (no webhooks, no API key, no join_leave namespace).
     lifecycle: Lifecycle | None

@@ -40,7 +40,7 @@ log = logging.getLogger("echoserver.lifecycle")
 
 # Index entries: "u\t<sub>", "c\t<channel>", "r\t<channel>\t<sub>\t<info JSON>".
 USER, CHANNEL, ROSTER = "u", "c", "r"
-_FLAGS = {USER: "#online", CHANNEL: "#occupied"}  # as webhooks/events.ledger_key has them
+_FLAGS = {USER: "#online", CHANNEL: "#occupied"}  # the ledger's flag of each scope
 _KINDS = {
     USER: ("user_online", "user_offline"),
     CHANNEL: ("channel_occupied", "channel_vacated"),

@@ -69,14 +69,10 @@ class Roster:
         *,
         grace: float = 5.0,
         announces: Callable[[str], bool] = lambda channel: False,
-        report: Callable[[str, str, str, Any], None] | None = None,
     ) -> None:
         self.hub = hub
         self.grace = grace
         self.announces = announces
-        # report("join"|"leave", channel, user, info): every join and leave, decided once
-        # across processes (in every channel, join_leave or not): the lifecycle webhooks.
-        self.report = report
         self._here: dict[tuple[str, str], _Here] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -165,13 +161,8 @@ class Roster:
         self.decided(kind, channel, user, here.info)
 
     def decided(self, kind: str, channel: str, user: str, info: Any) -> None:
-        """A join or leave decided once across processes: here, or by the sweep of a
-        crashed process's entries (fanout/lifecycle.py)."""
-        self._announce(kind, channel, user, info)
-        if self.report is not None:
-            self.report(kind, channel, user, info)
-
-    def _announce(self, kind: str, channel: str, user: str, info: Any) -> None:
+        """A join or leave decided once across processes (here, or by the sweep of a
+        crashed process's entries, fanout/lifecycle.py): announced where `announces`."""
         if not self.announces(channel):
             return
         envelope = Envelope(channel, presence_event(kind, channel, user, info), False)

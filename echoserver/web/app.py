@@ -228,7 +228,7 @@ class ServerState:
         self.keepalive.close()
         self.authority.close()
         self.roster.close()
-        # Before the broker closes: the last reports still need its ledger.
+        # Before the broker closes: the lifecycle's last writes still need it.
         if self.lifecycle is not None:
             await self.lifecycle.close()
         await self.webhooks.close(self.config.webhooks.timeout)

@@ -1,10 +1,10 @@
 """Lifecycle webhooks: channel_occupied/vacated, user_online/offline, user_joined/left,
 POSTed to a backend, signed by the Standard Webhooks scheme, batched, retried, bounded,
-and sent once across processes (docs/i21-webhooks.md).
+and sent once across processes (docs/webhooks.md).
 
-events.py is the source API (Webhooks.emit, deliver) and the ledger claims; sender.py the
-queue, batches and retries; signing.py the signature; http.py the one Tornado-using edge.
-What decides the events: fanout/lifecycle.py (brokers/lifecycle_holds.py) and the Roster.
+events.py is the source API (Webhooks.deliver) and the event body; sender.py the queue,
+batches and retries; signing.py the signature; http.py the one Tornado-using edge. What
+decides the events: fanout/lifecycle.py, through brokers/lifecycle_holds.py.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from echoserver.brokers.lifecycle import ledger_for
 from echoserver.config.settings import WebhooksSettings
 from echoserver.config.webhooks import secret_bytes
 from echoserver.metrics import WebhookCounts
-from echoserver.webhooks.events import KINDS, Webhooks
+from echoserver.webhooks.events import Webhooks
 from echoserver.webhooks.http import Post, tornado_post
 from echoserver.webhooks.sender import Bounds, Sender
 
-__all__ = ["KINDS", "Webhooks", "build"]
+__all__ = ["Webhooks", "build"]
 
 
 def build(
@@ -39,4 +39,4 @@ def build(
     sender = Sender(
         settings.url, secret_bytes(settings.secret), post or tornado_post(), bounds, counts
     )
-    return Webhooks(sender, ledger_for(broker), settings.events, settings.queue_size)
+    return Webhooks(sender, ledger_for(broker), settings.events)
