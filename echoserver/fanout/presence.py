@@ -69,16 +69,20 @@ class Roster:
         *,
         grace: float = 5.0,
         announces: Callable[[str], bool] = lambda channel: False,
+        lists_users: bool = True,
     ) -> None:
         self.hub = hub
         self.grace = grace
         self.announces = announces
+        # False when nothing reads the users (no API key for the presence API, no join_leave
+        # namespace, no webhooks): then a user's join writes nothing to the broker.
+        self.lists_users = lists_users
         self._here: dict[tuple[str, str], _Here] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def arrive(self, channel: str, user: str | None, info: Any) -> None:
         """A connection of `user` has become a member of the channel (after hub.join)."""
-        if user is None:
+        if user is None or not self.lists_users:
             return
         place = (channel, user)
         here = self._here.get(place)
@@ -93,7 +97,7 @@ class Roster:
 
     async def depart(self, channel: str, user: str | None) -> None:
         """A connection of `user` has left the channel (after hub.leave)."""
-        if user is None:
+        if user is None or not self.lists_users:
             return
         place = (channel, user)
         here = self._here.get(place)

@@ -124,17 +124,21 @@ class ServerState:
         # crashed process's users (their leaves). The Roster decides join/leave signals.
         grace = config.broadcast.presence_grace
         self.webhooks = build_webhooks(config.webhooks, hub.broker, self.metrics.webhooks)
-        self.roster = Roster(hub, grace=grace, announces=self._announces_join_leave)
+        tracked = self._tracks_lifecycle()
+        self.roster = Roster(
+            hub, grace=grace, announces=self._announces_join_leave, lists_users=tracked
+        )
         self.lifecycle: Lifecycle | None = None
-        if self._tracks_lifecycle():
+        if tracked:
             holds = holds_for(hub.broker, self.webhooks.ledger)
             self.lifecycle = Lifecycle(hub, holds, self.webhooks, self.roster, grace=grace)
             hub.presence = TrackedPresence(hub.presence, self.lifecycle)
             self.authority.on_user = self.lifecycle.user_count
 
     def _tracks_lifecycle(self) -> bool:
-        """Whether anything reads the lifecycle holds: the webhooks, the snapshots (the
-        API key), or join_leave namespaces (a crashed process's users' leaves)."""
+        """Whether anything reads the lifecycle holds or the users on a channel: the
+        webhooks, the snapshots and the presence API (the API key), or join_leave
+        namespaces (joins, leaves, and a crashed process's users' leaves)."""
         return (
             self.webhooks.enabled
             or bool(self.config.api.key)
