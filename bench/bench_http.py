@@ -20,7 +20,12 @@ subscriber got it) sending the next. Variant "SSE": the other subscribers read G
 without gaps). Variant "WebSocket": they are WebSocket members (payloads carry a sequence
 number). Reported: deliveries/s, p50/p99 completion, server CPU µs per delivery, lost/repeated.
 
-    python bench/bench_http.py [--runs 3] [--part publish|fanout] [--duration 4]
+With `--before REV` each part also runs its HTTP variant (the publish API, SSE) on the code of
+commit REV, built once into its own venv (prior_build.py), interleaved with the others, and
+prints this checkout's figure against it (the ratio a change is judged by on this machine,
+whose absolute speed drifts between days).
+
+    python bench/bench_http.py [--runs 3] [--part publish|fanout] [--duration 4] [--before REV]
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ perf_counter_ns = time.perf_counter_ns
 
 PUBLISH_NAMES = {"ws": "WebSocket publishers", "http": "publish API"}
 FANOUT_NAMES = {"ws": "WebSocket subscribers", "sse": "SSE subscribers"}
+BEFORE = "-before"  # the suffix of a variant run on the `--before` commit's build
 
 PUBLISH_METRICS = [
     Metric("publishes/s", "publishes_per_s", 0),
@@ -110,6 +116,11 @@ def parse_args() -> argparse.Namespace:
         default=procs.uvloop_available(),
         help="echoserver on uvloop (--loop uvloop) or asyncio",
     )
+    parser.add_argument(
+        "--before",
+        metavar="REV",
+        help="also run the HTTP variants on this commit, built into its own venv, and compare",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write every run's raw result here")
     args = parser.parse_args()
     args.server_cmd = None  # read by reporting.print_footer
@@ -129,12 +140,14 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def server_cmd(port: int, uvloop: bool) -> list[str]:
-    return [
-        *procs.server_command("ours", "broadcast", port, uvloop=uvloop),
-        "--api-key",
-        API_KEY,
-    ]
+def server_cmd(port: int, uvloop: bool, before: Path | None = None) -> list[str]:
+    """echoserver in broadcast mode with the API key; `before`: the `echoserver` script of
+    an earlier build to run instead of this checkout."""
+    cmd = procs.server_command("ours", "broadcast", port, uvloop=uvloop)
+    if before is not None:
+        assert cmd[1:3] == ["-m", "echoserver"], cmd
+        cmd = [str(before), *cmd[3:]]
+    return [*cmd, "--api-key", API_KEY]
 
 
 def run_load_here(load_args: Sequence[str], timeout: float) -> dict[str, Any]:
@@ -155,7 +168,9 @@ def run_load_here(load_args: Sequence[str], timeout: float) -> dict[str, Any]:
 
 def one_run(part: str, variant: str, args: argparse.Namespace) -> dict[str, Any]:
     port = procs.free_port()
-    server = procs.Server(server_cmd(port, args.uvloop), port)
+    before = args.before_script if variant.endswith(BEFORE) else None
+    variant = variant.removesuffix(BEFORE)
+    server = procs.Server(server_cmd(port, args.uvloop, before), port)
     try:
         server.start()
     except Exception as exc:
@@ -222,11 +237,20 @@ def main() -> None:
     parts = [args.part] if args.part else ["publish", "fanout"]
     everything: dict[str, Any] = {}
     json_path, args.json = args.json, None
+    args.before_script = None
+    if args.before:
+        import prior_build
+
+        args.before_script = prior_build.build(args.before)
     for part in parts:
         if part == "publish":
-            kinds, names, metrics = ["ws", "http"], PUBLISH_NAMES, PUBLISH_METRICS
+            kinds, names, metrics = ["ws", "http"], dict(PUBLISH_NAMES), PUBLISH_METRICS
         else:
-            kinds, names, metrics = ["ws", "sse"], FANOUT_NAMES, FANOUT_METRICS
+            kinds, names, metrics = ["ws", "sse"], dict(FANOUT_NAMES), FANOUT_METRICS
+        http = kinds[1]
+        if args.before:
+            kinds.append(http + BEFORE)
+            names[http + BEFORE] = f"{names[http]} at {args.before}"
         results = runner.run_interleaved(
             kinds,
             args.runs,
@@ -242,6 +266,8 @@ def main() -> None:
                 f"{args.duration:g} s window after {args.warmup:g} s warm-up\n"
             )
             print(summary(results, metrics, names, "http", "ws"))
+            if args.before:
+                print(summary(results, metrics, names, "http", "http" + BEFORE))
             print(
                 "\nA publish completes when every member got it (and, for the API, its 200 "
                 "came back); API p50/p99 = request sent to response read. WebSocket publishers "
@@ -256,6 +282,8 @@ def main() -> None:
                 f"flight, {args.duration:g} s window after {args.warmup:g} s warm-up\n"
             )
             print(summary(results, metrics, names, "sse", "ws"))
+            if args.before:
+                print(summary(results, metrics, names, "sse", "sse" + BEFORE))
             print(
                 "\nA delivery is one message reaching one subscriber; a message completes when "
                 "all got it. SSE: each event is `id: <epoch>:<offset>` + one `data:` line in a "
