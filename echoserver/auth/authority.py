@@ -84,8 +84,9 @@ class Authority:
         if identity.exp is not None:
             self.clock.forget(connection)
 
-    def refreshed(self, connection: Connection, old: Identity, new: Identity) -> None:
-        """The connection's token was replaced by one for the same user."""
+    def refreshed(self, connection: Connection, new: Identity) -> None:
+        """The connection's token was replaced by one for the same user (the user index
+        stays as it is): its deadline moves to the new token's."""
         self.clock.watch(connection, new.exp)
 
     @staticmethod

@@ -27,9 +27,6 @@ class Users:
             if not connections:
                 del self._by_sub[sub]
 
-    def connections(self, sub: str) -> int:
-        return len(self._by_sub.get(sub, ()))
-
     def disconnect(self, sub: str) -> int:
         """End every connection of the user here; how many there were."""
         connections = list(self._by_sub.pop(sub, ()))

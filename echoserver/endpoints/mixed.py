@@ -287,7 +287,7 @@ class MixedSocket(ChannelSocket):
             return
         self.identity = new
         self.may_publish = authority.rights.may_publish(new, self.channel)
-        authority.refreshed(self, old, new)
+        authority.refreshed(self, new)
         exp = None if new.exp is None else (int(new.exp) if new.exp.is_integer() else new.exp)
         self.send(notice("refreshed", exp=exp), False)
 
