@@ -27,6 +27,10 @@ class Users:
             if not connections:
                 del self._by_sub[sub]
 
+    def connections(self, sub: str) -> int:
+        """How many connections the user has here (what the lifecycle counts as online)."""
+        return len(self._by_sub.get(sub, ()))
+
     def disconnect(self, sub: str) -> int:
         """End every connection of the user here; how many there were."""
         connections = list(self._by_sub.pop(sub, ()))
