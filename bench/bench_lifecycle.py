@@ -53,16 +53,10 @@ from redis_helpers import redis_server
 from reporting import Metric
 from webhook_sink import WebhookSink, difference
 
+from echoserver.config.webhooks import EVENT_KINDS
+
 BEFORE_COMMIT = "fa52e7d"  # main before issue 21: no presence roster, no webhooks
 CHANNEL = "bench"
-EVENT_KINDS = (
-    "channel_occupied",
-    "channel_vacated",
-    "user_online",
-    "user_offline",
-    "user_joined",
-    "user_left",
-)
 
 
 @dataclass(frozen=True)

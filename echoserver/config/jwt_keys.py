@@ -8,7 +8,6 @@ PyJWT and cryptography parse; nothing here verifies a token.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import urllib.parse
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from echoserver.config.rules import loopback_host
 from echoserver.config.values import HIDDEN
 
 # RFC 7518 3.2: an HMAC key at least as long as the hash. Shorter secrets can be guessed
@@ -133,15 +133,6 @@ def is_jwks_url(value: str) -> bool:
     return value.startswith(("https://", "http://"))
 
 
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_secrets(value: tuple[str, ...]) -> str | None:
     if len(value) > MAX_KEYS:
         return f"at most {MAX_KEYS} (the current secret and the previous one)"
@@ -175,7 +166,7 @@ def check_jwks(value: str) -> str | None:
         url = urllib.parse.urlsplit(value)
         if not url.hostname:
             return "the URL names no host"
-        if url.scheme == "http" and not _loopback(url.hostname):
+        if url.scheme == "http" and not loopback_host(url.hostname):
             return "plain http:// only to a loopback address; use https://"
         return None
     try:

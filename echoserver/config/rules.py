@@ -22,6 +22,17 @@ from echoserver.brokers.urls import url_problem
 from echoserver.config.values import HIDDEN, _show, format_value
 
 
+def loopback_host(host: str) -> bool:
+    """Whether a URL's host is this machine (localhost or a loopback address): where plain
+    http:// is allowed for a JWKS or a webhook receiver."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class Rule:
     allowed: str

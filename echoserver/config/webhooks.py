@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
 import urllib.parse
 
-from echoserver.config.rules import Rule
+from echoserver.config.rules import Rule, loopback_host
 from echoserver.config.values import HIDDEN
 
 # Every lifecycle event a backend may ask for, in the order the docs list them.
@@ -25,15 +24,6 @@ SECRET_PREFIX = "whsec_"
 SECRET_BYTES = (24, 64)
 
 
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_url(value: str) -> str | None:
     if value == "":
         return None
@@ -46,7 +36,7 @@ def check_url(value: str) -> str | None:
         return ""
     if any(ch.isspace() for ch in value) or url.fragment:
         return ""
-    if url.scheme == "http" and not _loopback(url.hostname):
+    if url.scheme == "http" and not loopback_host(url.hostname):
         return "plain http:// only to a loopback address; use https://"
     return None
 
