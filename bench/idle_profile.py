@@ -9,6 +9,9 @@ where they were allocated. Then, from one open connection's endpoint, the object
 
     python bench/idle_profile.py [--connections 500] [--mode echo|broadcast] [--loop uvloop]
 
+An earlier commit: run this file with that build's interpreter (prior_build.py's venv) and
+`--load-python` this venv's python.
+
 Only for looking: tracemalloc slows the server, so no timing here; bench_idle.py measures RSS.
 """
 
@@ -36,13 +39,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="uvloop")
     parser.add_argument("--top", type=int, default=25, help="allocation sites to show")
     parser.add_argument("--tracebacks", type=int, default=0, help="full stacks of the top N")
+    parser.add_argument(
+        "--load-python",
+        help="the interpreter that runs bench/load.py (one with picows), when this one is "
+        "an earlier build's venv (profiling the code before a change)",
+    )
     parser.add_argument("--compression", action="store_true", help="permessage-deflate on")
     return parser.parse_args()
 
 
+LOAD_PYTHON = [sys.executable]  # --load-python replaces it
+
+
 async def open_idle(port: int, count: int) -> asyncio.subprocess.Process:
     load = await asyncio.create_subprocess_exec(
-        sys.executable,
+        LOAD_PYTHON[0],
         str(procs.LOAD_SCRIPT),
         "idle",
         "--port",
@@ -224,6 +235,8 @@ def reach(root: object, stop: set[int]) -> list[object]:
 if __name__ == "__main__":
     arguments = parse_args()
     procs.raise_nofile()
+    if arguments.load_python:
+        LOAD_PYTHON[0] = arguments.load_python
     tracemalloc.start(FRAMES)
     if arguments.loop == "uvloop":
         import uvloop
