@@ -121,7 +121,8 @@ def main() -> None:
     else:
         results, names = runner.run_all(args, one_run)
     print(f"## Idle connections: {args.connections} open WebSocket connections, {args.mode} mode\n")
-    print(reporting.summary_table(results, METRICS, names))
+    if "baseline" in results or "ours" not in results:
+        print(reporting.summary_table(results, METRICS, names))
     if args.before and "ours" in results:
         print(reporting.summary_table(results, METRICS, names, versus=BEFORE))
     print(
