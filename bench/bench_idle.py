@@ -7,12 +7,18 @@ they are all open and the server's RSS has settled, read it again. KB per connec
 (RSS after - RSS before) / connections opened. RLIMIT_NOFILE is raised in the load and in
 the server (to the hard limit); N must stay below it.
 
+With `--before REV` a third server runs in turn with the two: echoserver as it was at REV,
+built once into its own venv (prior_build.py), so today's code and a change to it are
+measured in the same run; the table then also gives ours / before.
+
     python bench/bench_idle.py [--runs 3] [--connections 10000] [--mode echo|broadcast]
+                               [--before REV]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -44,6 +50,12 @@ def parse_args() -> argparse.Namespace:
         "--settle", type=float, default=2.0, help="seconds to wait before reading the RSS"
     )
     parser.add_argument("--json", metavar="PATH", help="also write every run's raw result here")
+    parser.add_argument(
+        "--before",
+        metavar="REV",
+        help="also run echoserver as of this commit (built into its own venv), e.g. "
+        "`git merge-base HEAD main`",
+    )
     args = parser.parse_args()
     runner.apply_common_args(args)
     limit = procs.raise_nofile()
@@ -52,9 +64,22 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+BEFORE = "before"  # the kind run on the --before commit's build
+
+
+def before_command(args: argparse.Namespace, port: int) -> list[str]:
+    """The command of ours, run through the --before build's `echoserver` script."""
+    cmd = procs.server_command("ours", args.mode, port, uvloop=args.uvloop)
+    assert cmd[1:3] == ["-m", "echoserver"], cmd
+    return [str(args.before_script), *cmd[3:]]
+
+
 def one_run(kind: str, args: argparse.Namespace) -> dict[str, Any]:
+    command = None
+    if kind == BEFORE:
+        command = functools.partial(before_command, args)
     with runner.started_server(
-        kind, args.mode, uvloop=args.uvloop, custom=args.server_cmd
+        kind, args.mode, uvloop=args.uvloop, custom=args.server_cmd, command=command
     ) as server:
         before = procstat.settled_rss(server.pid, args.settle / 2)
         load = procs.LoadProcess(
@@ -79,9 +104,27 @@ def one_run(kind: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     args = parse_args()
-    results, names = runner.run_all(args, one_run)
+    if args.before:
+        import prior_build
+
+        args.before_script = prior_build.build(args.before)
+        kinds = [*runner.kinds_to_run(args.only), BEFORE]
+        names = {k: runner.kind_label(k, args.server_cmd) for k in kinds}
+        names[BEFORE] = f"ours at {args.before}"
+        results = runner.run_interleaved(
+            kinds,
+            args.runs,
+            lambda kind, _i: one_run(kind, args),
+            label=names.get,
+            quiet_wait=args.quiet_wait,
+        )
+    else:
+        results, names = runner.run_all(args, one_run)
     print(f"## Idle connections: {args.connections} open WebSocket connections, {args.mode} mode\n")
-    print(reporting.summary_table(results, METRICS, names))
+    if "baseline" in results or "ours" not in results:
+        print(reporting.summary_table(results, METRICS, names))
+    if args.before and "ours" in results:
+        print(reporting.summary_table(results, METRICS, names, versus=BEFORE))
     print(
         "\nKB/connection = server VmRSS growth / connections opened (user-space memory; the "
         "kernel's socket buffers are not in RSS). Lower is better.\n"

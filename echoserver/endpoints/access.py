@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 import time
 from typing import Any
 
@@ -38,11 +39,18 @@ class RequestRecord:
 
     __slots__ = ("method", "origin", "path", "remote_ip", "started")
 
-    def __init__(self, request: tornado.httputil.HTTPServerRequest) -> None:
-        self.remote_ip = request.remote_ip
-        self.method = request.method
-        self.path = request.path
-        self.origin = request.headers.get("Origin")
+    def __init__(
+        self, request: tornado.httputil.HTTPServerRequest, address: str | None = None
+    ) -> None:
+        """`address`: the same peer address as a string already kept elsewhere (the
+        connection's slot), kept instead of the request's equal copy."""
+        remote_ip = request.remote_ip
+        self.remote_ip = address if address == remote_ip else remote_ip
+        # Interned: thousands of connections share a few methods, paths and origins.
+        method, origin = request.method, request.headers.get("Origin")
+        self.method = None if method is None else sys.intern(method)
+        self.path = sys.intern(request.path)
+        self.origin = None if origin is None else sys.intern(origin)
         self.started = time.time() - request.request_time()
 
     def request_time(self) -> float:

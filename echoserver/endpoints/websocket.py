@@ -38,10 +38,28 @@ log = logging.getLogger("echoserver.ws")
 
 # A sender's broadcasts that a remote broker may hold unanswered before we stop reading it.
 MAX_PUBLISHES_IN_FLIGHT = 64
-# What an open connection's handler keeps as path arguments: shared, never read again.
-NO_PATH_ARGS: list[str] = []
-NO_PATH_KWARGS: dict[str, str] = {}
 NO_HEADERS: list[tuple[str, str]] = []  # never appended to (see add_upgrade_header)
+# What Tornado's RequestHandler and the handshake set on the handler that an open connection
+# never reads again: dropped from its __dict__ once the socket is taken over (attributes
+# with a class-level default read that default from then on). Tornado's own _execute still
+# reads _finished, _auto_finish and _prepared_future after get() returns: kept.
+HTTP_ONLY = frozenset(
+    {
+        "application",
+        "ui",
+        "path_args",
+        "path_kwargs",
+        "_headers",
+        "_write_buffer",
+        "_headers_written",
+        "_status_code",
+        "_reason",
+        "_transforms",
+        "_upgrade_headers",
+        "since",
+        "epoch",
+    }
+)
 
 
 class BaseSocket(AdmittedHandler):
@@ -164,15 +182,17 @@ class BaseSocket(AdmittedHandler):
         full GC pass would visit. What the connection still needs of the request (peer,
         path, origin, start time) is kept in a RequestRecord; self.request is gone.
         """
-        self.record = RequestRecord(self.request)
+        self.record = RequestRecord(self.request, address=self._slot_address())
         del self.request
-        self.path_args = NO_PATH_ARGS
-        self.path_kwargs = NO_PATH_KWARGS
-        self._upgrade_headers = NO_HEADERS
-        # What finish() would have done: the UI namespace's closures refer back to the
-        # handler, a cycle only the GC could free.
-        self.ui = None  # type: ignore[assignment]
         forget_response(self)
+        # The handler's __dict__ grew to ~20 entries (832 bytes) during the request; a
+        # dict built from the few entries left is sized for them (and drops the UI
+        # namespace, whose closures refer back to the handler: a cycle only the GC frees).
+        self.__dict__ = {name: value for name, value in vars(self).items() if name not in HTTP_ONLY}
+
+    def _slot_address(self) -> str | None:
+        slot = self._slot
+        return slot.address if slot is not None else None
 
     @property
     def peer(self) -> str:
