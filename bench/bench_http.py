@@ -10,8 +10,11 @@ complete when every member got it (and, for the publish API, its 200 arrived); e
 sends that publisher's next. Variant "publish API": keep-alive HTTP clients POSTing to
 /api/channels/bench/messages with the bearer key. Variant "WebSocket": the publishers are
 WebSocket members sending text frames (so, as members, they also get every message: more
-deliveries per publish, which the table shows). Reported: publishes/s, p50/p99 completion,
-the API's p50/p99 response time, server CPU µs per publish and per delivery, lost/repeated.
+deliveries per publish, which the table shows). Variant "batch API": each publisher POSTs
+`--batch` (100) messages at a time to /api/publish (a JSON array), its next batch once the
+200 came back and every member got the whole batch; a publish there is one message.
+Reported: publishes/s, p50/p99 completion, the API's p50/p99 response time, server CPU µs per
+publish and per delivery, lost/repeated.
 
 Part 2, fan-out: `--subscribers` (1000) on channel "bench" and one WebSocket member that sends
 text messages of `--size` (200) bytes, `--inflight` (4) in flight, each completion (every
@@ -20,7 +23,7 @@ subscriber got it) sending the next. Variant "SSE": the other subscribers read G
 without gaps). Variant "WebSocket": they are WebSocket members (payloads carry a sequence
 number). Reported: deliveries/s, p50/p99 completion, server CPU µs per delivery, lost/repeated.
 
-With `--before REV` each part also runs its HTTP variant (the publish API, SSE) on the code of
+With `--before REV` each part also runs its HTTP variant (the one-message API, SSE) on the code of
 commit REV, built once into its own venv (prior_build.py), interleaved with the others, and
 prints this checkout's figure against it (the ratio a change is judged by on this machine,
 whose absolute speed drifts between days).
@@ -56,7 +59,7 @@ API_KEY = "bench-key"
 CHANNEL = "bench"
 perf_counter_ns = time.perf_counter_ns
 
-PUBLISH_NAMES = {"ws": "WebSocket publishers", "http": "publish API"}
+PUBLISH_NAMES = {"ws": "WebSocket publishers", "http": "publish API", "batch": "batch API"}
 FANOUT_NAMES = {"ws": "WebSocket subscribers", "sse": "SSE subscribers"}
 BEFORE = "-before"  # the suffix of a variant run on the `--before` commit's build
 
@@ -100,6 +103,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--publishers", type=int, default=16, help="part 1: publishers")
     parser.add_argument("--members", type=int, default=10, help="part 1: WebSocket readers")
     parser.add_argument("--pub-size", type=int, default=64, help="part 1: body bytes")
+    parser.add_argument("--batch", type=int, default=100, help="part 1: messages per batch")
+    parser.add_argument(
+        "--no-batch-variant", action="store_true", help="part 1: no batch API variant"
+    )
     parser.add_argument("--subscribers", type=int, default=1000, help="part 2: receivers")
     parser.add_argument("--inflight", type=int, default=4, help="part 2: messages in flight")
     parser.add_argument("--size", type=int, default=200, help="part 2: payload bytes")
@@ -131,6 +138,8 @@ def parse_args() -> argparse.Namespace:
         parser.error("--duration must be 0.5..60 s and --warmup 0..30 s")
     if not 1 <= args.publishers <= 256 or not 1 <= args.members <= 1000:
         parser.error("--publishers must be 1..256 and --members 1..1000")
+    if not 1 <= args.batch <= 1000:
+        parser.error("--batch must be 1..1000")
     if args.pub_size < 32 or args.size < 32:
         parser.error("--pub-size and --size must be at least 32 (ids and timestamps)")
     if not 2 <= args.subscribers <= 10000 or not 1 <= args.inflight <= 256:
@@ -190,7 +199,7 @@ def one_run(part: str, variant: str, args: argparse.Namespace) -> dict[str, Any]
         ]
         if part == "publish":
             load_args += ["--publishers", str(args.publishers), "--members", str(args.members)]
-            load_args += ["--size", str(args.pub_size)]
+            load_args += ["--size", str(args.pub_size), "--batch", str(args.batch)]
         else:
             load_args += ["--subscribers", str(args.subscribers)]
             load_args += ["--inflight", str(args.inflight), "--size", str(args.size)]
@@ -245,6 +254,9 @@ def main() -> None:
     for part in parts:
         if part == "publish":
             kinds, names, metrics = ["ws", "http"], dict(PUBLISH_NAMES), PUBLISH_METRICS
+            if not args.no_batch_variant:
+                kinds.append("batch")
+                names["batch"] = f"batch API ({args.batch}/request)"
         else:
             kinds, names, metrics = ["ws", "sse"], dict(FANOUT_NAMES), FANOUT_METRICS
         http = kinds[1]
@@ -268,12 +280,18 @@ def main() -> None:
             print(summary(results, metrics, names, "http", "ws"))
             if args.before:
                 print(summary(results, metrics, names, "http", "http" + BEFORE))
+            if "batch" in results:
+                # publishes/s: messages/s of the batch API against requests/s of the other
+                print(summary(results, metrics, names, "batch", "http"))
+                if args.before:
+                    print(summary(results, metrics, names, "batch", "http" + BEFORE))
             print(
                 "\nA publish completes when every member got it (and, for the API, its 200 "
                 "came back); API p50/p99 = request sent to response read. WebSocket publishers "
                 "are members too, so each publish is also delivered to them "
                 "(deliveries/publish). server µs = server CPU (user+system) in the window / "
-                "publishes or deliveries in it.\n"
+                "publishes or deliveries in it. For the batch API a publish is one message "
+                "(one item of a batch), so its publishes/s are messages/s.\n"
             )
         else:
             print(
@@ -488,7 +506,10 @@ class HttpPublisher(asyncio.Protocol):
     def send(self, body: bytes) -> None:
         assert self.transport is not None
         self.sent_at = perf_counter_ns()
-        self.transport.write(self.head + body)
+        if self.head.endswith(b"\r\n\r\n"):
+            self.transport.write(self.head + body)
+        else:  # the batch API: a length per request
+            self.transport.write(self.head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf + data if self.buf else data
@@ -621,10 +642,13 @@ def latency_summary(samples: array[int], prefix: str) -> dict[str, float | None]
 
 
 class PublishRun:
-    def __init__(self, publishers: int, members: int, size: int, http: bool) -> None:
+    def __init__(
+        self, publishers: int, members: int, size: int, http: bool, batch: int = 0
+    ) -> None:
         self.publishers = publishers
         self.size = size
         self.http = http
+        self.batch = batch  # messages per POST /api/publish; 0: one message per request
         self.tracker = Tracker(members)
         self.tracker.on_complete = self.completed
         self.next_seq = [0] * publishers
@@ -642,6 +666,9 @@ class PublishRun:
         return pub << 32 | seq, padded(b"%d %d " % (pub, seq), self.size)
 
     def send_next(self, pub: int) -> None:
+        if self.batch:
+            self.send_batch(pub)
+            return
         key, body = self.body(pub)
         if self.http:
             self.tracker.sent(key, extra=1)
@@ -650,9 +677,22 @@ class PublishRun:
             self.tracker.sent(key)
             self.senders[pub].transport.send(self.ws_text, body)
 
+    def send_batch(self, pub: int) -> None:
+        """One POST /api/publish of `batch` messages; its last one also awaits the 200."""
+        items = []
+        tracker = self.tracker
+        for i in range(self.batch):
+            key, payload = self.body(pub)
+            tracker.sent(key, extra=1 if i == self.batch - 1 else 0)
+            items.append(b'{"channel":"%s","data":"%s"}' % (CHANNEL.encode(), payload))
+        self.senders[pub].send(b"[" + b",".join(items) + b"]")
+
     def completed(self, key: int) -> None:
         if self.sending:
-            self.send_next(key >> 32)
+            pub = key >> 32
+            # a batch is done once its last message is (one order per channel)
+            if not self.batch or key & 0xFFFFFFFF == self.next_seq[pub] - 1:
+                self.send_next(pub)
 
     def responded(self, publisher: HttpPublisher, ok: bool) -> None:
         if not ok:
@@ -665,8 +705,9 @@ class PublishRun:
 
 async def publish_main(args: argparse.Namespace) -> dict[str, Any]:
     counter, pub_member, _fan_member, text = ws_listeners()
-    http = args.variant == "http"
-    run = PublishRun(args.publishers, args.members, args.size, http)
+    http = args.variant in ("http", "batch")
+    batch = args.batch if args.variant == "batch" else 0
+    run = PublishRun(args.publishers, args.members, args.size, http, batch)
     run.ws_text = text
     url = f"ws://{args.host}:{args.port}/ws/{CHANNEL}"
     members = await open_ws(url, lambda _i: pub_member(run), args.members)
@@ -677,6 +718,11 @@ async def publish_main(args: argparse.Namespace) -> dict[str, Any]:
             f"Authorization: Bearer {API_KEY}\r\nContent-Type: text/plain\r\n"
             f"Content-Length: {args.size}\r\n\r\n"
         ).encode()
+        if batch:
+            head = (
+                f"POST /api/publish HTTP/1.1\r\nHost: {args.host}:{args.port}\r\n"
+                f"Authorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\n"
+            ).encode()
         for i in range(args.publishers):
             _, proto = await asyncio.wait_for(
                 loop.create_connection(
@@ -849,7 +895,8 @@ async def fanout_main(args: argparse.Namespace) -> dict[str, Any]:
 def load_entry(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(prog="bench_http.py load")
     parser.add_argument("part", choices=("publish", "fanout"))
-    parser.add_argument("variant", choices=("ws", "http", "sse"))
+    parser.add_argument("variant", choices=("ws", "http", "batch", "sse"))
+    parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--host", default=procs.HOST)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--server-pid", type=int, required=True)

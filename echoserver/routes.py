@@ -24,6 +24,7 @@ USERS = "/api/users"  # POST /api/users/<sub>/messages, DELETE /api/users/<sub>/
 CONNECTIONS = "connections"
 # A user's sub in a URL: any characters but "/" (percent-encoded as needed), 1..256 of them.
 SUB_PATTERN = r"[^/]{1,256}"
+PUBLISH = "/api/publish"  # POST: many messages for many channels in one request
 PROTOCOL = "/api/protocol"  # channel names and close codes, for clients such as the page
 SSE = "/sse"  # /sse and /sse/<channel>: a channel as Server-Sent Events
 # Tornado serves these two from the static directory as well.
@@ -38,6 +39,7 @@ RESERVED: tuple[str, ...] = (
     CHANNELS,
     USERS,
     PROTOCOL,
+    PUBLISH,
     SSE,
 )
 

@@ -1026,3 +1026,28 @@ def test_a_closing_broker_fails_what_waits(kit: Kit) -> None:
         await asyncio.to_thread(redis.start)
 
     run(scenario(), timeout=60)
+
+
+# --- i22: publish_many, a batch (the batch publish API) ---------------------------------------
+
+
+def test_publish_many_keeps_each_channels_order_and_numbers_every_message(kit: Kit) -> None:
+    channels = ["m1", "m2", "m3"]
+    batch = [Envelope(c, f"{c}-{n}".encode(), False, None) for n in range(30) for c in channels]
+
+    async def scenario() -> tuple[list[int], dict[str, list[bytes]]]:
+        broker, recorder = await started(kit, history=100)
+        for channel in channels:
+            await broker.subscribe(channel)
+        offsets = [await offset(published) for published in broker.publish_many(batch)]
+        delivered = {c: [e.data for e in await recorder.wait(c, 30)] for c in channels}
+        kept = (await broker.backlog("m2", 0, 100)).envelopes
+        assert [e.data for e in kept] == [f"m2-{n}".encode() for n in range(30)]
+        await broker.close()
+        return offsets, delivered
+
+    offsets, delivered = run(scenario())
+    assert offsets == [n + 1 for n in range(30) for _ in channels]
+    assert [e.seq for e in batch] == offsets and all(e.epoch for e in batch)
+    for channel in channels:
+        assert delivered[channel] == [f"{channel}-{n}".encode() for n in range(30)]

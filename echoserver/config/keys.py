@@ -291,6 +291,13 @@ KEYS: tuple[Key, ...] = (
         _BOOL,
     ),
     _key(
+        "api.max_batch",
+        "Most messages one POST /api/publish may carry (items, or channels of a broadcast), "
+        "1..100000; its body may be up to 4 x websocket.max_message_size bytes or 1 MiB, "
+        "whichever is more.",
+        _int_range(1, 100_000),
+    ),
+    _key(
         "tls.certfile",
         'PEM certificate chain for HTTPS/WSS; "" = plain HTTP. Set with keyfile.',
         _READABLE_FILE,

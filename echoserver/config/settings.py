@@ -46,6 +46,7 @@ class BroadcastSettings:
 class APISettings:
     key: str = ""
     protect_reads: bool = False
+    max_batch: int = 1000
 
 
 @dataclass(frozen=True)

@@ -409,6 +409,22 @@ class Hub:
         local = len(self._channels.get(channel) or ())
         return Posted(offset, local, await self.members(channel), epoch)
 
+    async def post_many(
+        self, messages: list[tuple[str, bytes, bool]]
+    ) -> list[tuple[int, str, int]]:
+        """Publish a batch from outside its channels (the batch publish API), in list order:
+        (offset, epoch, local members) per message. Every publish starts before the first
+        await, as one batch through the broker. Raises BrokerUnavailable when the broker
+        could not take one of them (those before it may be published)."""
+        envelopes = [Envelope(channel, data, binary, None) for channel, data, binary in messages]
+        waiting = [o for o in self.broker.publish_many(envelopes) if not isinstance(o, int)]
+        if waiting:
+            # gather retrieves the others' failures once one failed
+            await asyncio.gather(*waiting)
+        channels = self._channels
+        # Once published, each envelope carries its offset and epoch.
+        return [(e.seq, e.epoch, len(channels.get(e.channel) or ())) for e in envelopes]
+
     async def published(
         self, channel: str, data: bytes, binary: bool, sender: str | None
     ) -> tuple[int, str]:

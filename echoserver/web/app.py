@@ -40,7 +40,7 @@ from echoserver.fanout.presence import Roster
 from echoserver.metrics import Metrics
 from echoserver.transport.flusher import Flusher
 from echoserver.transport.keepalive import Keepalive
-from echoserver.web import handlers, presence_api, redact, snapshots, users
+from echoserver.web import batch_api, handlers, presence_api, redact, snapshots, users
 from echoserver.webhooks import build as build_webhooks
 from echoserver.wire.handshake import normalise_origin
 from echoserver.wire.hosts import HostPolicy, Throttle
@@ -172,6 +172,7 @@ class ServerState:
             (routes.exact(prefix + routes.PROTOCOL), handlers.ProtocolHandler),
             (routes.with_channel(prefix + routes.CHANNELS), handlers.ChannelHandler),
             (routes.channel_messages(prefix), handlers.PublishHandler),
+            (routes.exact(prefix + routes.PUBLISH), batch_api.BatchPublishHandler),
             (routes.channel_presence(prefix), presence_api.PresenceHandler),
             (routes.user_messages(prefix), users.UserMessagesHandler),
             (routes.user_connections(prefix), users.UserConnectionsHandler),

@@ -136,8 +136,7 @@ class PublishHandler(JSONHandler):
         if set_max_body_size is not None:
             # A chunked body is counted in data_received, which answers 413; the slack lets
             # the chunk that crosses the limit arrive (past it Tornado closes with 400).
-            limit = self.server.config.websocket.max_message_size
-            set_max_body_size(limit + CHUNK_SLACK)
+            set_max_body_size(self.body_limit() + CHUNK_SLACK)
 
     def _check_headers(self) -> Refused | None:
         config = self.server.config
@@ -147,9 +146,13 @@ class PublishHandler(JSONHandler):
         if refused is not None:
             return refused
         length = self.request.headers.get("Content-Length", "")
-        if length.isdigit() and int(length) > config.websocket.max_message_size:
+        if length.isdigit() and int(length) > self.body_limit():
             return self._too_big()
         return None
+
+    def body_limit(self) -> int:
+        """The largest body taken, in bytes."""
+        return self.server.config.websocket.max_message_size
 
     def _too_big(self) -> Refused:
         limit = self.server.config.websocket.max_message_size
@@ -159,7 +162,7 @@ class PublishHandler(JSONHandler):
         if self._refused:
             return
         self._size += len(chunk)
-        if self._size > self.server.config.websocket.max_message_size:
+        if self._size > self.body_limit():
             self._refuse(self._too_big())  # a chunked body, without Content-Length
             return
         self._body.append(chunk)

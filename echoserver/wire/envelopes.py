@@ -60,26 +60,27 @@ def _finite(text: str) -> float:
 _DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite)
 
 
-def nested_too_deep(data: bytes) -> bool:
-    """Whether arrays and objects nest deeper than MAX_JSON_DEPTH; free for small text."""
-    if data.count(b"[") + data.count(b"{") <= MAX_JSON_DEPTH:
+def nested_too_deep(data: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether arrays and objects nest deeper than `limit`; free for small text."""
+    if data.count(b"[") + data.count(b"{") <= limit:
         return False
     depth = 0
     for byte in _STRING.sub(b"", data).translate(None, _NOT_BRACKETS):
         if byte in _OPENING:
             depth += 1
-            if depth > MAX_JSON_DEPTH:
+            if depth > limit:
                 return True
         else:
             depth -= 1
     return False
 
 
-def load_json(data: bytes) -> Any:
+def load_json(data: bytes, depth: int = MAX_JSON_DEPTH) -> Any:
     """json.loads of UTF-8 text for what others will receive; ValueError (NotJson for the
-    reasons above, with a message to show) for anything else."""
-    if nested_too_deep(data):
-        raise NotJson(f"nested deeper than {MAX_JSON_DEPTH} levels")
+    reasons above, with a message to show) for anything else. `depth`: the nesting allowed
+    (a batch's envelope adds its own levels around each message)."""
+    if nested_too_deep(data, depth):
+        raise NotJson(f"nested deeper than {depth} levels")
     return _DECODER.decode(data.decode())
 
 
