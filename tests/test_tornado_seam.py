@@ -13,6 +13,7 @@ import socket
 from pathlib import Path
 
 import pytest
+import tornado.http1connection
 import tornado.iostream
 import tornado.web
 
@@ -33,6 +34,9 @@ def instance_attributes(owner: type) -> set[str]:
             return names
         finally:
             right.close()
+    if issubclass(owner, tornado.http1connection.HTTP1Connection):
+        source = inspect.getsource(owner.__init__)
+        return set(re.findall(r"self\.(_\w+)\s*[:=]", source))
     source = inspect.getsource(owner.clear)  # RequestHandler.clear() sets the headers
     return set(re.findall(r"self\.(_\w+)\s*[:=]", source))
 
