@@ -291,11 +291,11 @@ class EventStream(AdmittedHandler):
                 if chunk is None:
                     chunk = delivery.encoded[SSE_EVENT] = message_event(delivery)
                 framed = delivery.encoded[SSE_CHUNK] = writer.frame(chunk)
-            writer.parts.append(framed)
-            self._pending_size += len(framed)
-            if not self._dirty:
-                self._dirty = True
-                self._flusher.mark(self)  # type: ignore[union-attr]
+            writer.parts.append(framed)  # writer.add(framed), inlined on the hot path
+            writer.size += len(framed)
+            if not writer.dirty:
+                writer.dirty = True
+                writer.flusher.mark(writer)
             return
         if positions is None:
             chunk = delivery.encoded.get(SSE_EVENT)
@@ -319,6 +319,9 @@ class EventStream(AdmittedHandler):
         self._queue(chunk)
 
     def queued_bytes(self) -> int:
+        writer = self._writer
+        if writer is not None:  # writer.queued_bytes(), inlined: once per delivery
+            return writer.size + unsent_bytes(writer.stream)
         stream = getattr(self.request.connection, "stream", None)  # HTTP1Connection's
         return self._pending_size + (unsent_bytes(stream) if stream is not None else 0)
 
@@ -329,11 +332,10 @@ class EventStream(AdmittedHandler):
 
     def _queue(self, chunk: bytes) -> None:
         writer = self._writer
-        if writer is None:
-            self.write(chunk)
-        else:
-            chunk = writer.frame(chunk)
-            writer.parts.append(chunk)
+        if writer is not None:
+            writer.add(writer.frame(chunk))
+            return
+        self.write(chunk)
         self._pending_size += len(chunk)
         if not self._dirty and self._flusher is not None:
             self._dirty = True
@@ -345,7 +347,7 @@ class EventStream(AdmittedHandler):
         self._pending_size = 0
         writer = self._writer
         if writer is not None:
-            writer.send()
+            writer.flush()
             if not include_footers and self._written is not None:
                 return self._written  # nothing went to the handler's own buffer
         future = super().flush(include_footers)
@@ -364,12 +366,12 @@ class EventStream(AdmittedHandler):
         connection = self.request.connection
         stream = getattr(connection, "stream", None)
         chunked = chunked_response(connection)
-        if stream is None or chunked is None:
+        if stream is None or chunked is None or self._flusher is None:
             return  # not an HTTP/1.x connection: Tornado's write path, as before
         written = asyncio.get_running_loop().create_future()
         written.set_result(None)
         self._written = written
-        self._writer = BodyWriter(stream, chunked)
+        self._writer = BodyWriter(stream, chunked, self._flusher)
 
     def _schedule_keepalive(self) -> None:
         loop = asyncio.get_running_loop()
@@ -402,7 +404,7 @@ class EventStream(AdmittedHandler):
             if self._writer is None:
                 self.write(last)
             else:
-                self._writer.parts.append(self._writer.frame(last))
+                self._writer.add(self._writer.frame(last))
             self.close()
 
     def close(self) -> None:

@@ -4,7 +4,8 @@ Once an event stream's headers are sent (endpoints/sse.py), each fan-out's bytes
 through RequestHandler.write/flush and HTTP1Connection's chunk framing: a buffer, a join,
 a format and a future per stream and per flush. BodyWriter does that part itself: the
 caller frames a body part once (frame(), shareable between every stream with the same
-framing), parts gather until send(), once per loop pass, and leave in one write: straight
+framing), parts gather until the Flusher's pass (flush(): once per loop pass, marked by
+the first part of a pass) and leave in one write: straight
 to the socket when Tornado holds nothing unsent for it (the common case), else through the
 IOStream, which keeps the order and reports a gone peer as before. A TLS stream always
 writes through its SSLIOStream (its socket's state is Tornado's).
@@ -21,6 +22,7 @@ import socket
 
 import tornado.iostream
 
+from echoserver.transport.flusher import Flusher
 from echoserver.transport.tornado_seam import unsent_bytes
 
 
@@ -33,11 +35,14 @@ class BodyWriter:
     """The body of one response whose headers have left, written without Tornado's
     HTTP layer; `chunked` when the response uses chunked transfer encoding."""
 
-    __slots__ = ("chunked", "parts", "sock", "stream")
+    __slots__ = ("chunked", "dirty", "flusher", "parts", "size", "sock", "stream")
 
-    def __init__(self, stream: tornado.iostream.IOStream, chunked: bool) -> None:
+    def __init__(self, stream: tornado.iostream.IOStream, chunked: bool, flusher: Flusher) -> None:
         self.stream = stream
         self.chunked = chunked
+        self.flusher = flusher
+        self.dirty = False  # marked with the flusher
+        self.size = 0  # bytes in parts
         self.sock: socket.socket | None = (
             None if isinstance(stream, tornado.iostream.SSLIOStream) else stream.socket
         )
@@ -47,13 +52,27 @@ class BodyWriter:
         """`body` as it goes on the wire: a chunk, or as is (an HTTP/1.0 response)."""
         return chunk(body) if self.chunked else body
 
-    def send(self) -> None:
-        """Write every part gathered since the last send, in one write."""
+    def add(self, framed: bytes) -> None:
+        """Queue a framed part (see frame()) for this loop pass's write."""
+        self.parts.append(framed)
+        self.size += len(framed)
+        if not self.dirty:
+            self.dirty = True
+            self.flusher.mark(self)
+
+    def queued_bytes(self) -> int:
+        """What the peer has not taken yet: queued here, or unsent in the IOStream."""
+        return self.size + unsent_bytes(self.stream)
+
+    def flush(self) -> None:
+        """Write every part gathered since the last flush, in one write."""
+        self.dirty = False
         parts = self.parts
         if not parts:
             return
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         parts.clear()
+        self.size = 0
         stream = self.stream
         sock = self.sock
         if sock is not None and unsent_bytes(stream) == 0:
