@@ -368,6 +368,8 @@ class EventStream(AdmittedHandler):
         chunked = chunked_response(connection)
         if stream is None or chunked is None or self._flusher is None:
             return  # not an HTTP/1.x connection: Tornado's write path, as before
+        if self.application.transforms:
+            return  # an embedding application's output transforms (compress_response)
         written = asyncio.get_running_loop().create_future()
         written.set_result(None)
         self._written = written
@@ -421,6 +423,10 @@ class EventStream(AdmittedHandler):
         if self._ended:
             return
         self._ended = True
+        writer = self._writer
+        if writer is not None:  # what a gone peer was never sent
+            writer.parts.clear()
+            writer.size = 0
         if self._keepalive is not None:
             self._keepalive.cancel()
         self.server.connections.discard(self)
