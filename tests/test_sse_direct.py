@@ -5,24 +5,31 @@ connection, several per loop pass in one write.
 Checked against real server processes: the chunked framing of coalesced bursts on many
 streams at once, an HTTP/1.0 stream (no chunks), a reader too slow for the cap under the
 drop policy, and a stream over TLS (written through its SSLIOStream), each ended by the
-drain with the last chunk.
+drain with the last chunk; and, under an application's gzip, Tornado's own write path.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import socket
 import ssl
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tornado.httpserver
+import tornado.testing
+import tornado.web
+from tornado.websocket import websocket_connect
 from websockets.sync.client import connect as ws_connect
 
+from echoserver import embed
 from tests.certs import make_certificate
-from tests.conftest import fetch, wait_until
+from tests.conftest import fetch, run, wait_until
 from tests.test_sse import offset_of, parse_events
 
 
@@ -201,3 +208,45 @@ def test_a_stream_over_tls(run_server: Any, cert: tuple[Path, Path]) -> None:
         for stream in streams:
             stream.close()
     assert server.proc.wait(15) == 0
+
+
+def test_under_an_application_that_compresses_its_responses() -> None:
+    """An embedding application with compress_response: the stream stays on Tornado's
+    write path, so its gzip transform still compresses every event."""
+    settings = embed.settings(
+        mode="broadcast", env={}, config_path="", flags={"websocket.ping_interval": 0.0}
+    )
+
+    async def scenario() -> None:
+        rt = embed.Realtime(settings)
+        app = tornado.web.Application(rt.routes(), compress_response=True)
+        sock, port = tornado.testing.bind_unused_port()
+        server = tornado.httpserver.HTTPServer(app)
+        server.add_sockets([sock])
+        await rt.start()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(
+                b"GET /sse/news HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept-Encoding: gzip\r\n\r\n"
+            )
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert b"content-encoding: gzip" in head.lower()
+            sender = await websocket_connect(f"ws://127.0.0.1:{port}/ws/news")
+            for index in range(3):
+                sender.write_message(str(index).ljust(20, "."))
+            inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            body = b""
+            while len(parse_events(body)) < 3:
+                size = int(await asyncio.wait_for(reader.readuntil(b"\r\n"), 10), 16)
+                assert size > 0
+                data = await asyncio.wait_for(reader.readexactly(size + 2), 10)
+                body += inflate.decompress(data[:-2])
+            check_in_order(parse_events(body), 3)
+            sender.close()
+            writer.close()
+            await rt.stop(timeout=2.0)
+        finally:
+            server.stop()
+            await server.close_all_connections()
+
+    run(scenario())
