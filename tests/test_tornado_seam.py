@@ -7,12 +7,15 @@ a private Tornado name.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import re
 import socket
 from pathlib import Path
 
 import pytest
+import tornado.http1connection
+import tornado.httputil
 import tornado.iostream
 import tornado.web
 
@@ -33,6 +36,9 @@ def instance_attributes(owner: type) -> set[str]:
             return names
         finally:
             right.close()
+    if issubclass(owner, tornado.http1connection.HTTP1Connection):
+        source = inspect.getsource(owner.__init__)
+        return set(re.findall(r"self\.(_\w+)\s*[:=]", source))
     source = inspect.getsource(owner.clear)  # RequestHandler.clear() sets the headers
     return set(re.findall(r"self\.(_\w+)\s*[:=]", source))
 
@@ -83,3 +89,29 @@ def test_nothing_else_touches_tornado_internals() -> None:
             if PRIVATE_USE.search(line):
                 offenders.append(f"{path.relative_to(PACKAGE)}:{number}: {line.strip()}")
     assert offenders == []
+
+
+@pytest.mark.parametrize(("version", "chunked"), [("HTTP/1.1", True), ("HTTP/1.0", False)])
+def test_chunked_response_reads_the_connection_s_framing(version: str, chunked: bool) -> None:
+    # The request line as the connection would have read it, then the response's headers.
+    async def framing() -> bool | None:
+        left, right = socket.socketpair()
+        try:
+            stream = tornado.iostream.IOStream(left)
+            connection = tornado.http1connection.HTTP1Connection(stream, is_client=False)
+            connection._request_start_line = tornado.httputil.RequestStartLine(
+                "GET", "/sse", version
+            )
+            connection._request_headers = tornado.httputil.HTTPHeaders()
+            connection.write_headers(
+                tornado.httputil.ResponseStartLine("HTTP/1.1", 200, "OK"),
+                tornado.httputil.HTTPHeaders({"Content-Type": "text/event-stream"}),
+            )
+            found = tornado_seam.chunked_response(connection)
+            stream.close()
+            return found
+        finally:
+            right.close()
+
+    assert asyncio.run(framing()) is chunked
+    assert tornado_seam.chunked_response(object()) is None

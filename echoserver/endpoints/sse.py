@@ -42,8 +42,9 @@ from echoserver.auth.identity import GUEST
 from echoserver.endpoints.admission import BAD_OFFSET, AdmittedHandler
 from echoserver.endpoints.occupancy import Slot
 from echoserver.fanout.delivery import Delivery, Replay
+from echoserver.transport.body_writer import BodyWriter
 from echoserver.transport.flusher import Flusher
-from echoserver.transport.tornado_seam import unsent_bytes
+from echoserver.transport.tornado_seam import chunked_response, unsent_bytes
 from echoserver.wire.channels import (
     BadChannelRequest,
     Position,
@@ -93,6 +94,9 @@ def message_event(delivery: Delivery) -> bytes:
     return event(delivery.data, offset=delivery.seq, epoch=delivery.epoch)
 
 
+# The key of message_event's bytes as one HTTP/1.1 chunk: what a chunked stream writes.
+SSE_CHUNK = "sse event chunk"
+
 CHANNEL_EVENT = "sse channel event"  # the key of channel_event's bytes in a delivery
 
 
@@ -130,6 +134,10 @@ class EventStream(AdmittedHandler):
     _done: asyncio.Future[None] | None = None
     _flusher: Flusher | None = None
     _slot: Slot | None = None  # its place in server.occupancy, while a stream
+    # Once the headers and the first events have left: the body's writer, past Tornado's
+    # HTTP layer (transport/body_writer.py), and a done future for flush() to answer.
+    _writer: BodyWriter | None = None
+    _written: asyncio.Future[None] | None = None
 
     async def get(self, channel: str | None = None) -> None:
         refusal = self.policy_refusal()
@@ -187,6 +195,7 @@ class EventStream(AdmittedHandler):
             await self._leave(joined)
             return
         self._send_now()
+        self._write_directly()
         self._schedule_keepalive()
         identity = self.identity
         if identity is not GUEST:
@@ -273,6 +282,21 @@ class EventStream(AdmittedHandler):
         if self._ended:
             return
         positions = self._positions
+        writer = self._writer
+        if positions is None and writer is not None and writer.chunked:
+            # The hot path: one chunk per fan-out, shared by every chunked stream of it.
+            framed = delivery.encoded.get(SSE_CHUNK)
+            if framed is None:
+                chunk = delivery.encoded.get(SSE_EVENT)
+                if chunk is None:
+                    chunk = delivery.encoded[SSE_EVENT] = message_event(delivery)
+                framed = delivery.encoded[SSE_CHUNK] = writer.frame(chunk)
+            writer.parts.append(framed)  # writer.add(framed), inlined on the hot path
+            writer.size += len(framed)
+            if not writer.dirty:
+                writer.dirty = True
+                writer.flusher.mark(writer)
+            return
         if positions is None:
             chunk = delivery.encoded.get(SSE_EVENT)
             if chunk is None:  # the first stream of this fan-out builds it for the rest
@@ -295,6 +319,9 @@ class EventStream(AdmittedHandler):
         self._queue(chunk)
 
     def queued_bytes(self) -> int:
+        writer = self._writer
+        if writer is not None:  # writer.queued_bytes(), inlined: once per delivery
+            return writer.size + unsent_bytes(writer.stream)
         stream = getattr(self.request.connection, "stream", None)  # HTTP1Connection's
         return self._pending_size + (unsent_bytes(stream) if stream is not None else 0)
 
@@ -304,6 +331,10 @@ class EventStream(AdmittedHandler):
     # --- writing ---------------------------------------------------------------------------
 
     def _queue(self, chunk: bytes) -> None:
+        writer = self._writer
+        if writer is not None:
+            writer.add(writer.frame(chunk))
+            return
         self.write(chunk)
         self._pending_size += len(chunk)
         if not self._dirty and self._flusher is not None:
@@ -311,9 +342,14 @@ class EventStream(AdmittedHandler):
             self._flusher.mark(self)
 
     def flush(self, include_footers: bool = False) -> asyncio.Future[None]:
-        """Send what is queued (the Flusher calls this once per loop pass)."""
+        """Send what is queued (the Flusher calls this once per loop pass; finish() too)."""
         self._dirty = False
         self._pending_size = 0
+        writer = self._writer
+        if writer is not None:
+            writer.flush()
+            if not include_footers and self._written is not None:
+                return self._written  # nothing went to the handler's own buffer
         future = super().flush(include_footers)
         future.add_done_callback(_retrieve)
         return future
@@ -321,6 +357,23 @@ class EventStream(AdmittedHandler):
     def _send_now(self) -> None:
         if not self._ended:
             self.flush()
+
+    def _write_directly(self) -> None:
+        """The headers have left: from now on events go to the connection through a
+        BodyWriter, framed once per fan-out, not through RequestHandler.write/flush."""
+        if self._ended:
+            return
+        connection = self.request.connection
+        stream = getattr(connection, "stream", None)
+        chunked = chunked_response(connection)
+        if stream is None or chunked is None or self._flusher is None:
+            return  # not an HTTP/1.x connection: Tornado's write path, as before
+        if self.application.transforms:
+            return  # an embedding application's output transforms (compress_response)
+        written = asyncio.get_running_loop().create_future()
+        written.set_result(None)
+        self._written = written
+        self._writer = BodyWriter(stream, chunked, self._flusher)
 
     def _schedule_keepalive(self) -> None:
         loop = asyncio.get_running_loop()
@@ -349,7 +402,11 @@ class EventStream(AdmittedHandler):
 
     def _last_event(self, kind: bytes) -> None:
         if not self._ended:
-            self.write(b"event: " + kind + b"\ndata: {}\n\n")
+            last = b"event: " + kind + b"\ndata: {}\n\n"
+            if self._writer is None:
+                self.write(last)
+            else:
+                self._writer.add(self._writer.frame(last))
             self.close()
 
     def close(self) -> None:
@@ -366,6 +423,10 @@ class EventStream(AdmittedHandler):
         if self._ended:
             return
         self._ended = True
+        writer = self._writer
+        if writer is not None:  # what a gone peer was never sent
+            writer.parts.clear()
+            writer.size = 0
         if self._keepalive is not None:
             self._keepalive.cancel()
         self.server.connections.discard(self)

@@ -15,6 +15,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+import tornado.http1connection
 import tornado.iostream
 import tornado.tcpserver
 import tornado.web
@@ -33,6 +34,14 @@ def take_read_buffer(stream: tornado.iostream.IOStream) -> bytes:
 def unsent_bytes(stream: tornado.iostream.IOStream) -> int:
     """Bytes written to the stream that have not reached the socket yet."""
     return stream._total_write_index - stream._total_write_done_index
+
+
+def chunked_response(connection: object) -> bool | None:
+    """Whether the response on an HTTP/1.x connection, its headers sent, frames its body
+    as chunks (HTTP/1.1, no Content-Length); None on another kind of connection."""
+    if not isinstance(connection, tornado.http1connection.HTTP1Connection):
+        return None
+    return bool(connection._chunking_output)
 
 
 class SummaryHandler(tornado.web.RequestHandler):
@@ -72,6 +81,7 @@ INTERNALS: list[tuple[Any, str, tuple[str, ...] | None]] = [
     (tornado.iostream.BaseIOStream, "_read_buffer_size", None),
     (tornado.iostream.BaseIOStream, "_total_write_index", None),
     (tornado.iostream.BaseIOStream, "_total_write_done_index", None),
+    (tornado.http1connection.HTTP1Connection, "_chunking_output", None),
     (tornado.tcpserver.TCPServer, "_handle_connection", ("self", "connection", "address")),
     (tornado.web.RequestHandler, "_headers", None),
     (tornado.web.RequestHandler, "_request_summary", ("self",)),
