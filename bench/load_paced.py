@@ -39,6 +39,8 @@ class PacedRun:
         self.received = 0
         self.recording = False
         self.latencies: array[int] = array("q")
+        self.server_closes = 0
+        self.disconnects = 0
 
 
 class PacedClient(Closing):
@@ -139,6 +141,8 @@ async def paced_main(args: argparse.Namespace) -> dict[str, Any]:
         "server_cpu_pct": 100 * server_cpu / elapsed if pid else None,
         **run_queue_waits(waits0, waits1, elapsed),
         **latency_summary(run.latencies, "rtt"),
+        "server_closes": run.server_closes,
+        "disconnects_in_run": run.disconnects,
     }
     for client in clients:
         client.close()
