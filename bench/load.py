@@ -36,6 +36,7 @@ from load_client import emit
 from load_echo import echo_main, handshakes_main
 from load_fanout import FanoutRun, fanout_main
 from load_idle import idle_main
+from load_paced import paced_main
 from load_server import server_main
 
 __all__ = ["FanoutRun", "main", "parse_args"]  # FanoutRun: tests/test_bench_scripts.py
@@ -66,6 +67,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=True,
         help="one write per read's worth of replies (default) or one picows send() per message",
     )
+
+    p = sub.add_parser("paced", help="echo at a fixed total rate, sent every tick")
+    target(p)
+    p.add_argument("--connections", type=int, default=64)
+    p.add_argument("--rate", type=float, default=50_000, help="messages/s over all connections")
+    p.add_argument("--tick", type=float, default=0.002, help="seconds between sends")
+    p.add_argument("--size", type=int, default=32, help="payload bytes (>= 8)")
+    p.add_argument("--warmup", type=float, default=1.0)
+    p.add_argument("--duration", type=float, default=5.0)
+    p.add_argument("--server-pid", type=int, default=0, help="read its CPU time from /proc")
 
     p = sub.add_parser("handshakes", help="N new connections at once")
     target(p)
@@ -134,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     handlers = {
         "echo": echo_main,
         "handshakes": handshakes_main,
+        "paced": paced_main,
         "broadcast": broadcast_main,
         "idle": idle_main,
         "fanout": fanout_main,
