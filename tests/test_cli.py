@@ -124,7 +124,7 @@ def test_print_config_round_trips_a_full_config(tmp_path: Path) -> None:
         "--tls-certfile", cert, "--tls-keyfile", key,
         "--tls-min-version", "1.3",
         "--log-level", "debug", "--log-format", "json", "--no-log-access",
-        "--max-subscriptions", "50", "--presence-grace", "2",
+        "--max-subscriptions", "50", "--presence-grace", "2", "--api-max-batch", "500",
     ]  # fmt: skip
     proc = run_cli([*args, "--print-config"])
     assert (proc.returncode, proc.stderr) == (0, "")
