@@ -91,6 +91,9 @@ def children(pid: int) -> list[int]:
 
 
 def wait_workers(server: procs.Server, count: int, timeout: float) -> list[int]:
+    """The worker processes' pids; with one process the server serves in its own."""
+    if count == 1:
+        return [server.pid]
     deadline = time.monotonic() + timeout
     while True:
         workers = children(server.pid)
@@ -271,9 +274,11 @@ def run(args: argparse.Namespace, broker: str, redis_pid: int | None) -> dict[st
         broadcasts = []
         b0 = meter.read()
         for _ in range(args.broadcasts):
-            before = meter.read()
+            before, tcp_before = meter.read(), procstat.tcp_counters()
             result = members.broadcast(seq, args.broadcast_timeout, publish)
             result.update(meter.window(before, meter.read()))
+            tcp_after = procstat.tcp_counters()
+            result["tcp"] = {key: tcp_after[key] - tcp_before[key] for key in tcp_after}
             received = result["received"]
             result["workers_us_per_delivery"] = (
                 1e6 * result["workers_cpu_s"] / received if received else None
@@ -320,6 +325,7 @@ def run(args: argparse.Namespace, broker: str, redis_pid: int | None) -> dict[st
             "last_ms_median": reporting.median([b["last_ms"] for b in broadcasts]),
             "last_ms_max": max((b["last_ms"] or 0 for b in broadcasts), default=None),
             "first_ms_median": reporting.median([b["first_ms"] for b in broadcasts]),
+            "median_receiver_ms_median": reporting.median([b["median_ms"] for b in broadcasts]),
             "workers_us_per_delivery_median": reporting.median(
                 [b["workers_us_per_delivery"] for b in broadcasts]
             ),
@@ -362,6 +368,7 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> None:
             f"{fmt(s['last_ms_median'], 0)} / {fmt(s['last_ms_max'], 0)}",
         ],
         ["send to first receiver, ms (median)", fmt(s["first_ms_median"], 1)],
+        ["send to the median receiver, ms (median)", fmt(s["median_receiver_ms_median"], 0)],
         ["workers' CPU µs per delivery (median)", fmt(s["workers_us_per_delivery_median"], 2)],
         ["load's CPU µs per delivery (median)", fmt(s["load_us_per_delivery_median"], 2)],
         ["delivered %", fmt(s["delivered_pct"], 3)],
@@ -373,20 +380,27 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> None:
     ]
     print(reporting.markdown_table(["figure", "value"], rows))
     print("\n### Each broadcast\n")
-    headers = ["seq", "received", "first ms", "last ms", "workers µs/delivery", "workers CPU s"]
+    headers = ["seq", "received", "first ms", "median ms", "p90 ms", "p99 ms", "last ms"]
+    headers += ["last per load process, ms", "workers µs/delivery", "workers CPU s"]
     headers += ["redis CPU ms", "load CPU s", "others CPU %", "workers wait %"]
+    headers += ["TCP resent / timeouts / pressure / drops"]
     rows = [
         [
             str(b["seq"]),
             f"{b['received']:,}/{b['expected']:,}",
             fmt(b["first_ms"], 1),
+            fmt(b.get("median_ms"), 0),
+            fmt(b.get("p90_ms"), 0),
+            fmt(b.get("p99_ms"), 0),
             fmt(b["last_ms"], 0),
+            " ".join(fmt(ms, 0) for ms in b.get("last_per_load_ms", [])),
             fmt(b["workers_us_per_delivery"], 2),
             fmt(b["workers_cpu_s"], 3),
             fmt(1e3 * b["redis_cpu_s"], 1) if "redis_cpu_s" in b else "-",
             fmt(b["load_cpu_s"], 3),
             fmt(b["others_cpu_pct"], 0),
             fmt(b["workers_wait_pct"], 0),
+            tcp_tail(b.get("tcp")),
         ]
         for b in result["broadcasts"]
     ]
@@ -411,7 +425,9 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> None:
         "member's receipt (the same clock, in whichever load process); µs per delivery = "
         "the workers' CPU time over the broadcast (schedstat) / members that got it. "
         "'other processes' = the machine's busy time (/proc/stat) minus this run's "
-        "processes: the noise of a shared machine. "
+        "processes: the noise of a shared machine. TCP: the machine's counters over the "
+        "broadcast (segments sent again, retransmission timeouts, memory pressure, receive "
+        "queues pruned or dropped). "
         + (
             "Receipt = the kernel's receive timestamp on the member's socket; the load "
             "processes read nothing until the deferral is over, so the load's CPU is spent "
@@ -423,6 +439,15 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> None:
     )
     print(f"\n{environment()}")
     print(f"command: {reporting.command_line()}")
+
+
+def tcp_tail(tcp: dict[str, int] | None) -> str:
+    """A broadcast's window in the machine's TCP counters: segments sent again, timeouts,
+    memory pressure, receive-queue prunes and drops."""
+    if tcp is None:
+        return "-"
+    drops = tcp["PruneCalled"] + tcp["TCPRcvQDrop"] + tcp["TCPBacklogDrop"]
+    return f"{tcp['RetransSegs']} / {tcp['TCPTimeouts']} / {tcp['TCPMemoryPressures']} / {drops}"
 
 
 ARRIVAL_MODES = {

@@ -120,12 +120,19 @@ class Members:
         ]
         lasts = [r["last_ns"] for r in reports if r["last_ns"]]
         firsts = [r["first_ns"] for r in reports if r["first_ns"]]
+        spread = receipt_spread(reports, sent_ns)
         return {
             "seq": seq,
             "received": sum(r["received"] for r in reports),
             "expected": sum(r["expected"] for r in reports),
             "first_ms": (min(firsts) - sent_ns) / 1e6 if firsts else None,
             "last_ms": (max(lasts) - sent_ns) / 1e6 if lasts else None,
+            "median_ms": spread.get(50),
+            "p90_ms": spread.get(90),
+            "p99_ms": spread.get(99),
+            "last_per_load_ms": [
+                (r["last_ns"] - sent_ns) / 1e6 if r["last_ns"] else None for r in reports
+            ],
         }
 
     def probe(self, seq: int, timeout: float, tries: int = 3) -> tuple[int, dict[str, Any]]:
@@ -148,3 +155,24 @@ class Members:
     def kill(self) -> None:
         for load in self.loads:
             load.kill()
+
+
+def receipt_spread(reports: list[dict[str, Any]], sent_ns: int) -> dict[int, float]:
+    """Every member's receipt time at percentiles 50, 90 and 99, in ms after the send, from
+    each load process's own percentiles (each point weighs its process's count / 101)."""
+    points: list[tuple[int, float]] = []
+    for report in reports:
+        marks = report.get("percentiles_ns") or []
+        points += [(mark, report["received"] / len(marks)) for mark in marks]
+    total = sum(weight for _mark, weight in points)
+    if not total:
+        return {}
+    points.sort()
+    spread: dict[int, float] = {}
+    seen = 0.0
+    wanted = [50, 90, 99]
+    for mark, weight in points:
+        seen += weight
+        while wanted and seen >= total * wanted[0] / 100:
+            spread[wanted.pop(0)] = (mark - sent_ns) / 1e6
+    return spread

@@ -44,6 +44,7 @@ class FanoutRun:
 
     def __init__(self) -> None:
         self.seen: dict[int, list[int]] = {}  # seq -> [count, first ns, last ns]
+        self.times: dict[int, list[int]] = {}  # seq -> every receipt's ns, for its spread
         self.repeats = 0
         self.server_closes = 0
         self.disconnects = 0
@@ -51,6 +52,7 @@ class FanoutRun:
     def delivered(self, seq: int, now: int | None = None) -> None:
         if now is None:
             now = monotonic_ns()
+        self.times.setdefault(seq, []).append(now)
         entry = self.seen.get(seq)
         if entry is None:
             self.seen[seq] = [1, now, now]
@@ -59,6 +61,14 @@ class FanoutRun:
             entry[0] += 1
             entry[1] = min(entry[1], now)
             entry[2] = max(entry[2], now)
+
+    def percentiles(self, seq: int) -> list[int]:
+        """Receipt times of `seq` at percentiles 0, 1, ..., 100 (nearest rank), or []."""
+        times = sorted(self.times.pop(seq, []))
+        if not times:
+            return []
+        last = len(times) - 1
+        return [times[round(last * p / 100)] for p in range(101)]
 
 
 class FanoutReceiver(Closing):
@@ -250,7 +260,8 @@ async def fanout_main(args: argparse.Namespace) -> dict[str, Any]:
         PAUSE       (with --arrival kernel) stop reading on every member; prints PAUSED {}
         SEND <seq>  the first connection sends broadcast <seq>; prints SENT {"seq", "sent_ns"}
         WAIT <seq> <seconds>  wait until every open connection has <seq> (bounded); prints
-                    GOT {"seq", "received", "expected", "first_ns", "last_ns"}
+                    GOT {"seq", "received", "expected", "first_ns", "last_ns",
+                         "percentiles_ns"}  (receipt times at percentiles 0..100)
         EOF         close everything, print RESULT
 
     With --arrival kernel, WAIT sleeps --defer seconds, then reads <seq> off every paused
@@ -336,6 +347,7 @@ async def fanout_main(args: argparse.Namespace) -> dict[str, Any]:
                     "expected": open_count(),
                     "first_ns": first or None,
                     "last_ns": last or None,
+                    "percentiles_ns": run.percentiles(seq),
                 },
             )
     still_open = sum(1 for t in transports if not t.is_disconnected)

@@ -118,3 +118,31 @@ def wait_quiet(max_wait: float, threshold: float = 15.0) -> tuple[float, float]:
     while busy > threshold and time.monotonic() - start < max_wait:
         busy = cpu_busy_pct()
     return time.monotonic() - start, busy
+
+
+# What could hold a broadcast's tail in the kernel rather than in a process: a segment sent
+# again (a tail-loss probe, or a retransmission timeout after a drop), TCP memory pressure,
+# a receive queue pruned or dropped for want of memory.
+TCP_TAIL_COUNTERS = (
+    ("Tcp", "RetransSegs"),
+    ("TcpExt", "TCPTimeouts"),
+    ("TcpExt", "TCPLossProbes"),
+    ("TcpExt", "TCPMemoryPressures"),
+    ("TcpExt", "PruneCalled"),
+    ("TcpExt", "TCPRcvQDrop"),
+    ("TcpExt", "TCPBacklogDrop"),
+)
+
+
+def tcp_counters() -> dict[str, int]:
+    """The machine's TCP_TAIL_COUNTERS (/proc/net/snmp and /proc/net/netstat), by name."""
+    found: dict[tuple[str, str], int] = {}
+    for path in ("/proc/net/snmp", "/proc/net/netstat"):
+        with open(path) as f:
+            lines = f.read().splitlines()
+        # Each group is a line of names followed by a line of values, both "Group: ...".
+        for names, values in zip(lines[::2], lines[1::2], strict=False):
+            group, *keys = names.split()
+            for key, value in zip(keys, values.split()[1:], strict=False):
+                found[(group.rstrip(":"), key)] = int(value)
+    return {key: found.get((group, key), 0) for group, key in TCP_TAIL_COUNTERS}

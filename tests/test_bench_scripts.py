@@ -94,6 +94,8 @@ def test_bench_100k_holds_and_reaches_every_connection_at_a_tiny_scale(tmp_path:
     assert sum(w["connections"] for w in report["workers"]) >= 200
     for broadcast in report["broadcasts"]:
         assert broadcast["received"] == broadcast["expected"] == 200
+        # the machine's TCP counters over the broadcast: they only ever grow
+        assert "TCPTimeouts" in broadcast["tcp"] and min(broadcast["tcp"].values()) >= 0
     assert [load["repeated_or_reordered"] for load in report["load"]] == [0]
     assert "200 connections on 2 worker processes" in done.stdout
 
@@ -133,6 +135,11 @@ def test_bench_100k_times_kernel_arrival_at_a_tiny_scale(tmp_path: Path) -> None
     for broadcast in report["broadcasts"]:
         assert broadcast["received"] == broadcast["expected"] == 100
         assert broadcast["last_ms"] >= broadcast["first_ms"] > 0
+        # the spread over both load processes lies between the first and the last receipt
+        spread = [broadcast[k] for k in ("first_ms", "median_ms", "p90_ms", "p99_ms", "last_ms")]
+        assert spread == sorted(spread)
+        assert max(broadcast["last_per_load_ms"]) == broadcast["last_ms"]
+        assert len(broadcast["last_per_load_ms"]) == 2
     for load in report["load"]:
         # not_received may count members the probe found not yet joined; the broadcasts above
         # are what must reach everyone.
@@ -155,3 +162,21 @@ def test_fanout_run_keeps_the_earliest_and_latest_arrival_whatever_the_order() -
     for stamp in (500, 900, 100, 700):
         run.delivered(7, stamp)
     assert run.seen[7] == [4, 100, 900]
+    marks = run.percentiles(7)
+    # nearest rank over the sorted 100, 500, 700, 900: the 50th is index round(1.5) == 2
+    assert len(marks) == 101 and marks[0] == 100 and marks[-1] == 900 and marks[50] == 700
+
+
+def test_receipt_spread_weighs_each_load_process_by_its_members() -> None:
+    """Percentiles over all members from each load process's own: a process with three
+    times the members moves the median three times as far."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from fanout import receipt_spread
+    finally:
+        sys.path.remove(str(BENCH))
+    early = {"received": 300, "percentiles_ns": [1_000_000] * 101}  # all at 1 ms
+    late = {"received": 100, "percentiles_ns": [9_000_000] * 101}  # all at 9 ms
+    spread = receipt_spread([early, late], sent_ns=0)
+    assert spread[50] == 1.0 and spread[90] == 9.0 and spread[99] == 9.0
+    assert receipt_spread([{"received": 0, "percentiles_ns": []}], sent_ns=0) == {}
