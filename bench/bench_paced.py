@@ -6,14 +6,18 @@ the server's reads holds about one message), 1 s warm-up, 5 s window. The figure
 is the server's CPU µs per message (utime+stime from /proc over the window / replies). The
 peer is a picows echo server on uvloop (`load.py server --mode echo`), pinned like ours;
 runs alternate picows and ours, and the report gives medians and the ratio ours/picows.
+With `--before REV` echoserver as built at REV (bench/prior_build.py, its own venv) runs
+too, in turn with the others, and a second table gives each server's ratio to it.
 
-    python bench/bench_paced.py [--rate 50000] [--connections 64] [--runs 3]
+    python bench/bench_paced.py [--rate 50000] [--connections 64] [--runs 3] [--before REV]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +37,7 @@ METRICS = [
     Metric("load CPU %", "load_cpu_pct", 0, ratio=False),
 ]
 KINDS = ("picows", "ours")
+BEFORE = "before"  # the kind of echoserver built at --before REV
 
 
 def parse_args() -> argparse.Namespace:
@@ -45,6 +50,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--size", type=int, default=32, help="payload bytes (>= 8)")
     parser.add_argument("--json", metavar="PATH", help="also write every run's raw result here")
+    parser.add_argument(
+        "--before",
+        metavar="REV",
+        help="also run echoserver as built at this commit (in its own venv), in turn with the "
+        "others, e.g. the merge base: --before $(git merge-base HEAD main)",
+    )
     args = parser.parse_args()
     runner.apply_common_args(args)
     if args.size < 8:
@@ -57,8 +68,19 @@ def picows_command(port: int) -> list[str]:
     return [sys.executable, str(procs.LOAD_SCRIPT), "server", "--mode", "echo", "--port", str(port)]
 
 
+def before_command(script: Path, port: int, *, uvloop: bool) -> list[str]:
+    """echoserver as this checkout's is started, through an earlier build's own script."""
+    cmd = procs.server_command("ours", "echo", port, uvloop=uvloop)
+    assert cmd[1:3] == ["-m", "echoserver"], cmd
+    return [str(script), *cmd[3:]]
+
+
 def one_run(kind: str, args: argparse.Namespace) -> dict[str, Any]:
-    command = picows_command if kind == "picows" else None
+    command: Callable[[int], list[str]] | None = None
+    if kind == "picows":
+        command = picows_command
+    elif kind == BEFORE:
+        command = functools.partial(before_command, args.before_script, uvloop=args.uvloop)
     with runner.started_server(
         kind, "echo", uvloop=args.uvloop, custom=args.server_cmd, command=command
     ) as server:
@@ -91,6 +113,12 @@ def main() -> None:
     args = parse_args()
     kinds = {"ours": ["ours"], "baseline": ["picows"]}.get(args.only or "", list(KINDS))
     names = {"picows": "picows", "ours": runner.kind_label("ours", args.server_cmd)}
+    if args.before:
+        import prior_build
+
+        args.before_script = prior_build.build(args.before)
+        kinds.append(BEFORE)
+        names[BEFORE] = f"ours at {args.before}"
     results = runner.run_interleaved(
         kinds,
         args.runs,
@@ -104,6 +132,9 @@ def main() -> None:
         f"window after {args.warmup:g} s warm-up\n"
     )
     print(reporting.summary_table(results, METRICS, names, versus="picows"))
+    if args.before:
+        print()
+        print(reporting.summary_table(results, METRICS, names, versus=BEFORE))
     print(
         "\nserver µs/msg = the server's CPU time (utime+stime, /proc) over the window / "
         "replies in it; lost = sent but never answered (waited up to 3 s after sending stopped)."

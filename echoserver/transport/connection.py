@@ -90,6 +90,15 @@ class Endpoint(Protocol):
         """The connection is gone, with this close code (1006: no close frame)."""
 
 
+class EchoCounts(Protocol):
+    """Where an echoing connection counts what it echoes (the server's metrics)."""
+
+    messages_in: int
+    bytes_in: int
+    messages_out: int
+    bytes_out: int
+
+
 class RateLimiter(Protocol):
     def allow(self) -> bool:
         """Whether one more message may pass now."""
@@ -99,18 +108,23 @@ Transport = asyncio.Transport | StreamIO
 
 
 class _TransportIO(asyncio.Protocol):
-    """asyncio's side of a connection: bytes in, write pressure, loss."""
+    """asyncio's side of a connection: bytes in, write pressure, loss.
+
+    Bytes in go straight to the connection's feed(): `data_received` is that bound method,
+    set per instance (both loops call `protocol.data_received`; uvloop looks it up once,
+    when the transport is made), so a read costs no Python call of ours in between.
+    """
+
+    __slots__ = ("connection", "data_received")
 
     def __init__(self, connection: WebSocketConnection) -> None:
         self.connection = connection
+        self.data_received = connection.feed  # type: ignore[method-assign]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop may call this after connect_accepted_socket() has returned, so the
         # connection learns of its transport here, not from that call.
         self.connection.transport_made(transport)  # type: ignore[arg-type]
-
-    def data_received(self, data: bytes) -> None:
-        self.connection.feed(data)
 
     def eof_received(self) -> bool:
         return False  # close our side too
@@ -139,6 +153,7 @@ class WebSocketConnection:
         "_pending",
         "_quiet_timer",
         "awaiting_pong",
+        "echo",
         "encoding",
         "endpoint",
         "flusher",
@@ -172,6 +187,7 @@ class WebSocketConnection:
         # frames are its own (compressed with context takeover).
         self.encoding: str | None = self._encoding()
         self.awaiting_pong = False
+        self.echo: EchoCounts | None = None  # set by echo_messages()
         self._dirty = False  # marked with the flusher
         self._feeding = False  # inside feed(): it writes once at its end
         self._paused = PAUSED_OPENING
@@ -270,9 +286,18 @@ class WebSocketConnection:
         if protocol.state != OPEN:
             self._after_close_sent()
 
+    def echo_messages(self, counts: EchoCounts) -> None:
+        """Send every message back as it came, same bytes, same type, counted in `counts`
+        (in and out): the echo, done here instead of by a call to the endpoint per message.
+        Everything else about a message (the rate limit, the rules, order with pings and
+        closes) is as for any other."""
+        self.echo = counts
+
     def _handle_events(self, events: list[Event], index: int) -> None:
         protocol = self.protocol
         on_message = self.endpoint.on_raw_message
+        rate_limit = self.rate_limit
+        echo = self.echo
         count = len(events)
         while index < count:
             event = events[index]
@@ -281,9 +306,19 @@ class WebSocketConnection:
             if kind == MESSAGE:
                 if protocol.state != OPEN:
                     break
-                if self.rate_limit is not None and not self.rate_limit.allow():
+                if rate_limit is not None and not rate_limit.allow():
                     self.fail(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
                     break
+                if echo is not None:
+                    # Queued while OPEN (checked above), so it is sent: counted out too.
+                    # (No flusher mark: this runs inside a read, which writes at its end.)
+                    protocol.send_message(payload, arg == OP_BINARY)  # type: ignore[arg-type]
+                    size = len(payload)
+                    echo.messages_in += 1
+                    echo.bytes_in += size
+                    echo.messages_out += 1
+                    echo.bytes_out += size
+                    continue
                 try:
                     result = on_message(payload, arg == OP_BINARY)  # type: ignore[arg-type]
                 except Exception:
@@ -295,7 +330,7 @@ class WebSocketConnection:
             elif kind == FAIL:
                 self.fail(arg, payload)  # type: ignore[arg-type]
                 break
-            elif kind != CLOSE and self.rate_limit is not None and not self.rate_limit.allow():
+            elif kind != CLOSE and rate_limit is not None and not rate_limit.allow():
                 # Pings and pongs cost a token each, like messages.
                 self.fail(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
                 break

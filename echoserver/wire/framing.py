@@ -83,6 +83,8 @@ Event = tuple[int, int, bytes | str]
 # max_size for every frame of a fragmented message, empty ones included.
 FRAME_COST: Final = 64
 
+UTF8_FAILURE: Final = "text message is not valid UTF-8"
+
 
 def close_code_allowed(code: int) -> bool:
     """Whether a peer may send this close code on the wire (RFC 6455 7.4, IANA registry)."""
@@ -202,7 +204,30 @@ class FrameParser:
             second = data[pos + 1]
             length = second & 0x7F
             header = 6
-            if length == 126:
+            if length < 126:
+                # The common frame: a whole, unfragmented, uncompressed text or binary message
+                # of under 126 bytes, masked, with no message open. Judged here as
+                # _check_header, _on_frame and _message judge it (no rule of theirs can fail
+                # it but the UTF-8 check), without their three calls; anything else takes
+                # the general path below. (_message_opcode and _compressed are left alone:
+                # they are read only while a fragmented message is open.)
+                frame_end = pos + 6 + length
+                if (
+                    (first == 0x82 or first == 0x81)
+                    and second & 0x80
+                    and frame_end <= end
+                    and self._fragments is None
+                    and self._text is None
+                    and length <= self.max_size
+                ):
+                    payload = unmask(data[pos + 2 : pos + 6], data[pos + 6 : frame_end])
+                    pos = frame_end
+                    if first == 0x81 and not payload.isascii() and not is_utf8(payload):
+                        events.append((FAIL, CloseCode.INVALID_DATA, UTF8_FAILURE))
+                        return events + self._stop(data, pos)
+                    events.append((MESSAGE, first & 0x0F, payload))
+                    continue
+            elif length == 126:
                 header = 8
                 if end - pos < 8:
                     break
@@ -366,7 +391,7 @@ class FrameParser:
         if utf8_goes_on(self._text, self.unmask(mask, chunk), False):
             return []
         self.stop_messages()  # skips the rest of this frame
-        return [(FAIL, CloseCode.INVALID_DATA, "text message is not valid UTF-8")]
+        return [(FAIL, CloseCode.INVALID_DATA, UTF8_FAILURE)]
 
     def _check_header(self, first: int, second: int, length: int) -> Event | None:
         """Everything that can be judged before the payload has arrived."""
@@ -418,7 +443,7 @@ class FrameParser:
             done = self._checked
             self._checked = self._text_at = 0
             if not utf8_goes_on(self._text, payload[done:] if done else payload, bool(fin)):
-                return (FAIL, CloseCode.INVALID_DATA, "text message is not valid UTF-8")
+                return (FAIL, CloseCode.INVALID_DATA, UTF8_FAILURE)
             if fin:
                 self._text = None
         if not fin:
@@ -446,7 +471,7 @@ class FrameParser:
             except ValueError as error:
                 return (FAIL, CloseCode.MESSAGE_TOO_BIG, str(error))
         if opcode == OP_TEXT and not checked and not is_utf8(payload):
-            return (FAIL, CloseCode.INVALID_DATA, "text message is not valid UTF-8")
+            return (FAIL, CloseCode.INVALID_DATA, UTF8_FAILURE)
         return (MESSAGE, opcode, payload)
 
     @staticmethod
@@ -466,6 +491,12 @@ class FrameParser:
         if not is_utf8(reason):
             return (FAIL, CloseCode.INVALID_DATA, "close reason is not valid UTF-8")
         return (CLOSE, code, reason)
+
+
+# The first two bytes of an unmasked, final, uncompressed server frame of under 126 bytes,
+# by payload length: such a message is framed with a lookup and one concatenation.
+SHORT_TEXT_HEADERS: Final = tuple(bytes((0x80 | OP_TEXT, n)) for n in range(126))
+SHORT_BINARY_HEADERS: Final = tuple(bytes((0x80 | OP_BINARY, n)) for n in range(126))
 
 
 def encode_frame(opcode: int, payload: bytes, rsv1: bool = False) -> bytes:

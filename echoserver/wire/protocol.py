@@ -32,6 +32,8 @@ from echoserver.wire.framing import (
     OP_PONG,
     OP_TEXT,
     PING,
+    SHORT_BINARY_HEADERS,
+    SHORT_TEXT_HEADERS,
     CloseCode,
     Event,
     FrameParser,
@@ -133,13 +135,19 @@ class ServerProtocol:
         opcode = OP_BINARY if binary else OP_TEXT
         if self.deflater is not None:
             return encode_frame(opcode, self.deflater.compress(payload), True)
+        if len(payload) < 126:
+            return (SHORT_BINARY_HEADERS if binary else SHORT_TEXT_HEADERS)[len(payload)] + payload
         return encode_frame(opcode, payload)
 
     def send_message(self, payload: bytes, binary: bool) -> None:
         """Frame one message and queue it (dropped once our close frame is queued)."""
         if self.state:  # not OPEN
             return
-        frame = self.encode(payload, binary)
+        if self.deflater is None and len(payload) < 126:
+            # encode()'s short frame, inlined: an echo's reply is framed here per message.
+            frame = (SHORT_BINARY_HEADERS if binary else SHORT_TEXT_HEADERS)[len(payload)] + payload
+        else:
+            frame = self.encode(payload, binary)
         self._out.append(frame)
         self.buffered += len(frame)
 
