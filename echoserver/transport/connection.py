@@ -265,7 +265,7 @@ class WebSocketConnection:
             return
         self._feeding = True
         try:
-            events = protocol.receive(data)
+            events = protocol.parser.receive(data)  # protocol.receive() while OPEN
             if events:
                 self._handle_events(events, 0)
         finally:
