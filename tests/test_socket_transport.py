@@ -230,3 +230,18 @@ async def test_an_open_connection_holds_a_socket_transport_and_no_empty_buffers(
         assert connection.protocol.parser._buffer == b""  # no bytearray until a partial frame
     for client in clients:
         client.close()
+
+
+@pytest.mark.gen_test
+async def test_without_epoll_a_connection_stays_on_the_loops_transport(
+    app, http_server, http_port, monkeypatch
+):
+    # Where select.epoll is missing (not Linux) the connection takes the loop's transport.
+    monkeypatch.setattr(socket_transport, "AVAILABLE", False)
+    client = await websocket_connect(f"ws://127.0.0.1:{http_port}/ws")
+    client.write_message("over the loop's transport")
+    assert await client.read_message() == "over the loop's transport"
+    (handler,) = list(app.server.connections)
+    assert not isinstance(handler.connection.transport, SocketTransport)
+    assert handler.connection.transport.get_extra_info("socket") is not None  # the loop's
+    client.close()

@@ -211,7 +211,8 @@ class WebSocketConnection:
     async def _take_over(
         self, stream: tornado.iostream.IOStream, response: bytes
     ) -> Awaitable[None] | None:
-        """Move the socket to an asyncio transport; return a read loop if it stays on stream."""
+        """Move the socket to a SocketTransport (or the loop's transport where epoll is
+        missing); return a read loop if it stays on the stream (TLS)."""
         await stream.write(response)  # the 101 response has left
         self._pending = take_read_buffer(stream)  # frames sent right after the handshake
         if isinstance(stream, tornado.iostream.SSLIOStream):

@@ -92,7 +92,7 @@ class Poller:
         """Serve every ready socket once (the loop calls this once per pass while any is)."""
         try:
             ready = self.epoll.poll(0)
-        except InterruptedError:
+        except (InterruptedError, ValueError):  # ValueError: closed earlier in this pass
             return
         transports = self.transports
         for fd, mask in ready:
