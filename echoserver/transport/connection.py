@@ -1,8 +1,9 @@
 """The WebSocket connection after the handshake: the I/O adapter around ServerProtocol.
 
 The endpoint (endpoints/websocket.py) answers the handshake and hands the detached stream to run().
-Plain connections then move to an asyncio (or uvloop) transport; TLS connections stay on
-Tornado's stream through stream_io.StreamIO. Either way:
+Plain connections then move to a socket_transport.SocketTransport (on Linux; elsewhere to
+the loop's own transport); TLS connections stay on Tornado's stream through
+stream_io.StreamIO. Either way:
 
 - each read goes to the protocol whole; the application's messages are dispatched in
   order and the replies they cause leave in one write at the end of the read;
@@ -35,8 +36,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import tornado.iostream
 
+from echoserver.transport import socket_transport
 from echoserver.transport.flusher import Flusher
 from echoserver.transport.keepalive import Keepalive
+from echoserver.transport.socket_transport import SocketTransport
 from echoserver.transport.stream_io import StreamIO
 from echoserver.transport.tornado_seam import take_read_buffer
 from echoserver.wire.framing import (
@@ -104,11 +107,12 @@ class RateLimiter(Protocol):
         """Whether one more message may pass now."""
 
 
-Transport = asyncio.Transport | StreamIO
+Transport = SocketTransport | StreamIO | asyncio.Transport
 
 
 class _TransportIO(asyncio.Protocol):
-    """asyncio's side of a connection: bytes in, write pressure, loss.
+    """asyncio's side of a connection, where SocketTransport is not available: bytes in,
+    write pressure, loss.
 
     Bytes in go straight to the connection's feed(): `data_received` is that bound method,
     set per instance (both loops call `protocol.data_received`; uvloop looks it up once,
@@ -223,7 +227,8 @@ class WebSocketConnection:
     async def _take_over(
         self, stream: tornado.iostream.IOStream, response: bytes
     ) -> Awaitable[None] | None:
-        """Move the socket to an asyncio transport; return a read loop if it stays on stream."""
+        """Move the socket to a SocketTransport (or the loop's transport where epoll is
+        missing); return a read loop if it stays on the stream (TLS)."""
         await stream.write(response)  # the 101 response has left
         self._pending = take_read_buffer(stream)  # frames sent right after the handshake
         if isinstance(stream, tornado.iostream.SSLIOStream):
@@ -239,10 +244,14 @@ class WebSocketConnection:
         # peer that stops reading can pin in the kernel is bounded (see SEND_BUFFER).
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         loop = asyncio.get_running_loop()
+        if socket_transport.AVAILABLE:
+            poller = socket_transport.poller_for(loop)
+            self.transport_made(SocketTransport(sock, self, poller, reading=not self._paused))
+            return None
         await loop.connect_accepted_socket(lambda: _TransportIO(self), sock=sock)
         return None
 
-    def transport_made(self, transport: asyncio.Transport) -> None:
+    def transport_made(self, transport: SocketTransport | asyncio.Transport) -> None:
         self.transport = transport
         if self._paused:
             transport.pause_reading()
@@ -273,7 +282,7 @@ class WebSocketConnection:
             return
         self._feeding = True
         try:
-            events = protocol.receive(data)
+            events = protocol.parser.receive(data)  # protocol.receive() while OPEN
             if events:
                 self._handle_events(events, 0)
         finally:
@@ -604,6 +613,9 @@ class WebSocketConnection:
 def reset_on_close(transport: Transport) -> None:
     """Make the coming close a reset (SO_LINGER 0): a plain close of a socket whose peer
     stopped reading keeps its unsent megabytes in the kernel (FIN-WAIT-1) for minutes."""
+    if isinstance(transport, SocketTransport):
+        transport.reset()
+        return
     sock = transport.get_extra_info("socket")
     if not isinstance(sock, socket.socket) and not hasattr(sock, "setsockopt"):
         return

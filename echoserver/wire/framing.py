@@ -170,7 +170,9 @@ class FrameParser:
         self.decompress = decompress
         self.failed = False  # the framing is lost: nothing more is parsed
         self.skimming = False  # no more messages: data frames are skipped (see skim())
-        self._buffer = bytearray()
+        # Bytes of a frame not all in yet: a bytearray while it grows, else b"" (an idle
+        # connection holds no empty bytearray).
+        self._buffer: bytes | bytearray = b""
         self._need = 0  # bytes the buffered frame needs before parsing is worth trying
         self._skip = 0  # bytes of a skipped data frame still to come
         self._fragments: list[bytes] | None = None
@@ -193,7 +195,7 @@ class FrameParser:
             if len(self._buffer) < self._need:
                 return self._check_partial() if self._text_at else []
             data = bytes(self._buffer)
-            self._buffer.clear()
+            self._buffer = b""
             self._need = 0
         events: list[Event] = []
         unmask = self.unmask
@@ -249,7 +251,7 @@ class FrameParser:
             if frame_end > end:
                 self._need = frame_end - pos
                 if self._is_plain_text(first):
-                    self._buffer += data[pos:] if pos else data
+                    self._buffer = bytearray(data[pos:] if pos else data)
                     self._text_at = header
                     if self._text is None:
                         self._text = _Utf8Decoder()
@@ -267,8 +269,8 @@ class FrameParser:
                         self._lose()
                         return events
                     return events + self._stop(data, pos)
-        if pos < end:
-            self._buffer += data[pos:] if pos else data
+        if pos < end:  # the buffer is empty here: its bytes were taken into data
+            self._buffer = bytearray(data[pos:] if pos else data)
         return events
 
     def stop_messages(self) -> None:
@@ -284,7 +286,7 @@ class FrameParser:
         if self._need and self._buffer[0] & 0x0F < OP_CLOSE:
             # Part of a data frame is buffered (its header whole): skip the rest as it comes.
             self._skip = self._need - len(self._buffer)
-            self._buffer.clear()
+            self._buffer = b""
         self._need = 0
 
     def _stop(self, data: bytes, frame_end: int) -> list[Event]:
@@ -298,7 +300,7 @@ class FrameParser:
 
     def _lose(self) -> None:
         self.failed = self.skimming = True
-        self._buffer.clear()
+        self._buffer = b""
         self._fragments = None
 
     def skim(self, data: bytes) -> list[Event]:
@@ -317,7 +319,7 @@ class FrameParser:
         if self._buffer:  # at most a header or a control frame
             self._buffer += data
             data = bytes(self._buffer)
-            self._buffer.clear()
+            self._buffer = b""
         events: list[Event] = []
         pos = 0
         end = len(data)
@@ -352,8 +354,8 @@ class FrameParser:
                 return events
             if event[0] == CLOSE:
                 return events  # the peer has closed: what follows its close frame is not read
-        if pos < end:
-            self._buffer += data[pos:] if pos else data
+        if pos < end:  # the buffer is empty here: its bytes were taken into data
+            self._buffer = bytearray(data[pos:] if pos else data)
         return events
 
     @staticmethod

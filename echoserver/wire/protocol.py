@@ -21,7 +21,6 @@ in transport/connection.py, which calls close() or end() when they fire.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Final
 
 from echoserver.wire.deflate import Deflater
@@ -53,9 +52,9 @@ class ServerProtocol:
     close frame (then only the peer's close frame is looked for). MESSAGE and PONG events
     are the application's. PING and CLOSE events go to handle() in their turn, after the
     messages before them, so that replies to those messages leave before a pong or a close
-    frame; the adapter turns FAIL events into close(). (receive is an attribute: the
-    parser's own method while OPEN, one call less per read on the hot path, then
-    _receive_closing.)
+    frame; the adapter turns FAIL events into close(). (While OPEN, receive() is the
+    parser's: an adapter that has checked the state may call parser.receive itself, one
+    call less per read on the hot path.)
 
     Frames to send are queued here (send_message, send_frame, ping, close, and the replies
     handle() makes); the adapter takes them with data_to_send() and reads `buffered` for
@@ -70,7 +69,6 @@ class ServerProtocol:
         "deflater",
         "parser",
         "peer_initiated",
-        "receive",
         "state",
     )
 
@@ -78,14 +76,21 @@ class ServerProtocol:
         self.parser = parser
         self.deflater = deflater  # set when permessage-deflate was negotiated
         self.state = OPEN
-        self.receive: Callable[[bytes], list[Event]] = parser.receive
-        self._out: list[bytes] = []  # encoded frames not yet taken by data_to_send()
+        # Encoded frames not yet taken by data_to_send(); None when there are none (an idle
+        # connection keeps no empty list).
+        self._out: list[bytes] | None = None
         self.buffered = 0  # their size in bytes (read-only outside this class)
         self.close_sent: int | None = None  # the code of our close frame (None: empty close)
         self.close_received: int | None = None  # the peer's (1005 for an empty close)
         self.peer_initiated = False  # the peer sent the first close frame
 
     # --- bytes in -------------------------------------------------------------------------
+
+    def receive(self, data: bytes) -> list[Event]:
+        """The events `data` makes (see the class doc)."""
+        if self.state == OPEN:
+            return self.parser.receive(data)
+        return self._receive_closing(data)
 
     def handle(self, event: Event) -> bool:
         """Act on a PING or CLOSE event; True after the peer's close (the events after it
@@ -115,7 +120,6 @@ class ServerProtocol:
 
     def _leave(self, state: int) -> None:
         self.state = state
-        self.receive = self._receive_closing
         self.parser.stop_messages()
 
     def _peer_closed(self, code: int) -> None:
@@ -148,7 +152,11 @@ class ServerProtocol:
             frame = (SHORT_BINARY_HEADERS if binary else SHORT_TEXT_HEADERS)[len(payload)] + payload
         else:
             frame = self.encode(payload, binary)
-        self._out.append(frame)
+        out = self._out
+        if out is None:
+            self._out = [frame]
+        else:
+            out.append(frame)
         self.buffered += len(frame)
 
     def send_frame(self, frame: bytes) -> None:
@@ -156,7 +164,11 @@ class ServerProtocol:
         our close frame is queued."""
         if self.state:  # not OPEN
             return
-        self._out.append(frame)
+        out = self._out
+        if out is None:
+            self._out = [frame]
+        else:
+            out.append(frame)
         self.buffered += len(frame)
 
     def ping(self, data: bytes = b"") -> None:
@@ -165,12 +177,11 @@ class ServerProtocol:
     def data_to_send(self) -> bytes:
         """Everything queued, as one write (b"" when nothing is); the queue is then empty."""
         out = self._out
-        if not out:
+        if out is None:
             return b""
-        data = out[0] if len(out) == 1 else b"".join(out)
-        out.clear()
+        self._out = None
         self.buffered = 0
-        return data
+        return out[0] if len(out) == 1 else b"".join(out)
 
     # --- closing ---------------------------------------------------------------------------
 
@@ -183,7 +194,10 @@ class ServerProtocol:
     def _queue_close(self, code: int | None, reason: str) -> None:
         self.close_sent = None if code is None else int(code)
         frame = encode_close(code, reason)
-        self._out.append(frame)
+        if self._out is None:
+            self._out = [frame]
+        else:
+            self._out.append(frame)
         self.buffered += len(frame)
 
     def end(self, discard_output: bool = False) -> None:
@@ -192,7 +206,7 @@ class ServerProtocol:
         dropped (the socket is gone)."""
         self._leave(CLOSED)
         if discard_output:
-            self._out.clear()
+            self._out = None
             self.buffered = 0
 
     @property
