@@ -81,6 +81,14 @@ class FrontDoor(tornado.httpserver.HTTPServer):
         self.metrics = kwargs.pop("metrics")
         self.request_timeout = kwargs.pop("request_timeout")
         super().initialize(*args, **kwargs)
+        params = self.conn_params
+        if params.header_timeout is not None and params.header_timeout > (
+            self.request_timeout + self._sweep_interval()
+        ):
+            # The deadline closes a client waiting on its headers before Tornado's own
+            # header timeout could: that one would only cost every request a timer set
+            # and cancelled (gen.with_timeout around each header read).
+            params.header_timeout = None
         self._listeners: list[socket.socket] = []
         self._accepting = False
         self._resume_timer: object | None = None
@@ -276,10 +284,12 @@ class FrontDoor(tornado.httpserver.HTTPServer):
             self._schedule_sweep()
         return deadline
 
-    def _schedule_sweep(self) -> None:
+    def _sweep_interval(self) -> float:
         # Deadlines are met within a quarter of request_timeout (at most 1 s) of their time.
-        interval = min(1.0, self.request_timeout / 4)
-        self._sweep_timer = IOLoop.current().call_later(interval, self._sweep)
+        return min(1.0, self.request_timeout / 4)
+
+    def _schedule_sweep(self) -> None:
+        self._sweep_timer = IOLoop.current().call_later(self._sweep_interval(), self._sweep)
 
     def _sweep(self) -> None:
         self._sweep_timer = None
