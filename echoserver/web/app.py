@@ -40,6 +40,7 @@ from echoserver.fanout.presence import Roster
 from echoserver.metrics import Metrics
 from echoserver.transport.flusher import Flusher
 from echoserver.transport.keepalive import Keepalive
+from echoserver.transport.publish_lane import Lanes
 from echoserver.web import batch_api, handlers, presence_api, redact, snapshots, users
 from echoserver.web.publish_delegate import PublishRoute
 from echoserver.webhooks import build as build_webhooks
@@ -114,6 +115,7 @@ class ServerState:
         self.hosts = HostPolicy.build(config.host, ws.allowed_hosts)
         self.refused_hosts = Throttle(HOST_WARNING_INTERVAL)
         self.draining = False
+        self.lanes: Lanes | None = None  # set by the server's own FrontDoor when plain
         self.handshakes = 0  # WebSocket handshakes under way, not yet open
         self.occupancy = Occupancy(ws.max_connections, ws.max_connections_per_ip)
         self.metrics.held_connections = lambda: self.occupancy.total

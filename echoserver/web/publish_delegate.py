@@ -21,24 +21,31 @@ router's, as for every route.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Coroutine, Generator
 from email.utils import formatdate
 from typing import Any
 
 import tornado.httputil
+import tornado.iostream
 import tornado.routing
-from tornado.httputil import HTTPHeaders, HTTPServerRequest, ResponseStartLine
+from tornado.http1connection import HTTP1Connection
+from tornado.httputil import HTTPHeaders, HTTPServerRequest, RequestStartLine, ResponseStartLine
 from tornado.log import app_log
 
+from echoserver import routes
 from echoserver.brokers import BrokerUnavailable
 from echoserver.endpoints.access import RequestRecord, write_access_line
 from echoserver.endpoints.base import SERVER
 from echoserver.endpoints.context import ServerContext
+from echoserver.transport.publish_lane import PublishLane
+from echoserver.transport.tornado_seam import unsent_bytes
 from echoserver.web.batch_api import BODY_FACTOR, MIN_BODY
 from echoserver.web.handlers import CHUNK_SLACK, api_key_refusal
 from echoserver.wire.batch import BatchRefused, read_batch
 from echoserver.wire.envelopes import Refused, body_message
+from echoserver.wire.http_requests import Head
 
 # RequestHandler.SUPPORTED_METHODS: any other method is 405 before anything else; these
 # go through the header checks and the body first (what tornado.web does for a handler
@@ -275,6 +282,29 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
         server.metrics.api_requests[status] += 1
         if server.config.log.access:
             write_access_line(RequestRecord(request), status)
+        if server.lanes is not None and type(connection) is HTTP1Connection:
+            self._offer_lane(connection)
+
+    def _offer_lane(self, connection: HTTP1Connection) -> None:
+        """Move a plain HTTP/1.1 keep-alive connection whose answer has left, and whose
+        request was read whole, to the publish lane (transport/publish_lane.py)."""
+        server = self.server
+        stream = connection.stream
+        if (
+            stream is None
+            or stream.closed()  # Tornado closes it after the answer: not kept alive
+            or type(stream) is not tornado.iostream.IOStream  # TLS stays with Tornado
+            or self.request.version != "HTTP/1.1"
+            or server.draining
+            or unsent_bytes(stream)
+            or not server.occupancy.holds(stream)  # not the server's own HTTPServer
+        ):
+            return
+        lanes = server.lanes
+        assert lanes is not None
+        slot = server.occupancy.take(stream)
+        connection.detach()
+        lanes.take_over(stream, connection.context, slot)  # type: ignore[arg-type]
 
 
 class ChannelExchange(Exchange):
@@ -342,3 +372,53 @@ class BatchExchange(Exchange):
             for (channel, _, _), (offset, epoch, local) in zip(messages, published, strict=True)
         ]
         self.answer_json(200, json.dumps({"results": results}, separators=(",", ":")).encode())
+
+
+class LaneRequest:
+    """What an Exchange reads of a request served in the publish lane (as of Tornado's
+    HTTPServerRequest): method, path, version, headers, peer, connection, start."""
+
+    __slots__ = ("_start_time", "connection", "headers", "path", "remote_ip")
+
+    method = "POST"
+    version = "HTTP/1.1"
+
+    def __init__(self, path: str, headers: dict[str, str], lane: PublishLane) -> None:
+        self.path = path
+        self.headers = headers
+        self.connection = lane
+        self.remote_ip = lane.remote_ip
+        self._start_time = time.time()
+
+    def request_time(self) -> float:
+        return time.time() - self._start_time
+
+
+class LaneRoutes:
+    """The publish lane's requests served by the same Exchanges as the Tornado routes
+    (Lanes.start): a request for another route, or with a refused Host, is handed back."""
+
+    def __init__(self, server: ServerContext) -> None:
+        self.server = server
+        # As tornado.routing.PathMatches matches them (anchored at both ends).
+        self.channel = re.compile(routes.channel_messages(server.prefix) + "$")
+        self.batch = routes.exact(server.prefix + routes.PUBLISH) + "$"
+        self.batch_path = server.prefix + routes.PUBLISH
+
+    def start(self, lane: PublishLane, head: Head) -> tornado.httputil.HTTPMessageDelegate | None:
+        server = self.server
+        headers = head.headers
+        if not server.hosts.allows(headers.get("Host")):
+            return None  # answered 403 by the Application
+        path = head.path
+        request: Any = LaneRequest(path, headers, lane)
+        exchange: Exchange
+        if path == self.batch_path:
+            exchange = BatchExchange(server, request)
+        else:
+            match = self.channel.match(path)
+            if match is None:
+                return None
+            exchange = ChannelExchange(server, request, match.group(1))
+        exchange.headers_received(RequestStartLine("POST", path, "HTTP/1.1"), request.headers)
+        return exchange
