@@ -9,6 +9,11 @@ the channel epochs (each server has its own hub): status line, headers in their 
 body, whether the connection stayed open. So must the api_requests counters and the access
 lines. A few behaviours only the server's own Application has (the Host check, keep-alive
 over many requests, a rebound Host) are checked on it alone.
+
+The server's own Application runs behind FrontDoor with the publish lane
+(transport/publish_lane.py), as `echoserver` serves it: every case is also sent as the third
+request on a keep-alive connection, after two publishes (the first moves the connection to
+the lane, the second is served there), and must again match the handlers' answer.
 """
 
 from __future__ import annotations
@@ -43,16 +48,30 @@ TIMEOUT = 5.0
 class Server:
     """One in-process server on a free port, and the access lines it wrote."""
 
-    def __init__(self, application: tornado.web.Application, state: Any) -> None:
+    def __init__(
+        self, application: tornado.web.Application, state: Any, *, door: bool = False
+    ) -> None:
         self.state = state
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         sock.listen(64)
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
-        self.http = tornado.httpserver.HTTPServer(
-            application, max_body_size=HTTP_MAX_BODY, idle_connection_timeout=60
-        )
+        self.http: tornado.httpserver.HTTPServer
+        if door:  # as runtime/serve.py runs the server's own Application
+            self.http = FrontDoor(
+                application,
+                occupancy=state.occupancy,
+                metrics=state.metrics,
+                request_timeout=20.0,
+                publish_lane=True,
+                max_body_size=HTTP_MAX_BODY,
+                idle_connection_timeout=60,
+            )
+        else:
+            self.http = tornado.httpserver.HTTPServer(
+                application, max_body_size=HTTP_MAX_BODY, idle_connection_timeout=60
+            )
         self.http.add_sockets([sock])
 
     async def close(self) -> None:
@@ -87,7 +106,7 @@ async def both(
         default_handler_class=NotFound,
         default_handler_args={"server": state},
     )
-    servers = (Server(own, own.server), Server(handlers, state))
+    servers = (Server(own, own.server, door=True), Server(handlers, state))
     try:
         yield servers
     finally:
@@ -139,6 +158,24 @@ async def exchange(port: int, request: bytes) -> tuple[Any, ...]:
         writer.close()
 
 
+async def exchange_in_lane(port: int, request: bytes) -> tuple[Any, ...]:
+    """exchange(), the request sent third on a keep-alive connection after two publishes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for _ in range(2):
+            writer.write(WARM)
+            await writer.drain()
+            await read_response(reader, head_request=False)  # 503 or 500 for a broken broker
+        writer.write(request)
+        await writer.drain()
+        status, headers, body = await read_response(reader, request.startswith(b"HEAD "))
+        assert any(name == "Date" for name, _ in headers)
+        kept, shown = normalised(headers, body)
+        return status, kept, shown, await still_open(reader, writer)
+    finally:
+        writer.close()
+
+
 def post(
     path: str, body: bytes, *, key: str | None = KEY, method: str = "POST", **more: str
 ) -> bytes:
@@ -159,6 +196,7 @@ ONE = "/api/channels/news/messages"
 BATCH = "/api/publish"
 TEXT = {"Content_Type": "text/plain"}
 JSON_TYPE = {"Content_Type": "application/json"}
+WARM = post(ONE, b"warm", **TEXT)
 ITEMS = json.dumps([{"channel": "a", "data": "x"}, {"channel": "b", "data": {"k": 1}}]).encode()
 
 CASES: list[bytes] = [
@@ -234,6 +272,18 @@ async def compare(
                 theirs = await exchange(handlers.port, request)
                 assert mine == theirs, request
                 assert access.lines[start:middle] == access.lines[middle:], request
+            lanes = own.state.lanes
+            assert lanes is not None
+            if settings.mode != "echo" and settings.api.key:
+                taken = lanes.taken
+                for request in cases:
+                    start = len(access.lines)
+                    mine = await exchange_in_lane(own.port, request)
+                    middle = len(access.lines)
+                    theirs = await exchange_in_lane(handlers.port, request)
+                    assert mine == theirs, request
+                    assert access.lines[start:middle] == access.lines[middle:], request
+                assert lanes.taken >= taken + len(cases)  # each connection went to the lane
             assert own.state.metrics.api_requests == handlers.state.metrics.api_requests
     finally:
         logger.removeHandler(access)
@@ -295,12 +345,17 @@ def test_an_unexpected_error_is_500_as_the_handlers(caplog: pytest.LogCaptureFix
     with caplog.at_level(logging.ERROR, "tornado.application"):
         run(compare(settings_for(), cases, BrokenBroker))
     errors = [r for r in caplog.records if r.getMessage().startswith("Uncaught exception")]
-    assert [r.getMessage() for r in errors] == [
+    assert [r.getMessage() for r in errors[:4]] == [
         "Uncaught exception POST /api/channels/news/messages (127.0.0.1)",
         "Uncaught exception POST /api/channels/news/messages (127.0.0.1)",
         "Uncaught exception POST /api/publish (127.0.0.1)",
         "Uncaught exception POST /api/publish (127.0.0.1)",
     ]
+    # Then through the lane: each case after two publishes to the channel, on both servers.
+    assert Counter(r.getMessage() for r in errors[4:]) == {
+        "Uncaught exception POST /api/channels/news/messages (127.0.0.1)": 10,
+        "Uncaught exception POST /api/publish (127.0.0.1)": 2,
+    }
     assert all(KEY not in r.getMessage() for r in caplog.records)
 
 

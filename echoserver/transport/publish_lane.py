@@ -90,11 +90,14 @@ class Lanes:
         self._deadlines: OrderedDict[PublishLane, None] = OrderedDict()
         self._sweep_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.taken = 0  # connections taken over, and given back, so far
+        self.given_back = 0
 
     def take_over(
         self, stream: tornado.iostream.IOStream, context: Context, slot: Slot | None
     ) -> None:
         """Serve the detached `stream` (its answer sent, nothing left unwritten) here."""
+        self.taken += 1
         pending = take_read_buffer(stream)
         sock = stream.socket.dup()
         stream.close()  # closes Tornado's descriptor; the duplicate keeps the connection
@@ -321,6 +324,7 @@ class PublishLane(asyncio.Protocol):
         self.closed = True
         slot, self.slot = self.slot, None
         stream = stream_with_bytes(sock, data)
+        self.lanes.given_back += 1
         try:
             self.lanes.hand_back(stream, self.context.address, slot)  # type: ignore[arg-type]
         except Exception:
