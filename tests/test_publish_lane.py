@@ -108,6 +108,8 @@ def test_pipelined_requests_are_answered_in_order_in_the_lane() -> None:
             lanes = server.state.lanes
             assert (lanes.taken, lanes.given_back) == (1, 0)
             assert server.state.occupancy.total == 1
+            # Its slot is held under the lane: still a plain HTTP connection in the counts.
+            assert server.state.occupancy.holds(next(iter(lanes.open)))
             writer.close()
             assert await asyncio.wait_for(_until(lambda: not server.state.occupancy.total), 5)
 

@@ -44,7 +44,7 @@ from tornado.ioloop import IOLoop
 from echoserver.endpoints.occupancy import Occupancy
 from echoserver.metrics import Metrics
 from echoserver.runtime.logs import OncePer
-from echoserver.transport.publish_lane import Lanes, Slot
+from echoserver.transport.publish_lane import Lanes, PublishLane
 from echoserver.transport.tornado_seam import handle_connection
 from echoserver.web.app import EchoServerApp
 from echoserver.web.publish_delegate import LaneRoutes
@@ -96,6 +96,8 @@ class FrontDoor(tornado.httpserver.HTTPServer):
             self.lanes = lanes = Lanes(
                 request_timeout=self.request_timeout,
                 hand_back=self._lane_handed_back,
+                refile=self.occupancy.move,
+                leave=self.occupancy.leave_http,
                 timed_out=self._lane_timed_out,
                 timeout_answer=TIMEOUT_408,
                 close_after=CLOSE_AFTER_408,
@@ -344,12 +346,11 @@ class FrontDoor(tornado.httpserver.HTTPServer):
         await super().close_all_connections()
 
     def _lane_handed_back(
-        self, stream: tornado.iostream.IOStream, address: Any, slot: Slot | None
+        self, stream: tornado.iostream.IOStream, address: Any, lane: PublishLane
     ) -> None:
-        # The slot goes back and is taken again at once: counted once all along.
-        if slot is not None:
-            slot.release()
-        self.handle_stream(stream, address)
+        # Its slot, held under the lane, is the stream's again: counted once all along.
+        self.occupancy.move(lane, stream)
+        super().handle_stream(stream, address)
 
     def _lane_timed_out(self, peer: str) -> None:
         self._note_timeout(peer)

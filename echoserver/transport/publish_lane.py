@@ -19,7 +19,8 @@ The bounds of a Tornado connection hold here too: the request deadline
 (limits.request_timeout from the end of the previous request to the end of this one's
 body; 408 and close when the headers had not come, close otherwise), the header limit
 (by hand-back), the body limit (the delegate's own 413, then close, as on Tornado), the
-connection's slot (taken over with it, given back when it closes) and the drain
+connection's slot (filed under the lane while it is here, given back when it closes) and
+the drain
 (close_all(), as HTTPServer.close_all_connections closes Tornado's).
 """
 
@@ -32,7 +33,7 @@ import os
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any, Protocol, cast
 
 import tornado.httputil
@@ -44,12 +45,6 @@ from echoserver.wire.http_requests import HAND_BACK, Head, parse_head, response_
 log = logging.getLogger("echoserver")
 
 
-class Slot(Protocol):
-    """The connection's place in the server's counts (endpoints/occupancy.Slot)."""
-
-    def release(self) -> None: ...
-
-
 class Context(Protocol):
     """Tornado's _HTTPRequestContext: where the connection comes from."""
 
@@ -58,15 +53,18 @@ class Context(Protocol):
 
 
 Start = Callable[["PublishLane", Head], "tornado.httputil.HTTPMessageDelegate | None"]
-HandBack = Callable[[tornado.iostream.IOStream, Any, Slot], None]
+HandBack = Callable[[tornado.iostream.IOStream, Any, "PublishLane"], None]
+Refile = Callable[[Hashable, Hashable], None]
 
 
 class Lanes:
     """One server's lanes: taking connections over, their deadlines, handing them back.
 
     `start(lane, head)`: the delegate serving a request (its headers_received already
-    called), or None to hand the request back. `hand_back(stream, address, slot)`: serve
-    the stream in Tornado again. `timed_out(peer)`: count and log a request that missed
+    called), or None to hand the request back. `refile(old, new)`: the connection's slot,
+    held under `old`, is now held under `new`; `leave(key)`: the connection under `key` is
+    gone. `hand_back(stream, address, lane)`: serve the stream in Tornado again (its slot
+    still under the lane). `timed_out(peer)`: count and log a request that missed
     its deadline. `timeout_answer`: what a client that sent no headers in time is told
     before the close, which comes at the latest `close_after` seconds later.
     """
@@ -76,6 +74,8 @@ class Lanes:
         *,
         request_timeout: float,
         hand_back: HandBack,
+        refile: Refile,
+        leave: Callable[[Hashable], None],
         timed_out: Callable[[str], None],
         timeout_answer: bytes,
         close_after: float,
@@ -83,6 +83,8 @@ class Lanes:
         self.start: Start | None = None
         self.request_timeout = request_timeout
         self.hand_back = hand_back
+        self.refile = refile
+        self.leave = leave
         self.timed_out = timed_out
         self.timeout_answer = timeout_answer
         self.close_after = close_after
@@ -93,15 +95,14 @@ class Lanes:
         self.taken = 0  # connections taken over, and given back, so far
         self.given_back = 0
 
-    def take_over(
-        self, stream: tornado.iostream.IOStream, context: Context, slot: Slot | None
-    ) -> None:
+    def take_over(self, stream: tornado.iostream.IOStream, context: Context) -> None:
         """Serve the detached `stream` (its answer sent, nothing left unwritten) here."""
         self.taken += 1
         pending = take_read_buffer(stream)
         sock = stream.socket.dup()
         stream.close()  # closes Tornado's descriptor; the duplicate keeps the connection
-        lane = PublishLane(self, context, slot, pending)
+        lane = PublishLane(self, context, pending)
+        self.refile(stream, lane)
         self.open.add(lane)
         self.track(lane)
         task = asyncio.get_running_loop().create_task(self._connect(lane, sock))
@@ -155,11 +156,11 @@ class Lanes:
 class PublishLane(asyncio.Protocol):
     """One connection in the lane; the HTTPConnection of the delegate serving its request."""
 
-    def __init__(self, lanes: Lanes, context: Context, slot: Slot | None, pending: bytes) -> None:
+    def __init__(self, lanes: Lanes, context: Context, pending: bytes) -> None:
         self.lanes = lanes
         self.context = context
         self.remote_ip = context.remote_ip
-        self.slot = slot
+        self.held = True  # its slot is filed under this lane
         self.buffer = bytearray(pending)
         self.transport: asyncio.Transport | None = None
         self.expires = 0.0
@@ -208,9 +209,9 @@ class PublishLane(asyncio.Protocol):
         delegate, self.delegate = self.delegate, None
         if delegate is not None and self.head is not None:
             delegate.on_connection_close()  # its body never came
-        if self.slot is not None:
-            self.slot.release()
-            self.slot = None
+        if self.held:
+            self.held = False
+            lanes.leave(self)
 
     # --- reading requests --------------------------------------------------------------------
 
@@ -322,16 +323,16 @@ class PublishLane(asyncio.Protocol):
         transport.abort()  # closes the transport's descriptor; the duplicate stays open
         data, self.buffer = bytes(self.buffer), bytearray()
         self.closed = True
-        slot, self.slot = self.slot, None
+        self.held = False
         stream = stream_with_bytes(sock, data)
         self.lanes.given_back += 1
         try:
-            self.lanes.hand_back(stream, self.context.address, slot)  # type: ignore[arg-type]
+            self.lanes.hand_back(stream, self.context.address, self)
         except Exception:
             log.exception("handing a connection back to Tornado failed")
             stream.close()
-            if slot is not None:
-                slot.release()
+            self.lanes.leave(self)
+            self.lanes.leave(stream)
 
     def expire(self) -> None:
         """The request deadline passed."""

@@ -302,9 +302,8 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
             return
         lanes = server.lanes
         assert lanes is not None
-        slot = server.occupancy.take(stream)
         connection.detach()
-        lanes.take_over(stream, connection.context, slot)  # type: ignore[arg-type]
+        lanes.take_over(stream, connection.context)  # type: ignore[arg-type]
 
 
 class ChannelExchange(Exchange):
