@@ -16,6 +16,12 @@ whose own transforms and log_function apply there): the statuses, JSON bodies an
 the 405 page for other methods, the body limits, the api_requests counter and the access
 line. The Host check, limits.request_timeout and keep-alive are the connection's and the
 router's, as for every route.
+
+Behind the server's own FrontDoor (plain HTTP), once an Exchange has answered on an
+HTTP/1.1 keep-alive connection, the connection moves to the publish lane
+(transport/publish_lane.py): its next publish requests are parsed there and served by these
+same Exchanges through LaneRoutes, the lane standing in for Tornado's HTTPConnection, so
+every check, limit, answer, counter and access line is this module's in both places.
 """
 
 from __future__ import annotations
