@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import tornado.iostream
 
+from echoserver.brokers import MemoryBroker
 from echoserver.transport.tornado_seam import stream_with_bytes
 from echoserver.web.app import make_app
 from echoserver.wire.http_requests import HAND_BACK, HEAD_LIMIT, Head, parse_head
@@ -38,6 +39,7 @@ from tests.test_publish_delegate import (
     TIMEOUT,
     WARM,
     Server,
+    SlowBroker,
     normalised,
     post,
     read_response,
@@ -46,9 +48,9 @@ from tests.test_publish_delegate import (
 
 
 @asynccontextmanager
-async def lane_server(**changes: Any) -> AsyncIterator[Server]:
+async def lane_server(broker: MemoryBroker | None = None, **changes: Any) -> AsyncIterator[Server]:
     settings = settings_for(**changes)
-    app = make_app(settings)
+    app = make_app(settings, broker)
     server = Server(app, app.server, door=True)
     try:
         yield server
@@ -112,6 +114,28 @@ def test_pipelined_requests_are_answered_in_order_in_the_lane() -> None:
             assert server.state.occupancy.holds(next(iter(lanes.open)))
             writer.close()
             assert await asyncio.wait_for(_until(lambda: not server.state.occupancy.total), 5)
+
+    run(scenario())
+
+
+def test_pipelined_requests_wait_for_a_publish_that_waits() -> None:
+    """A broker whose publish completes later (as Redis does): the lane stops reading until
+    the answer is out, then serves the next request; the answers keep their order."""
+
+    async def scenario() -> None:
+        async with lane_server(SlowBroker()) as server:
+            reader, writer = await into_lane(server)
+            writer.write(b"".join(post(ONE, b"m%d" % n, **TEXT) for n in range(6)))
+            writer.write(get("/healthz") + post(ONE, b"last", **TEXT))
+            await writer.drain()
+            offsets = []
+            for n in range(8):
+                status, _, body = await read_response(reader, head_request=False)
+                assert status == b"HTTP/1.1 200 OK"
+                if n != 6:
+                    offsets.append(json.loads(body)["offset"])
+            assert offsets == list(range(2, 9))
+            writer.close()
 
     run(scenario())
 
