@@ -21,8 +21,9 @@ from echoserver.fanout.presence import Roster
 from echoserver.metrics import Metrics
 from echoserver.transport.flusher import Flusher
 from echoserver.transport.keepalive import Keepalive
+from echoserver.transport.publish_lane import Lanes
 from echoserver.webhooks import Webhooks
-from echoserver.wire.hosts import Throttle
+from echoserver.wire.hosts import HostPolicy, Throttle
 
 
 class ServerContext(Protocol):
@@ -41,6 +42,10 @@ class ServerContext(Protocol):
     allowed_origins: frozenset[str]  # normalised websocket.allowed_origins
     started: float  # time.monotonic() at start
     refused_hosts: Throttle  # the warning about a refused Host (base.HostRefused)
+    hosts: HostPolicy  # the Host values served (a rebound page's are refused)
+    # The publish lane (transport/publish_lane.py) of the server's own plain HTTPServer;
+    # None over TLS and in an embedding application.
+    lanes: Lanes | None
     authority: Authority  # tokens, rights, expiry, users (the auth package)
     roster: Roster  # users per channel, their joins and leaves (fanout/presence.py)
     webhooks: Webhooks  # lifecycle events, delivered by the lifecycle holds (fanout/lifecycle.py)

@@ -90,6 +90,18 @@ class Occupancy:
             slot.key = None  # the HTTP stream it was filed under is not kept alive with it
         return slot
 
+    def move(self, old: Hashable, new: Hashable) -> None:
+        """The connection held by the HTTP side under `old` is now under `new` (the
+        publish lane took it over, or gave it back): still counted once, among the plain
+        HTTP connections as the newest."""
+        slot = self._in_http.pop(old, None)
+        if slot is None:
+            return
+        slot.key = new
+        self._in_http[new] = slot
+        if self._plain.pop(old, None) is not None:
+            self._plain[new] = slot
+
     def leave_http(self, key: Hashable) -> None:
         """The connection left Tornado's HTTP loop: its slot goes back unless taken."""
         self._plain.pop(key, None)

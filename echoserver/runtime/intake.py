@@ -14,7 +14,10 @@ FrontDoor is the HTTPServer the server runs. Over Tornado's own it adds:
 - a deadline per request, limits.request_timeout from the accept (or from the end of the
   previous request on the connection) to the end of the request's body: a client that
   sends its headers or body slowly, or not at all, is closed (408 when it had not sent
-  its headers yet), over TLS too.
+  its headers yet), over TLS too;
+- with `publish_lane=True` (plain HTTP, the server's own EchoServerApp) the publish lane
+  (transport/publish_lane.py): the connections it takes over keep their slot and the same
+  deadline, come back through handle_stream, and close with close_all_connections().
 
 Log lines a client can cause here are rate-limited (logs.OncePer): one per LOG_INTERVAL per
 kind, with the count of what was held back.
@@ -41,7 +44,10 @@ from tornado.ioloop import IOLoop
 from echoserver.endpoints.occupancy import Occupancy
 from echoserver.metrics import Metrics
 from echoserver.runtime.logs import OncePer
+from echoserver.transport.publish_lane import Lanes, PublishLane
 from echoserver.transport.tornado_seam import handle_connection
+from echoserver.web.app import EchoServerApp
+from echoserver.web.publish_delegate import LaneRoutes
 
 log = logging.getLogger("echoserver")
 
@@ -69,18 +75,43 @@ def response_503(reason: str) -> bytes:
 class FrontDoor(tornado.httpserver.HTTPServer):
     """Tornado's HTTPServer with the accept loop, slots and request deadline above.
 
-    Extra keyword arguments: occupancy, metrics, request_timeout (seconds).
+    Extra keyword arguments: occupancy, metrics, request_timeout (seconds), publish_lane
+    (bool, default False).
     """
 
     occupancy: Occupancy
     metrics: Metrics
     request_timeout: float
+    lanes: Lanes | None
 
     def initialize(self, *args: Any, **kwargs: Any) -> None:
         self.occupancy = kwargs.pop("occupancy")
         self.metrics = kwargs.pop("metrics")
         self.request_timeout = kwargs.pop("request_timeout")
+        publish_lane = kwargs.pop("publish_lane", False)
         super().initialize(*args, **kwargs)
+        self.lanes = None
+        application = args[0] if args else kwargs.get("request_callback")
+        if publish_lane and self.ssl_options is None and isinstance(application, EchoServerApp):
+            self.lanes = lanes = Lanes(
+                request_timeout=self.request_timeout,
+                hand_back=self._lane_handed_back,
+                refile=self.occupancy.move,
+                leave=self.occupancy.leave_http,
+                timed_out=self._lane_timed_out,
+                timeout_answer=TIMEOUT_408,
+                close_after=CLOSE_AFTER_408,
+            )
+            lanes.start = LaneRoutes(application.server).start
+            application.server.lanes = lanes
+        params = self.conn_params
+        if params.header_timeout is not None and params.header_timeout > (
+            self.request_timeout + self._sweep_interval()
+        ):
+            # The deadline closes a client waiting on its headers before Tornado's own
+            # header timeout could: that one would only cost every request a timer set
+            # and cancelled (gen.with_timeout around each header read).
+            params.header_timeout = None
         self._listeners: list[socket.socket] = []
         self._accepting = False
         self._resume_timer: object | None = None
@@ -276,10 +307,12 @@ class FrontDoor(tornado.httpserver.HTTPServer):
             self._schedule_sweep()
         return deadline
 
-    def _schedule_sweep(self) -> None:
+    def _sweep_interval(self) -> float:
         # Deadlines are met within a quarter of request_timeout (at most 1 s) of their time.
-        interval = min(1.0, self.request_timeout / 4)
-        self._sweep_timer = IOLoop.current().call_later(interval, self._sweep)
+        return min(1.0, self.request_timeout / 4)
+
+    def _schedule_sweep(self) -> None:
+        self._sweep_timer = IOLoop.current().call_later(self._sweep_interval(), self._sweep)
 
     def _sweep(self) -> None:
         self._sweep_timer = None
@@ -307,16 +340,34 @@ class FrontDoor(tornado.httpserver.HTTPServer):
         self.occupancy.leave_http(stream)
         super().on_close(server_conn)
 
-    def request_timed_out(self, stream: tornado.iostream.IOStream, headers_in: bool) -> None:
-        if stream.closed():
-            return
+    async def close_all_connections(self) -> None:
+        if self.lanes is not None:
+            self.lanes.close_all()
+        await super().close_all_connections()
+
+    def _lane_handed_back(
+        self, stream: tornado.iostream.IOStream, address: Any, lane: PublishLane
+    ) -> None:
+        # Its slot, held under the lane, is the stream's again: counted once all along.
+        self.occupancy.move(lane, stream)
+        super().handle_stream(stream, address)
+
+    def _lane_timed_out(self, peer: str) -> None:
+        self._note_timeout(peer)
+
+    def _note_timeout(self, peer: str) -> None:
         self.metrics.request_timeouts += 1
         self._log_timeout(
             "closed a connection from %s: its request did not arrive within "
             "limits.request_timeout (%gs)",
-            _peer(stream),
+            peer,
             self.request_timeout,
         )
+
+    def request_timed_out(self, stream: tornado.iostream.IOStream, headers_in: bool) -> None:
+        if stream.closed():
+            return
+        self._note_timeout(_peer(stream))
         if headers_in:
             # A handler may have begun its answer (the publish API refuses early): close.
             stream.close()

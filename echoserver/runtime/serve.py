@@ -112,6 +112,9 @@ async def serve(
         # the idle timeout is Tornado's own bound on waiting for headers, kept above it.
         max_body_size=HTTP_MAX_BODY,
         idle_connection_timeout=HTTP_IDLE_TIMEOUT,
+        # A keep-alive connection's publish requests after its first served by the lane
+        # (plain HTTP only: FrontDoor makes none with ssl_options).
+        publish_lane=True,
     )
     server.add_sockets(sockets)
     loop.add_signal_handler(signal.SIGHUP, reload_tls, server, settings)

@@ -31,6 +31,16 @@ def take_read_buffer(stream: tornado.iostream.IOStream) -> bytes:
     return stream._consume(stream._read_buffer_size)
 
 
+def stream_with_bytes(sock: socket.socket, data: bytes) -> tornado.iostream.IOStream:
+    """A new IOStream on `sock` whose read buffer holds `data` (read from the socket
+    elsewhere): what a connection served outside Tornado hands back to it."""
+    stream = tornado.iostream.IOStream(sock)
+    if data:
+        stream._read_buffer += data
+        stream._read_buffer_size += len(data)
+    return stream
+
+
 def unsent_bytes(stream: tornado.iostream.IOStream) -> int:
     """Bytes written to the stream that have not reached the socket yet."""
     return stream._total_write_index - stream._total_write_done_index
@@ -78,6 +88,7 @@ def handle_connection(
 INTERNALS: list[tuple[Any, str, tuple[str, ...] | None]] = [
     (tornado.util, "_websocket_mask", ("mask", "data")),
     (tornado.iostream.BaseIOStream, "_consume", ("self", "loc")),
+    (tornado.iostream.BaseIOStream, "_read_buffer", None),
     (tornado.iostream.BaseIOStream, "_read_buffer_size", None),
     (tornado.iostream.BaseIOStream, "_total_write_index", None),
     (tornado.iostream.BaseIOStream, "_total_write_done_index", None),

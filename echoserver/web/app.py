@@ -40,7 +40,9 @@ from echoserver.fanout.presence import Roster
 from echoserver.metrics import Metrics
 from echoserver.transport.flusher import Flusher
 from echoserver.transport.keepalive import Keepalive
+from echoserver.transport.publish_lane import Lanes
 from echoserver.web import batch_api, handlers, presence_api, redact, snapshots, users
+from echoserver.web.publish_delegate import PublishRoute
 from echoserver.webhooks import build as build_webhooks
 from echoserver.wire.handshake import normalise_origin
 from echoserver.wire.hosts import HostPolicy, Throttle
@@ -113,6 +115,7 @@ class ServerState:
         self.hosts = HostPolicy.build(config.host, ws.allowed_hosts)
         self.refused_hosts = Throttle(HOST_WARNING_INTERVAL)
         self.draining = False
+        self.lanes: Lanes | None = None  # set by the server's own FrontDoor when plain
         self.handshakes = 0  # WebSocket handshakes under way, not yet open
         self.occupancy = Occupancy(ws.max_connections, ws.max_connections_per_ip)
         self.metrics.held_connections = lambda: self.occupancy.total
@@ -145,11 +148,16 @@ class ServerState:
             or any(ns.join_leave for ns in self.config.namespaces)
         )
 
-    def routes(self, *, check_host: bool = False) -> list[tornado.routing.Rule]:
+    def routes(
+        self, *, check_host: bool = False, direct: bool = False
+    ) -> list[tornado.routing.Rule]:
         """The WebSocket endpoint, /healthz, /metrics, the channel and publish APIs and (but
         in echo mode) the event streams, each under the prefix. `check_host`: a first rule
         answering a refused Host under the prefix with 403 (for an Application that does
-        not check Host itself, as EchoServerApp does)."""
+        not check Host itself, as EchoServerApp does). `direct`: the publish API's two
+        POST routes served by message delegates (publish_delegate.py) rather than request
+        handlers; for the server's own Application, whose settings they take as known
+        (an embedding application's transforms and log_function apply to handlers only)."""
         config = self.config
         prefix = self.prefix
         state = {"server": self}
@@ -161,9 +169,12 @@ class ServerState:
         # The WebSocket routes first: a reconnect storm is thousands of handshakes a second,
         # and each rule before them is one more regex tried per handshake. The order
         # changes no match (config refuses a WebSocket path that overlaps another route).
-        paths: list[tuple[str, type[tornado.web.RequestHandler]]] = [
-            (routes.exact(ws_path), socket)
-        ]
+        paths: list[tuple[str, Any]] = [(routes.exact(ws_path), socket)]
+        publish: Any = handlers.PublishHandler
+        batch: Any = batch_api.BatchPublishHandler
+        if direct:
+            publish = PublishRoute(self, batch=False)
+            batch = PublishRoute(self, batch=True)
         if config.mode != "echo":
             paths.append((routes.with_channel(ws_path), socket))
         paths += [
@@ -171,8 +182,8 @@ class ServerState:
             (routes.exact(prefix + routes.METRICS), handlers.MetricsHandler),
             (routes.exact(prefix + routes.PROTOCOL), handlers.ProtocolHandler),
             (routes.with_channel(prefix + routes.CHANNELS), handlers.ChannelHandler),
-            (routes.channel_messages(prefix), handlers.PublishHandler),
-            (routes.exact(prefix + routes.PUBLISH), batch_api.BatchPublishHandler),
+            (routes.channel_messages(prefix), publish),
+            (routes.exact(prefix + routes.PUBLISH), batch),
             (routes.channel_presence(prefix), presence_api.PresenceHandler),
             (routes.user_messages(prefix), users.UserMessagesHandler),
             (routes.user_connections(prefix), users.UserConnectionsHandler),
@@ -247,7 +258,7 @@ class EchoServerApp(tornado.web.Application):
         self.server = state = ServerState(config, hub)
         page = static_dir(config)
         page_files = {"server": state, "path": str(page), "default_filename": "index.html"}
-        rules: list[Any] = state.routes()
+        rules: list[Any] = state.routes(direct=True)
         # An empty file path: the handler serves default_filename.
         rules.append((rf"{routes.exact(routes.PAGE)}()", handlers.PageHandler, page_files))
         super().__init__(
