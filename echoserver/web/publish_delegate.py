@@ -69,10 +69,15 @@ def error_page(status: int) -> bytes:
 
 
 class _Clock:
-    """The Date header's value, formatted once a second (as RequestHandler.clear() sends it)."""
+    """The Date header's value, formatted once a second (as RequestHandler.clear() sends it).
 
-    second = -1
-    value = ""
+    One per process (CLOCK): a cache of a formatted time, the same for every request."""
+
+    __slots__ = ("second", "value")
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.value = ""
 
     def date(self) -> str:
         now = time.time()
