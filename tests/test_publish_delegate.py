@@ -145,24 +145,12 @@ def normalised(headers: list[tuple[str, str]], body: bytes) -> tuple[Any, bytes]
     return kept, EPOCH.sub(rb'\1"E"', body)
 
 
-async def exchange(port: int, request: bytes) -> tuple[Any, ...]:
+async def exchange(port: int, request: bytes, *, warm: int = 0) -> tuple[Any, ...]:
+    """`request`'s answer, normalised, and whether the connection stayed open; sent after
+    `warm` publishes on the same keep-alive connection (two put it in the publish lane)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        writer.write(request)
-        await writer.drain()
-        status, headers, body = await read_response(reader, request.startswith(b"HEAD "))
-        assert any(name == "Date" for name, _ in headers)
-        kept, shown = normalised(headers, body)
-        return status, kept, shown, await still_open(reader, writer)
-    finally:
-        writer.close()
-
-
-async def exchange_in_lane(port: int, request: bytes) -> tuple[Any, ...]:
-    """exchange(), the request sent third on a keep-alive connection after two publishes."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        for _ in range(2):
+        for _ in range(warm):
             writer.write(WARM)
             await writer.drain()
             await read_response(reader, head_request=False)  # 503 or 500 for a broken broker
@@ -278,9 +266,9 @@ async def compare(
                 taken = lanes.taken
                 for request in cases:
                     start = len(access.lines)
-                    mine = await exchange_in_lane(own.port, request)
+                    mine = await exchange(own.port, request, warm=2)
                     middle = len(access.lines)
-                    theirs = await exchange_in_lane(handlers.port, request)
+                    theirs = await exchange(handlers.port, request, warm=2)
                     assert mine == theirs, request
                     assert access.lines[start:middle] == access.lines[middle:], request
                 assert lanes.taken >= taken + len(cases)  # each connection went to the lane
